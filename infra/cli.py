@@ -1,0 +1,333 @@
+"""The ``adreach`` command line.
+
+Every command reads the one settings object (``--config FILE`` / ``ADREACH_CONFIG`` /
+``./adreach.toml``, then ``ADREACH_*`` variables). Progress goes to stderr, results
+to stdout. Exit codes: 0 success, 1 the work ran but something was rejected or not
+delivered, 2 bad usage or configuration, 3 an operational error (broker, Kafka).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import IO, Annotated, NoReturn
+
+import pydantic
+import typer
+
+from infra.progress import progress_bar, stderr
+from infra.settings import ConfigFileError, Settings, load_settings
+
+app = typer.Typer(
+    name="adreach",
+    help="Streaming ad features and audience estimation: Kafka events in, Feast features and reach out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+broker_app = typer.Typer(help="Run the embedded Kafka-compatible broker (Tansu).", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_OPERATIONAL = 3
+
+
+class OutputFormat(str, Enum):
+    kafka = "kafka"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML settings file (default: $ADREACH_CONFIG or ./adreach.toml)."),
+    ] = None,
+) -> None:
+    try:
+        ctx.obj = load_settings(config)
+    except ConfigFileError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except pydantic.ValidationError as exc:
+        _fail(f"invalid settings:\n{exc}", EXIT_USAGE)
+
+
+# -- broker ---------------------------------------------------------------------------------
+
+
+@broker_app.command("start")
+def broker_start(ctx: typer.Context) -> None:
+    """Start the embedded broker on broker.host:broker.port and wait until it is ready."""
+    from streams.broker import BrokerError, EmbeddedBroker
+    from streams.topics import TopicError, ensure_topics
+
+    settings = _settings(ctx)
+    broker = EmbeddedBroker(settings)
+    was_running = broker.status().running
+    try:
+        status = broker.start()
+        created = ensure_topics(settings) if settings.uses_embedded_broker else []
+    except (BrokerError, TopicError) as exc:
+        _fail(str(exc), EXIT_OPERATIONAL)
+    print(("already running: " if was_running else "started: ") + status.describe())
+    if created:
+        print(f"created topics: {', '.join(created)}")
+    if not settings.uses_embedded_broker:
+        stderr.print(
+            f"[yellow]note:[/] kafka.bootstrap_servers is set to {settings.bootstrap_servers}; "
+            "adreach clients use that cluster, not this embedded broker."
+        )
+
+
+@broker_app.command("stop")
+def broker_stop(ctx: typer.Context) -> None:
+    """Stop the embedded broker (its in-memory topics are discarded)."""
+    from streams.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(_settings(ctx))
+    print("stopped embedded broker" if broker.stop() else "embedded broker was not running")
+
+
+@broker_app.command("status")
+def broker_status(ctx: typer.Context) -> None:
+    """Say whether the embedded broker runs; exit 1 when it does not."""
+    from streams.broker import EmbeddedBroker
+
+    status = EmbeddedBroker(_settings(ctx)).status()
+    print(status.describe())
+    if not status.running:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+@app.command("schema")
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of the ad events (for producers in other languages)."""
+    from streams.schema_file import render_schema
+
+    text = render_schema()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+# -- produce --------------------------------------------------------------------------------
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            count += chunk.count(b"\n")
+    return count
+
+
+@app.command("produce")
+def produce(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="JSON Lines file of events, or - for standard input.")],
+    topic: Annotated[str | None, typer.Option(help="Target topic (default: kafka.topics.events).")] = None,
+    show: Annotated[int, typer.Option(help="Print at most this many rejected lines.")] = 20,
+) -> None:
+    """Validate and produce JSON Lines events; bad lines are reported and dead-lettered.
+
+    Exits 1 when any line was rejected (all good lines are still delivered).
+    """
+    from streams.ingest import produce_lines
+    from streams.producer import DeliveryError, EventProducer
+    from streams.topics import TopicError, ensure_topics
+
+    settings = _settings(ctx)
+    if file == "-":
+        source, total = "<stdin>", None
+        handle: IO[bytes] = sys.stdin.buffer
+    else:
+        path = Path(file)
+        if not path.is_file():
+            _fail(f"no such file: {file}", EXIT_USAGE)
+        source, total = path.name, _count_lines(path)
+        handle = path.open("rb")
+    try:
+        ensure_topics(settings)
+    except TopicError as exc:
+        _fail(str(exc), EXIT_OPERATIONAL)
+    producer = EventProducer(settings, on_invalid="dead_letter", topic=topic)
+    delivery_error: DeliveryError | None = None
+    with handle, progress_bar() as bar:
+        task = bar.add_task(f"producing {source}", total=total, unit="lines")
+        report = produce_lines(producer, handle, source, progress=lambda _b, n: bar.advance(task, n))
+        bar.update(task, description=f"flushing {source}")
+        try:
+            producer.close()
+        except DeliveryError as exc:
+            delivery_error = exc
+    for rejection in report.rejections[:show]:
+        stderr.print(rejection.describe(source), highlight=False, markup=False)
+    if report.rejected > show:
+        stderr.print(f"... and {report.rejected - show} more rejected lines", highlight=False)
+    stats = producer.stats
+    print(
+        f"sent {report.sent:,} events to {producer.topic} ({stats.delivered:,} acknowledged), "
+        f"rejected {report.rejected:,} lines ({stats.dead_letters_delivered:,} dead-lettered to "
+        f"{producer.dead_letter_topic}), {stats.failed:,} delivery failures, {report.lines:,} lines "
+        f"in {report.seconds:.1f} s ({report.events_per_second:,.0f} events/s)"
+    )
+    if delivery_error is not None:
+        _fail(str(delivery_error), EXIT_REJECTED)
+    if report.rejected:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+# -- simulate -------------------------------------------------------------------------------
+
+
+@app.command("simulate")
+def simulate_command(
+    ctx: typer.Context,
+    users: Annotated[int | None, typer.Option(help="Population size (default: simulate.users).")] = None,
+    days: Annotated[float | None, typer.Option(help="Simulated days (default: simulate.days).")] = None,
+    events: Annotated[int | None, typer.Option(help="Approximate event count (default: simulate.events).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: simulate.seed).")] = None,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="Where events go.")
+    ] = OutputFormat.kafka,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory for JSON Lines/Parquet output and the ground truth.")
+    ] = Path("sim-output"),
+) -> None:
+    """Simulate users, campaigns and ad traffic; write events and save the ground truth.
+
+    Events go to Kafka (default), to OUT/events.jsonl or to OUT/events/*.parquet; the
+    ground truth (population, providers' confusion matrices, response model, shifts)
+    always goes to OUT/truth/.
+    """
+    settings = _settings(ctx)
+    overrides = {
+        key: value
+        for key, value in {"users": users, "days": days, "events": events, "seed": seed}.items()
+        if value is not None
+    }
+    summary = _run_simulation(settings, overrides, output_format, out)
+    print(summary)
+
+
+def _run_simulation(
+    settings: Settings, overrides: dict[str, int | float], output_format: OutputFormat, out: Path
+) -> str:
+    from streams.ingest import KafkaEventSink
+    from streams.producer import DeliveryError, EventProducer
+    from streams.simulator import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
+    from streams.topics import TopicError, ensure_topics
+
+    try:
+        config = SimulationConfig.from_settings(settings.simulate, **overrides)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    sink: ParquetSink | JsonLinesSink | KafkaEventSink
+    if output_format is OutputFormat.kafka:
+        try:
+            ensure_topics(settings)
+        except TopicError as exc:
+            _fail(str(exc), EXIT_OPERATIONAL)
+        sink = KafkaEventSink(EventProducer(settings, on_invalid="dead_letter"))
+        where = f"Kafka topic {settings.kafka.topics.events} at {settings.bootstrap_servers}"
+    elif output_format is OutputFormat.jsonl:
+        sink = JsonLinesSink(out / "events.jsonl")
+        where = str(out / "events.jsonl")
+    else:
+        sink = ParquetSink(out / "events")
+        where = str(out / "events")
+    with progress_bar() as bar:
+        task = bar.add_task("building population", total=None, unit="events")
+        simulator = Simulator(config)
+        bar.update(task, description="simulating events", total=config.events)
+        try:
+            summary = simulate(
+                config, sink, out / "truth", progress=lambda n: bar.advance(task, n), simulator=simulator
+            )
+        except DeliveryError as exc:
+            _fail(str(exc), EXIT_OPERATIONAL)
+        bar.update(task, total=summary.events, completed=summary.events)
+    counts = ", ".join(f"{name} {count:,}" for name, count in sorted(summary.counts.items()))
+    lines = [
+        f"simulated {summary.events:,} events from {config.users:,} users in {summary.seconds:.1f} s "
+        f"({summary.events / max(summary.seconds, 1e-9):,.0f} events/s)",
+        f"  by type: {counts}",
+        f"  event time: {summary.first_event_time} .. {summary.last_event_time}",
+        f"  events: {where}",
+        f"  ground truth: {out / 'truth'}",
+    ]
+    if isinstance(sink, KafkaEventSink) and sink.invalid:
+        lines.append(f"  [!] {sink.invalid} simulated events failed validation and were dead-lettered")
+    return "\n".join(lines)
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(help="Approximate number of events to simulate.")] = 1_000_000,
+    users: Annotated[int, typer.Option(help="Simulated population size.")] = 100_000,
+    out: Annotated[Path | None, typer.Option(help="Where to keep the ground truth (default: <state_dir>/demo).")] = None,
+    keep_broker: Annotated[
+        bool, typer.Option("--keep-broker", help="Leave an embedded broker the demo started running.")
+    ] = False,
+) -> None:
+    """End to end on the embedded default: broker up, a simulated population and ~1M events into Kafka."""
+    from streams.broker import BrokerError, EmbeddedBroker
+
+    settings = _settings(ctx)
+    started = time.perf_counter()
+    broker = EmbeddedBroker(settings)
+    started_broker = False
+    if settings.uses_embedded_broker:
+        started_broker = not broker.status().running
+        try:
+            status = broker.start()
+        except BrokerError as exc:
+            _fail(str(exc), EXIT_OPERATIONAL)
+        stderr.print(f"[green]broker:[/] {status.describe()}", highlight=False)
+    out = out or settings.state_dir / "demo"
+    try:
+        summary = _run_simulation(settings, {"events": events, "users": users}, OutputFormat.kafka, out)
+    finally:
+        if started_broker and not keep_broker:
+            broker.stop()
+    print(summary)
+    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    if started_broker and keep_broker:
+        print(f"the embedded broker keeps running at {broker.address}; stop it with `adreach broker stop`")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv, prog_name="adreach")
+
+
+if __name__ == "__main__":
+    main()

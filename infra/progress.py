@@ -1,0 +1,47 @@
+"""Progress bars for long-running commands, written to stderr so stdout stays parseable."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+# soft_wrap: long messages (file:line: reason) stay on one line, so they can be grepped.
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, using the task's own unit (``fields["unit"]``)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "items")
+        if speed is None:
+            return Text(f"? {unit}/s", style="progress.data.speed")
+        return Text(f"{speed:,.0f} {unit}/s", style="progress.data.speed")
+
+
+def progress_bar() -> Progress:
+    """A bar with done/total count, percentage, rate, elapsed and remaining time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    )
