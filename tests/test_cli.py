@@ -1,0 +1,129 @@
+"""The documented commands, run as a user would: real subprocesses against the real broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import free_port
+from kafka_helpers import consume
+
+from infra.settings import Settings
+from streams import validate_json
+from streams.producer import HEADER_ERROR_CLASS, HEADER_SOURCE
+
+GOOD = [
+    {"type": "impression", "event_id": "i1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u1",
+     "ad_id": "a1", "campaign_id": "c1", "advertiser_id": "v1"},
+    {"type": "click", "event_id": "k1", "event_time": "2026-01-05T10:00:03Z", "user_id": "u1",
+     "impression_id": "i1", "ad_id": "a1", "campaign_id": "c1", "advertiser_id": "v1"},
+    {"type": "search", "event_id": "s1", "event_time": "2026-01-05T10:01:00+01:00", "user_id": "u2",
+     "query": "running shoes"},
+    {"type": "user_profile", "event_id": "p1", "event_time": "2026-01-05T09:00:00Z", "user_id": "u3",
+     "attributes": {"country": "FR", "age": 40}, "interests": ["travel"]},
+]
+
+
+def run(bin_path: str, args: list[str], env: dict[str, str], stdin: bytes | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [bin_path, *args], env=env, input=stdin.decode() if stdin is not None else None,
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )
+
+
+def mixed_file(path: Path) -> Path:
+    lines = [
+        json.dumps(GOOD[0]),          # 1
+        json.dumps(GOOD[1]),          # 2
+        "{this is not json",          # 3  malformed
+        "",                           # 4  blank: skipped, not an error
+        json.dumps({**GOOD[0], "event_id": "i2", "type": "teleport"}),  # 5 unknown type
+        json.dumps({k: v for k, v in GOOD[2].items() if k != "query"}),  # 6 missing field
+        json.dumps({**GOOD[0], "event_id": "i3", "position": "first"}),  # 7 wrong type
+        json.dumps(GOOD[2]),          # 8
+        json.dumps(GOOD[3]),          # 9
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_produce_file_reports_bad_lines_and_delivers_good_ones(
+    tmp_path: Path, kafka: Settings, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    result = run(adreach_bin, ["produce", str(mixed_file(tmp_path / "events.jsonl"))], cli_env)
+    assert result.returncode == 1, result.stderr
+    assert "sent 4 events" in result.stdout and "rejected 4 lines" in result.stdout
+    for line, error in [(3, "MalformedJSONError"), (5, "UnknownEventTypeError"),
+                        (6, "SchemaViolationError: Object missing required field `query`"),
+                        (7, "SchemaViolationError: Expected `int`, got `str`")]:
+        assert f"events.jsonl:{line}: {error}" in result.stderr, result.stderr
+
+    delivered = consume(kafka, kafka.kafka.topics.events, expected=4)
+    assert sorted(validate_json(r.value).event_id for r in delivered) == ["i1", "k1", "p1", "s1"]
+    dead = consume(kafka, kafka.kafka.topics.dead_letter, expected=4)
+    sources = {r.headers[HEADER_SOURCE].decode(): r for r in dead}
+    assert set(sources) == {"events.jsonl:3", "events.jsonl:5", "events.jsonl:6", "events.jsonl:7"}
+    assert sources["events.jsonl:3"].value == b"{this is not json"
+    assert sources["events.jsonl:5"].headers[HEADER_ERROR_CLASS] == b"UnknownEventTypeError"
+
+
+def test_produce_from_stdin_with_only_good_lines_exits_zero(
+    kafka: Settings, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    payload = "".join(json.dumps(e) + "\n" for e in GOOD).encode()
+    result = run(adreach_bin, ["produce", "-"], cli_env, stdin=payload)
+    assert result.returncode == 0, result.stderr
+    assert "sent 4 events" in result.stdout and "rejected 0 lines" in result.stdout
+    assert len(consume(kafka, kafka.kafka.topics.events, expected=4)) == 4
+
+
+def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(
+    tmp_path: Path, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    missing = run(adreach_bin, ["produce", str(tmp_path / "nope.jsonl")], cli_env)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    env = {**cli_env, "ADREACH_BROKER__PORT": str(free_port())}
+    (tmp_path / "one.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
+    down = run(adreach_bin, ["produce", str(tmp_path / "one.jsonl")], env)
+    assert down.returncode == 3
+    assert "no Kafka broker answered" in down.stderr and "adreach broker start" in down.stderr
+
+
+def test_broker_commands(tmp_path: Path, cli_env: dict[str, str], adreach_bin: str) -> None:
+    env = {**cli_env, "ADREACH_STATE_DIR": str(tmp_path), "ADREACH_BROKER__PORT": str(free_port())}
+    assert run(adreach_bin, ["broker", "status"], env).returncode == 1
+    started = run(adreach_bin, ["broker", "start"], env)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "started" in started.stdout and "created topics" in started.stdout
+        status = run(adreach_bin, ["broker", "status"], env)
+        assert status.returncode == 0 and "is running" in status.stdout
+        assert "already running" in run(adreach_bin, ["broker", "start"], env).stdout
+    finally:
+        stopped = run(adreach_bin, ["broker", "stop"], env)
+    assert "stopped" in stopped.stdout
+    assert run(adreach_bin, ["broker", "status"], env).returncode == 1
+
+
+def test_config_file_and_environment_precedence(tmp_path: Path, cli_env: dict[str, str], adreach_bin: str) -> None:
+    port = free_port()
+    (tmp_path / "adreach.toml").write_text(f"state_dir = '{tmp_path / 'state'}'\n[broker]\nport = {port}\n")
+    env = {k: v for k, v in cli_env.items() if k not in {"ADREACH_STATE_DIR", "ADREACH_BROKER__PORT"}}
+    status = run(adreach_bin, ["broker", "status"], env, cwd=tmp_path)
+    assert f"127.0.0.1:{port}" in status.stdout, "./adreach.toml is read"
+    status = run(adreach_bin, ["broker", "status"], {**env, "ADREACH_BROKER__PORT": "19999"}, cwd=tmp_path)
+    assert "127.0.0.1:19999" in status.stdout, "environment overrides the file"
+    bad = run(adreach_bin, ["--config", str(tmp_path / "missing.toml"), "broker", "status"], env)
+    assert bad.returncode == 2 and "no such configuration file" in bad.stderr
+    (tmp_path / "bad.toml").write_text("[broker]\nport = 'eighty'\n")
+    invalid = run(adreach_bin, ["--config", str(tmp_path / "bad.toml"), "broker", "status"], env)
+    assert invalid.returncode == 2 and "broker.port" in invalid.stderr
+
+
+def test_schema_command_prints_the_published_schema(cli_env: dict[str, str], adreach_bin: str) -> None:
+    result = run(adreach_bin, ["schema"], cli_env)
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert set(schema["discriminator"]["mapping"]) == {"impression", "click", "conversion", "search", "user_profile"}
