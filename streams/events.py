@@ -191,22 +191,21 @@ def validate(event: object) -> Event:
     Struct constructors do not check types, so a struct is round-tripped through
     JSON, which re-runs every constraint at C speed.
     """
-    if isinstance(event, EVENT_TYPES):
-        try:
-            payload = _encoder.encode(event)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise SchemaViolationError(f"cannot encode {type(event).__name__}: {exc}") from None
-        return validate_json(payload)
-    if isinstance(event, dict):
-        try:
-            payload = _encoder.encode(event)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise SchemaViolationError(f"event is not JSON-serialisable: {exc}") from None
-        return validate_json(payload)
-    raise SchemaViolationError(
-        f"an event must be one of {', '.join(t.__name__ for t in EVENT_TYPES)} or a dict, "
-        f"not {type(event).__name__}"
-    )
+    return validate_to_json(event)[0]
+
+
+def validate_to_json(event: object) -> tuple[Event, bytes]:
+    """Like :func:`validate`, also returning the event's JSON (already computed on the way)."""
+    if not isinstance(event, (*EVENT_TYPES, dict)):
+        raise SchemaViolationError(
+            f"an event must be one of {', '.join(t.__name__ for t in EVENT_TYPES)} or a dict, "
+            f"not {type(event).__name__}"
+        )
+    try:
+        payload = _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SchemaViolationError(f"event is not JSON-serialisable: {exc}") from None
+    return validate_json(payload), payload
 
 
 def encode(event: Event) -> bytes:

@@ -82,7 +82,7 @@ def produce_lines(
                 report.rejections.append(rejection)
             producer.dead_letter(line, exc.reason, error_class=rejection.error_class, source=f"{source}:{number}")
             continue
-        producer.send_validated(event)
+        producer.send_validated(event, line)
         report.sent += 1
     if progress is not None and pending_lines:
         progress(pending_bytes, pending_lines)

@@ -41,8 +41,8 @@ from streams.events import (
     InvalidEventError,
     encode,
     event_time_ms,
-    validate,
     validate_json,
+    validate_to_json,
 )
 
 # Record headers on dead-lettered events. Values are UTF-8 strings.
@@ -148,16 +148,18 @@ class EventProducer:
         Returns the validated event, or ``None`` when it was invalid and dead-lettered.
         """
         try:
-            validated = validate(dict(event) if isinstance(event, Mapping) else event)
+            validated, payload = validate_to_json(dict(event) if isinstance(event, Mapping) else event)
         except InvalidEventError as exc:
             self._reject(_best_effort_bytes(event), exc, source=None)
             return None
-        self.send_validated(validated)
+        self.send_validated(validated, payload)
         return validated
 
     def send_json(self, payload: bytes, *, source: str | None = None) -> Event | None:
         """Validate and queue one JSON-encoded event.
 
+        A valid payload is forwarded byte for byte (re-encoding it would cost ~10% of
+        throughput and change nothing a schema-conforming consumer can see).
         ``source`` (e.g. ``"events.jsonl:17"``) is recorded on a dead-lettered event so
         that its origin can be traced. Returns ``None`` when the event was dead-lettered.
         """
@@ -166,7 +168,7 @@ class EventProducer:
         except InvalidEventError as exc:
             self._reject(payload, exc, source=source)
             return None
-        self.send_validated(event)
+        self.send_validated(event, payload)
         return event
 
     def dead_letter(self, payload: bytes, reason: str, *, error_class: str, source: str | None = None) -> None:
@@ -188,9 +190,13 @@ class EventProducer:
             raise exc
         self.dead_letter(payload, exc.reason, error_class=type(exc).__name__, source=source)
 
-    def send_validated(self, event: Event) -> None:
-        """Queue an event already returned by :func:`~streams.events.validate` or ``validate_json``."""
-        self._produce(self.topic, encode(event), event.user_id.encode(), event_time_ms(event), None)
+    def send_validated(self, event: Event, payload: bytes | None = None) -> None:
+        """Queue an event already returned by :func:`~streams.events.validate` or ``validate_json``.
+
+        ``payload`` is the JSON the event was decoded from, if any; else it is encoded.
+        """
+        value = payload if payload is not None else encode(event)
+        self._produce(self.topic, value, event.user_id.encode(), event_time_ms(event), None)
         self.stats.sent += 1
 
     def _produce(
