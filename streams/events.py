@@ -178,11 +178,12 @@ def _classify(exc: msgspec.DecodeError) -> InvalidEventError:
 def validate_json(payload: bytes | bytearray | memoryview | str) -> Event:
     """Decode and validate one JSON event; raise a specific :class:`InvalidEventError`."""
     try:
-        return _decoder.decode(payload)
+        event: Event = _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise _classify(exc) from None
     except UnicodeDecodeError as exc:
         raise MalformedJSONError(f"payload is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    return event
 
 
 def validate(event: object) -> Event:

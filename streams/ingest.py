@@ -80,7 +80,9 @@ def produce_lines(
             rejection = Rejection(number, type(exc).__name__, exc.reason)
             if len(report.rejections) < _MAX_KEPT_REJECTIONS:
                 report.rejections.append(rejection)
-            producer.dead_letter(line, exc.reason, error_class=rejection.error_class, source=f"{source}:{number}")
+            producer.dead_letter(
+                line, exc.reason, error_class=rejection.error_class, source=f"{source}:{number}"
+            )
             continue
         producer.send_validated(event, line)
         report.sent += 1

@@ -114,7 +114,7 @@ class EventProducer:
         topic: str | None = None,
         dead_letter_topic: str | None = None,
         on_delivery: DeliveryCallback | None = None,
-        client_config: Mapping[str, str | int | bool] | None = None,
+        client_config: Mapping[str, object] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = topic or settings.kafka.topics.events
@@ -125,7 +125,7 @@ class EventProducer:
         self._since_poll = 0
         self._closed = False
         p = settings.producer
-        config: dict[str, str | int | bool | Callable[..., None]] = {
+        config: dict[str, object] = {
             **settings.kafka_client_config(),
             "enable.idempotence": True,
             "acks": "all",
@@ -171,7 +171,9 @@ class EventProducer:
         self.send_validated(event, payload)
         return event
 
-    def dead_letter(self, payload: bytes, reason: str, *, error_class: str, source: str | None = None) -> None:
+    def dead_letter(
+        self, payload: bytes, reason: str, *, error_class: str, source: str | None = None
+    ) -> None:
         """Route a payload rejected elsewhere (e.g. unreadable input) to the dead-letter topic."""
         headers = {
             HEADER_REASON: reason.encode(),

@@ -42,7 +42,7 @@ def default_topics(settings: Settings) -> list[TopicSpec]:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka_client_config(), "log_level": 0})
+    return AdminClient(settings.kafka_client_config())
 
 
 def existing_topics(settings: Settings, timeout_s: float = 10.0) -> dict[str, int]:

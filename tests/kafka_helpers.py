@@ -23,7 +23,9 @@ class Record:
     headers: dict[str, bytes]
 
 
-def consume(settings: Settings, topic: str, expected: int, *, group: bool = False, timeout_s: float = 60.0) -> list[Record]:
+def consume(
+    settings: Settings, topic: str, expected: int, *, group: bool = False, timeout_s: float = 60.0
+) -> list[Record]:
     """Read ``topic`` from the beginning until ``expected`` records arrived (or time out).
 
     ``group=True`` joins a fresh consumer group (subscribe) like a production consumer;

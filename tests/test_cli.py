@@ -14,36 +14,68 @@ from streams import validate_json
 from streams.producer import HEADER_ERROR_CLASS, HEADER_SOURCE
 
 GOOD = [
-    {"type": "impression", "event_id": "i1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u1",
-     "ad_id": "a1", "campaign_id": "c1", "advertiser_id": "v1"},
-    {"type": "click", "event_id": "k1", "event_time": "2026-01-05T10:00:03Z", "user_id": "u1",
-     "impression_id": "i1", "ad_id": "a1", "campaign_id": "c1", "advertiser_id": "v1"},
-    {"type": "search", "event_id": "s1", "event_time": "2026-01-05T10:01:00+01:00", "user_id": "u2",
-     "query": "running shoes"},
-    {"type": "user_profile", "event_id": "p1", "event_time": "2026-01-05T09:00:00Z", "user_id": "u3",
-     "attributes": {"country": "FR", "age": 40}, "interests": ["travel"]},
+    {
+        "type": "impression",
+        "event_id": "i1",
+        "event_time": "2026-01-05T10:00:00Z",
+        "user_id": "u1",
+        "ad_id": "a1",
+        "campaign_id": "c1",
+        "advertiser_id": "v1",
+    },
+    {
+        "type": "click",
+        "event_id": "k1",
+        "event_time": "2026-01-05T10:00:03Z",
+        "user_id": "u1",
+        "impression_id": "i1",
+        "ad_id": "a1",
+        "campaign_id": "c1",
+        "advertiser_id": "v1",
+    },
+    {
+        "type": "search",
+        "event_id": "s1",
+        "event_time": "2026-01-05T10:01:00+01:00",
+        "user_id": "u2",
+        "query": "running shoes",
+    },
+    {
+        "type": "user_profile",
+        "event_id": "p1",
+        "event_time": "2026-01-05T09:00:00Z",
+        "user_id": "u3",
+        "attributes": {"country": "FR", "age": 40},
+        "interests": ["travel"],
+    },
 ]
 
 
-def run(bin_path: str, args: list[str], env: dict[str, str], stdin: bytes | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    bin_path: str, args: list[str], env: dict[str, str], stdin: bytes | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [bin_path, *args], env=env, input=stdin.decode() if stdin is not None else None,
-        capture_output=True, text=True, timeout=120, cwd=cwd,
+        [bin_path, *args],
+        env=env,
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
     )
 
 
 def mixed_file(path: Path) -> Path:
     lines = [
-        json.dumps(GOOD[0]),          # 1
-        json.dumps(GOOD[1]),          # 2
-        "{this is not json",          # 3  malformed
-        "",                           # 4  blank: skipped, not an error
+        json.dumps(GOOD[0]),  # 1
+        json.dumps(GOOD[1]),  # 2
+        "{this is not json",  # 3  malformed
+        "",  # 4  blank: skipped, not an error
         json.dumps({**GOOD[0], "event_id": "i2", "type": "teleport"}),  # 5 unknown type
         json.dumps({k: v for k, v in GOOD[2].items() if k != "query"}),  # 6 missing field
         json.dumps({**GOOD[0], "event_id": "i3", "position": "first"}),  # 7 wrong type
-        json.dumps(GOOD[2]),          # 8
-        json.dumps(GOOD[3]),          # 9
+        json.dumps(GOOD[2]),  # 8
+        json.dumps(GOOD[3]),  # 9
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -55,9 +87,12 @@ def test_produce_file_reports_bad_lines_and_delivers_good_ones(
     result = run(adreach_bin, ["produce", str(mixed_file(tmp_path / "events.jsonl"))], cli_env)
     assert result.returncode == 1, result.stderr
     assert "sent 4 events" in result.stdout and "rejected 4 lines" in result.stdout
-    for line, error in [(3, "MalformedJSONError"), (5, "UnknownEventTypeError"),
-                        (6, "SchemaViolationError: Object missing required field `query`"),
-                        (7, "SchemaViolationError: Expected `int`, got `str`")]:
+    for line, error in [
+        (3, "MalformedJSONError"),
+        (5, "UnknownEventTypeError"),
+        (6, "SchemaViolationError: Object missing required field `query`"),
+        (7, "SchemaViolationError: Expected `int`, got `str`"),
+    ]:
         assert f"events.jsonl:{line}: {error}" in result.stderr, result.stderr
 
     delivered = consume(kafka, kafka.kafka.topics.events, expected=4)
@@ -107,7 +142,9 @@ def test_broker_commands(tmp_path: Path, cli_env: dict[str, str], adreach_bin: s
     assert run(adreach_bin, ["broker", "status"], env).returncode == 1
 
 
-def test_config_file_and_environment_precedence(tmp_path: Path, cli_env: dict[str, str], adreach_bin: str) -> None:
+def test_config_file_and_environment_precedence(
+    tmp_path: Path, cli_env: dict[str, str], adreach_bin: str
+) -> None:
     port = free_port()
     (tmp_path / "adreach.toml").write_text(f"state_dir = '{tmp_path / 'state'}'\n[broker]\nport = {port}\n")
     env = {k: v for k, v in cli_env.items() if k not in {"ADREACH_STATE_DIR", "ADREACH_BROKER__PORT"}}
@@ -126,4 +163,10 @@ def test_schema_command_prints_the_published_schema(cli_env: dict[str, str], adr
     result = run(adreach_bin, ["schema"], cli_env)
     assert result.returncode == 0
     schema = json.loads(result.stdout)
-    assert set(schema["discriminator"]["mapping"]) == {"impression", "click", "conversion", "search", "user_profile"}
+    assert set(schema["discriminator"]["mapping"]) == {
+        "impression",
+        "click",
+        "conversion",
+        "search",
+        "user_profile",
+    }

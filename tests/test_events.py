@@ -19,25 +19,55 @@ T0 = "2026-01-05T10:00:00.250Z"
 
 VALID: dict[str, dict[str, Any]] = {
     "impression": {
-        "type": "impression", "event_id": "i-1", "event_time": T0, "user_id": "u1",
-        "ad_id": "ad1", "campaign_id": "c1", "advertiser_id": "adv1", "placement": "search_top",
-        "position": 2, "cost_micros": 1500, "device": "mobile", "country": "DE",
+        "type": "impression",
+        "event_id": "i-1",
+        "event_time": T0,
+        "user_id": "u1",
+        "ad_id": "ad1",
+        "campaign_id": "c1",
+        "advertiser_id": "adv1",
+        "placement": "search_top",
+        "position": 2,
+        "cost_micros": 1500,
+        "device": "mobile",
+        "country": "DE",
     },
     "click": {
-        "type": "click", "event_id": "k-1", "event_time": T0, "user_id": "u1",
-        "impression_id": "i-1", "ad_id": "ad1", "campaign_id": "c1", "advertiser_id": "adv1",
+        "type": "click",
+        "event_id": "k-1",
+        "event_time": T0,
+        "user_id": "u1",
+        "impression_id": "i-1",
+        "ad_id": "ad1",
+        "campaign_id": "c1",
+        "advertiser_id": "adv1",
     },
     "conversion": {
-        "type": "conversion", "event_id": "v-1", "event_time": T0, "user_id": "u1", "ad_id": "ad1",
-        "campaign_id": "c1", "advertiser_id": "adv1", "click_id": "k-1", "conversion_type": "purchase",
-        "value": 49.9, "currency": "EUR",
+        "type": "conversion",
+        "event_id": "v-1",
+        "event_time": T0,
+        "user_id": "u1",
+        "ad_id": "ad1",
+        "campaign_id": "c1",
+        "advertiser_id": "adv1",
+        "click_id": "k-1",
+        "conversion_type": "purchase",
+        "value": 49.9,
+        "currency": "EUR",
     },
     "search": {
-        "type": "search", "event_id": "s-1", "event_time": T0, "user_id": "u1",
-        "query": "cheap running shoes", "locale": "de-DE",
+        "type": "search",
+        "event_id": "s-1",
+        "event_time": T0,
+        "user_id": "u1",
+        "query": "cheap running shoes",
+        "locale": "de-DE",
     },
     "user_profile": {
-        "type": "user_profile", "event_id": "p-1", "event_time": T0, "user_id": "u1",
+        "type": "user_profile",
+        "event_id": "p-1",
+        "event_time": T0,
+        "user_id": "u1",
         "attributes": {"country": "DE", "age": 31, "age_band": "25-34", "premium": True},
         "interests": ["running", "travel"],
         "provider_labels": {"acme": {"gender": "female", "age_band": "25-34"}},
@@ -93,11 +123,19 @@ def test_specific_errors_name_the_problem() -> None:
         (b"[1, 2]", ev.SchemaViolationError, "must be a JSON object"),
         (encode({**base, "type": "teleport"}), ev.UnknownEventTypeError, "teleport.*impression, click"),
         (encode({k: v for k, v in base.items() if k != "type"}), ev.UnknownEventTypeError, "type"),
-        (encode({**base, "position": "2"}), ev.SchemaViolationError, r"Expected `int`, got `str` - at `\$.position`"),
+        (
+            encode({**base, "position": "2"}),
+            ev.SchemaViolationError,
+            r"Expected `int`, got `str` - at `\$.position`",
+        ),
         (encode({**base, "position": 0}), ev.SchemaViolationError, "position"),
         (encode({**base, "ad_ld": "x"}), ev.SchemaViolationError, "unknown field `ad_ld`"),
         (encode({**base, "event_time": "2026-01-05T10:00:00"}), ev.SchemaViolationError, "timezone"),
-        (encode({**base, "event_time": "1970-01-01T00:00:01Z"}), ev.SchemaViolationError, "outside 2000-01-01"),
+        (
+            encode({**base, "event_time": "1970-01-01T00:00:01Z"}),
+            ev.SchemaViolationError,
+            "outside 2000-01-01",
+        ),
         (encode({**base, "event_id": ""}), ev.SchemaViolationError, "event_id"),
         (encode({**base, "country": "Germany"}), ev.SchemaViolationError, "country"),
         (encode({**base, "schema_version": 2}), ev.SchemaViolationError, "schema_version"),
@@ -105,12 +143,24 @@ def test_specific_errors_name_the_problem() -> None:
         (encode({**VALID["conversion"], "value": -1}), ev.SchemaViolationError, "value"),
         (encode({**VALID["conversion"], "currency": "euro"}), ev.SchemaViolationError, "currency"),
         (
-            encode({"type": "user_profile", "event_id": "p", "event_time": T0, "user_id": "u", "action": "delete",
-                    "interests": ["x"]}),
+            encode(
+                {
+                    "type": "user_profile",
+                    "event_id": "p",
+                    "event_time": T0,
+                    "user_id": "u",
+                    "action": "delete",
+                    "interests": ["x"],
+                }
+            ),
             ev.SchemaViolationError,
             "a delete carries no",
         ),
-        (encode({**VALID["user_profile"], "attributes": {"age": [1]}}), ev.SchemaViolationError, "attributes"),
+        (
+            encode({**VALID["user_profile"], "attributes": {"age": [1]}}),
+            ev.SchemaViolationError,
+            "attributes",
+        ),
     ]
     for payload, error, pattern in cases:
         with pytest.raises(error, match=pattern):
@@ -122,8 +172,13 @@ def test_validate_accepts_structs_and_dicts_and_checks_struct_types() -> None:
     assert ev.validate(event) == event
     assert ev.validate(msgspec.json.decode(encode(VALID["click"]))) == event
     bad = ev.Click(
-        event_id="k", event_time=datetime.now(UTC), user_id="u", impression_id="i",
-        ad_id=1, campaign_id="c", advertiser_id="a",  # type: ignore[arg-type]
+        event_id="k",
+        event_time=datetime.now(UTC),
+        user_id="u",
+        impression_id="i",
+        ad_id=1,
+        campaign_id="c",
+        advertiser_id="a",  # type: ignore[arg-type]
     )
     with pytest.raises(ev.SchemaViolationError, match="ad_id"):
         ev.validate(bad)
@@ -151,7 +206,9 @@ def test_published_schema_agrees_with_the_sdk(name: str) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

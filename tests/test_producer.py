@@ -81,7 +81,11 @@ def test_invalid_event_raises_by_default_and_nothing_is_sent(kafka: Settings) ->
 
 
 def test_invalid_events_go_to_the_dead_letter_topic_with_payload_and_reason(kafka: Settings) -> None:
-    bad_payloads = [b"{oops", b'{"type":"teleport"}', json.dumps({**_as_dict(impression(1, "u")), "ad_id": 5}).encode()]
+    bad_payloads = [
+        b"{oops",
+        b'{"type":"teleport"}',
+        json.dumps({**_as_dict(impression(1, "u")), "ad_id": 5}).encode(),
+    ]
     with EventProducer(kafka, on_invalid="dead_letter") as producer:
         producer.send(impression(0, "u"))
         results = [producer.send_json(p, source=f"unit:{i}") for i, p in enumerate(bad_payloads)]
