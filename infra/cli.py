@@ -249,10 +249,9 @@ def simulate_command(
 def _run_simulation(
     settings: Settings, overrides: dict[str, int | float], output_format: OutputFormat, out: Path
 ) -> str:
-    from streams.simulator import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
-
     from streams.ingest import KafkaEventSink
     from streams.producer import DeliveryError, EventProducer
+    from streams.simulation import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
     from streams.topics import TopicError, ensure_topics
 
     try:

@@ -1,0 +1,58 @@
+"""Where simulated events go: Parquet files or a JSON Lines file (Kafka: streams.ingest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from streams.simulation.batch import EVENT_SCHEMA, EventBatch
+
+
+class ParquetSink:
+    """Writes ``DIR/part-NNNNN.parquet`` in arrival order, rolling to a new file every ``rows_per_file``."""
+
+    def __init__(self, directory: Path, rows_per_file: int = 2_000_000) -> None:
+        self.directory = directory
+        self.rows_per_file = rows_per_file
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("part-*.parquet"):
+            old.unlink()  # a rerun replaces, never mixes with, earlier output
+        self._writer: pq.ParquetWriter | None = None
+        self._file_index = 0
+        self._rows_in_file = 0
+
+    def write(self, batch: EventBatch) -> None:
+        if self._writer is None or self._rows_in_file >= self.rows_per_file:
+            self._writer = self._next_file()
+        self._writer.write_table(batch.table, row_group_size=256_000)
+        self._rows_in_file += len(batch)
+
+    def _next_file(self) -> pq.ParquetWriter:
+        self.close()
+        path = self.directory / f"part-{self._file_index:05d}.parquet"
+        self._file_index += 1
+        self._rows_in_file = 0
+        return pq.ParquetWriter(path, EVENT_SCHEMA, compression="snappy")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class JsonLinesSink:
+    """One canonical v1 JSON event per line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._handle = path.open("wb")
+
+    def write(self, batch: EventBatch) -> None:
+        lines = batch.to_json_lines()
+        if lines:
+            self._handle.write(b"\n".join(lines) + b"\n")
+
+    def close(self) -> None:
+        self._handle.close()
