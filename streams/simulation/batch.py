@@ -149,9 +149,11 @@ class EventBatch:
 def _python_values(column: pa.ChunkedArray) -> list[Any]:
     """Python values of a column. Flat columns go through NumPy, which pyarrow converts in
     C++ (``to_pylist`` builds one scalar object per value and was 10x slower here)."""
+    values: list[Any]
     if pa.types.is_nested(column.type) or (column.null_count and not pa.types.is_string(column.type)):
-        return column.to_pylist()
-    values: list[Any] = column.to_numpy(zero_copy_only=False).tolist()
+        values = column.to_pylist()
+        return values
+    values = column.to_numpy(zero_copy_only=False).tolist()
     return values
 
 
