@@ -293,8 +293,14 @@ def _run_simulation(
         f"  events: {where}",
         f"  ground truth: {out / 'truth'}",
     ]
-    if isinstance(sink, KafkaEventSink) and sink.invalid:
-        lines.append(f"  [!] {sink.invalid} simulated events failed validation and were dead-lettered")
+    if isinstance(sink, KafkaEventSink):
+        stats = sink.producer.stats
+        lines.append(
+            f"  delivered: {stats.delivered:,} events acknowledged by Kafka, "
+            f"{stats.dead_lettered:,} dead-lettered"
+        )
+        if sink.invalid:
+            lines.append(f"  [!] {sink.invalid} simulated events failed validation and were dead-lettered")
     return "\n".join(lines)
 
 

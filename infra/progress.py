@@ -25,6 +25,8 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:
+            speed = task.completed / task.elapsed  # rich keeps no speed for tasks completed in one step
         unit = task.fields.get("unit", "items")
         if speed is None:
             return Text(f"? {unit}/s", style="progress.data.speed")
