@@ -84,6 +84,8 @@ class ProducerStats:
     ``sent`` events were queued for the event topic and ``dead_lettered`` payloads for
     the dead-letter topic; ``delivered`` and ``dead_letters_delivered`` are the ones
     Kafka acknowledged; ``failed`` counts records of either kind that Kafka did not take.
+    Acknowledgements are exact after :meth:`EventProducer.flush` or ``close``; before
+    that they may lag (successes are only reported per record when ``on_delivery`` is given).
     """
 
     sent: int = 0
@@ -122,6 +124,10 @@ class EventProducer:
         self.on_invalid: OnInvalid = on_invalid or settings.producer.on_invalid
         self.stats = ProducerStats()
         self._user_on_delivery = on_delivery
+        # Without a caller callback only failures need a Python call per record: successes
+        # are settled in bulk at flush time (saves ~1 us per event on the hot path).
+        self._reports_every_record = on_delivery is not None
+        self._failed_dead_letters = 0
         self._since_poll = 0
         self._closed = False
         p = settings.producer
@@ -136,6 +142,7 @@ class EventProducer:
             "compression.type": p.compression,
             "delivery.timeout.ms": p.delivery_timeout_ms,
             "on_delivery": self._on_delivery,
+            "delivery.report.only.error": not self._reports_every_record,
         }
         config.update(client_config or {})
         self._producer = Producer(config)
@@ -168,7 +175,11 @@ class EventProducer:
         except InvalidEventError as exc:
             self._reject(payload, exc, source=source)
             return None
-        self.send_validated(event, payload)
+        # send_validated, inlined: one Python call less per event on the hottest path.
+        self._produce(
+            self.topic, payload, event.user_id.encode(), int(event.event_time.timestamp() * 1000), None
+        )
+        self.stats.sent += 1
         return event
 
     def dead_letter(
@@ -228,6 +239,8 @@ class EventProducer:
                 self.stats.delivered += 1
         else:
             self.stats.failed += 1
+            if message.topic() == self.dead_letter_topic:
+                self._failed_dead_letters += 1
             if len(self.stats.failures) < _MAX_KEPT_FAILURES:
                 self.stats.failures.append(DeliveryFailure(message.topic() or "", message.key(), str(error)))
         if self._user_on_delivery is not None:
@@ -239,7 +252,13 @@ class EventProducer:
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for outstanding events; return how many are still undelivered."""
-        return int(self._producer.flush(timeout_s))
+        remaining = int(self._producer.flush(timeout_s))
+        if remaining == 0 and not self._reports_every_record:
+            # Every queued record has been reported; only failures were, so the rest succeeded.
+            stats = self.stats
+            stats.dead_letters_delivered = stats.dead_lettered - self._failed_dead_letters
+            stats.delivered = stats.sent - (stats.failed - self._failed_dead_letters)
+        return remaining
 
     def close(self, timeout_s: float = 30.0) -> ProducerStats:
         """Flush and close; raise :class:`DeliveryError` if any event was not delivered."""

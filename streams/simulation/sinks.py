@@ -8,6 +8,23 @@ import pyarrow.parquet as pq
 
 from streams.simulation.batch import EVENT_SCHEMA, EventBatch
 
+# Dictionary-encode only columns with few distinct values: trying it on unique ids
+# (event_id, user_id, impression_id, click_id) made writes 1.6x slower for no gain.
+DICTIONARY_COLUMNS = (
+    "type",
+    "placement",
+    "device",
+    "country",
+    "currency",
+    "conversion_type",
+    "action",
+    "locale",
+    "campaign_id",
+    "advertiser_id",
+    "ad_id",
+    "query",
+)
+
 
 class ParquetSink:
     """Writes ``DIR/part-NNNNN.parquet`` in arrival order, rolling to a new file every ``rows_per_file``."""
@@ -33,7 +50,9 @@ class ParquetSink:
         path = self.directory / f"part-{self._file_index:05d}.parquet"
         self._file_index += 1
         self._rows_in_file = 0
-        return pq.ParquetWriter(path, EVENT_SCHEMA, compression="snappy")
+        return pq.ParquetWriter(
+            path, EVENT_SCHEMA, compression="snappy", use_dictionary=list(DICTIONARY_COLUMNS)
+        )
 
     def close(self) -> None:
         if self._writer is not None:
