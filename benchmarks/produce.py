@@ -30,7 +30,7 @@ from common import print_table, versions, write_results
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
 from streams.events import validate_json
-from streams.producer import EventProducer
+from streams.producer import EventProducer, producer_config
 from streams.topics import TopicSpec, ensure_topics
 
 TARGET_EVENTS_PER_S = 150_000
@@ -142,26 +142,14 @@ def confluent_raw(settings: Settings, lines: list[bytes]) -> tuple[int, float]:
     from confluent_kafka import Producer
 
     topic = fresh_topic(settings)
-    p = settings.producer
     delivered = [0]
 
     def on_delivery(error: object, _message: object) -> None:
         if error is None:
             delivered[0] += 1
 
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-            "linger.ms": p.linger_ms,
-            "batch.size": p.batch_size_bytes,
-            "queue.buffering.max.messages": p.queue_max_messages,
-            "compression.type": p.compression,
-            "on_delivery": on_delivery,
-        }
-    )
+    # The SDK's own configuration, with a success callback to count deliveries.
+    producer = Producer({**producer_config(settings), "on_delivery": on_delivery})
     keys = [msgspec.json.decode(line)["user_id"].encode() for line in lines]  # keys are given, not parsed
 
     def run() -> int:

@@ -130,20 +130,9 @@ class EventProducer:
         self._failed_dead_letters = 0
         self._since_poll = 0
         self._closed = False
-        p = settings.producer
-        config: dict[str, object] = {
-            **settings.kafka_client_config(),
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-            "linger.ms": p.linger_ms,
-            "batch.size": p.batch_size_bytes,
-            "queue.buffering.max.messages": p.queue_max_messages,
-            "compression.type": p.compression,
-            "delivery.timeout.ms": p.delivery_timeout_ms,
-            "on_delivery": self._on_delivery,
-            "delivery.report.only.error": not self._reports_every_record,
-        }
+        config = producer_config(settings)
+        config["on_delivery"] = self._on_delivery
+        config["delivery.report.only.error"] = not self._reports_every_record
         config.update(client_config or {})
         self._producer = Producer(config)
 
@@ -291,6 +280,22 @@ class EventProducer:
             # Do not mask the original error; still try to deliver what was queued.
             self._closed = True
             self._producer.flush(5.0)
+
+
+def producer_config(settings: Settings) -> dict[str, object]:
+    """The librdkafka producer configuration the SDK runs with (benchmarks reuse it for peers)."""
+    p = settings.producer
+    return {
+        **settings.kafka_client_config(),
+        "enable.idempotence": True,
+        "acks": "all",
+        "partitioner": "murmur2_random",
+        "linger.ms": p.linger_ms,
+        "batch.size": p.batch_size_bytes,
+        "queue.buffering.max.messages": p.queue_max_messages,
+        "compression.type": p.compression,
+        "delivery.timeout.ms": p.delivery_timeout_ms,
+    }
 
 
 def _best_effort_bytes(event: object) -> bytes:
