@@ -11,12 +11,26 @@ import json
 import os
 import platform
 import sys
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def cpu_calibration_s() -> float:
+    """Seconds for a fixed pure-Python loop (10M additions): about 0.6 s on an unloaded core here.
+
+    The machines these benchmarks run on are shared VMs whose speed drifts by several
+    times; recording this next to every result says how fast the core was at the time.
+    """
+    started = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return round(time.perf_counter() - started, 3)
 
 
 def machine() -> dict[str, Any]:
@@ -39,6 +53,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": memory_gib,
         "os": platform.platform(),
         "python": sys.version.split()[0],
+        "cpu_calibration": {"value": cpu_calibration_s(), "unit": "s per 10M Python loop iterations"},
     }
 
 
