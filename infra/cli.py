@@ -20,6 +20,7 @@ import typer
 
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
+from infra.signals import InterruptGuard, threads_ignore_sigint
 
 app = typer.Typer(
     name="adreach",
@@ -34,6 +35,7 @@ app.add_typer(broker_app, name="broker")
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
 EXIT_OPERATIONAL = 3
+EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
 
 
 class OutputFormat(StrEnum):
@@ -165,7 +167,7 @@ def produce(
 
     Exits 1 when any line was rejected (all good lines are still delivered).
     """
-    from streams.ingest import produce_lines
+    from streams.ingest import IngestReport, produce_lines
     from streams.producer import DeliveryError, EventProducer
     from streams.topics import TopicError, ensure_topics
 
@@ -183,16 +185,27 @@ def produce(
         ensure_topics(settings)
     except TopicError as exc:
         _fail(str(exc), EXIT_OPERATIONAL)
-    producer = EventProducer(settings, on_invalid="dead_letter", topic=topic)
+    with threads_ignore_sigint():  # Ctrl-C must interrupt our read of the input, not a helper thread
+        producer = EventProducer(settings, on_invalid="dead_letter", topic=topic)
+        bar = progress_bar()
+        bar.start()
     delivery_error: DeliveryError | None = None
-    with handle, progress_bar() as bar:
+    unconfirmed = 0
+    with InterruptGuard() as interrupts, handle, bar:
         task = bar.add_task(f"producing {source}", total=total, unit="lines")
-        report = produce_lines(producer, handle, source, progress=lambda _b, n: bar.advance(task, n))
+        if interrupts.requested:  # Ctrl-C during start-up: read nothing
+            report = IngestReport(source=source, interrupted=True)
+        else:
+            with interrupts.interruptible():  # produce_lines turns Ctrl-C into report.interrupted
+                report = produce_lines(producer, handle, source, progress=lambda _b, n: bar.advance(task, n))
         bar.update(task, description=f"flushing {source}")
         try:
             producer.close()
         except DeliveryError as exc:
             delivery_error = exc
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting for Kafka
+            unconfirmed = producer.in_flight
+    interrupted = report.interrupted or interrupts.requested
     for rejection in report.rejections[:show]:
         stderr.print(rejection.describe(source), highlight=False, markup=False)
     if report.rejected > show:
@@ -206,6 +219,18 @@ def produce(
     )
     if delivery_error is not None:
         _fail(str(delivery_error), EXIT_REJECTED)
+    if unconfirmed:
+        stderr.print(
+            f"interrupted while waiting for Kafka: {unconfirmed:,} queued records were not confirmed "
+            "and may not have been delivered"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if interrupted:
+        stderr.print(
+            f"interrupted at line {report.lines:,}: every line before it was sent or rejected as reported "
+            "(that line itself may or may not have been)"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
     if report.rejected:
         raise typer.Exit(EXIT_REJECTED)
 

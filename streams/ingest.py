@@ -37,6 +37,7 @@ class IngestReport:
     sent: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    interrupted: bool = False
     rejections: list[Rejection] = field(default_factory=list)
 
     @property
@@ -58,38 +59,43 @@ def produce_lines(
     """Validate and produce every JSON line; dead-letter the bad ones with their line number.
 
     Blank lines are skipped (they are not events) but still count for line numbering.
-    The producer is not closed here, so the caller decides when to flush.
+    The producer is not closed here, so the caller decides when to flush. Ctrl-C stops
+    reading cleanly (``report.interrupted``): what was queued can still be flushed.
     """
     report = IngestReport(source=source)
     started = time.perf_counter()
     pending_bytes = pending_lines = 0
     number = 0
-    for number, raw in enumerate(lines, start=1):
-        pending_bytes += len(raw)
-        pending_lines += 1
-        if progress is not None and pending_lines >= progress_every:
+    try:
+        for number, raw in enumerate(lines, start=1):
+            pending_bytes += len(raw)
+            pending_lines += 1
+            if progress is not None and pending_lines >= progress_every:
+                progress(pending_bytes, pending_lines)
+                pending_bytes = pending_lines = 0
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                event = validate_json(line)
+            except InvalidEventError as exc:
+                report.rejected += 1
+                rejection = Rejection(number, type(exc).__name__, exc.reason)
+                if len(report.rejections) < _MAX_KEPT_REJECTIONS:
+                    report.rejections.append(rejection)
+                producer.dead_letter(
+                    line, exc.reason, error_class=rejection.error_class, source=f"{source}:{number}"
+                )
+                continue
+            producer.send_validated(event, line)
+            report.sent += 1
+        if progress is not None and pending_lines:
             progress(pending_bytes, pending_lines)
-            pending_bytes = pending_lines = 0
-        line = raw.rstrip(b"\r\n")
-        if not line.strip():
-            continue
-        try:
-            event = validate_json(line)
-        except InvalidEventError as exc:
-            report.rejected += 1
-            rejection = Rejection(number, type(exc).__name__, exc.reason)
-            if len(report.rejections) < _MAX_KEPT_REJECTIONS:
-                report.rejections.append(rejection)
-            producer.dead_letter(
-                line, exc.reason, error_class=rejection.error_class, source=f"{source}:{number}"
-            )
-            continue
-        producer.send_validated(event, line)
-        report.sent += 1
-    if progress is not None and pending_lines:
-        progress(pending_bytes, pending_lines)
-    report.lines = number
-    report.seconds = time.perf_counter() - started
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        report.lines = number
+        report.seconds = time.perf_counter() - started
     return report
 
 

@@ -235,6 +235,11 @@ class EventProducer:
         if self._user_on_delivery is not None:
             self._user_on_delivery(error, message)
 
+    @property
+    def in_flight(self) -> int:
+        """Records queued or sent but not yet acknowledged (or failed) by Kafka."""
+        return len(self._producer)
+
     def poll(self, timeout_s: float = 0.0) -> int:
         """Serve pending delivery reports; returns how many were served."""
         return int(self._producer.poll(timeout_s))

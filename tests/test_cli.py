@@ -170,3 +170,32 @@ def test_schema_command_prints_the_published_schema(cli_env: dict[str, str], adr
         "search",
         "user_profile",
     }
+
+
+def test_ctrl_c_reports_what_was_sent_and_exits_130(
+    kafka: Settings, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [adreach_bin, "produce", "-"],
+        env=cli_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None
+    for event in GOOD[:3]:
+        process.stdin.write(json.dumps(event) + "\n")
+    process.stdin.flush()
+    # Interrupt only once the lines were read and produced (linger is milliseconds).
+    assert len(consume(kafka, kafka.kafka.topics.events, expected=3)) == 3
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    # The signal races with end of input: it lands either in the read or in the final flush.
+    assert "interrupted" in stderr and "sent 3 events" in stdout
+    assert len(consume(kafka, kafka.kafka.topics.events, expected=3)) == 3, "nothing sent twice"
