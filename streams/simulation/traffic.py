@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,13 +83,6 @@ class ResponseModel:
             + quality
         )
         return logit
-
-
-@dataclass
-class _Pending:
-    """Events generated but not yet arrived (a table in EVENT_SCHEMA)."""
-
-    tables: list[pa.Table] = field(default_factory=list)
 
 
 class Simulator:
@@ -183,23 +176,23 @@ class Simulator:
 
     def batches(self) -> Iterator[EventBatch]:
         c = self.config
-        pending = _Pending()
+        pending: list[pa.Table] = []  # generated, not yet arrived
         chunk_ms = c.chunk_minutes * 60_000
         start = c.start_ms
         while start < c.end_ms:
             end = min(start + chunk_ms, c.end_ms)
             fresh = self._chunk(start, end, first=start == c.start_ms)
-            pending.tables.append(fresh)
-            table = self._drop_after_deletion(pa.concat_tables(pending.tables))
+            pending.append(fresh)
+            table = self._drop_after_deletion(pa.concat_tables(pending))
             arrival = table.column("arrival_time").cast(pa.int64()).to_numpy()
             if end >= c.end_ms:  # the last chunk flushes everything still in flight
                 ready = np.argsort(arrival, kind="stable")
-                pending.tables = []
+                pending = []
             else:
                 arrived = arrival < end
                 ready = np.nonzero(arrived)[0]
                 ready = ready[np.argsort(arrival[ready], kind="stable")]
-                pending.tables = [table.take(pa.array(np.nonzero(~arrived)[0]))]
+                pending = [table.take(pa.array(np.nonzero(~arrived)[0]))]
             if ready.size:
                 yield EventBatch(table.take(pa.array(ready)))
             start = end
@@ -361,27 +354,27 @@ class Simulator:
         return 1.0 + 0.5 * math.sin(2 * math.pi * (hour - 9) / 24)
 
     def _draw_users(
-        self, weights: NDArray[Any], expected: float, start: int, end: int
+        self, rate_per_day: NDArray[Any], start: int, end: int
     ) -> tuple[NDArray[Any], NDArray[Any]]:
-        """Users drawn in proportion to ``weights`` (alive ones), with event times in the chunk."""
+        """Users active in the chunk, drawn in proportion to their (scaled) daily rate and
+        the diurnal curve, with event times inside the chunk, sorted by time."""
+        pop = self.population
+        alive = self._alive(start) | ((pop.joined_ms >= start) & (pop.joined_ms < end))
+        weights = rate_per_day * alive
+        expected = self.rate_scale * weights.sum() * (end - start) / DAY_MS * self._diurnal(start, end)
         count = self.rng.poisson(max(expected, 0.0))
         cumulative = np.cumsum(weights)
         if count == 0 or cumulative[-1] <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         rows = np.searchsorted(cumulative, self.rng.random(count) * cumulative[-1], side="right")
         times = self.rng.integers(start, end, size=count)
-        pop = self.population
         ok = (pop.joined_ms[rows] <= times) & ((pop.deleted_ms[rows] < 0) | (pop.deleted_ms[rows] > times))
         order = np.argsort(times[ok], kind="stable")
         return rows[ok][order], times[ok][order]
 
     def _impressions(self, start: int, end: int) -> list[pa.Table]:
         cat, pop, rng = self.catalog, self.population, self.rng
-        hours = (end - start) / HOUR_MS
-        alive = self._alive(start) | ((pop.joined_ms >= start) & (pop.joined_ms < end))
-        weights = pop.activity_rate * alive
-        expected = self.rate_scale * weights.sum() * hours / 24 * self._diurnal(start, end)
-        rows, times = self._draw_users(weights, expected, start, end)
+        rows, times = self._draw_users(pop.activity_rate, start, end)
         if rows.size == 0:
             return []
         live = (cat.campaign_start_ms <= start) & (cat.campaign_end_ms > start)
@@ -467,11 +460,7 @@ class Simulator:
 
     def _searches(self, start: int, end: int) -> pa.Table:
         pop, rng = self.population, self.rng
-        hours = (end - start) / HOUR_MS
-        alive = self._alive(start) | ((pop.joined_ms >= start) & (pop.joined_ms < end))
-        weights = pop.search_rate * alive
-        expected = self.rate_scale * weights.sum() * hours / 24 * self._diurnal(start, end)
-        rows, times = self._draw_users(weights, expected, start, end)
+        rows, times = self._draw_users(pop.search_rate, start, end)
         scores = affinity(pop.taste[rows], self.topic_vectors) + np.log(self.topic_popularity)
         topic = np.argmax(scores + rng.gumbel(size=scores.shape), axis=1)
         index = self._pool_offsets[topic] + zipf_indices(rng, self._pool_sizes[topic])
