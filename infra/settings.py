@@ -136,6 +136,24 @@ class SimulationSettings(BaseModel):
         return value
 
 
+class FeatureStoreSettings(BaseModel):
+    """The Feast feature store adreach writes stream features into.
+
+    The embedded default keeps everything under ``<state_dir>/feature_repo``: a SQLite
+    online store and Parquet files as the offline store. Production sets
+    ``online_store = "redis"`` and ``redis_connection``.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    project: str = Field("adreach", pattern=r"^[a-z][a-z0-9_]*$")
+    repo_dir: Path | None = Field(None, description="Default: <state_dir>/feature_repo.")
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_connection: str = Field(
+        "127.0.0.1:6379", description="host:port[,db=N,password=...] (Feast format)."
+    )
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -154,11 +172,16 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     simulate: SimulationSettings = Field(default_factory=SimulationSettings)
+    features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
 
     @property
     def bootstrap_servers(self) -> str:
         """The Kafka address clients use: the configured cluster, else the embedded broker."""
         return self.kafka.bootstrap_servers or f"{self.broker.host}:{self.broker.port}"
+
+    @property
+    def feature_repo_dir(self) -> Path:
+        return self.features.repo_dir or self.state_dir / "feature_repo"
 
     @property
     def uses_embedded_broker(self) -> bool:
