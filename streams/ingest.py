@@ -74,7 +74,7 @@ def produce_lines(
                 progress(pending_bytes, pending_lines)
                 pending_bytes = pending_lines = 0
             line = raw.rstrip(b"\r\n")
-            if not line.strip():
+            if not line or line.isspace():
                 continue
             try:
                 event = validate_json(line)
