@@ -22,6 +22,7 @@ from feast.types import Array, Float64, Int64, String
 from features.definitions import FEATURE_GROUPS, FeatureGroup, FeatureType
 
 TIMESTAMP_FIELD = "event_timestamp"
+CREATED_FIELD = "created_timestamp"
 
 _FEAST_TYPES: dict[FeatureType, Any] = {"int64": Int64, "float64": Float64, "string_list": Array(String)}
 _ARROW_TYPES: dict[FeatureType, pa.DataType] = {
@@ -42,6 +43,11 @@ def arrow_schema(group: FeatureGroup) -> pa.Schema:
     return pa.schema(fields)
 
 
+def offline_schema(group: FeatureGroup) -> pa.Schema:
+    """Offline rows also carry when they were written: it orders two rows of one entity and tile."""
+    return arrow_schema(group).append(pa.field(CREATED_FIELD, pa.timestamp("us", "UTC")))
+
+
 def offline_path(data_dir: Path, group: FeatureGroup) -> Path:
     """The group's offline store: a directory of Parquet part files."""
     return data_dir / group.name
@@ -59,8 +65,14 @@ def append_offline(data_dir: Path, group: FeatureGroup, rows: pa.Table) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
     staging = directory / f".{name}"
+    schema = offline_schema(group)
+    if CREATED_FIELD not in rows.column_names:
+        now = pa.array([time.time_ns() // 1000] * rows.num_rows, pa.int64()).cast(
+            schema.field(CREATED_FIELD).type
+        )
+        rows = rows.append_column(CREATED_FIELD, now)
     pq.write_table(
-        rows.select(arrow_schema(group).names).cast(arrow_schema(group)),
+        rows.select(schema.names).cast(schema),
         staging,
         use_compliant_nested_type=False,
     )
@@ -73,7 +85,7 @@ def ensure_offline_files(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEAT
     for group in groups:
         directory = offline_path(data_dir, group)
         if not any(directory.glob("part-*.parquet")):
-            append_offline(data_dir, group, arrow_schema(group).empty_table())
+            append_offline(data_dir, group, offline_schema(group).empty_table())
 
 
 def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS) -> list[Any]:
@@ -90,6 +102,7 @@ def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GRO
             name=f"{group.name}_offline",
             path=str(offline_path(data_dir, group)),
             timestamp_field=TIMESTAMP_FIELD,
+            created_timestamp_column=CREATED_FIELD,
         )
         push = PushSource(name=push_source_name(group), batch_source=batch)
         view = FeatureView(

@@ -154,6 +154,40 @@ class FeatureStoreSettings(BaseModel):
     )
 
 
+class StreamSettings(BaseModel):
+    """The embedded stream engine (``adreach stream run``): batching, lateness, checkpoints.
+
+    Events are routed by entity to ``repartition_topic`` (one record batch per partition
+    and micro-batch) so that several workers in one consumer group can split the work and
+    still compute each entity's features in exactly one place.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    consumer_group: str = "adreach-stream"
+    repartition_topic: str = Field(
+        "adreach.stream.repartition", description="Internal topic carrying events keyed by entity."
+    )
+    repartition_partitions: int = Field(6, ge=1, le=256)
+    allowed_lateness_s: int = Field(
+        3_600,
+        ge=0,
+        description="Events older than their partition's watermark minus this are dead-lettered.",
+    )
+    batch_max_events: int = Field(20_000, gt=0, description="Most messages read per micro-batch.")
+    batch_timeout_ms: int = Field(100, gt=0, description="Longest wait for a micro-batch to fill.")
+    flush_interval_ms: int = Field(
+        500,
+        gt=0,
+        description="Changed features are written to the stores, and state + offsets "
+        "checkpointed, at least this often.",
+    )
+    state_dir: Path | None = Field(None, description="Checkpoints; default: <state_dir>/stream/<group>.")
+    retry_initial_s: float = Field(0.2, gt=0, description="First wait before retrying a failed store write.")
+    retry_max_s: float = Field(10.0, gt=0, description="Longest wait between store-write retries.")
+    session_timeout_ms: int = Field(6_000, ge=1_000)
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -173,6 +207,7 @@ class Settings(BaseSettings):
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     simulate: SimulationSettings = Field(default_factory=SimulationSettings)
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -182,6 +217,10 @@ class Settings(BaseSettings):
     @property
     def feature_repo_dir(self) -> Path:
         return self.features.repo_dir or self.state_dir / "feature_repo"
+
+    @property
+    def stream_state_dir(self) -> Path:
+        return self.stream.state_dir or self.state_dir / "stream" / self.stream.consumer_group
 
     @property
     def uses_embedded_broker(self) -> bool:

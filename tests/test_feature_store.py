@@ -71,6 +71,7 @@ def user_row(user: str, when: datetime, impressions_1h: int, clicked: list[str])
         {
             "user_id": user,
             "event_timestamp": pd.Timestamp(when),
+            "created_timestamp": pd.Timestamp(when),
             "impressions_1h": impressions_1h,
             "clicks_1h": len(clicked),
             "ctr_1h": len(clicked) / impressions_1h,

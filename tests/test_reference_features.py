@@ -140,7 +140,9 @@ def test_reference_rows_fit_the_feast_views_and_read_back(tmp_path: Path) -> Non
         events([imp(1, T), click(1, T + timedelta(seconds=5)), imp(2, T, user="u9")]), group
     )
     assert table.schema.names == arrow_schema(group).names
-    store.push(push_source_name(group), table.to_pandas(), to=PushMode.ONLINE)
+    frame = table.to_pandas()
+    frame["created_timestamp"] = frame["event_timestamp"]
+    store.push(push_source_name(group), frame, to=PushMode.ONLINE)
     append_offline(settings.feature_repo_dir / "data", group, table)
     online = store.get_online_features(
         features=["user_activity:ctr_10m", "user_activity:last_clicked_ads"],

@@ -1,0 +1,174 @@
+"""Stage one of the engine: drop too-late events and route the rest to their entities' shards.
+
+Events arrive keyed by user, but ad, campaign, advertiser and query features need every
+event of an entity in one place. The router hashes each group's entity key to one of
+the repartition topic's partitions (a shard) and ships, per shard, the events that any
+group routes there, with a bit mask saying which groups they count for. This is the
+shuffle a Kafka Streams repartition topic or a Flink ``keyBy`` performs; with it several
+workers can split the event partitions and still compute each entity in one place.
+
+Lateness is decided per *source* partition, in offset order: an event is too late when
+its time is more than ``allowed_lateness`` behind the highest event time seen before it
+in its partition (the partition's watermark). The decision depends only on the
+partition's contents and the checkpointed watermark, never on how messages were batched
+or which worker read them, so replays and rebalances reproduce it exactly.
+
+Every shipped row carries its source partition and offset; shards use them to skip rows
+they already applied when a router replays after a crash (exactly-once state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from numpy.typing import NDArray
+
+from features.definitions import FEATURE_GROUPS, FeatureGroup
+
+QUERY_KEY_COLUMN = "query_key"
+MASK_COLUMN = "groups"
+SOURCE_PARTITION = "src_partition"
+SOURCE_OFFSET = "src_offset"
+
+
+def key_column(group: FeatureGroup) -> str:
+    """The shipped column holding ``group``'s entity key (queries are normalized first)."""
+    return QUERY_KEY_COLUMN if group.key == "query" else group.key
+
+
+def normalize_queries(queries: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Vector form of :func:`features.definitions.normalize_query`."""
+    collapsed = pc.replace_substring_regex(queries, pattern=r"\s+", replacement=" ")
+    return pc.utf8_lower(pc.utf8_trim_whitespace(collapsed))
+
+
+def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
+    """Shard index per key (-1 for null keys): a stable hash, the same in every process.
+
+    Only the distinct keys are hashed (pandas' SipHash with a fixed key, stable across
+    processes and runs), then spread back by dictionary index.
+    """
+    encoded = pc.dictionary_encode(keys)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+    dictionary = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
+    hashes = pd.util.hash_array(dictionary, categorize=False) % np.uint64(shards)
+    indices = encoded.indices
+    result = np.full(len(indices), -1, dtype=np.int64)
+    valid = indices.is_valid().to_numpy(zero_copy_only=False)
+    if valid.any():
+        positions = indices.fill_null(0).to_numpy()
+        result[valid] = hashes[positions[valid]].astype(np.int64)
+    return result
+
+
+@dataclass
+class RoutedBatch:
+    """What routing one micro-batch produced.
+
+    ``shards`` maps a shard to its rows; ``late`` lists (row, reason) for dropped events;
+    ``watermarks`` holds the updated watermark of every source partition in the batch.
+    """
+
+    shards: dict[int, pa.Table]
+    late: list[tuple[int, str]]
+    watermarks: dict[int, int]
+
+
+class Router:
+    def __init__(
+        self, shards: int, allowed_lateness_ms: int, groups: Sequence[FeatureGroup] = FEATURE_GROUPS
+    ) -> None:
+        if len(groups) > 63:
+            raise ValueError("at most 63 feature groups can share one engine")
+        self.shards = shards
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.groups = tuple(groups)
+
+    def route(
+        self,
+        events: pa.Table,
+        partitions: NDArray[Any],
+        offsets: NDArray[Any],
+        watermarks: dict[int, int],
+    ) -> RoutedBatch:
+        """Route decoded ``events`` read from ``partitions``/``offsets`` (in offset order per partition).
+
+        ``watermarks`` are the source partitions' watermarks before this batch (missing:
+        none yet); the result carries the new ones.
+        """
+        times = events.column("event_time_ms").to_numpy()
+        late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks)
+        late = [
+            (
+                int(row),
+                f"event time is {(watermark_at[row] - times[row]) / 1000:g} s behind the watermark of "
+                f"partition {int(partitions[row])}, more than the allowed lateness of "
+                f"{self.allowed_lateness_ms / 1000:g} s; not counted in stream features",
+            )
+            for row in np.flatnonzero(late_mask)
+        ]
+        on_time = ~late_mask
+        if "query" in events.column_names:
+            events = events.append_column(QUERY_KEY_COLUMN, normalize_queries(events.column("query")))
+        events = events.append_column(SOURCE_PARTITION, pa.array(partitions.astype(np.int32)))
+        events = events.append_column(SOURCE_OFFSET, pa.array(offsets.astype(np.int64)))
+
+        rows_parts: list[NDArray[Any]] = []
+        shard_parts: list[NDArray[Any]] = []
+        bit_parts: list[NDArray[Any]] = []
+        types = events.column("type")
+        for bit, group in enumerate(self.groups):
+            group_types = sorted({t for a in group.aggregations for t in a.event_types})
+            relevant = pc.fill_null(pc.is_in(types, value_set=pa.array(group_types)), False).to_numpy(
+                zero_copy_only=False
+            )
+            shard = shard_of(events.column(key_column(group)), self.shards)
+            take = relevant & on_time & (shard >= 0)
+            rows = np.flatnonzero(take)
+            rows_parts.append(rows)
+            shard_parts.append(shard[rows])
+            bit_parts.append(np.full(len(rows), 1 << bit, dtype=np.int64))
+        if not rows_parts or not sum(len(r) for r in rows_parts):
+            return RoutedBatch({}, late, new_watermarks)
+        rows = np.concatenate(rows_parts)
+        shard = np.concatenate(shard_parts)
+        bits = np.concatenate(bit_parts)
+        # One shipped row per (event, shard), with the OR of the bits of the groups routed there.
+        pair = shard * len(events) + rows
+        order = np.argsort(pair, kind="stable")
+        pair, bits = pair[order], bits[order]
+        starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        unique_pairs = pair[starts]
+        masks = np.bitwise_or.reduceat(bits, starts)
+        pair_shard = unique_pairs // len(events)
+        pair_row = unique_pairs % len(events)
+        shipped = events.take(pa.array(pair_row)).append_column(MASK_COLUMN, pa.array(masks))
+        boundaries = np.flatnonzero(np.r_[True, pair_shard[1:] != pair_shard[:-1], True])
+        shards = {
+            int(pair_shard[start]): shipped.slice(start, end - start)
+            for start, end in zip(boundaries[:-1], boundaries[1:], strict=True)
+        }
+        return RoutedBatch(shards, late, new_watermarks)
+
+    def _late(
+        self, times: NDArray[Any], partitions: NDArray[Any], watermarks: dict[int, int]
+    ) -> tuple[NDArray[Any], NDArray[Any], dict[int, int]]:
+        """Per event: too late?, the watermark it was judged against; and the new watermarks."""
+        late = np.zeros(len(times), dtype=bool)
+        watermark_at = np.zeros(len(times), dtype=np.int64)
+        updated = dict(watermarks)
+        for partition in np.unique(partitions):
+            rows = np.flatnonzero(partitions == partition)
+            start = watermarks.get(int(partition), np.iinfo(np.int64).min + self.allowed_lateness_ms)
+            seen = np.maximum.accumulate(np.r_[start, times[rows]])[:-1]  # watermark before each event
+            late[rows] = times[rows] < seen - self.allowed_lateness_ms
+            watermark_at[rows] = seen
+            updated[int(partition)] = int(max(start, times[rows].max()))
+        return late, watermark_at, updated
