@@ -1,0 +1,458 @@
+"""The stream worker: Kafka events in, windowed features in Feast out (``adreach stream run``).
+
+One worker process is one member of a Kafka consumer group reading two topics:
+
+1. the **events** topic: micro-batches are decoded (:mod:`~streams.engine.decode`),
+   malformed and too-late events are dead-lettered with the reason, and the rest are
+   routed by entity to the **repartition** topic (:mod:`~streams.engine.router`);
+2. the **repartition** topic: each partition is a shard whose windowed state lives in
+   its own checkpoint file (:mod:`~streams.engine.shard`); rows are folded in and the
+   changed entities' features are written to Feast (:mod:`~streams.engine.sink`).
+
+Every ``flush_interval_ms`` the worker makes a cycle durable, in this order: routed
+records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
+features stored online and offline (retried with backoff while a store is down, with
+consumption paused and nothing committed); shard state and offsets committed together;
+offsets committed to Kafka (for lag monitoring; restarts resume from the checkpoints).
+A crash anywhere replays from the last checkpoint and reproduces exactly the same
+state, so features are neither lost nor double counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from numpy.typing import NDArray
+
+from features.definitions import FEATURE_GROUPS, FeatureGroup
+from infra.settings import Settings
+from streams.engine.decode import EventDecoder
+from streams.engine.router import Router
+from streams.engine.shard import ShardState
+from streams.engine.sink import FeatureSink, StoreUnavailableError, latest_per_key
+from streams.producer import EventProducer
+from streams.topics import TopicSpec, ensure_topics
+
+log = logging.getLogger("adreach.stream")
+
+_MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.5 MB), under Kafka's default 1 MB limit
+_COMPACT_EVERY_S = 30.0
+_FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
+_FRESHNESS_SAMPLES = 200_000
+
+
+class StreamError(RuntimeError):
+    """The worker cannot go on (e.g. Kafka refused a record); the message says why."""
+
+
+@dataclass
+class StreamStats:
+    """Counters for progress output, tests and benchmarks."""
+
+    events: int = 0
+    dead_lettered: int = 0
+    late: int = 0
+    malformed: int = 0
+    feature_rows: int = 0
+    cycles: int = 0
+    store_retries: int = 0
+    freshness_ms: list[float] = field(default_factory=list)
+    """Sampled wall-clock ms from an event's time to its features being stored (live traffic)."""
+    started: float = field(default_factory=time.monotonic)
+    last_message: float = field(default_factory=time.monotonic)
+
+    @property
+    def events_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.events / elapsed if elapsed > 0 else 0.0
+
+
+def repartition_spec(settings: Settings) -> TopicSpec:
+    topics = settings.kafka.topics
+    return TopicSpec(
+        settings.stream.repartition_topic,
+        settings.stream.repartition_partitions,
+        topics.replication_factor,
+        dict(topics.config),
+    )
+
+
+class _RouterCheckpoints:
+    """Per source partition: the next offset to read and the watermark there (one JSON file each)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, partition: int) -> Path:
+        return self.directory / f"partition-{partition}.json"
+
+    def load(self, partition: int) -> tuple[int, int] | None:
+        path = self._path(partition)
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return int(data["next_offset"]), int(data["watermark_ms"])
+
+    def save(self, partition: int, next_offset: int, watermark_ms: int) -> None:
+        path = self._path(partition)
+        staging = path.with_name(f".{path.name}")
+        with staging.open("w") as handle:
+            json.dump({"next_offset": next_offset, "watermark_ms": watermark_ms}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        staging.replace(path)
+
+
+class StreamWorker:
+    """One member of the stream engine's consumer group; see the module docstring.
+
+    ``run()`` loops until ``stop()`` is called, ``max_seconds`` pass, or (with
+    ``idle_exit_s``) no message arrived for that long. ``on_cycle`` is called after each
+    durable cycle with the stats (for progress output).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
+        *,
+        worker_id: str | None = None,
+        on_cycle: Callable[[StreamStats, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.groups = tuple(groups)
+        self.stats = StreamStats()
+        self._on_cycle = on_cycle
+        config = settings.stream
+        self._events_topic = settings.kafka.topics.events
+        self._shard_topic = config.repartition_topic
+        self._state_dir = settings.stream_state_dir
+        self._decoder = EventDecoder(self.groups)
+        self._router = Router(config.repartition_partitions, config.allowed_lateness_s * 1000, self.groups)
+        self._router_checkpoints = _RouterCheckpoints(self._state_dir / "routers")
+        self._watermarks: dict[int, int] = {}
+        self._router_next: dict[int, int] = {}  # routed but not yet checkpointed
+        self._shards: dict[int, ShardState] = {}
+        self._pending: dict[int, list[pa.Table]] = {}
+        self._pending_next: dict[int, int] = {}
+        self._stopping = False
+        self._failed = False
+        self._assigned = False  # no partitions yet: the group join has not finished
+        self._last_compact = time.monotonic()
+        self._failed_records: list[str] = []
+
+        ensure_topics(settings)
+        ensure_topics(settings, [repartition_spec(settings)])
+        from features.store import open_store
+
+        open_store(settings, self.groups)  # registers views, creates online tables and offline dirs
+        self._sink = FeatureSink(settings, self.groups)
+        base = settings.kafka_client_config()
+        self._producer = Producer(
+            {
+                **base,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "message.max.bytes": 2_000_000,
+                "on_delivery": self._on_delivery,
+                "delivery.report.only.error": True,
+            }
+        )
+        self._dead_letters = EventProducer(settings, on_invalid="dead_letter")
+        consumer_config = {
+            **base,
+            "group.id": config.consumer_group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": config.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, config.session_timeout_ms // 6),
+            "max.poll.interval.ms": 600_000,
+            "fetch.max.bytes": 16_000_000,
+        }
+        if worker_id:
+            consumer_config["client.id"] = worker_id
+        self._consumer = Consumer(consumer_config)
+        self._consumer.subscribe(
+            [self._events_topic, self._shard_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish its cycle and return (safe from a signal handler)."""
+        self._stopping = True
+
+    def run(self, *, max_seconds: float | None = None, idle_exit_s: float | None = None) -> StreamStats:
+        config = self.settings.stream
+        timeout_s = config.batch_timeout_ms / 1000
+        flush_every = config.flush_interval_ms / 1000
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        last_flush = time.monotonic()
+        try:
+            while not self._stopping:
+                messages = self._consumer.consume(config.batch_max_events, timeout_s)
+                if messages:
+                    self.stats.last_message = time.monotonic()
+                    self._handle(messages)
+                now = time.monotonic()
+                if now - last_flush >= flush_every:
+                    self.checkpoint()
+                    last_flush = now
+                if deadline is not None and now >= deadline:
+                    break
+                if (
+                    idle_exit_s is not None
+                    and now - self.stats.last_message >= idle_exit_s
+                    and self._caught_up()
+                ):
+                    break
+            self.checkpoint()
+        except BaseException:
+            self._failed = True  # closing must not checkpoint a half-done cycle
+            raise
+        finally:
+            self.close()
+        return self.stats
+
+    def _handle(self, messages: list[Message]) -> None:
+        events: list[Message] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise StreamError(f"Kafka consumer error: {error}")
+            if message.topic() == self._events_topic:
+                events.append(message)
+            else:
+                partition = message.partition()
+                payload = message.value()
+                if payload:
+                    self._pending.setdefault(partition, []).append(pa.ipc.open_stream(payload).read_all())
+                self._pending_next[partition] = message.offset() + 1
+        if events:
+            self._route(events)
+
+    def _route(self, messages: list[Message]) -> None:
+        values = [m.value() for m in messages]
+        partitions = np.fromiter((m.partition() for m in messages), np.int64, len(messages))
+        offsets = np.fromiter((m.offset() for m in messages), np.int64, len(messages))
+        batch = self._decoder.decode(values)
+        for index, error in batch.rejected:
+            self._dead_letter(messages[index], str(error), type(error).__name__)
+        self.stats.malformed += len(batch.rejected)
+        routed = self._router.route(
+            batch.events, partitions[batch.positions], offsets[batch.positions], self._watermarks
+        )
+        for row, reason in routed.late:
+            self._dead_letter(messages[int(batch.positions[row])], reason, "LateEventError")
+        self.stats.late += len(routed.late)
+        self._watermarks = routed.watermarks
+        for shard, rows in routed.shards.items():
+            for start in range(0, rows.num_rows, _MAX_SHIP_ROWS):
+                self._ship(shard, rows.slice(start, _MAX_SHIP_ROWS))
+        for partition, offset in zip(partitions.tolist(), offsets.tolist(), strict=True):
+            self._router_next[partition] = offset + 1
+        self.stats.events += len(messages)
+
+    def _ship(self, shard: int, rows: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rows.schema) as writer:
+            writer.write_table(rows)
+        payload = sink.getvalue().to_pybytes()
+        while True:
+            try:
+                self._producer.produce(self._shard_topic, payload, partition=shard)
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def _dead_letter(self, message: Message, reason: str, error_class: str) -> None:
+        source = f"{message.topic()}[{message.partition()}]@{message.offset()}"
+        self._dead_letters.dead_letter(message.value() or b"", reason, error_class=error_class, source=source)
+        self.stats.dead_lettered += 1
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._failed_records.append(f"{message.topic()}[{message.partition()}]: {error}")
+
+    # -- durability ------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Make everything consumed so far durable (see the module docstring for the order)."""
+        self._flush_producers()
+        commits: list[TopicPartition] = []
+        for partition, next_offset in self._router_next.items():
+            self._router_checkpoints.save(partition, next_offset, self._watermarks[partition])
+            commits.append(TopicPartition(self._events_topic, partition, next_offset))
+        self._router_next.clear()
+
+        changed: dict[str, list[pa.Table]] = {}
+        event_times: list[NDArray[Any]] = []
+        for shard, next_offset in self._pending_next.items():
+            tables = self._pending.pop(shard, [])
+            state = self._shards[shard]
+            if tables:
+                shipped = pa.concat_tables(tables)
+                event_times.append(shipped.column("event_time_ms").to_numpy()[::_FRESHNESS_SAMPLE_EVERY])
+                for name, rows in state.apply(shipped, next_offset).items():
+                    changed.setdefault(name, []).append(rows)
+            else:
+                state.next_offset = next_offset
+        merged = {
+            name: latest_per_key(pa.concat_tables(tables), self._group(name).key)
+            for name, tables in changed.items()
+        }
+        self._store(merged)
+        if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
+            stored_ms = time.time() * 1000
+            self.stats.freshness_ms.extend((stored_ms - np.concatenate(event_times)).tolist())
+        now = time.monotonic()
+        compact = now - self._last_compact >= _COMPACT_EVERY_S
+        retention_ms = (
+            max(g.longest_window.seconds for g in self.groups) + self.settings.stream.allowed_lateness_s
+        ) * 1000
+        for shard in self._pending_next:
+            state = self._shards[shard]
+            if compact:
+                state.compact(retention_ms)
+            state.commit()
+            commits.append(TopicPartition(self._shard_topic, shard, state.next_offset or 0))
+        if compact:
+            self._last_compact = now
+        self._pending_next.clear()
+        if commits:
+            try:
+                self._consumer.commit(offsets=commits, asynchronous=True)
+            except KafkaException as exc:  # informational only: restarts use the checkpoints
+                log.warning("could not commit offsets to Kafka (checkpoints are intact): %s", exc)
+        self.stats.cycles += 1
+        if self._on_cycle is not None:
+            self._on_cycle(self.stats, sum(t.num_rows for t in merged.values()))
+
+    def _flush_producers(self) -> None:
+        for producer in (self._producer, self._dead_letters):
+            remaining = producer.flush(60.0)
+            if remaining:
+                raise StreamError(f"Kafka did not acknowledge {remaining} records within 60 s")
+        if self._failed_records or self._dead_letters.stats.failed:
+            failures = self._failed_records[:3] or [str(f) for f in self._dead_letters.stats.failures[:3]]
+            raise StreamError(f"Kafka rejected records the engine produced: {failures}")
+
+    def _store(self, changed: dict[str, pa.Table]) -> None:
+        """Write features, retrying with backoff while a store is down; never drops rows."""
+        if not changed:
+            return
+        delay = self.settings.stream.retry_initial_s
+        paused: list[TopicPartition] = []
+        try:
+            while True:
+                try:
+                    self.stats.feature_rows += self._sink.write(changed)
+                    return
+                except StoreUnavailableError as exc:
+                    self.stats.store_retries += 1
+                    log.warning("feature store unavailable, retrying in %.1f s: %s", delay, exc)
+                    if not paused:
+                        paused = self._consumer.assignment()
+                        self._consumer.pause(paused)
+                    waited = 0.0
+                    while waited < delay and not self._stopping:
+                        self._consumer.poll(min(0.2, delay))  # keeps group membership; paused: no data
+                        waited += min(0.2, delay)
+                    if self._stopping:
+                        raise StreamError(f"stopped while the feature store was unavailable: {exc}") from exc
+                    delay = min(delay * 2, self.settings.stream.retry_max_s)
+        finally:
+            if paused:
+                self._consumer.resume(paused)
+
+    # -- rebalancing -----------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp.topic == self._events_topic:
+                saved = self._router_checkpoints.load(tp.partition)
+                if saved is not None:
+                    tp.offset, self._watermarks[tp.partition] = saved
+            else:
+                state = self._shards.get(tp.partition)
+                if state is None:
+                    state = ShardState(
+                        self._state_dir / "shards" / f"shard-{tp.partition}.duckdb", tp.partition, self.groups
+                    )
+                    self._shards[tp.partition] = state
+                tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
+        self._assigned = True
+        log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._failed:
+            self.checkpoint()
+        for tp in partitions:
+            if tp.topic == self._events_topic:
+                self._watermarks.pop(tp.partition, None)
+            else:
+                state = self._shards.pop(tp.partition, None)
+                if state is not None:
+                    state.close()
+        log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
+
+    def _caught_up(self) -> bool:
+        if not self._assigned:
+            return False
+        for tp in self._consumer.assignment():
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            position = self._consumer.position([tp])[0].offset
+            if position < 0:
+                position = low
+            if high > position:
+                return False
+        return not self._pending_next and not self._router_next
+
+    def lag(self) -> int:
+        """Events not yet read by this worker on its assigned event partitions."""
+        total = 0
+        for tp in self._consumer.assignment():
+            if tp.topic != self._events_topic:
+                continue
+            low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            position = self._consumer.position([tp])[0].offset
+            total += max(0, high - (position if position >= 0 else low))
+        return total
+
+    def _group(self, name: str) -> FeatureGroup:
+        return next(group for group in self.groups if group.name == name)
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        finally:
+            for state in self._shards.values():
+                state.close()
+            self._shards.clear()
+            self._dead_letters.close()
+            self._sink.close()

@@ -1,0 +1,275 @@
+"""The embedded stream engine end to end: real broker, real worker processes, real Feast repo.
+
+Every test produces simulated traffic (plus malformed and very late events) through the
+SDK, runs ``adreach stream run`` as a separate process, reads the features back through
+Feast's own SDK and compares them, value for value, with the DuckDB reference
+computation over the same events. The events the reference must leave out (too late)
+are found by an independent re-statement of the lateness rule over the topic's contents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from confluent_kafka import Producer
+
+from features.definitions import FEATURE_GROUPS, FeatureGroup, normalize_query
+from features.reference import reference_features
+from infra.settings import Settings
+from streams.producer import EventProducer
+from streams.simulation import SimulationConfig, Simulator
+from tests.kafka_helpers import Record, consume
+
+LATENESS_S = 3_600
+REQUIRED = ("type", "event_id", "event_time", "user_id")
+COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "value")
+
+
+@pytest.fixture()
+def stream(kafka: Settings, tmp_path: Path) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return kafka.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "stream": kafka.stream.model_copy(
+                update={
+                    "consumer_group": f"stream-{suffix}",
+                    "repartition_topic": f"test.repartition.{suffix}",
+                    "repartition_partitions": 3,
+                    "allowed_lateness_s": LATENESS_S,
+                    "flush_interval_ms": 300,
+                    "batch_max_events": 2_000,
+                }
+            ),
+        },
+        deep=True,
+    )
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADREACH_")}
+    stream = settings.stream
+    env.update(
+        {
+            "ADREACH_STATE_DIR": str(settings.state_dir),
+            "ADREACH_BROKER__PORT": str(settings.broker.port),
+            "ADREACH_KAFKA__TOPICS__EVENTS": settings.kafka.topics.events,
+            "ADREACH_KAFKA__TOPICS__DEAD_LETTER": settings.kafka.topics.dead_letter,
+            "ADREACH_KAFKA__TOPICS__PARTITIONS": str(settings.kafka.topics.partitions),
+            "ADREACH_STREAM__CONSUMER_GROUP": stream.consumer_group,
+            "ADREACH_STREAM__REPARTITION_TOPIC": stream.repartition_topic,
+            "ADREACH_STREAM__REPARTITION_PARTITIONS": str(stream.repartition_partitions),
+            "ADREACH_STREAM__ALLOWED_LATENESS_S": str(stream.allowed_lateness_s),
+            "ADREACH_STREAM__FLUSH_INTERVAL_MS": str(stream.flush_interval_ms),
+            "ADREACH_STREAM__BATCH_MAX_EVENTS": str(stream.batch_max_events),
+            "ADREACH_FEATURES__ONLINE_STORE": settings.features.online_store,
+            "ADREACH_FEATURES__REDIS_CONNECTION": settings.features.redis_connection,
+            "ADREACH_FEATURES__PROJECT": settings.features.project,
+        }
+    )
+    return env
+
+
+def start_engine(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    adreach = str(Path(os.sys.executable).parent / "adreach")
+    return subprocess.Popen(
+        [adreach, "stream", "run", *args],
+        env=engine_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_engine(settings: Settings, idle_s: float = 3.0, timeout_s: float = 240.0) -> str:
+    process = start_engine(settings, "--until-idle", str(idle_s), "--every", "1")
+    out, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err
+    return out + err
+
+
+def simulated_payloads(users: int, events: int, seed: int) -> list[bytes]:
+    simulator = Simulator(SimulationConfig(users=users, events=events, days=1.0, seed=seed, campaigns=40))
+    return [line for batch in simulator.batches() for line in batch.to_json_lines()]
+
+
+def produce(settings: Settings, payloads: list[bytes]) -> None:
+    with EventProducer(settings) as producer:
+        for payload in payloads:
+            producer.send_json(payload)
+
+
+def produce_raw(settings: Settings, items: list[tuple[bytes, bytes]]) -> None:
+    """Bypass the SDK's validation: what a misbehaving producer would send."""
+    producer = Producer(settings.kafka_client_config())
+    for key, value in items:
+        producer.produce(settings.kafka.topics.events, value, key)
+    assert producer.flush(30) == 0
+
+
+def bad_events(user: str, late_time: str) -> list[tuple[bytes, bytes]]:
+    late = {
+        "type": "click",
+        "event_id": "late-click-1",
+        "event_time": late_time,
+        "user_id": user,
+        "impression_id": "imp-x",
+        "ad_id": "ad1",
+        "campaign_id": "c1",
+        "advertiser_id": "adv1",
+    }
+    return [
+        (user.encode(), b'{"type": "impression", "event_id": '),
+        (
+            user.encode(),
+            b'{"type": "teleport", "event_id": "t1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u"}',
+        ),
+        (
+            user.encode(),
+            b'{"type": "search", "event_id": "s1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u"}',
+        ),
+        (user.encode(), json.dumps(late).encode()),
+    ]
+
+
+def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table, set[str]]:
+    """The topic's valid, on-time events as the reference's input, and the late events' ids.
+
+    Lateness restated independently of the engine: per partition, in offset order, an event
+    is late when its time is more than the allowed lateness behind the maximum before it.
+    """
+    rows: list[dict[str, object]] = []
+    late: set[str] = set()
+    watermark: dict[int, int] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        try:
+            event = json.loads(record.value)
+        except json.JSONDecodeError:
+            continue
+        if event.get("type") not in ("impression", "click", "conversion", "search", "user_profile"):
+            continue
+        if event["type"] == "search" and not str(event.get("query", "")).strip():
+            continue
+        when = datetime.fromisoformat(event["event_time"].replace("Z", "+00:00"))
+        millis = int(when.timestamp() * 1000)
+        before = watermark.get(record.partition)
+        if before is not None and millis < before - settings.stream.allowed_lateness_s * 1000:
+            late.add(event["event_id"])
+            continue
+        watermark[record.partition] = max(before or millis, millis)
+        rows.append({"event_time": when, **{c: event.get(c) for c in REQUIRED[:2] + REQUIRED[3:] + COLUMNS}})
+    schema = pa.schema(
+        [
+            ("type", pa.string()),
+            ("event_id", pa.string()),
+            ("user_id", pa.string()),
+            ("event_time", pa.timestamp("ms", "UTC")),
+            ("ad_id", pa.string()),
+            ("campaign_id", pa.string()),
+            ("advertiser_id", pa.string()),
+            ("query", pa.string()),
+            ("cost_micros", pa.int64()),
+            ("value", pa.float64()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema), late
+
+
+def online_features(settings: Settings, group: FeatureGroup, keys: list[str]) -> list[dict[str, object]]:
+    """Read through Feast's own SDK, as a model would."""
+    from features.store import open_store
+
+    store = open_store(settings)
+    names = [f"{group.name}:{feature.name}" for feature in group.features()]
+    result = store.get_online_features(
+        features=names, entity_rows=[{group.key: key} for key in keys]
+    ).to_dict()
+    return [{name: result[name][i] for name in result} for i in range(len(keys))]
+
+
+def assert_features_match(settings: Settings, events: pa.Table) -> None:
+    for group in FEATURE_GROUPS:
+        expected = reference_features(events, group).to_pylist()
+        keys = [str(row[group.key]) for row in expected]
+        actual = online_features(settings, group, keys)
+        mismatches = []
+        for want, got in zip(expected, actual, strict=True):
+            for feature in group.features():
+                a, b = want[feature.name], got[feature.name]
+                same = math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if isinstance(a, float) else a == b
+                if not same:
+                    mismatches.append((want[group.key], feature.name, a, b))
+        assert not mismatches, f"{group.name}: {len(mismatches)} mismatches, e.g. {mismatches[:5]}"
+        assert len(expected) > 0, group.name
+
+
+def test_reference_query_key_matches_definitions() -> None:
+    assert normalize_query("  Cheap   FLIGHTS\tto Rome ") == "cheap flights to rome"
+
+
+def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:
+    payloads = simulated_payloads(users=1_500, events=15_000, seed=11)
+    produce(stream, payloads)
+    produce_raw(stream, bad_events("u0000001", "2025-12-01T00:00:00Z"))
+    output = run_engine(stream)
+    assert "dead-lettered" in output
+
+    records = consume(stream, stream.kafka.topics.events, len(payloads) + 4)
+    events, late = expected_events(stream, records)
+    assert "late-click-1" in late
+    assert_features_match(stream, events)
+
+    dead = consume(stream, stream.kafka.topics.dead_letter, 3 + len(late))
+    reasons = {
+        r.headers["adreach.error.class"].decode(): r.headers["adreach.error.reason"].decode() for r in dead
+    }
+    assert "MalformedJSONError" in reasons
+    assert "LateEventError" in reasons and "allowed lateness" in reasons["LateEventError"]
+    assert "search needs query" in " ".join(r.headers["adreach.error.reason"].decode() for r in dead)
+    late_ids = {
+        json.loads(r.value)["event_id"] for r in dead if r.headers["adreach.error.class"] == b"LateEventError"
+    }
+    assert late_ids == late
+
+
+def test_kill_9_mid_stream_then_restart_neither_loses_nor_double_counts(stream: Settings) -> None:
+    payloads = simulated_payloads(users=1_500, events=30_000, seed=12)
+    produce(stream, payloads[: len(payloads) // 2])
+    engine = start_engine(stream)
+    try:
+        produce(stream, payloads[len(payloads) // 2 :])
+        repo_data = stream.feature_repo_dir / "data" / "user_activity"
+        deadline = time.monotonic() + 120
+        while len(list(repo_data.glob("part-*.parquet"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine.poll() is None, engine.communicate()[1]
+    finally:
+        engine.send_signal(signal.SIGKILL)
+        engine.communicate()
+    run_engine(stream)
+    records = consume(stream, stream.kafka.topics.events, len(payloads))
+    events, _ = expected_events(stream, records)
+    assert_features_match(stream, events)
+
+
+def test_two_workers_in_one_group_give_the_features_of_one(stream: Settings) -> None:
+    payloads = simulated_payloads(users=1_500, events=15_000, seed=13)
+    produce(stream, payloads)
+    first = start_engine(stream, "--until-idle", "4", "--worker-id", "w1")
+    second = start_engine(stream, "--until-idle", "4", "--worker-id", "w2")
+    for process in (first, second):
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err
+    records = consume(stream, stream.kafka.topics.events, len(payloads))
+    events, _ = expected_events(stream, records)
+    assert_features_match(stream, events)
