@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -244,18 +245,24 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
 
 def test_kill_9_mid_stream_then_restart_neither_loses_nor_double_counts(stream: Settings) -> None:
     payloads = simulated_payloads(users=1_500, events=30_000, seed=12)
-    produce(stream, payloads[: len(payloads) // 2])
+    first, rest = payloads[:5_000], payloads[5_000:]
+    produce(stream, first)
     engine = start_engine(stream)
+    chunks = [rest[i : i + 2_500] for i in range(0, len(rest), 2_500)]
+    feeder = threading.Thread(target=lambda: [produce(stream, c) or time.sleep(0.3) for c in chunks])
     try:
-        produce(stream, payloads[len(payloads) // 2 :])
         repo_data = stream.feature_repo_dir / "data" / "user_activity"
         deadline = time.monotonic() + 120
-        while len(list(repo_data.glob("part-*.parquet"))) < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while len(list(repo_data.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the first features are stored: the worker is mid-stream
+        feeder.start()
+        time.sleep(1.5)
         assert engine.poll() is None, engine.communicate()[1]
     finally:
         engine.send_signal(signal.SIGKILL)
         engine.communicate()
+        if feeder.is_alive() or feeder.ident is not None:
+            feeder.join()
     run_engine(stream)
     records = consume(stream, stream.kafka.topics.events, len(payloads))
     events, _ = expected_events(stream, records)

@@ -157,6 +157,7 @@ class StreamWorker:
         self._stopping = False
         self._failed = False
         self._assigned = False  # no partitions yet: the group join has not finished
+        self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
         self._last_compact = time.monotonic()
         self._failed_records: list[str] = []
 
@@ -406,6 +407,7 @@ class StreamWorker:
                     self._shards[tp.partition] = state
                 tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
         self._assigned = True
+        self._start_offsets = {(tp.topic, tp.partition): tp.offset for tp in partitions}
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
         consumer.assign(partitions)
 
@@ -421,15 +423,20 @@ class StreamWorker:
                     state.close()
         log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
 
+    def _position(self, tp: TopicPartition, low: int) -> int:
+        """The next offset this worker will read (before its first fetch: where it resumed)."""
+        position = int(self._consumer.position([tp])[0].offset)
+        if position >= 0:
+            return position
+        start = self._start_offsets.get((tp.topic, tp.partition), -1)
+        return start if start >= 0 else low
+
     def _caught_up(self) -> bool:
         if not self._assigned:
             return False
         for tp in self._consumer.assignment():
             low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-            position = self._consumer.position([tp])[0].offset
-            if position < 0:
-                position = low
-            if high > position:
+            if high > self._position(tp, low):
                 return False
         return not self._pending_next and not self._router_next
 
@@ -440,8 +447,7 @@ class StreamWorker:
             if tp.topic != self._events_topic:
                 continue
             low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            position = self._consumer.position([tp])[0].offset
-            total += max(0, high - (position if position >= 0 else low))
+            total += max(0, high - self._position(tp, low))
         return total
 
     def _group(self, name: str) -> FeatureGroup:
