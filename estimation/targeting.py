@@ -233,18 +233,22 @@ class _Parser:
 
     def _scalar(self, value: object, name: str, kind: FieldKind | None, path: str) -> Scalar:
         if kind is None:  # no schema: accept any JSON scalar
-            if isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+            if isinstance(value, bool):
+                return bool(value)
+            if isinstance(value, str):
+                return str(value)
+            if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
                 return value
             raise TargetingTypeError(f"expected a string, number or boolean, got {_describe(value)}", path)
         if kind in (FieldKind.CATEGORICAL, FieldKind.LIST):
             if isinstance(value, str):
-                return value
+                return str(value)  # plain str: values are looked up by exact type
             raise TargetingTypeError(
                 f"{name!r} is a {kind.value} field; values are strings, got {_describe(value)}", path
             )
         if kind is FieldKind.BOOLEAN:
             if isinstance(value, bool):
-                return value
+                return bool(value)
             raise TargetingTypeError(
                 f"{name!r} is a boolean field; use true or false, got {_describe(value)}", path
             )
@@ -263,7 +267,7 @@ class _Parser:
                         path,
                     )
                 return int(value)
-            return value
+            return int(value)
         return float(value)
 
     def _between(self, name: str, operand: object, path: str) -> Between:
