@@ -358,7 +358,7 @@ def test_build_rejects_bad_populations(tmp_path: Path) -> None:
 
 def test_build_is_deterministic_and_honours_strata_fields(pop: pa.Table, tmp_path: Path) -> None:
     a = build_sample(pop, tmp_path / "a", _settings(seed=9, strata_fields=["plan"]))
-    b = build_sample(pop, tmp_path / "b", _settings(seed=9, strata_fields=["plan"]))
+    build_sample(pop, tmp_path / "b", _settings(seed=9, strata_fields=["plan"]))
     assert a.strata_fields == ["plan"]
     ta, tb = (
         pq.read_table(tmp_path / "a" / "sample.parquet"),
