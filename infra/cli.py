@@ -18,6 +18,7 @@ from typing import IO, Annotated, NoReturn
 import pydantic
 import typer
 
+from estimation.cli import reach_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -33,6 +34,7 @@ broker_app = typer.Typer(help="Run the embedded Kafka-compatible broker (Tansu).
 app.add_typer(broker_app, name="broker")
 stream_app = typer.Typer(help="Turn events into windowed features in Feast.", no_args_is_help=True)
 app.add_typer(stream_app, name="stream")
+app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
@@ -475,6 +477,7 @@ def demo(
         if started_broker and not keep_broker:
             broker.stop()
     _print_fresh_features(settings, out)
+    _demo_reach(settings, out)
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     if started_broker and keep_broker:
         print(f"the embedded broker keeps running at {broker.address}; stop it with `adreach broker stop`")
@@ -530,6 +533,14 @@ def _print_fresh_features(settings: Settings, out: Path, users: int = 3) -> None
         values = ", ".join(f"{name}={rows[name][i]!r}" for name in names)
         print(f"  {user}: {values}")
     print(f"feature repository: {settings.feature_repo_dir}")
+
+
+def _demo_reach(settings: Settings, out: Path) -> None:
+    """Issue 5: a reach sample from the simulated population and a few example forecasts."""
+    from estimation.demo import print_reach_examples
+
+    print("reach forecasts (estimate vs exact):")
+    print_reach_examples(out / "truth", out / "reach-sample", settings.reach)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -188,6 +188,61 @@ class StreamSettings(BaseModel):
     session_timeout_ms: int = Field(6_000, ge=1_000)
 
 
+class ReachSettings(BaseModel):
+    """Reach forecasting (``adreach reach build`` / ``serve``); see :mod:`estimation`.
+
+    ``sample_rate`` is the expected fraction of users kept in memory; strata whose expected
+    sample would be below ``stability_threshold`` users are "unstable" (Jalali et al.) and get
+    the ``fallback``: ``boost`` samples them at a higher rate (the base rate is lowered so the
+    total sample size stays ``sample_rate`` x users), ``merge`` folds them together along the
+    least important stratification attribute.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    sample_rate: float = Field(0.1, gt=0, le=1)
+    seed: int = Field(0, ge=0, description="Selects which users are sampled (hash salt).")
+    strata_fields: list[str] | None = Field(
+        None,
+        description="Stratify on these attributes; default: chosen from the data's dependency structure.",
+    )
+    max_strata_fields: int = Field(4, ge=0, le=8)
+    stability_threshold: int = Field(30, ge=1, description="Minimum expected sampled users per stratum.")
+    fallback: Literal["boost", "merge"] = "boost"
+    activity_field: str | None = Field(
+        "activity_rate",
+        description="Column of known impressions/day per user, used for horizon forecasts when no event "
+        "history is given to `reach build --events`; when absent too, default_activity_rate is used.",
+    )
+    activity_scale: float = Field(1.0, gt=0, description="Multiplies activity_field (e.g. a calibration).")
+    default_activity_rate: float = Field(1.0, gt=0, description="Impressions/day when nothing is known.")
+    deleted_field: str | None = Field(
+        "deleted_at", description="Population rows where this column is not null are left out at build time."
+    )
+    interests_field: str = Field("interests", description="Column that user_profile.interests updates.")
+    provider_labels_field: str = Field(
+        "provider_segments",
+        description="list<string> column that user_profile.provider_labels updates "
+        "(as provider.attribute.label).",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    shards: int = Field(1, ge=1, le=64)
+    shard_timeout_s: float = Field(5.0, gt=0)
+    allow_partial: bool = Field(
+        False, description="Answer (marked partial) when a shard is down, instead of failing with 503."
+    )
+    compact_fraction: float = Field(
+        0.05, gt=0, le=1, description="Merge streamed changes into the main index past this share of it."
+    )
+    follow_updates: bool = Field(
+        False, description="Serve: apply user_profile events from Kafka to the sample."
+    )
+    updates_from: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where following starts; replaying is safe: the latest profile per user wins."
+    )
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -208,6 +263,7 @@ class Settings(BaseSettings):
     simulate: SimulationSettings = Field(default_factory=SimulationSettings)
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    reach: ReachSettings = Field(default_factory=ReachSettings)
 
     @property
     def bootstrap_servers(self) -> str:

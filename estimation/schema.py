@@ -1,0 +1,212 @@
+"""Which population columns can be targeted, and how: the field schema of a reach sample.
+
+Any Parquet population works: ``user_id`` plus columns whose Arrow type decides the
+field kind. Strings (plain or dictionary-encoded) are categorical, booleans boolean,
+integers integer, floats number, lists of strings list fields (``has_any``/``has_all``).
+Other types (timestamps, structs, ...) are not targetable and are reported as skipped
+rather than silently dropped. The schema records each field's build-time vocabulary with
+exact population counts (for ``GET /v1/reach/fields`` and for warning about values that
+match nobody) and numeric ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MAX_LISTED_VALUES = 10_000
+
+
+class FieldKind(StrEnum):
+    CATEGORICAL = "categorical"
+    BOOLEAN = "boolean"
+    INTEGER = "integer"
+    NUMBER = "number"
+    LIST = "list"
+
+
+OPERATORS: dict[FieldKind, tuple[str, ...]] = {
+    FieldKind.CATEGORICAL: ("eq", "in"),
+    FieldKind.BOOLEAN: ("eq", "in"),
+    FieldKind.INTEGER: ("eq", "in", "between"),
+    FieldKind.NUMBER: ("eq", "in", "between"),
+    FieldKind.LIST: ("has_any", "has_all"),
+}
+
+
+class PopulationError(ValueError):
+    """The population table cannot be used (missing ``user_id``, bad column types, ...)."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One targetable field. ``values``/``counts`` are most frequent first (population counts)."""
+
+    name: str
+    kind: FieldKind
+    values: tuple[Any, ...] = ()
+    counts: tuple[int, ...] = ()
+    complete: bool = True
+    minimum: float | None = None
+    maximum: float | None = None
+    nulls: int = 0
+
+    @property
+    def operators(self) -> tuple[str, ...]:
+        return OPERATORS[self.kind]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "nulls": self.nulls}
+        if self.kind in (FieldKind.CATEGORICAL, FieldKind.BOOLEAN, FieldKind.LIST):
+            out.update(values=list(self.values), counts=list(self.counts), complete=self.complete)
+        else:
+            out.update(minimum=self.minimum, maximum=self.maximum)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FieldSpec:
+        return cls(
+            name=str(data["name"]),
+            kind=FieldKind(data["kind"]),
+            values=tuple(data.get("values", ())),
+            counts=tuple(int(c) for c in data.get("counts", ())),
+            complete=bool(data.get("complete", True)),
+            minimum=data.get("minimum"),
+            maximum=data.get("maximum"),
+            nulls=int(data.get("nulls", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The targetable fields of a sample, in population column order."""
+
+    fields: dict[str, FieldSpec]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.fields
+
+    def __getitem__(self, name: str) -> FieldSpec:
+        return self.fields[name]
+
+    def names(self) -> list[str]:
+        return list(self.fields)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fields": [f.to_json() for f in self.fields.values()], "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Schema:
+        specs = [FieldSpec.from_json(item) for item in data["fields"]]
+        return cls({s.name: s for s in specs}, dict(data.get("skipped", {})))
+
+
+def field_kind(data_type: pa.DataType) -> FieldKind | None:
+    """The kind a column of this Arrow type becomes, or ``None`` when it is not targetable."""
+    if pa.types.is_dictionary(data_type):
+        return field_kind(data_type.value_type)
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return FieldKind.CATEGORICAL
+    if pa.types.is_boolean(data_type):
+        return FieldKind.BOOLEAN
+    if pa.types.is_integer(data_type):
+        return FieldKind.INTEGER
+    if pa.types.is_floating(data_type):
+        return FieldKind.NUMBER
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        item = data_type.value_type
+        if pa.types.is_dictionary(item):
+            item = item.value_type
+        if pa.types.is_string(item) or pa.types.is_large_string(item):
+            return FieldKind.LIST
+    return None
+
+
+def normalize_column(column: pa.Array | pa.ChunkedArray, kind: FieldKind) -> pa.Array:
+    """One contiguous array in the canonical type of ``kind`` (string, bool, int64, float64, list<string>)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if kind is FieldKind.CATEGORICAL:
+        return array.cast(pa.string())
+    if kind is FieldKind.BOOLEAN:
+        return array.cast(pa.bool_())
+    if kind is FieldKind.INTEGER:
+        return array.cast(pa.int64())
+    if kind is FieldKind.NUMBER:
+        return array.cast(pa.float64())
+    if pa.types.is_large_list(array.type):
+        array = array.cast(pa.list_(array.type.value_type))
+    values = array.values
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    offsets = array.offsets
+    return pa.ListArray.from_arrays(offsets, values.cast(pa.string()), mask=array.is_null())
+
+
+def infer_schema(table: pa.Table, *, exclude: set[str] | None = None) -> Schema:
+    """Describe every targetable column of ``table`` (``user_id`` and ``exclude`` left out)."""
+    if "user_id" not in table.column_names:
+        raise PopulationError(
+            f"the population has no user_id column (columns: {', '.join(table.column_names)})"
+        )
+    exclude = (exclude or set()) | {"user_id"}
+    fields: dict[str, FieldSpec] = {}
+    skipped: dict[str, str] = {}
+    for name in table.column_names:
+        if name in exclude:
+            continue
+        if name.startswith("_"):
+            skipped[name] = "names starting with '_' are reserved for the sample's own columns"
+            continue
+        kind = field_kind(table.schema.field(name).type)
+        if kind is None:
+            skipped[name] = f"type {table.schema.field(name).type} is not targetable"
+            continue
+        fields[name] = describe_column(name, normalize_column(table.column(name), kind), kind)
+    return Schema(fields, skipped)
+
+
+def describe_column(name: str, array: pa.Array, kind: FieldKind) -> FieldSpec:
+    """Vocabulary and counts (categorical, boolean, list) or range (numeric) of one column."""
+    nulls = int(array.null_count)
+    if kind in (FieldKind.INTEGER, FieldKind.NUMBER):
+        finite = array
+        if kind is FieldKind.NUMBER:
+            as_np = array.to_numpy(zero_copy_only=False)
+            if np.isinf(as_np).any():
+                raise PopulationError(f"column {name!r} holds infinite values")
+            finite = pa.array(as_np, pa.float64(), from_pandas=True)
+            nulls = int(finite.null_count)
+        bounds = pc.min_max(finite)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        return FieldSpec(
+            name,
+            kind,
+            minimum=None if low is None else float(low),
+            maximum=None if high is None else float(high),
+            nulls=nulls,
+        )
+    values = pc.list_flatten(array) if kind is FieldKind.LIST else array
+    counted = pc.value_counts(values.drop_null())
+    items = counted.field("values").to_pylist()
+    counts = counted.field("counts").to_numpy().astype(np.int64)
+    order = np.lexsort((np.arange(len(items)), -counts))
+    if kind is FieldKind.BOOLEAN:
+        order = np.argsort([bool(items[i]) for i in range(len(items))], kind="stable")
+    complete = len(order) <= MAX_LISTED_VALUES
+    order = order[:MAX_LISTED_VALUES]
+    return FieldSpec(
+        name,
+        kind,
+        values=tuple(items[i] for i in order),
+        counts=tuple(int(counts[i]) for i in order),
+        complete=complete,
+        nulls=nulls,
+    )

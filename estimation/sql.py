@@ -1,0 +1,39 @@
+"""Targeting expressions as DuckDB SQL: the exact reference the estimator is checked against."""
+
+from __future__ import annotations
+
+from estimation.targeting import And, Between, Eq, Expr, HasAll, HasAny, In, Not, Or, Scalar
+
+
+def _literal(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+def _column(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def to_sql(expr: Expr) -> str:
+    """A WHERE clause with the estimator's semantics (null matches no leaf; NOT includes nulls)."""
+    if isinstance(expr, And):
+        return "(" + " AND ".join(to_sql(c) for c in expr.children) + ")" if expr.children else "TRUE"
+    if isinstance(expr, Or):
+        return "(" + " OR ".join(to_sql(c) for c in expr.children) + ")" if expr.children else "FALSE"
+    if isinstance(expr, Not):
+        return f"NOT coalesce({to_sql(expr.child)}, FALSE)"
+    column = _column(expr.field)
+    if isinstance(expr, Eq):
+        return f"coalesce({column} = {_literal(expr.value)}, FALSE)"
+    if isinstance(expr, In):
+        return f"coalesce({column} IN ({', '.join(_literal(v) for v in expr.values)}), FALSE)"
+    if isinstance(expr, Between):
+        return f"coalesce({column} BETWEEN {expr.low!r} AND {expr.high!r}, FALSE)"
+    values = "[" + ", ".join(_literal(v) for v in expr.values) + "]"
+    if isinstance(expr, HasAny):
+        return f"coalesce(list_has_any({column}, {values}), FALSE)"
+    assert isinstance(expr, HasAll)
+    return f"coalesce(list_has_all({column}, {values}), FALSE)"

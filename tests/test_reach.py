@@ -1,0 +1,368 @@
+"""Reach estimator: unbiased, honest intervals, exact where it can be, shards agree, deletions hold.
+
+Everything runs the real pipeline (build -> files -> shards -> estimate) on synthetic
+populations whose exact answers come from DuckDB over the full table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reach_data import MARKETS, PLANS, QUERIES, TAGS, population
+
+from estimation import (
+    PopulationError,
+    ReachForecaster,
+    SampleError,
+    ShardUnavailableError,
+    TargetingError,
+    build_sample,
+    parse_targeting,
+)
+from estimation.estimator import chi2_quantile, fay_feuer
+from estimation.forecaster import ProfileChanges
+from estimation.sql import to_sql
+from estimation.targeting import MalformedTargetingError, TargetingTypeError, UnknownFieldError, to_json
+from infra.settings import ReachSettings
+
+N_USERS = 20_000
+
+
+@pytest.fixture(scope="module")
+def pop() -> pa.Table:
+    return population(N_USERS)
+
+
+@pytest.fixture(scope="module")
+def exact(pop: pa.Table) -> dict[int, int]:
+    con = duckdb.connect()
+    con.register("pop", pop)
+    out = {}
+    for i, query in enumerate(QUERIES):
+        row = con.execute(f"SELECT count(*) FROM pop WHERE {to_sql(parse_targeting(query))}").fetchone()
+        assert row is not None
+        out[i] = int(row[0])
+    return out
+
+
+def _settings(**kw: Any) -> ReachSettings:
+    return ReachSettings(activity_field="visits_per_day", **kw)
+
+
+@pytest.fixture(scope="module")
+def sample_dir(pop: pa.Table, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reach") / "sample"
+    build_sample(pop, out, _settings(seed=3))
+    return out
+
+
+# -- statistical properties ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", ["boost", "merge"])
+def test_unbiased_and_ci_covers_95_percent(
+    pop: pa.Table, exact: dict[int, int], tmp_path: Path, fallback: str
+) -> None:
+    """Over many hash seeds the mean estimate is the truth and ~95% of intervals cover it."""
+    seeds = 120
+    estimates = np.zeros((seeds, len(QUERIES)))
+    covered = np.zeros((seeds, len(QUERIES)), dtype=bool)
+    for seed in range(seeds):
+        out = tmp_path / f"s{seed}"
+        build_sample(pop, out, _settings(seed=seed, fallback=fallback))
+        with ReachForecaster.open(out) as reach:
+            for i, query in enumerate(QUERIES):
+                answer = reach.estimate(query)
+                estimates[seed, i] = answer.reach
+                covered[seed, i] = answer.ci95[0] <= exact[i] <= answer.ci95[1]
+    for i in range(len(QUERIES)):
+        truth = exact[i]
+        sd = estimates[:, i].std(ddof=1)
+        bias = estimates[:, i].mean() - truth
+        assert abs(bias) <= 4 * sd / math.sqrt(seeds) + 1e-6, (QUERIES[i], truth, estimates[:, i].mean(), sd)
+    sampled_queries = [i for i in range(len(QUERIES)) if estimates[:, i].std() > 0]
+    coverage = covered[:, sampled_queries].mean()
+    assert 0.92 <= coverage <= 0.985, coverage
+    assert covered.mean() >= 0.92
+
+
+def test_strata_decided_by_the_predicate_use_exact_totals(sample_dir: Path, pop: pa.Table) -> None:
+    with ReachForecaster.open(sample_dir) as reach:
+        assert reach.meta.strata.attrs, "the synthetic population has dependencies worth stratifying on"
+        field = reach.meta.strata.attrs[0].name
+        value = reach.meta.strata.attrs[0].levels[0]
+        answer = reach.estimate({"field": field, "eq": value})
+        everyone = reach.estimate({"and": []})
+    truth = int(np.sum(np.asarray(pop.column(field).to_pylist(), dtype=object) == value))
+    assert answer.reach == truth and answer.ci95 == (truth, truth) and answer.method == "exact"
+    assert everyone.reach == N_USERS and everyone.exact_users == N_USERS
+
+
+def test_few_or_no_sampled_matches_give_a_positive_upper_bound(sample_dir: Path) -> None:
+    with ReachForecaster.open(sample_dir) as reach:
+        none = reach.estimate({"field": "tags", "has_all": list(TAGS[:7])})
+        rare = reach.estimate(
+            {"and": [{"field": "market", "eq": "north"}, {"field": "tags", "has_all": ["t3", "t4", "t5"]}]}
+        )
+        census = reach.estimate(
+            {"and": [{"field": "market", "eq": "outpost"}, {"field": "tags", "has_all": ["t5", "t11"]}]}
+        )
+    assert none.sample_users == 0 and none.reach == 0.0
+    assert none.ci95[0] == 0.0 and none.ci95[1] > 0, "never 0 +/- 0"
+    assert none.method == "fay-feuer"
+    assert 0 < rare.sample_users < 30 and rare.method == "fay-feuer"
+    assert rare.ci95[0] >= rare.sample_users and rare.ci95[1] > rare.reach
+    # the outpost minority is small enough to be sampled in full (the fall-back): its answer is exact
+    assert census.method == "exact" and census.ci95 == (census.reach, census.reach)
+
+
+def test_fay_feuer_and_chi_square_helpers() -> None:
+    assert chi2_quantile(0.975, 2) == pytest.approx(7.3778, rel=0.01)
+    assert chi2_quantile(0.025, 10) == pytest.approx(3.247, rel=0.02)
+    low, high = fay_feuer(0.0, 0.0, 10.0)
+    assert low == 0 and high == pytest.approx(36.9, rel=0.02)  # ~ 3.69 x the largest weight
+
+
+def test_horizon_forecast_is_between_zero_and_the_audience(sample_dir: Path) -> None:
+    with ReachForecaster.open(sample_dir) as reach:
+        day = reach.estimate({"field": "market", "eq": "north"}, horizon_days=1)
+        month = reach.estimate({"field": "market", "eq": "north"}, horizon_days=30)
+    assert day.audience is not None and month.audience is not None
+    assert 0 < day.reach < month.reach <= month.audience * 1.001
+    assert day.impressions is not None and month.impressions is not None
+    assert month.impressions == pytest.approx(30 * day.impressions, rel=1e-6)
+    assert day.ci95[0] <= day.reach <= day.ci95[1]
+
+
+def test_horizon_matches_known_rates(tmp_path: Path) -> None:
+    """With known rates (a column), the forecast is the population sum of 1 - exp(-rate D)."""
+    pop = population(N_USERS, seed=11)
+    rates = pop.column("visits_per_day").to_numpy() * 0.3
+    build_sample(pop, tmp_path / "s", _settings(seed=5, activity_scale=0.3))
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        answer = reach.estimate({"and": []}, horizon_days=2)
+    truth = float(np.sum(1 - np.exp(-rates * 2)))
+    assert answer.ci95[0] <= truth <= answer.ci95[1]
+    assert answer.reach == pytest.approx(truth, rel=0.03)
+
+
+# -- sharding ------------------------------------------------------------------------------
+
+
+def test_one_and_two_shards_give_identical_answers(sample_dir: Path) -> None:
+    with ReachForecaster.open(sample_dir, shards=1) as one, ReachForecaster.open(sample_dir, shards=2) as two:
+        infos = two.info()["shards"]
+        assert len(infos) == 2 and all(s["sample_users"] > 0 for s in infos)
+        for query in QUERIES:
+            a, b = one.estimate(query), two.estimate(query)
+            assert (a.reach, a.ci95, a.sample_users, a.method) == (b.reach, b.ci95, b.sample_users, b.method)
+            ha, hb = one.estimate(query, horizon_days=7), two.estimate(query, horizon_days=7)
+            assert ha.reach == pytest.approx(hb.reach, rel=1e-12)
+            assert ha.sample_users == hb.sample_users
+        changes = _changes(["user-1", "user-2", "new-1"], markets=["outpost", "island", "island"])
+        one.apply(changes)
+        two.apply(changes)
+        one.delete_users(["user-3", "user-4"])
+        two.delete_users(["user-3", "user-4"])
+        for query in QUERIES:
+            assert one.estimate(query).reach == two.estimate(query).reach
+        # a missing shard: a clear error, or an answer explicitly marked partial
+        worker = two.clients[1]
+        process = getattr(worker, "process")  # noqa: B009 - ProcessShard's own child process
+        process.kill()
+        process.join(timeout=10)
+        with pytest.raises(ShardUnavailableError, match="shard"):
+            two.estimate({"and": []})
+        partial = two.estimate({"and": []}, allow_partial=True)
+        assert partial.partial and partial.missing_shards == [1] and 0 < partial.coverage < 1
+        assert partial.warnings and "partial" in partial.warnings[-1]
+
+
+# -- streaming updates and deletions ---------------------------------------------------
+
+
+def _changes(
+    ids: list[str], *, markets: list[str], event_ms: int = 1_000, tags: list[list[str]] | None = None
+) -> ProfileChanges:
+    n = len(ids)
+    upserts = pa.table(
+        {
+            "user_id": ids,
+            "event_ms": [event_ms] * n,
+            "market": markets,
+            "plan": ["pro"] * n,
+            "level": [12] * n,
+            "score": [1.0] * n,
+            "paid": [True] * n,
+            "tags": tags or [["t1"]] * n,
+        }
+    )
+    deletes = pa.table({"user_id": pa.array([], pa.string()), "event_ms": pa.array([], pa.int64())})
+    return ProfileChanges(upserts, deletes)
+
+
+def test_deletions_leave_the_sample_and_the_totals(pop: pa.Table, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    build_sample(pop, out, _settings(seed=3))
+    sampled = set(pq.read_table(out / "sample.parquet").column("_user_hash").to_pylist())
+    from estimation.hashing import hash_user_ids
+
+    ids = pop.column("user_id").to_pylist()
+    hashes = hash_user_ids(pop.column("user_id"), 3)
+    market = pop.column("market").to_pylist()
+    # delete every sampled user of one market plus as many unsampled ones
+    victims = [ids[i] for i in range(len(ids)) if market[i] == "island"]
+    victim_sampled = sum(1 for i in range(len(ids)) if market[i] == "island" and int(hashes[i]) in sampled)
+    assert victim_sampled > 0
+    with ReachForecaster.open(out) as reach:
+        before = reach.estimate({"field": "market", "eq": "island"})
+        stats = reach.delete_users(victims)
+        after = reach.estimate({"field": "market", "eq": "island"})
+        everyone = reach.estimate({"and": []})
+        tagged = reach.estimate(
+            {"and": [{"field": "market", "eq": "island"}, {"field": "tags", "has_any": ["t4"]}]}
+        )
+        # a replayed older profile must not bring a deleted user back
+        stale = reach.apply(_changes(victims[:5], markets=["island"] * 5, event_ms=0))
+        again = reach.estimate({"field": "market", "eq": "island"})
+        reach.compact()
+        compacted = reach.estimate({"field": "market", "eq": "island"})
+    assert before.reach == len(victims)
+    assert stats.deleted_users == len(victims) and stats.sample_removed == victim_sampled
+    assert after.reach == 0 and after.ci95 == (0, 0)
+    assert everyone.reach == N_USERS - len(victims)
+    assert tagged.reach == 0 and tagged.sample_users == 0
+    assert stale.stale_ignored == 5 and again.reach == 0 and compacted.reach == 0
+
+
+def test_new_users_and_attribute_changes_are_counted(sample_dir: Path) -> None:
+    with ReachForecaster.open(sample_dir) as reach:
+        base = reach.estimate({"field": "market", "eq": "outpost"})
+        base_all = reach.estimate({"and": []})
+        new_ids = [f"fresh-{i}" for i in range(400)]
+        stats = reach.apply(_changes(new_ids, markets=["outpost"] * 400, tags=[["t7", "brand-new"]] * 400))
+        grown = reach.estimate({"field": "market", "eq": "outpost"})
+        moved = reach.apply(_changes(new_ids[:100], markets=["north"] * 100, event_ms=2_000))
+        after_move = reach.estimate({"field": "market", "eq": "outpost"})
+        new_tag = reach.estimate({"field": "tags", "has_any": ["brand-new"]})
+        total = reach.estimate({"and": []})
+    assert stats.new_users == 400 and moved.changed_users == 100
+    assert grown.reach == base.reach + 400  # market is a stratum attribute: exact totals
+    assert after_move.reach == base.reach + 300
+    assert total.reach == base_all.reach + 400
+    assert new_tag.ci95[0] <= 300 <= new_tag.ci95[1]  # the 100 moved users were re-profiled without it
+
+
+# -- targeting language ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("targeting", "error", "fragment"),
+    [
+        ({"field": "markets", "eq": "north"}, UnknownFieldError, "did you mean 'market'"),
+        ({"field": "market", "eq": 3}, TargetingTypeError, "values are strings"),
+        ({"field": "level", "between": [5]}, TargetingTypeError, "[low, high]"),
+        ({"field": "level", "between": [9, 2]}, TargetingTypeError, "above high"),
+        ({"field": "tags", "eq": "t1"}, TargetingTypeError, "has_any or has_all"),
+        ({"field": "market", "has_any": ["north"]}, TargetingTypeError, "use eq or in"),
+        ({"and": {"field": "market", "eq": "north"}}, MalformedTargetingError, "takes a list"),
+        ({"field": "market", "eq": "north", "in": ["x"]}, MalformedTargetingError, "exactly one operator"),
+        ({"xor": []}, MalformedTargetingError, "expected one of"),
+        ([1, 2], MalformedTargetingError, "expected an object"),
+        ({"field": "paid", "eq": "yes"}, TargetingTypeError, "boolean"),
+        ({"field": "level", "in": [1.5]}, TargetingTypeError, "whole number"),
+    ],
+)
+def test_bad_targeting_is_rejected_with_a_message(
+    sample_dir: Path, targeting: Any, error: type[TargetingError], fragment: str
+) -> None:
+    with ReachForecaster.open(sample_dir) as reach, pytest.raises(error) as caught:
+        reach.estimate(targeting)
+    assert fragment in str(caught.value)
+
+
+_leaf = st.one_of(
+    st.builds(lambda v: {"field": "market", "eq": v}, st.sampled_from(list(MARKETS))),
+    st.builds(lambda vs: {"field": "plan", "in": vs}, st.lists(st.sampled_from(list(PLANS)), min_size=1)),
+    st.builds(
+        lambda a, b: {"field": "level", "between": [min(a, b), max(a, b)]},
+        st.integers(0, 60),
+        st.integers(0, 60),
+    ),
+    st.builds(
+        lambda vs: {"field": "tags", "has_any": vs},
+        st.lists(st.sampled_from(list(TAGS)), min_size=1, max_size=3),
+    ),
+    st.builds(
+        lambda vs: {"field": "tags", "has_all": vs},
+        st.lists(st.sampled_from(list(TAGS)), min_size=1, max_size=2),
+    ),
+    st.builds(lambda v: {"field": "paid", "eq": v}, st.booleans()),
+)
+_expr = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.builds(lambda xs: {"and": xs}, st.lists(inner, max_size=3)),
+        st.builds(lambda xs: {"or": xs}, st.lists(inner, max_size=3)),
+        st.builds(lambda x: {"not": x}, inner),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(targeting=_expr)
+def test_sampled_matches_equal_exact_evaluation_on_the_sample(
+    targeting: dict[str, Any], sample_dir: Path
+) -> None:
+    """Bitmap evaluation agrees with DuckDB on the sampled rows, for any expression."""
+    global _forecaster, _sample_table
+    if _forecaster is None:
+        _forecaster = ReachForecaster.open(sample_dir)
+        _sample_table = pq.read_table(sample_dir / "sample.parquet")
+    expr = parse_targeting(targeting)
+    assert parse_targeting(to_json(expr)) == expr
+    answer = _forecaster.estimate(targeting)
+    con = duckdb.connect()
+    con.register("sample", _sample_table)
+    row = con.execute(f"SELECT count(*) FROM sample WHERE {to_sql(expr)}").fetchone()
+    assert row is not None
+    assert answer.sample_users == row[0]
+    assert answer.ci95[0] <= answer.reach <= answer.ci95[1]
+
+
+_forecaster: ReachForecaster | None = None
+_sample_table: pa.Table | None = None
+
+
+# -- building --------------------------------------------------------------------------
+
+
+def test_build_rejects_bad_populations(tmp_path: Path) -> None:
+    with pytest.raises(PopulationError, match="no user_id column"):
+        build_sample(pa.table({"id": ["a"]}), tmp_path / "a")
+    with pytest.raises(PopulationError, match="unique"):
+        build_sample(pa.table({"user_id": ["a", "a"], "x": ["1", "2"]}), tmp_path / "b")
+    with pytest.raises(SampleError, match="not a reach sample"):
+        ReachForecaster.open(tmp_path)
+
+
+def test_build_is_deterministic_and_honours_strata_fields(pop: pa.Table, tmp_path: Path) -> None:
+    a = build_sample(pop, tmp_path / "a", _settings(seed=9, strata_fields=["plan"]))
+    build_sample(pop, tmp_path / "b", _settings(seed=9, strata_fields=["plan"]))
+    assert a.strata_fields == ["plan"]
+    ta, tb = (
+        pq.read_table(tmp_path / "a" / "sample.parquet"),
+        pq.read_table(tmp_path / "b" / "sample.parquet"),
+    )
+    assert ta.column("_user_hash").equals(tb.column("_user_hash"))
+    assert abs(a.sample_users / N_USERS - 0.1) < 0.01
