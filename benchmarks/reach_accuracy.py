@@ -37,7 +37,19 @@ from common import print_table, versions, write_results
 
 from estimation import ReachForecaster, build_sample
 from estimation.sql import to_sql
-from estimation.targeting import And, Between, Eq, Expr, HasAll, HasAny, In, Not, Or, criteria_count, parse_targeting
+from estimation.targeting import (
+    And,
+    Between,
+    Eq,
+    Expr,
+    HasAll,
+    HasAny,
+    In,
+    Not,
+    Or,
+    criteria_count,
+    parse_targeting,
+)
 from infra.settings import ReachSettings
 from streams.simulation import SimulationConfig, Simulator, population_table
 
@@ -59,7 +71,9 @@ def make_population(users: int, seed: int) -> pa.Table:
         # streams.simulation.population_table fails from ~2M users (pa.array of a large
         # unicode NumPy array comes back chunked); build the same columns chunk-safely.
         table = _population_table_large(simulator)
-    return table.drop_columns([c for c in ("joined_at", "deleted_at", "search_rate") if c in table.column_names])
+    return table.drop_columns(
+        [c for c in ("joined_at", "deleted_at", "search_rate") if c in table.column_names]
+    )
 
 
 def _lists(mask: np.ndarray[Any, Any], names: np.ndarray[Any, Any]) -> pa.ListArray:
@@ -132,8 +146,9 @@ class QueryMaker:
         self.weights[name] = weights / weights.sum()
 
     def pick(self, name: str, k: int = 1) -> list[str]:
-        idx = self.rng.choice(len(self.values[name]), size=min(k, len(self.values[name])), replace=False,
-                              p=self.weights[name])  # fmt: skip
+        idx = self.rng.choice(
+            len(self.values[name]), size=min(k, len(self.values[name])), replace=False, p=self.weights[name]
+        )
         return [self.values[name][i] for i in idx]
 
     def leaf(self) -> dict[str, Any]:
@@ -278,8 +293,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         exact = int(row[0]) if row else 0
         if exact > 0:
             queries.append(
-                {"targeting": targeting, "expr": expr, "exact": exact, "minority": minority,
-                 "criteria": criteria_count(expr), "conjunctive": _conjunctive(expr)}  # fmt: skip
+                {
+                    "targeting": targeting,
+                    "expr": expr,
+                    "exact": exact,
+                    "minority": minority,
+                    "criteria": criteria_count(expr),
+                    "conjunctive": _conjunctive(expr),
+                }
             )
     print(f"queries: {len(queries)} with a non-empty exact answer ({time.perf_counter() - started:.1f} s)")
 
@@ -343,7 +364,11 @@ def _stats(values: np.ndarray[Any, Any]) -> dict[str, float | int]:
 
 
 def report_results(
-    args: argparse.Namespace, n: int, queries: list[dict[str, Any]], methods: dict[str, dict[str, Any]], seconds: float
+    args: argparse.Namespace,
+    n: int,
+    queries: list[dict[str, Any]],
+    methods: dict[str, dict[str, Any]],
+    seconds: float,
 ) -> dict[str, Any]:
     share = np.array([q["exact"] / n for q in queries])
     criteria = np.array([q["criteria"] for q in queries])
@@ -397,24 +422,54 @@ def report_results(
             checks.append((f"p90 {label} <= {TARGET_P90[label]:.0%}", p90 <= TARGET_P90[label], f"{p90:.2%}"))
         checks.append((f"lower p90 than uniform, {label}", p90 < p90_uni, f"{p90:.2%} vs {p90_uni:.2%}"))
     mask = groups["minority-targeted"]
-    med, med_u = _stats(est["errors"][:, mask].ravel())["median"], _stats(uni["errors"][:, mask].ravel())["median"]
+    med, med_u = (
+        _stats(est["errors"][:, mask].ravel())["median"],
+        _stats(uni["errors"][:, mask].ravel())["median"],
+    )
     p90, p90_u = _stats(est["errors"][:, mask].ravel())["p90"], _stats(uni["errors"][:, mask].ravel())["p90"]
-    checks.append(("minority queries: >= 2x lower median error than uniform", med_u >= 2 * med, f"{med_u / max(med, 1e-12):.2f}x"))  # fmt: skip
-    checks.append(("minority queries: >= 2x lower p90 error than uniform", p90_u >= 2 * p90, f"{p90_u / max(p90, 1e-12):.2f}x"))  # fmt: skip
+    checks.append(
+        (
+            "minority queries: >= 2x lower median error than uniform",
+            med_u >= 2 * med,
+            f"{med_u / max(med, 1e-12):.2f}x",
+        )
+    )
+    checks.append(
+        (
+            "minority queries: >= 2x lower p90 error than uniform",
+            p90_u >= 2 * p90,
+            f"{p90_u / max(p90, 1e-12):.2f}x",
+        )
+    )
     if "theta k=16384" in methods and conj3.any():
         ours = _stats(est["errors"][:, conj3].ravel())
         theta = _stats(methods["theta k=16384"]["errors"][:, conj3].ravel())
-        checks.append(("3+ AND criteria: lower median error than theta k=16384", ours["median"] < theta["median"],
-                       f"{ours['median']:.2%} vs {theta['median']:.2%}"))  # fmt: skip
-        checks.append(("3+ AND criteria: lower p90 error than theta k=16384", ours["p90"] < theta["p90"],
-                       f"{ours['p90']:.2%} vs {theta['p90']:.2%}"))  # fmt: skip
+        checks.append(
+            (
+                "3+ AND criteria: lower median error than theta k=16384",
+                ours["median"] < theta["median"],
+                f"{ours['median']:.2%} vs {theta['median']:.2%}",
+            )
+        )
+        checks.append(
+            (
+                "3+ AND criteria: lower p90 error than theta k=16384",
+                ours["p90"] < theta["p90"],
+                f"{ours['p90']:.2%} vs {theta['p90']:.2%}",
+            )
+        )
     coverage = float(est["covered"].mean())
     checks.append(("CI coverage within 93-97%", 0.93 <= coverage <= 0.97, f"{coverage:.1%}"))
     print()
     print_table(["target", "met", "value"], [[c, "yes" if ok else "NO", v] for c, ok, v in checks])
     payload = {
-        "config": {"users": n, "sample_rate": args.rate, "queries": len(queries), "seeds": args.seeds,
-                   "quick": args.quick},  # fmt: skip
+        "config": {
+            "users": n,
+            "sample_rate": args.rate,
+            "queries": len(queries),
+            "seeds": args.seeds,
+            "quick": args.quick,
+        },
         "groups": figures,
         "memory": {
             name: {"value": m["memory_bytes"], "unit": "bytes", "sample_users": m["sample_users"]}
@@ -430,7 +485,9 @@ def report_results(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="200k users, fewer queries and seeds")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--queries", type=int, default=None)

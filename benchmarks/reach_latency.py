@@ -94,10 +94,18 @@ def run(args: argparse.Namespace) -> None:
     print()
     print_table(["case", "p50 ms", "p99 ms", "mean ms", "queries/s"], rows)
     checks = [
-        ("in-process p99 < 5 ms", results["in-process"]["p99_ms"] < 5.0, f"{results['in-process']['p99_ms']:.2f} ms"),
+        (
+            "in-process p99 < 5 ms",
+            results["in-process"]["p99_ms"] < 5.0,
+            f"{results['in-process']['p99_ms']:.2f} ms",
+        ),
         ("HTTP p99 < 20 ms", results["HTTP"]["p99_ms"] < 20.0, f"{results['HTTP']['p99_ms']:.2f} ms"),
-        ("queries/s on one core >= 1000", results["in-process"]["qps"] >= 1000, f"{results['in-process']['qps']:,.0f}"),
-    ]  # fmt: skip
+        (
+            "queries/s on one core >= 1000",
+            results["in-process"]["qps"] >= 1000,
+            f"{results['in-process']['qps']:,.0f}",
+        ),
+    ]
     print()
     print_table(["target", "met", "value"], [[c, "yes" if ok else "NO", v] for c, ok, v in checks])
     payload = {
@@ -152,7 +160,8 @@ def http_latency(sample: Path, queries: list[dict[str, Any]]) -> dict[str, float
                     break
                 except httpx.HTTPError:
                     if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"server did not start: {server.stderr.read() if server.stderr else ''}")  # noqa: B904
+                        output = server.stderr.read() if server.stderr else b""
+                        raise RuntimeError(f"server did not start: {output!r}") from None
                     time.sleep(0.2)
 
             def call(q: dict[str, Any]) -> None:
@@ -166,7 +175,9 @@ def http_latency(sample: Path, queries: list[dict[str, Any]]) -> dict[str, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="200k users (a ~100k-user sample)")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--rate", type=float, default=0.5)
