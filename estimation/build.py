@@ -115,7 +115,7 @@ def build_sample(
         max_fields=settings.max_strata_fields,
         fields=settings.strata_fields,
     )
-    full = keys_from_codes([a.codes(columns[a.name]) for a in choice.attrs], choice.attrs)
+    full = keys_from_codes([a.codes(columns[a.name]) for a in choice.attrs], choice.attrs, n)
     allocation = allocate(
         choice.attrs,
         full,

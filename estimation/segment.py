@@ -17,6 +17,7 @@ purged when the shard compacts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -122,6 +123,28 @@ class Segment:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the index and the rows' arrays (what a query touches, roughly)."""
+        arrays: list[NDArray[Any]] = [
+            self.alive,
+            self.row_pos,
+            self.pos_row,
+            self.pos_stratum,
+            self.shape,
+            self.rate,
+            *self.nums.values(),
+        ]
+        rows = self.rows
+        arrays += [rows.hashes, rows.strata, rows.updated_ms, rows.act_shape, rows.act_rate]
+        arrays += list(rows.cats.values()) + list(rows.nums.values())
+        arrays += [a for pair in rows.lists.values() for a in pair]
+        total = sum(a.nbytes for a in arrays)
+        for postings in self.postings.values():
+            for posting in postings:
+                if posting is not None:
+                    total += (posting.words if posting.words is not None else posting.positions).nbytes  # type: ignore[union-attr]
+        return int(total)
 
     # -- lookups and tombstones --------------------------------------------------------
 

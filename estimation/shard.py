@@ -236,7 +236,22 @@ class Shard:
         return self.main.live_count + len(self.delta_rows)
 
     def info(self) -> dict[str, int]:
+        directory = self.directory
+        directory_bytes = sum(
+            a.nbytes
+            for a in (
+                directory.hashes,
+                directory.strata,
+                directory.updated,
+                directory.overlay_hashes,
+                directory.overlay_strata,
+                directory.overlay_updated,
+            )
+        )
+        index_bytes = self.main.memory_bytes() + (self.delta.memory_bytes() if self.delta is not None else 0)
         return {
+            "index_bytes": index_bytes,
+            "directory_bytes": int(directory_bytes),
             "population": int(self.population.sum()),
             "sample_users": self.sample_size,
             "strata": self.n_strata,

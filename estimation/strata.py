@@ -255,8 +255,11 @@ class StrataTable:
         )
 
 
-def keys_from_codes(codes: list[NDArray[np.int64]], attrs: list[StratAttr]) -> NDArray[np.int64]:
-    n = len(codes[0]) if codes else 0
+def keys_from_codes(
+    codes: list[NDArray[np.int64]], attrs: list[StratAttr], n: int | None = None
+) -> NDArray[np.int64]:
+    """Mixed-radix stratum key per row (all zeros, one stratum, when there are no attributes)."""
+    n = len(codes[0]) if codes else (n or 0)
     key = np.zeros(n, dtype=np.int64)
     for attr, code in zip(attrs, codes, strict=True):
         key = key * attr.radix + code

@@ -366,3 +366,33 @@ def test_build_is_deterministic_and_honours_strata_fields(pop: pa.Table, tmp_pat
     )
     assert ta.column("_user_hash").equals(tb.column("_user_hash"))
     assert abs(a.sample_users / N_USERS - 0.1) < 0.01
+
+
+def test_horizon_learned_from_simulated_history_matches_ground_truth(tmp_path: Path) -> None:
+    """Activity learned from the simulator's impressions forecasts what its true rates imply."""
+    import json
+
+    from streams.simulation import ParquetSink, SimulationConfig, simulate
+
+    config = SimulationConfig(users=10_000, days=7, events=400_000, seed=3)
+    simulate(config, ParquetSink(tmp_path / "events"), tmp_path / "truth")
+    report = build_sample(
+        tmp_path / "truth" / "population.parquet",
+        tmp_path / "sample",
+        ReachSettings(sample_rate=0.3),
+        events=tmp_path / "events",
+    )
+    assert "impression history" in report.activity_source
+    truth_pop = pq.read_table(tmp_path / "truth" / "population.parquet")
+    scale = json.loads((tmp_path / "truth" / "response_model.json").read_text())["rate_scale"]
+    alive = truth_pop.column("deleted_at").is_null().to_numpy(zero_copy_only=False)
+    rates = truth_pop.column("activity_rate").to_numpy()[alive] * scale
+    with ReachForecaster.open(tmp_path / "sample") as reach:
+        for days in (1, 7):
+            answer = reach.estimate({"and": []}, horizon_days=days)
+            assert answer.impressions is not None
+            assert answer.reach == pytest.approx(float(np.sum(1 - np.exp(-rates * days))), rel=0.04)
+            assert answer.impressions == pytest.approx(float(rates.sum() * days), rel=0.05)
+        mobile = reach.estimate({"field": "device", "eq": "mobile"}, horizon_days=1)
+    is_mobile = np.asarray(truth_pop.column("device").to_pylist(), dtype=object)[alive] == "mobile"
+    assert mobile.reach == pytest.approx(float(np.sum(1 - np.exp(-rates[is_mobile]))), rel=0.06)
