@@ -75,8 +75,7 @@ class ShardState:
         that source partition) are skipped. Changes stay uncommitted until :meth:`commit`.
         """
         rows = self._fresh(rows)
-        self.next_offset = next_offset
-        self._consumed_changed = True
+        self.advance(next_offset)
         if rows.num_rows == 0:
             return {}
         self._begin()
@@ -94,6 +93,11 @@ class ShardState:
                 self._db.unregister("batch")
         self._max_time = max(self._max_time, int(pc.max(rows.column("event_time_ms")).as_py()))
         return changed
+
+    def advance(self, next_offset: int) -> None:
+        """Record that the repartition topic was read up to ``next_offset`` (saved by :meth:`commit`)."""
+        self.next_offset = next_offset
+        self._consumed_changed = True
 
     def _fresh(self, rows: pa.Table) -> pa.Table:
         sources = rows.column(SOURCE_PARTITION).to_numpy()

@@ -17,30 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
-from features.online import OnlineFeatureWriter, OnlineStoreUnavailableError
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
+from features.online import OnlineFeatureWriter, OnlineStoreUnavailableError
 from infra.settings import Settings
 
 
 class StoreUnavailableError(RuntimeError):
     """The online or offline store could not be written; retry later."""
-
-
-def latest_per_key(table: pa.Table, key: str) -> pa.Table:
-    """Keep the last row of each key (rows later in the table are newer)."""
-    if table.num_rows < 2:
-        return table
-    indices = pa.array(range(table.num_rows), pa.int64())
-    last = (
-        pa.table({"k": table.column(key), "i": indices})
-        .group_by("k", use_threads=False)
-        .aggregate([("i", "max")])
-        .column("i_max")
-    )
-    return table.take(pc.sort_indices(last))
 
 
 class FeatureSink:

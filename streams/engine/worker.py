@@ -47,9 +47,9 @@ from infra.settings import Settings
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
 from streams.engine.shard import ShardState
-from streams.engine.sink import FeatureSink, StoreUnavailableError, latest_per_key
+from streams.engine.sink import FeatureSink, StoreUnavailableError
 from streams.producer import EventProducer
-from streams.topics import TopicSpec, ensure_topics
+from streams.topics import TopicSpec, default_topics, ensure_topics
 
 log = logging.getLogger("adreach.stream")
 
@@ -161,8 +161,7 @@ class StreamWorker:
         self._last_compact = time.monotonic()
         self._failed_records: list[str] = []
 
-        ensure_topics(settings)
-        ensure_topics(settings, [repartition_spec(settings)])
+        ensure_topics(settings, [*default_topics(settings), repartition_spec(settings)])
         from features.store import open_store
 
         open_store(settings, self.groups)  # registers views, creates online tables and offline dirs
@@ -321,11 +320,10 @@ class StreamWorker:
                 for name, rows in state.apply(shipped, next_offset).items():
                     changed.setdefault(name, []).append(rows)
             else:
-                state.next_offset = next_offset
-        merged = {
-            name: latest_per_key(pa.concat_tables(tables), self._group(name).key)
-            for name, tables in changed.items()
-        }
+                state.advance(next_offset)
+        # Each key lives in exactly one shard and each shard reports a key once, so the
+        # concatenation already holds one row per entity.
+        merged = {name: pa.concat_tables(tables) for name, tables in changed.items()}
         self._store(merged)
         if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
             stored_ms = time.time() * 1000
@@ -449,9 +447,6 @@ class StreamWorker:
             low, high = self._consumer.get_watermark_offsets(tp, cached=True)
             total += max(0, high - self._position(tp, low))
         return total
-
-    def _group(self, name: str) -> FeatureGroup:
-        return next(group for group in self.groups if group.name == name)
 
     def close(self) -> None:
         try:
