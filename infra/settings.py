@@ -179,8 +179,13 @@ class StreamSettings(BaseModel):
     flush_interval_ms: int = Field(
         500,
         gt=0,
-        description="Changed features are written to the stores, and state + offsets "
-        "checkpointed, at least this often.",
+        description="Changed features are written to the stores, and offsets committed, at least this often.",
+    )
+    checkpoint_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Shard state + offsets are checkpointed to disk at most this often (and on shutdown "
+        "or rebalance); a crash replays at most this much of the repartition topic.",
     )
     state_dir: Path | None = Field(None, description="Checkpoints; default: <state_dir>/stream/<group>.")
     retry_initial_s: float = Field(0.2, gt=0, description="First wait before retrying a failed store write.")

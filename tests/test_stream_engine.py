@@ -50,6 +50,7 @@ def stream(kafka: Settings, tmp_path: Path) -> Settings:
                     "allowed_lateness_s": LATENESS_S,
                     "flush_interval_ms": 300,
                     "batch_max_events": 2_000,
+                    "checkpoint_interval_s": 1.0,  # restarts then resume from a checkpoint, not from zero
                 }
             ),
         },
@@ -73,6 +74,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "ADREACH_STREAM__ALLOWED_LATENESS_S": str(stream.allowed_lateness_s),
             "ADREACH_STREAM__FLUSH_INTERVAL_MS": str(stream.flush_interval_ms),
             "ADREACH_STREAM__BATCH_MAX_EVENTS": str(stream.batch_max_events),
+            "ADREACH_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
             "ADREACH_FEATURES__ONLINE_STORE": settings.features.online_store,
             "ADREACH_FEATURES__REDIS_CONNECTION": settings.features.redis_connection,
             "ADREACH_FEATURES__PROJECT": settings.features.project,

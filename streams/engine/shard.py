@@ -1,12 +1,19 @@
-"""Stage two of the engine: one shard's windowed state, in a DuckDB file with its offsets.
+"""Stage two of the engine: one shard's windowed state in memory, checkpointed with its offsets.
 
-A shard is one partition of the repartition topic. Its state tables (see
-:mod:`streams.engine.sql`) and its progress (the next repartition offset to read, and
-per source partition the highest source offset already applied) live in one DuckDB
-database file, changed inside one transaction that the worker commits only after the
-features it produced are stored. A crash at any point therefore leaves the file at the
-last commit, whose offsets say exactly where to resume: nothing is lost, and rows that
-a replaying router sends again are recognised by their source offsets and skipped.
+A shard is one partition of the repartition topic. Its state (one
+:class:`~streams.engine.state.GroupState` per feature group) lives in memory as NumPy
+columns; its progress is the next repartition offset to read and, per source partition,
+the highest source offset already applied.
+
+Durability works like Kafka Streams' or Flink's: the repartition topic is the log, and
+a checkpoint file holds the state *together with* the offset it reflects. :meth:`commit`
+writes a checkpoint when ``checkpoint_interval_s`` has passed (or when forced, e.g.
+before a rebalance hands the shard to another worker), as one file written under a
+temporary name, synced and renamed, so a crash leaves either the old or the new
+checkpoint, never a mix. After a crash the shard reopens at its last checkpoint and the
+worker re-reads the repartition topic from the offset saved with it, which rebuilds
+exactly the lost state; rows that a replaying router ships a second time are recognised
+by their source offsets and skipped. Nothing is lost and nothing is counted twice.
 
 Because everything about a shard is in its file, a shard can move between workers on a
 rebalance: the new owner opens the file (on a shared state directory) and goes on.
@@ -14,24 +21,31 @@ rebalance: the new owner opens the file (on a shared state directory) and goes o
 
 from __future__ import annotations
 
-import contextlib
+import io
+import json
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION
-from streams.engine.sql import GroupSql
+from streams.engine.state import GroupState
 
-_CONSUMED = "consumed"
+_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read back; the message names the file and the reason."""
 
 
 class ShardState:
-    """The state of shard ``shard`` stored at ``path``; see the module docstring."""
+    """The state of shard ``shard``, checkpointed at ``path``; see the module docstring."""
 
     def __init__(
         self,
@@ -39,65 +53,48 @@ class ShardState:
         shard: int,
         groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
         *,
-        memory_limit: str = "1GB",
+        checkpoint_interval_s: float = 10.0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.shard = shard
-        self.sql = [GroupSql(group, bit) for bit, group in enumerate(groups)]
-        self._db = duckdb.connect(str(path), config={"threads": 1, "memory_limit": memory_limit})
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS progress (name VARCHAR PRIMARY KEY, value BIGINT NOT NULL)"
-        )
-        for group_sql in self.sql:
-            for statement in group_sql.create():
-                self._db.execute(statement)
-        progress = dict(self._db.execute("SELECT name, value FROM progress").fetchall())
-        self.next_offset: int | None = progress.pop(_CONSUMED, None)
-        self.applied: dict[int, int] = {int(name.split(":")[1]): value for name, value in progress.items()}
-        self._max_time = self._latest_time()
-        self._in_transaction = False
-        self._dirty_sources: set[int] = set()
-        self._consumed_changed = False
-
-    def _latest_time(self) -> int:
-        times = [
-            self._db.execute(f"SELECT coalesce(max(t), 0) FROM {group_sql.latest}").fetchall()[0][0]
-            for group_sql in self.sql
-        ]
-        return int(max(times, default=0))
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.groups = [GroupState(group, bit) for bit, group in enumerate(groups)]
+        self.next_offset: int | None = None
+        self.applied: dict[int, int] = {}
+        self.durable_offset: int | None = None
+        """The repartition offset the last checkpoint reflects (where a restart resumes)."""
+        self._max_time = 0
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        if path.exists():
+            self._load()
 
     def apply(self, rows: pa.Table, next_offset: int) -> dict[str, pa.Table]:
         """Fold shipped rows into the state; return each group's changed features.
 
         ``next_offset`` is the repartition offset after the message(s) the rows came from.
         Rows already applied (source offset at or below what this shard has seen from
-        that source partition) are skipped. Changes stay uncommitted until :meth:`commit`.
+        that source partition) are skipped. Changes are durable after a :meth:`commit`
+        that writes a checkpoint.
         """
         rows = self._fresh(rows)
         self.advance(next_offset)
         if rows.num_rows == 0:
             return {}
-        self._begin()
-        self._db.register("batch", rows)
-        try:
-            changed: dict[str, pa.Table] = {}
-            for group_sql in self.sql:
-                for statement in group_sql.update():
-                    self._db.execute(statement)
-                table = self._db.sql(group_sql.features()).to_arrow_table()
-                if table.num_rows:
-                    changed[group_sql.group.name] = table
-        finally:
-            with contextlib.suppress(duckdb.Error):  # a failed transaction: the caller sees the error
-                self._db.unregister("batch")
+        changed: dict[str, pa.Table] = {}
+        for state in self.groups:
+            table = state.apply(rows)
+            if table is not None and table.num_rows:
+                changed[state.group.name] = table
         self._max_time = max(self._max_time, int(pc.max(rows.column("event_time_ms")).as_py()))
         return changed
 
     def advance(self, next_offset: int) -> None:
-        """Record that the repartition topic was read up to ``next_offset`` (saved by :meth:`commit`)."""
-        self.next_offset = next_offset
-        self._consumed_changed = True
+        """Record that the repartition topic was read up to ``next_offset``."""
+        if next_offset != self.next_offset:
+            self.next_offset = next_offset
+            self._dirty = True
 
     def _fresh(self, rows: pa.Table) -> pa.Table:
         sources = rows.column(SOURCE_PARTITION).to_numpy()
@@ -108,49 +105,109 @@ class ShardState:
             applied = self.applied.get(int(source), -1)
             keep[mask] = offsets[mask] > applied
             self.applied[int(source)] = max(applied, int(offsets[mask].max()))
-            self._dirty_sources.add(int(source))
         return rows if keep.all() else rows.filter(pa.array(keep))
 
-    def _begin(self) -> None:
-        if not self._in_transaction:
-            self._db.execute("BEGIN TRANSACTION")
-            self._in_transaction = True
+    def commit(self, *, force: bool = False) -> bool:
+        """Checkpoint state and offsets together if the interval has passed (or ``force``).
 
-    def commit(self) -> None:
-        """Make the applied rows and the offsets durable, atomically."""
-        if not (self._consumed_changed or self._dirty_sources):
-            return
-        self._begin()
-        records = [(f"source:{source}", self.applied[source]) for source in sorted(self._dirty_sources)]
-        if self.next_offset is not None:
-            records.append((_CONSUMED, self.next_offset))
-        self._db.executemany(
-            "INSERT INTO progress VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            records,
-        )
-        self._db.execute("COMMIT")
-        self._in_transaction = False
-        self._dirty_sources.clear()
-        self._consumed_changed = False
+        Called after the features the applied rows produced are stored. Returns whether
+        a checkpoint was written; :attr:`durable_offset` says what a restart resumes from.
+        """
+        if not self._dirty:
+            return False
+        if not force and time.monotonic() - self._last_checkpoint < self.checkpoint_interval_s:
+            return False
+        self._save()
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        self.durable_offset = self.next_offset
+        return True
 
     def compact(self, retention_ms: int) -> None:
-        """Drop state older than ``retention_ms`` before the newest event, trim last-N lists."""
+        """Drop state older than ``retention_ms`` before the newest event, and idle entities."""
         horizon = self._max_time - retention_ms
-        self._begin()
-        for group_sql in self.sql:
-            for statement in group_sql.compact(horizon):
-                self._db.execute(statement)
+        for state in self.groups:
+            state.compact(horizon)
+        self._dirty = True
 
     def close(self) -> None:
-        """Close the file, discarding anything not committed (the worker replays it)."""
-        if self._in_transaction:
-            self._db.execute("ROLLBACK")
-            self._in_transaction = False
-        self._db.close()
+        """Forget the in-memory state; anything not checkpointed is replayed by the next owner."""
+        self.groups = []
 
-    def row_counts(self) -> dict[str, int]:
-        """Rows per state table (for status output and tests)."""
-        names = [row[0] for row in self._db.execute("SHOW TABLES").fetchall()]
-        return {
-            name: int(self._db.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]) for name in names
+    def sizes(self) -> dict[str, int]:
+        """Rows held per part of each group's state (for status output and tests)."""
+        return {f"{s.group.name}.{part}": n for s in self.groups for part, n in s.sizes().items()}
+
+    # -- the checkpoint file -------------------------------------------------------------
+
+    def _save(self) -> None:
+        meta = {
+            "format": _FORMAT,
+            "shard": self.shard,
+            "next_offset": self.next_offset,
+            "applied": {str(k): v for k, v in self.applied.items()},
+            "max_time": self._max_time,
+            "groups": [state.group.name for state in self.groups],
         }
+        arrays: dict[str, np.ndarray[Any, Any]] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+        for state in self.groups:
+            for name, array in state.to_arrays().items():
+                key = f"{state.group.name}/{name}"
+                if isinstance(array, pa.Array):
+                    arrays[key + _STRINGS] = _strings_to_bytes(array)
+                else:
+                    arrays[key] = np.asarray(array)
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        with staging.open("wb") as handle:
+            np.savez(handle, allow_pickle=False, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        staging.replace(self.path)
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                if meta.get("format") != _FORMAT:
+                    raise CheckpointError(
+                        f"{self.path}: checkpoint format {meta.get('format')} is not {_FORMAT}"
+                    )
+                names = [state.group.name for state in self.groups]
+                if meta["groups"] != names:
+                    raise CheckpointError(
+                        f"{self.path}: checkpoint holds groups {meta['groups']}, the definitions {names}; "
+                        "feature definitions changed: start a new consumer group (stream.consumer_group)"
+                    )
+                for state in self.groups:
+                    prefix = f"{state.group.name}/"
+                    arrays = {
+                        key[len(prefix) :].removesuffix(_STRINGS): (
+                            _bytes_to_strings(data[key]) if key.endswith(_STRINGS) else data[key]
+                        )
+                        for key in data.files
+                        if key.startswith(prefix)
+                    }
+                    state.load_arrays(arrays)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.path}: cannot read the shard checkpoint: {exc}") from exc
+        self.next_offset = meta["next_offset"]
+        self.durable_offset = self.next_offset
+        self.applied = {int(k): int(v) for k, v in meta["applied"].items()}
+        self._max_time = int(meta["max_time"])
+
+
+_STRINGS = "#strings"  # suffix of the names of string arrays in the file
+
+
+def _strings_to_bytes(array: pa.Array) -> np.ndarray[Any, Any]:
+    """An Arrow string array as the bytes of an Arrow IPC stream (``np.savez`` stores no strings)."""
+    sink = io.BytesIO()
+    table = pa.table({"v": array})
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return np.frombuffer(sink.getvalue(), dtype=np.uint8)
+
+
+def _bytes_to_strings(data: np.ndarray[Any, Any]) -> pa.Array:
+    table = pa.ipc.open_stream(pa.py_buffer(data.tobytes())).read_all()
+    return table.column("v").combine_chunks()

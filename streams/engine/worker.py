@@ -227,7 +227,7 @@ class StreamWorker:
                     and self._caught_up()
                 ):
                     break
-            self.checkpoint()
+            self.checkpoint(final=True)
         except BaseException:
             self._failed = True  # closing must not checkpoint a half-done cycle
             raise
@@ -300,8 +300,13 @@ class StreamWorker:
 
     # -- durability ------------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
-        """Make everything consumed so far durable (see the module docstring for the order)."""
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Make everything consumed so far durable (see the module docstring for the order).
+
+        Shard state is written to its checkpoint file every ``checkpoint_interval_s`` (and
+        always when ``final``: on shutdown and before partitions are handed over); between
+        checkpoints the repartition topic holds what a restart would replay.
+        """
         self._flush_producers()
         commits: list[TopicPartition] = []
         for partition, next_offset in self._router_next.items():
@@ -333,12 +338,12 @@ class StreamWorker:
         retention_ms = (
             max(g.longest_window.seconds for g in self.groups) + self.settings.stream.allowed_lateness_s
         ) * 1000
-        for shard in self._pending_next:
+        for shard in self._shards if final else self._pending_next:
             state = self._shards[shard]
             if compact:
                 state.compact(retention_ms)
-            state.commit()
-            commits.append(TopicPartition(self._shard_topic, shard, state.next_offset or 0))
+            if state.commit(force=final) and state.durable_offset is not None:
+                commits.append(TopicPartition(self._shard_topic, shard, state.durable_offset))
         if compact:
             self._last_compact = now
         self._pending_next.clear()
@@ -400,7 +405,10 @@ class StreamWorker:
                 state = self._shards.get(tp.partition)
                 if state is None:
                     state = ShardState(
-                        self._state_dir / "shards" / f"shard-{tp.partition}.duckdb", tp.partition, self.groups
+                        self._state_dir / "shards" / f"shard-{tp.partition}.npz",
+                        tp.partition,
+                        self.groups,
+                        checkpoint_interval_s=self.settings.stream.checkpoint_interval_s,
                     )
                     self._shards[tp.partition] = state
                 tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
@@ -411,7 +419,7 @@ class StreamWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._failed:
-            self.checkpoint()
+            self.checkpoint(final=True)
         for tp in partitions:
             if tp.topic == self._events_topic:
                 self._watermarks.pop(tp.partition, None)

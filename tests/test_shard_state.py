@@ -1,0 +1,143 @@
+"""The shard state on its own: simulated events in random micro-batches, checked against the reference.
+
+No broker here: events are decoded and routed as the worker does, then folded into a
+:class:`ShardState` in batches of random sizes, with checkpoints written and read back
+and compactions in between. Each entity's last emitted features must equal the DuckDB
+reference over the on-time events, value for value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from features.definitions import FEATURE_GROUPS
+from features.reference import reference_features
+from streams.engine.decode import EventDecoder
+from streams.engine.router import Router
+from streams.engine.shard import CheckpointError, ShardState
+from streams.simulation import SimulationConfig, Simulator
+
+LATENESS_MS = 3_600_000
+RETENTION_MS = max(g.longest_window.seconds for g in FEATURE_GROUPS) * 1000 + LATENESS_MS
+
+
+def routed_batches(days: float, events: int, seed: int) -> tuple[list[pa.Table], pa.Table]:
+    """Shipped rows for one shard in micro-batches of random size, and the on-time events."""
+    simulator = Simulator(SimulationConfig(users=800, events=events, days=days, seed=seed, campaigns=40))
+    lines = [line for batch in simulator.batches() for line in batch.to_json_lines()]
+    decoded = EventDecoder().decode(lines)
+    assert not decoded.rejected
+    events = decoded.events
+    partitions = np.arange(events.num_rows) % 2  # two source partitions, interleaved
+    offsets = np.arange(events.num_rows) // 2
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, events.num_rows), size=40, replace=False))
+    router = Router(1, LATENESS_MS)
+    watermarks: dict[int, int] = {}
+    shipped: list[pa.Table] = []
+    late_rows: list[int] = []
+    for start, end in zip(np.r_[0, cuts], np.r_[cuts, events.num_rows], strict=True):
+        routed = router.route(
+            events.slice(start, end - start), partitions[start:end], offsets[start:end], watermarks
+        )
+        watermarks = routed.watermarks
+        late_rows += [start + row for row, _ in routed.late]
+        shipped += list(routed.shards.values())
+    on_time = np.ones(events.num_rows, dtype=bool)
+    on_time[late_rows] = False
+    reference_input = events.filter(pa.array(on_time))
+    times = pc.cast(reference_input.column("event_time_ms"), pa.timestamp("ms", "UTC"))
+    reference_input = reference_input.append_column("event_time", times)
+    return shipped, reference_input
+
+
+def fold(
+    state_path: Path, batches: list[pa.Table], *, restart_every: int, compact_every: int
+) -> dict[str, dict]:
+    """Apply batches, restarting from the checkpoint and compacting now and then; the last rows per key."""
+    latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    state = ShardState(state_path, 0, checkpoint_interval_s=0)
+    for index, rows in enumerate(batches):
+        for name, table in state.apply(rows, index + 1).items():
+            key = next(g.key for g in FEATURE_GROUPS if g.name == name)
+            for row in table.to_pylist():
+                latest[name][row[key]] = row
+        if index % compact_every == compact_every - 1:
+            state.compact(RETENTION_MS)
+        assert state.commit()
+        if index % restart_every == restart_every - 1:
+            state.close()
+            state = ShardState(state_path, 0, checkpoint_interval_s=0)
+            assert state.next_offset == index + 1
+    return latest
+
+
+def assert_equal_to_reference(latest: dict[str, dict], events: pa.Table) -> None:
+    for group in FEATURE_GROUPS:
+        expected = reference_features(events, group).to_pylist()
+        assert expected, group.name
+        mismatches = []
+        for want in expected:
+            got = latest[group.name].get(want[group.key])
+            assert got is not None, (group.name, want[group.key])
+            for feature in group.features():
+                a, b = want[feature.name], got[feature.name]
+                same = math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if isinstance(a, float) else a == b
+                if not same:
+                    mismatches.append((want[group.key], feature.name, a, b))
+            assert got["event_timestamp"] == want["event_timestamp"].replace(tzinfo=None)
+        assert not mismatches, f"{group.name}: {len(mismatches)} mismatches, e.g. {mismatches[:5]}"
+        assert len(latest[group.name]) == len(expected)
+
+
+def test_batched_state_with_restarts_equals_the_reference(tmp_path: Path) -> None:
+    batches, events = routed_batches(days=1.0, events=12_000, seed=3)
+    latest = fold(tmp_path / "shard.npz", batches, restart_every=7, compact_every=5)
+    assert_equal_to_reference(latest, events)
+
+
+def test_compaction_over_ten_days_keeps_every_window_exact(tmp_path: Path) -> None:
+    batches, events = routed_batches(days=10.0, events=12_000, seed=4)
+    state_path = tmp_path / "shard.npz"
+    latest = fold(state_path, batches, restart_every=11, compact_every=2)
+    assert_equal_to_reference(latest, events)
+    state = ShardState(state_path, 0)
+    state.compact(RETENTION_MS)
+    sizes = state.sizes()
+    # Ten days of users, but only what the last 7 days + lateness can still read is kept.
+    counted = events.filter(
+        pc.is_in(events.column("type"), pa.array(["impression", "click", "conversion", "search"]))
+    )
+    newest = int(pc.max(counted.column("event_time_ms")).as_py())
+    recent = counted.filter(pc.greater_equal(counted.column("event_time_ms"), newest - RETENTION_MS))
+    recent_users = pc.count_distinct(recent.column("user_id")).as_py()
+    assert sizes["user_activity.entities"] == recent_users
+
+
+def test_replayed_rows_are_not_counted_twice(tmp_path: Path) -> None:
+    batches, events = routed_batches(days=1.0, events=4_000, seed=5)
+    state = ShardState(tmp_path / "shard.npz", 0)
+    once: dict[str, dict] = {}
+    for index, rows in enumerate(batches):
+        changed = state.apply(rows, index + 1)
+        if "user_activity" in changed:
+            once.update({row["user_id"]: row for row in changed["user_activity"].to_pylist()})
+        again = state.apply(rows, index + 1)  # a replaying router ships the same rows again
+        assert again == {}
+    expected = {r["user_id"]: r for r in reference_features(events, FEATURE_GROUPS[0]).to_pylist()}
+    assert {k: v["impressions_24h"] for k, v in once.items()} == {
+        k: v["impressions_24h"] for k, v in expected.items()
+    }
+
+
+def test_a_corrupt_checkpoint_is_reported_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "shard.npz"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="shard.npz"):
+        ShardState(path, 0)
