@@ -38,6 +38,9 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
         broker.stop()
 
 
+STREAM_LATENESS_S = 3_600
+
+
 @pytest.fixture()
 def kafka(broker_settings: Settings) -> Settings:
     """Settings pointing at the session broker, with topics unique to this test."""
@@ -70,3 +73,25 @@ def cli_env(kafka: Settings) -> dict[str, str]:
 @pytest.fixture()
 def adreach_bin() -> str:
     return str(Path(os.sys.executable).parent / "adreach")
+
+
+@pytest.fixture()
+def stream(kafka: Settings, tmp_path: Path) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return kafka.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "stream": kafka.stream.model_copy(
+                update={
+                    "consumer_group": f"stream-{suffix}",
+                    "repartition_topic": f"test.repartition.{suffix}",
+                    "repartition_partitions": 3,
+                    "allowed_lateness_s": STREAM_LATENESS_S,
+                    "flush_interval_ms": 300,
+                    "batch_max_events": 2_000,
+                    "checkpoint_interval_s": 1.0,  # restarts then resume from a checkpoint, not from zero
+                }
+            ),
+        },
+        deep=True,
+    )

@@ -16,12 +16,10 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 from confluent_kafka import Producer
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup, normalize_query
@@ -31,31 +29,8 @@ from streams.producer import EventProducer
 from streams.simulation import SimulationConfig, Simulator
 from tests.kafka_helpers import Record, consume
 
-LATENESS_S = 3_600
 REQUIRED = ("type", "event_id", "event_time", "user_id")
 COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "value")
-
-
-@pytest.fixture()
-def stream(kafka: Settings, tmp_path: Path) -> Settings:
-    suffix = uuid.uuid4().hex[:8]
-    return kafka.model_copy(
-        update={
-            "state_dir": tmp_path / "state",
-            "stream": kafka.stream.model_copy(
-                update={
-                    "consumer_group": f"stream-{suffix}",
-                    "repartition_topic": f"test.repartition.{suffix}",
-                    "repartition_partitions": 3,
-                    "allowed_lateness_s": LATENESS_S,
-                    "flush_interval_ms": 300,
-                    "batch_max_events": 2_000,
-                    "checkpoint_interval_s": 1.0,  # restarts then resume from a checkpoint, not from zero
-                }
-            ),
-        },
-        deep=True,
-    )
 
 
 def engine_env(settings: Settings) -> dict[str, str]:
@@ -75,6 +50,8 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "ADREACH_STREAM__FLUSH_INTERVAL_MS": str(stream.flush_interval_ms),
             "ADREACH_STREAM__BATCH_MAX_EVENTS": str(stream.batch_max_events),
             "ADREACH_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
+            "ADREACH_STREAM__RETRY_INITIAL_S": str(stream.retry_initial_s),
+            "ADREACH_STREAM__RETRY_MAX_S": str(stream.retry_max_s),
             "ADREACH_FEATURES__ONLINE_STORE": settings.features.online_store,
             "ADREACH_FEATURES__REDIS_CONNECTION": settings.features.redis_connection,
             "ADREACH_FEATURES__PROJECT": settings.features.project,

@@ -420,6 +420,7 @@ class StreamWorker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._failed:
             self.checkpoint(final=True)
+        self._assigned = False  # until the next assignment: "caught up" means nothing while unassigned
         for tp in partitions:
             if tp.topic == self._events_topic:
                 self._watermarks.pop(tp.partition, None)
@@ -441,7 +442,11 @@ class StreamWorker:
         if not self._assigned:
             return False
         for tp in self._consumer.assignment():
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            except KafkaException as exc:  # the broker is unreachable right now: not idle, just waiting
+                log.warning("could not read the end offsets of %s[%d]: %s", tp.topic, tp.partition, exc)
+                return False
             if high > self._position(tp, low):
                 return False
         return not self._pending_next and not self._router_next
