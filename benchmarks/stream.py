@@ -2,15 +2,19 @@
 
 Cases, in one run against one embedded broker:
 
-* ``adreach stream (backlog)``: simulated events already in Kafka; one worker process
-  (in-process here, one core) decodes, routes, aggregates all five feature groups and
-  stores the changed features online (SQLite, Feast format) and offline; events/s from
-  start of consumption to the last stored feature.
+* ``engine core``: the engine's own work on one core, without Kafka or stores: JSON
+  decoding, lateness and routing, and all five groups' windowed state and feature rows
+  (what a stream processor's operator does), over the events as micro-batches.
+* ``adreach stream (backlog)``: simulated events already in Kafka; one worker (in-process,
+  one core) decodes, routes through the repartition topic, aggregates all five feature
+  groups and stores the changed features online (Redis, the production store, and
+  SQLite, the embedded default; Feast's own formats) and offline; events/s from the first
+  message to the last stored feature.
 * ``quixstreams count (backlog)``: the peer: a 1-minute tumbling-window count per user
   (one feature, RocksDB state) over the same events from the same topic.
-* ``freshness``: events produced live at a fixed rate (event time = now); the engine
-  samples, for one event in 50, the wall time from its event time to its features being
-  stored; p50/p99 reported.
+* ``freshness``: events produced live at a fixed rate by a separate process (event time =
+  now), stored in Redis; the engine samples, for one event in 50, the wall time from its
+  event time to its features being stored; p50/p99 reported.
 
 Usage: ``python benchmarks/stream.py [--quick]``. Targets (issue 3): >= 200k events/s
 per core, >= 5x quixstreams, freshness p99 < 2 s at 50k events/s.
@@ -19,6 +23,7 @@ per core, >= 5x quixstreams, freshness p99 < 2 s at 50k events/s.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import socket
 import tempfile
 import threading
@@ -34,6 +39,9 @@ from common import print_table, versions, write_results
 
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
+from streams.engine.decode import EventDecoder
+from streams.engine.router import Router
+from streams.engine.shard import ShardState
 from streams.engine.worker import StreamWorker
 from streams.producer import EventProducer
 from streams.simulation import SimulationConfig, Simulator
@@ -67,29 +75,50 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
             producer.send_json(payload)
 
 
-def bench_engine(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
-    settings = _fresh(settings, "engine")
+def bench_core(payloads: list[bytes], batch: int) -> dict[str, Any]:
+    """Decode + route + windowed state for all groups, in-process, one shard, no Kafka or stores."""
+    decoder = EventDecoder()
+    router = Router(1, 3_600_000)
+    state = ShardState(Path(tempfile.mkdtemp(prefix="adreach-core-")) / "shard.npz", 0)
+    watermarks: dict[int, int] = {}
+    rows = 0
+    started = time.perf_counter()
+    for start in range(0, len(payloads), batch):
+        chunk = payloads[start : start + batch]
+        decoded = decoder.decode(chunk)
+        offsets = np.arange(start, start + len(chunk))[decoded.positions]
+        routed = router.route(decoded.events, np.zeros(len(offsets), np.int64), offsets, watermarks)
+        watermarks = routed.watermarks
+        for shipped in routed.shards.values():
+            rows += sum(t.num_rows for t in state.apply(shipped, start + len(chunk)).values())
+    seconds = time.perf_counter() - started
+    return {
+        "events": len(payloads),
+        "seconds": seconds,
+        "events_per_s": len(payloads) / seconds,
+        "feature_rows": rows,
+    }
+
+
+def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -> dict[str, Any]:
+    settings = _fresh(settings, f"engine-{online_store}")
+    features = settings.features.model_copy(
+        update={"online_store": online_store, "project": f"bench_{uuid.uuid4().hex[:8]}"}
+    )
+    settings = settings.model_copy(update={"features": features})
     _produce(settings, payloads)
-    worker = StreamWorker(settings)
-    first: list[float] = []
-    original = worker._handle
-
-    def timed(messages: list[Any]) -> None:
-        if not first:
-            first.append(time.perf_counter())
-        original(messages)
-
-    worker._handle = timed  # type: ignore[method-assign]
     done: list[float] = []
 
     def cycle(stats: Any, rows: int) -> None:
         if stats.events >= len(payloads) and rows == 0 and not done:
-            done.append(time.perf_counter())
+            done.append(time.monotonic())
 
-    worker._on_cycle = cycle
+    worker = StreamWorker(settings, on_cycle=cycle)
     stats = worker.run(idle_exit_s=3.0)
-    seconds = (done[0] if done else time.perf_counter()) - first[0]
+    assert stats.first_message is not None
+    seconds = (done[0] if done else time.monotonic()) - stats.first_message
     return {
+        "online_store": online_store,
         "events": stats.events,
         "seconds": seconds,
         "events_per_s": stats.events / seconds,
@@ -130,45 +159,49 @@ def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, An
     return {"events": seen[0], "seconds": seconds, "events_per_s": seen[0] / seconds}
 
 
+def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None:
+    """Produce impressions at ``rate`` per second with event time = now (runs in its own process)."""
+    encoder = msgspec.json.Encoder()
+    time.sleep(delay_s)  # let the worker join its group
+    with EventProducer(settings) as producer:
+        sent = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            due = int((time.perf_counter() - start) * rate)
+            now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            for i in range(sent, due):
+                producer.send_json(
+                    encoder.encode(
+                        {
+                            "type": "impression",
+                            "event_id": f"f{i}",
+                            "event_time": now,
+                            "user_id": f"u{i % 50_000}",
+                            "ad_id": f"ad{i % 500}",
+                            "campaign_id": f"c{i % 100}",
+                            "advertiser_id": f"adv{i % 20}",
+                            "cost_micros": 1000,
+                        }  # fmt: skip
+                    )
+                )
+            sent = due
+            time.sleep(0.002)
+
+
 def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, Any]:
     settings = _fresh(settings, "fresh")
+    features = settings.features.model_copy(
+        update={"online_store": "redis", "project": f"bench_{uuid.uuid4().hex[:8]}"}
+    )
+    stream = settings.stream.model_copy(update={"flush_interval_ms": 200, "batch_timeout_ms": 20})
+    settings = settings.model_copy(update={"features": features, "stream": stream})
     worker = StreamWorker(settings)
-    encoder = msgspec.json.Encoder()
-    stop = threading.Event()
-
-    def feed() -> None:
-        time.sleep(8.0)  # let the worker join its group
-        with EventProducer(settings) as producer:
-            sent = 0
-            start = time.perf_counter()
-            while not stop.is_set() and time.perf_counter() - start < seconds:
-                due = int((time.perf_counter() - start) * rate)
-                now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-                for i in range(sent, due):
-                    producer.send_json(
-                        encoder.encode(
-                            {
-                                "type": "impression",
-                                "event_id": f"f{i}",
-                                "event_time": now,
-                                "user_id": f"u{i % 50_000}",
-                                "ad_id": f"ad{i % 500}",
-                                "campaign_id": f"c{i % 100}",
-                                "advertiser_id": f"adv{i % 20}",
-                                "cost_micros": 1000,
-                            }  # fmt: skip
-                        )
-                    )
-                sent = due
-                time.sleep(0.005)
-        time.sleep(3.0)
-        worker.stop()
-
-    feeder = threading.Thread(target=feed)
+    feeder = multiprocessing.get_context("spawn").Process(target=_feed, args=(settings, rate, seconds, 8.0))
     feeder.start()
+    stopper = threading.Thread(target=lambda: (feeder.join(), time.sleep(3.0), worker.stop()))
+    stopper.start()
     stats = worker.run(max_seconds=seconds + 60)
-    stop.set()
-    feeder.join()
+    stopper.join()
     samples = np.asarray(stats.freshness_ms)
     return {
         "rate_events_per_s": rate,
@@ -184,9 +217,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute or two)")
+    parser.add_argument("--rate", type=int, default=None, help="live events/s for the freshness case")
     args = parser.parse_args()
     events = 60_000 if args.quick else 300_000
     rate, live_s = (10_000, 10.0) if args.quick else (50_000, 20.0)
+    rate = args.rate or rate
     state = Path(tempfile.mkdtemp(prefix="adreach-stream-bench-"))
     settings = load_settings(state_dir=state, broker={"port": _free_port()})
     broker = EmbeddedBroker(settings)
@@ -194,7 +229,8 @@ def main() -> None:
     try:
         simulator = Simulator(SimulationConfig(users=20_000, events=events, days=1.0, seed=5))
         payloads = [line for batch in simulator.batches() for line in batch.to_json_lines()]
-        engine = bench_engine(settings, payloads)
+        core = bench_core(payloads, settings.stream.batch_max_events)
+        engines = [bench_engine(settings, payloads, store) for store in ("redis", "sqlite")]
         try:
             quix: dict[str, Any] = bench_quixstreams(settings, payloads)
         except Exception as exc:  # the peer failing must not hide our figures; report it
@@ -202,26 +238,32 @@ def main() -> None:
         fresh = bench_freshness(settings, rate, live_s)
     finally:
         broker.stop()
-    ratio = engine["events_per_s"] / quix["events_per_s"] if "events_per_s" in quix else None
+    quix_rate = quix.get("events_per_s")
     rows = [
-        [
-            "adreach stream (5 groups, stored)",
-            f"{engine['events']:,}",
-            f"{engine['events_per_s']:,.0f}",
-            "1.00",
-        ],
-        [
-            "quixstreams 1-min count per user",
-            f"{quix.get('events', 0):,}",
-            f"{quix['events_per_s']:,.0f}" if "events_per_s" in quix else quix.get("error", ""),
-            f"{1 / ratio:.2f}" if ratio else "-",
-        ],
+        ["engine core (decode, route, 5 groups' state; no Kafka/stores)", core],
+        *[[f"adreach stream, Kafka -> features in {e['online_store']} + offline", e] for e in engines],
     ]
-    print_table(["case", "events", "events/s", "vs adreach"], rows)
-    print(f"adreach / quixstreams: {ratio:.2f}x" if ratio else "quixstreams failed")
+    table = [
+        [
+            name,
+            f"{r['events']:,}",
+            f"{r['events_per_s']:,.0f}",
+            f"{r['events_per_s'] / quix_rate:.2f}x" if quix_rate else "-",
+        ]
+        for name, r in rows
+    ]
+    table.append(
+        [
+            "quixstreams 1-min count per user (peer)",
+            f"{quix.get('events', 0):,}",
+            f"{quix_rate:,.0f}" if quix_rate else quix.get("error", ""),
+            "1.00x" if quix_rate else "-",
+        ]
+    )
+    print_table(["case (one core)", "events", "events/s", "vs quixstreams"], table)
     print(
-        f"freshness at {fresh['rate_events_per_s']:,} events/s: p50 {fresh['p50_ms']:.0f} ms, "
-        f"p99 {fresh['p99_ms']:.0f} ms ({fresh['samples']:,} samples)"
+        f"freshness at {fresh['rate_events_per_s']:,} events/s (Redis): p50 {fresh['p50_ms']:.0f} ms, "
+        f"p99 {fresh['p99_ms']:.0f} ms ({fresh['samples']:,} samples, {fresh['events']:,} events)"
         if fresh["samples"]
         else "freshness: no samples"
     )
@@ -229,12 +271,16 @@ def main() -> None:
         "stream",
         {
             "quick": args.quick,
-            "engine": {**engine, "unit": "events/s"},
-            "quixstreams": quix,
-            "ratio_adreach_over_quixstreams": ratio,
-            "freshness": {**fresh, "unit": "ms from event time to features stored"},
+            "engine_core": {**core, "unit": "events/s"},
+            "engine": [{**e, "unit": "events/s"} for e in engines],
+            "quixstreams": {**quix, "unit": "events/s"},
+            "ratio_over_quixstreams": {
+                "engine_core": core["events_per_s"] / quix_rate if quix_rate else None,
+                **{e["online_store"]: e["events_per_s"] / quix_rate if quix_rate else None for e in engines},
+            },
+            "freshness": {**fresh, "unit": "ms from event time to features stored", "online_store": "redis"},
             "targets": {"events_per_s": 200_000, "ratio": 5.0, "freshness_p99_ms_at_50k": 2_000},
-            "versions": versions("duckdb", "pyarrow", "quixstreams", "confluent-kafka"),
+            "versions": versions("numpy", "pyarrow", "quixstreams", "confluent-kafka", "redis"),
         },
     )
     print(f"results: {path}")

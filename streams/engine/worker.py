@@ -78,6 +78,8 @@ class StreamStats:
     """Sampled wall-clock ms from an event's time to its features being stored (live traffic)."""
     started: float = field(default_factory=time.monotonic)
     last_message: float = field(default_factory=time.monotonic)
+    first_message: float | None = None
+    """``time.monotonic()`` when the first message arrived (throughput is measured from there)."""
 
     @property
     def events_per_second(self) -> float:
@@ -214,6 +216,8 @@ class StreamWorker:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
                 if messages:
                     self.stats.last_message = time.monotonic()
+                    if self.stats.first_message is None:
+                        self.stats.first_message = self.stats.last_message
                     self._handle(messages)
                 now = time.monotonic()
                 if now - last_flush >= flush_every:
