@@ -29,7 +29,7 @@ from typing import Any, Literal
 from estimation.estimator import Z95, ReachEstimate
 from estimation.forecaster import ReachForecaster
 from estimation.quality.report import QualityReport
-from estimation.targeting import EVERYONE, And, Expr, HasAll, HasAny
+from estimation.targeting import EVERYONE, And, Between, Eq, Expr, HasAll, HasAny, In, Not, Or
 
 
 class QualityLookupError(ValueError):
@@ -121,6 +121,12 @@ class TrueReach:
         }
 
 
+def _parsed(forecaster: ReachForecaster, targeting: object) -> Expr:
+    if isinstance(targeting, And | Or | Not | Eq | In | Between | HasAny | HasAll):
+        return targeting
+    return forecaster.parse(targeting)
+
+
 def segment_labels(expr: Expr, segment_field: str, provider: str, attribute: str) -> list[str]:
     """The provider labels a targeting expression is restricted to (top-level segment leaf).
 
@@ -174,7 +180,7 @@ def true_category_reach(
     the category; impressions likewise with a horizon) and the :class:`TrueReach` breakdown.
     """
     provider, attribute = report.key
-    expr = forecaster.parse(targeting)
+    expr = _parsed(forecaster, targeting)
     segment_field = forecaster.settings.provider_labels_field
     labels = segment_labels(expr, segment_field, provider, attribute)
     if category not in report.categories:
@@ -253,7 +259,7 @@ def rank_providers(
     reports = registry.for_attribute(attribute)
     if not reports:
         raise QualityLookupError(f"no quality assessment for attribute {attribute!r}")
-    base: Expr = EVERYONE if targeting is None or forecaster is None else forecaster.parse(targeting)
+    base: Expr = EVERYONE if targeting is None or forecaster is None else _parsed(forecaster, targeting)
     rows: list[dict[str, Any]] = []
     for report in reports:
         provider = report.provider or ""
