@@ -91,6 +91,14 @@ def serve(
             "--follow/--no-follow", help="Apply user_profile events from Kafka (reach.follow_updates)."
         ),
     ] = None,
+    quality: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--quality",
+            help="Provider assessment JSON (adreach quality ... --out) for true_category queries; repeatable "
+            "(default: quality.assessments).",
+        ),
+    ] = None,
 ) -> None:
     """Serve POST /v1/reach, GET /v1/reach/fields and the OpenAPI docs at /docs."""
     import uvicorn
@@ -107,6 +115,12 @@ def serve(
     settings = ctx.obj
     assert isinstance(settings, Settings)
     reach = _reach_settings(ctx, host=host, port=port, shards=shards, follow_updates=follow)
+    from estimation.quality.forecast import QualityRegistry
+
+    try:
+        registry = QualityRegistry.load(quality or settings.quality.assessments)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
     try:
         forecaster = ReachForecaster.open(sample, shards=reach.shards, settings=reach)
     except SampleError as exc:
@@ -129,7 +143,12 @@ def serve(
             f"http://{reach.host}:{reach.port}/docs" + (f"; following {follower.topic}" if follower else ""),
             highlight=False,
         )
-        uvicorn.run(create_app(forecaster, follower), host=reach.host, port=reach.port, log_level="warning")
+        uvicorn.run(
+            create_app(forecaster, follower, quality=registry, quality_settings=settings.quality),
+            host=reach.host,
+            port=reach.port,
+            log_level="warning",
+        )
     finally:
         if follower is not None:
             follower.stop()

@@ -5,6 +5,10 @@
 * ``GET /v1/reach/fields``: the targetable fields, their values (with build-time counts)
   or ranges, and the operators each kind takes;
 * ``GET /v1/reach/health``: shards and streaming-update counters;
+* ``POST /v1/quality/user``, ``POST /v1/quality/aggregate``: assess a data provider
+  (:mod:`estimation.quality`), optionally keeping the result for forecasts (``save``);
+  ``GET /v1/quality/assessments``; ``POST /v1/quality/rank``: providers for a category;
+  ``POST /v1/reach`` with ``true_category`` counts users truly in a category;
 * OpenAPI docs at ``/docs``.
 
 Errors are JSON ``{"detail": {"error": CODE, "message": TEXT, "path": WHERE}}``: 400 for
@@ -15,16 +19,27 @@ wrong shape, 503 when a shard is down and no partial answer was allowed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from estimation.forecaster import ReachForecaster
+from estimation.quality.aggregate import assess_aggregate
+from estimation.quality.forecast import (
+    QualityLookupError,
+    QualityRegistry,
+    rank_providers,
+    true_category_reach,
+)
+from estimation.quality.inputs import QualityInputError, table_from_columns
+from estimation.quality.report import QualityReport
+from estimation.quality.user import assess_users
 from estimation.sharding import ShardUnavailableError
 from estimation.targeting import MalformedTargetingError, TargetingError, UnknownFieldError
 from estimation.updates import ProfileFollower
+from infra.settings import QualitySettings
 
 EXAMPLE: dict[str, Any] = {
     "targeting": {
@@ -36,6 +51,16 @@ EXAMPLE: dict[str, Any] = {
     },
     "horizon_days": 7,
 }
+
+
+class TrueCategory(BaseModel):
+    """Count users truly in ``category`` of ``attribute`` by ``provider``'s assessment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    attribute: str
+    category: str
 
 
 class ReachRequest(BaseModel):
@@ -58,6 +83,12 @@ class ReachRequest(BaseModel):
     allow_partial: bool | None = Field(
         None, description="When a shard is down, answer from the others (marked partial) instead of 503."
     )
+    true_category: TrueCategory | None = Field(
+        None,
+        description="Answer with users *truly* in this category: the targeting must select the provider's "
+        "segment (a has_any on the provider-labels field); reach and ci95 then combine the sample with the "
+        "provider's estimated P(true category | label), and the interval widens by its uncertainty.",
+    )
 
 
 class ReachResponse(BaseModel):
@@ -79,6 +110,57 @@ class ReachResponse(BaseModel):
     impressions_ci95: tuple[float, float] | None = None
     missing_shards: list[int] | None = None
     coverage: float | None = None
+    true_category: dict[str, Any] | None = None
+
+
+Columns = dict[str, list[Any]]
+
+
+class UserQualityRequest(BaseModel):
+    """User-level assessment: columns as JSON lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Columns = Field(..., description='{"user_id": [...], "label": [...]}: the provider\'s labels.')
+    truth: Columns = Field(..., description='{"user_id": [...], "truth": [...], "weight"?: [...]}: a panel.')
+    reweight: bool = Field(True, description="Post-stratify the panel to the served reach sample's strata.")
+    provider: str | None = None
+    attribute: str | None = None
+    save: bool = Field(
+        False, description="Keep the result for true_category queries (needs provider, attribute)."
+    )
+
+
+class AggregateQualityRequest(BaseModel):
+    """Aggregate assessment: per-campaign label mixes and vendor truth, columns as JSON lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mix: Columns = Field(..., description='{"campaign_id": [...], "label": [...], "share"|"count": [...]}')
+    truth: Columns = Field(
+        ..., description='{"campaign_id": [...], "category": [...], "share"|"count": [...]}'
+    )
+    bootstrap: int | None = Field(None, ge=20, le=10_000)
+    seed: int | None = Field(None, ge=0)
+    label_shares: dict[str, float] | None = Field(
+        None, description="Label distribution for recall/accuracy (default: pooled over the campaigns)."
+    )
+    provider: str | None = None
+    attribute: str | None = None
+    save: bool = Field(
+        False, description="Keep the result for true_category queries (needs provider, attribute)."
+    )
+
+
+class RankRequest(BaseModel):
+    """Rank the assessed providers' segments for a category."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attribute: str
+    category: str
+    targeting: Any = Field(None, description="Restrict to users matching this targeting (default: everyone).")
+    sort_by: Literal["precision", "true_reach"] = "precision"
 
 
 def _error_code(exc: TargetingError) -> str:
@@ -89,8 +171,21 @@ def _error_code(exc: TargetingError) -> str:
     return "invalid_value"
 
 
-def create_app(forecaster: ReachForecaster, follower: ProfileFollower | None = None) -> FastAPI:
+def _bad_input(exc: Exception) -> HTTPException:
+    code = "invalid_input" if isinstance(exc, QualityInputError) else "quality_unavailable"
+    return HTTPException(400, {"error": code, "message": str(exc)})
+
+
+def create_app(
+    forecaster: ReachForecaster,
+    follower: ProfileFollower | None = None,
+    *,
+    quality: QualityRegistry | None = None,
+    quality_settings: QualitySettings | None = None,
+) -> FastAPI:
     """The FastAPI application answering from ``forecaster`` (which it does not close)."""
+    registry = quality if quality is not None else QualityRegistry()
+    qsettings = quality_settings or QualitySettings()
     app = FastAPI(
         title="adreach reach forecasting",
         version="1",
@@ -100,10 +195,24 @@ def create_app(forecaster: ReachForecaster, follower: ProfileFollower | None = N
 
     @app.post("/v1/reach", response_model=ReachResponse, response_model_exclude_none=True)
     def reach(request: ReachRequest) -> dict[str, Any]:
+        true = None
         try:
-            answer = forecaster.estimate(
-                request.targeting, request.horizon_days, allow_partial=request.allow_partial
-            )
+            if request.true_category is None:
+                answer = forecaster.estimate(
+                    request.targeting, request.horizon_days, allow_partial=request.allow_partial
+                )
+            else:
+                wanted = request.true_category
+                answer, true = true_category_reach(
+                    forecaster,
+                    request.targeting,
+                    registry.get(wanted.provider, wanted.attribute),
+                    wanted.category,
+                    horizon_days=request.horizon_days,
+                    allow_partial=request.allow_partial,
+                )
+        except QualityLookupError as exc:
+            raise _bad_input(exc) from None
         except TargetingError as exc:
             raise HTTPException(
                 400, {"error": _error_code(exc), "message": str(exc), "path": exc.path}
@@ -112,7 +221,10 @@ def create_app(forecaster: ReachForecaster, follower: ProfileFollower | None = N
             raise HTTPException(
                 503, {"error": "shard_unavailable", "message": str(exc), "missing_shards": exc.missing}
             ) from None
-        return answer.to_json()
+        out = answer.to_json()
+        if true is not None:
+            out["true_category"] = true.to_json()
+        return out
 
     @app.get("/v1/reach/fields")
     def fields() -> dict[str, Any]:
@@ -125,5 +237,71 @@ def create_app(forecaster: ReachForecaster, follower: ProfileFollower | None = N
             info["follower"] = follower.to_json()
         healthy = all(shard["ok"] for shard in info["shards"])
         return JSONResponse(info, status_code=200 if healthy else 503)
+
+    def _keep(report: QualityReport, save: bool) -> dict[str, Any]:
+        out = report.to_json()
+        if save:
+            try:
+                registry.add(report)
+            except QualityLookupError as exc:
+                raise _bad_input(exc) from None
+        out["saved"] = save
+        return out
+
+    @app.post("/v1/quality/user")
+    def quality_user(request: UserQualityRequest) -> dict[str, Any]:
+        try:
+            report = assess_users(
+                table_from_columns(request.labels, "labels"),
+                table_from_columns(request.truth, "truth"),
+                sample_dir=forecaster.meta.directory if request.reweight else None,
+                provider=request.provider,
+                attribute=request.attribute,
+            )
+        except QualityInputError as exc:
+            raise _bad_input(exc) from None
+        return _keep(report, request.save)
+
+    @app.post("/v1/quality/aggregate")
+    def quality_aggregate(request: AggregateQualityRequest) -> dict[str, Any]:
+        try:
+            report = assess_aggregate(
+                table_from_columns(request.mix, "mix"),
+                table_from_columns(request.truth, "truth"),
+                bootstrap=request.bootstrap or qsettings.bootstrap_replicates,
+                seed=qsettings.seed if request.seed is None else request.seed,
+                max_condition=qsettings.max_condition_number,
+                max_ci_width=qsettings.max_ci_width,
+                tolerance=qsettings.share_tolerance,
+                label_shares=request.label_shares,
+                provider=request.provider,
+                attribute=request.attribute,
+            )
+        except QualityInputError as exc:
+            raise _bad_input(exc) from None
+        return _keep(report, request.save)
+
+    @app.get("/v1/quality/assessments")
+    def quality_assessments() -> dict[str, Any]:
+        return {"assessments": registry.summary()}
+
+    @app.post("/v1/quality/rank")
+    def quality_rank(request: RankRequest) -> dict[str, Any]:
+        try:
+            rows = rank_providers(
+                registry,
+                request.attribute,
+                request.category,
+                forecaster=forecaster,
+                targeting=request.targeting,
+                sort_by=request.sort_by,
+            )
+        except QualityLookupError as exc:
+            raise _bad_input(exc) from None
+        except TargetingError as exc:
+            raise HTTPException(
+                400, {"error": _error_code(exc), "message": str(exc), "path": exc.path}
+            ) from None
+        return {"attribute": request.attribute, "category": request.category, "providers": rows}
 
     return app

@@ -19,6 +19,7 @@ import pydantic
 import typer
 
 from estimation.cli import reach_app
+from estimation.quality.cli import quality_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -35,6 +36,7 @@ app.add_typer(broker_app, name="broker")
 stream_app = typer.Typer(help="Turn events into windowed features in Feast.", no_args_is_help=True)
 app.add_typer(stream_app, name="stream")
 app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
+app.add_typer(quality_app, name="quality")  # issue 6: quality user / aggregate (estimation/quality/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
@@ -478,6 +480,7 @@ def demo(
             broker.stop()
     _print_fresh_features(settings, out)
     _demo_reach(settings, out)
+    _demo_quality(settings, out)
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     if started_broker and keep_broker:
         print(f"the embedded broker keeps running at {broker.address}; stop it with `adreach broker stop`")
@@ -541,6 +544,14 @@ def _demo_reach(settings: Settings, out: Path) -> None:
 
     print("reach forecasts (estimate vs exact):")
     print_reach_examples(out / "truth", out / "reach-sample", settings.reach)
+
+
+def _demo_quality(settings: Settings, out: Path) -> None:
+    """Issue 6: the simulated providers' quality, from a panel and from campaign aggregates."""
+    from estimation.quality.demo import print_quality_report
+
+    print("data-source quality of the simulated providers:")
+    print_quality_report(out / "truth", out / "reach-sample", settings)
 
 
 def main(argv: list[str] | None = None) -> None:

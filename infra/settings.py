@@ -248,6 +248,33 @@ class ReachSettings(BaseModel):
     )
 
 
+class QualitySettings(BaseModel):
+    """Data-source quality (``adreach quality``, ``/v1/quality``); see :mod:`estimation.quality`."""
+
+    model_config = {"extra": "forbid"}
+
+    bootstrap_replicates: int = Field(
+        200, ge=20, le=10_000, description="Bootstrap replicates over campaigns for aggregate intervals."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling (results are reproducible).")
+    max_condition_number: float = Field(
+        100.0,
+        gt=1,
+        description="Weighted mix matrices worse conditioned than this do not identify the matrix.",
+    )
+    max_ci_width: float = Field(
+        0.5, gt=0, le=1, description="Rows whose 95% intervals are wider than this are reported as weak."
+    )
+    share_tolerance: float = Field(
+        0.01, gt=0, lt=0.5, description="How far a campaign's shares may sum from 1 (rounded reports)."
+    )
+    assessments: list[Path] = Field(
+        default_factory=list,
+        description="Assessment JSON files (`adreach quality ... --out`) that `reach serve` loads for "
+        "true_category reach queries and provider ranking.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -269,6 +296,7 @@ class Settings(BaseSettings):
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     reach: ReachSettings = Field(default_factory=ReachSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
     @property
     def bootstrap_servers(self) -> str:
