@@ -39,9 +39,7 @@ from common import print_table, versions, write_results
 
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
-from streams.engine.decode import EventDecoder
-from streams.engine.router import Router
-from streams.engine.shard import ShardState
+from streams.engine.replay import replay
 from streams.engine.worker import StreamWorker
 from streams.producer import EventProducer
 from streams.simulation import SimulationConfig, Simulator
@@ -77,21 +75,10 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
 
 def bench_core(payloads: list[bytes], batch: int) -> dict[str, Any]:
     """Decode + route + windowed state for all groups, in-process, one shard, no Kafka or stores."""
-    decoder = EventDecoder()
-    router = Router(1, 3_600_000)
-    state = ShardState(Path(tempfile.mkdtemp(prefix="adreach-core-")) / "shard.npz", 0)
-    watermarks: dict[int, int] = {}
-    rows = 0
     started = time.perf_counter()
-    for start in range(0, len(payloads), batch):
-        chunk = payloads[start : start + batch]
-        decoded = decoder.decode(chunk)
-        offsets = np.arange(start, start + len(chunk))[decoded.positions]
-        routed = router.route(decoded.events, np.zeros(len(offsets), np.int64), offsets, watermarks)
-        watermarks = routed.watermarks
-        for shipped in routed.shards.values():
-            rows += sum(t.num_rows for t in state.apply(shipped, start + len(chunk)).values())
+    result = replay(payloads, batch_events=batch)
     seconds = time.perf_counter() - started
+    rows = sum(t.num_rows for tables in result.features.values() for t in tables)
     return {
         "events": len(payloads),
         "seconds": seconds,
