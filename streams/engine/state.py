@@ -29,11 +29,10 @@ arrays for the shard's checkpoint file.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
@@ -70,8 +69,11 @@ class KeyIndex:
 
     def ids(self, values: pa.Array | pa.ChunkedArray) -> tuple[_I64, _I64, list[str]]:
         """Per value its id (new keys get the next ids); also the distinct ids and keys (first-seen order)."""
-        codes, uniques = pd.factorize(np.asarray(values.to_numpy(zero_copy_only=False), dtype=object))
-        distinct = uniques.tolist()
+        encoded = pc.dictionary_encode(values)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+        codes = encoded.indices.to_numpy()
+        distinct = encoded.dictionary.to_pylist()
         lookup = self._ids
         found = [lookup.get(key, -1) for key in distinct]
         for position, key in enumerate(distinct):
@@ -114,10 +116,10 @@ class _Batch:
 
     ids: _I64  # entity id per row
     times: _I64
-    types: NDArray[Any]  # event type per row (object array of str)
     table: pa.Table
     changed_ids: _I64  # distinct entity ids, first-seen order
     changed_keys: list[str]
+    type_masks: dict[tuple[str, ...], NDArray[np.bool_]] = field(default_factory=dict)
 
 
 class _LastN:
@@ -215,7 +217,7 @@ class GroupState:
         self.entities = KeyIndex()
         self.latest = np.full(0, _NO_TIME, dtype=np.int64)
         self.tile_codes = np.zeros(0, dtype=np.int64)
-        self.tile_values = np.zeros((0, len(self.columns)), dtype=np.float64)
+        self.tile_values = np.zeros((len(self.columns), 0), dtype=np.float64)  # column-major: fast reduceat
         self.values = {a.name: KeyIndex() for a in self.distinct}
         self.seen_codes = {a.name: np.zeros(0, dtype=np.int64) for a in self.distinct}
         self.seen_tiles = {a.name: np.zeros(0, dtype=np.int64) for a in self.distinct}
@@ -236,7 +238,7 @@ class GroupState:
             distinct_codes, distinct_deltas = self._distinct_deltas(aggregation, column, batch)
             codes.append(distinct_codes)
             deltas.append(distinct_deltas)
-        self._merge_tiles(np.concatenate(codes), np.concatenate(deltas))
+        self._merge_tiles(np.concatenate(codes), np.concatenate(deltas, axis=1))
         for aggregation in self.last_n:
             mask = self._mask(aggregation, batch) & batch.table.column(
                 aggregation.column or ""
@@ -267,7 +269,6 @@ class GroupState:
         return _Batch(
             ids=ids,
             times=table.column("event_time_ms").to_numpy().astype(np.int64, copy=False),
-            types=np.asarray(table.column("type").to_numpy(zero_copy_only=False), dtype=object),
             table=table,
             changed_ids=changed_ids,
             changed_keys=changed_keys,
@@ -275,24 +276,29 @@ class GroupState:
 
     @staticmethod
     def _mask(aggregation: Aggregation, batch: _Batch) -> NDArray[np.bool_]:
-        return np.isin(batch.types, aggregation.event_types)
+        found = batch.type_masks.get(aggregation.event_types)
+        if found is None:
+            types = pa.array(aggregation.event_types, pa.string())
+            found = pc.is_in(batch.table.column("type"), value_set=types).to_numpy(zero_copy_only=False)
+            batch.type_masks[aggregation.event_types] = found
+        return found
 
     def _additive_deltas(self, batch: _Batch) -> _F64:
-        deltas = np.zeros((len(batch.ids), len(self.columns)), dtype=np.float64)
+        deltas = np.zeros((len(self.columns), len(batch.ids)), dtype=np.float64)
         for column, aggregation in enumerate(self.additive):
             mask = self._mask(aggregation, batch)
             if aggregation.kind == "count":
-                deltas[:, column] = mask
+                deltas[column] = mask
             else:
                 values = pc.fill_null(batch.table.column(aggregation.column or "").cast(pa.float64()), 0.0)
-                deltas[:, column] = np.where(mask, values.to_numpy(), 0.0)
+                deltas[column] = np.where(mask, values.to_numpy(), 0.0)
         return deltas
 
     def _distinct_deltas(self, aggregation: Aggregation, column: int, batch: _Batch) -> tuple[_I64, _F64]:
         """Tile deltas moving each (entity, value) unit to the tile it was last seen in."""
         values = batch.table.column(aggregation.column or "")
         mask = self._mask(aggregation, batch) & values.is_valid().to_numpy(zero_copy_only=False)
-        empty = (np.zeros(0, dtype=np.int64), np.zeros((0, len(self.columns)), dtype=np.float64))
+        empty = (np.zeros(0, dtype=np.int64), np.zeros((len(self.columns), 0), dtype=np.float64))
         if not mask.any():
             return empty
         index = self.values[aggregation.name]
@@ -325,24 +331,27 @@ class GroupState:
         self.seen_codes[aggregation.name] = np.insert(seen_codes, position[~found], pairs[~found])
         self.seen_tiles[aggregation.name] = np.insert(seen_tiles, position[~found], tiles[~found])
 
-        deltas = np.zeros((len(minus) + len(plus), len(self.columns)), dtype=np.float64)
-        deltas[: len(minus), column] = -1.0
-        deltas[len(minus) :, column] = 1.0
+        deltas = np.zeros((len(self.columns), len(minus) + len(plus)), dtype=np.float64)
+        deltas[column, : len(minus)] = -1.0
+        deltas[column, len(minus) :] = 1.0
         return np.concatenate([minus, plus]), deltas
 
     def _merge_tiles(self, codes: _I64, deltas: _F64) -> None:
-        order = np.argsort(codes, kind="stable")
-        starts = _segments(codes[order])
-        if len(starts) == 0:
+        if len(codes) == 0:
             return
-        codes = codes[order][starts]
-        deltas = np.add.reduceat(deltas[order], starts, axis=0)
+        order = np.argsort(codes)
+        sorted_codes = codes[order]
+        first = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+        group = np.empty(len(codes), dtype=np.int64)
+        group[order] = np.cumsum(first) - 1  # each delta's distinct code, numbered in code order
+        codes = sorted_codes[first]
+        deltas = np.stack([np.bincount(group, weights=row, minlength=len(codes)) for row in deltas])
         position = np.searchsorted(self.tile_codes, codes)
         found = position < len(self.tile_codes)
         found[found] = self.tile_codes[position[found]] == codes[found]
-        self.tile_values[position[found]] += deltas[found]
+        self.tile_values[:, position[found]] += deltas[:, found]
         self.tile_codes = np.insert(self.tile_codes, position[~found], codes[~found])
-        self.tile_values = np.insert(self.tile_values, position[~found], deltas[~found], axis=0)
+        self.tile_values = np.insert(self.tile_values, position[~found], deltas[:, ~found], axis=1)
 
     # -- reading features ----------------------------------------------------------------
 
@@ -363,7 +372,7 @@ class GroupState:
                 continue
             column = self.columns.index(aggregation.name)
             for window in group.windows:
-                values = window_sums[window.name][:, column]
+                values = window_sums[window.name][column]
                 if aggregation.kind == "sum":
                     columns[f"{aggregation.name}_{window.name}"] = pa.array(values, pa.float64())
                 else:
@@ -373,13 +382,13 @@ class GroupState:
             denominator = self.columns.index(ratio.denominator)
             for window in group.windows:
                 sums = window_sums[window.name]
-                num, den = sums[:, numerator], sums[:, denominator]
+                num, den = sums[numerator], sums[denominator]
                 rate = np.divide(num, den, out=np.zeros(len(ids)), where=den > 0)
                 columns[f"{ratio.name}_{window.name}"] = pa.array(rate, pa.float64())
         return pa.table(columns)
 
     def _window_sums(self, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
-        """Per window, the tile columns summed over each entity's tiles in ``[end - W, end)``."""
+        """Per window, the tile columns (rows) summed over each entity's tiles in ``[end - W, end)``."""
         base = ids << TILE_BITS
         high = np.searchsorted(self.tile_codes, base | end_tile)
         windows = self.group.windows
@@ -392,18 +401,18 @@ class GroupState:
         gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
         total = int(lengths.sum())
         rows = np.arange(total, dtype=np.int64) - np.repeat(gathered_start - low, lengths)
-        gathered = np.vstack([self.tile_values[rows], np.zeros((1, len(self.columns)))])
+        gathered = np.hstack([self.tile_values[:, rows], np.zeros((len(self.columns), 1))])
         out: dict[str, _F64] = {}
         for window in windows:
             start = gathered_start + (lows[window.name] - low)
             end = gathered_start + lengths
+            if len(ids) == 0:
+                out[window.name] = np.zeros((len(self.columns), 0))
+                continue
             bounds = np.empty(2 * len(ids), dtype=np.int64)
             bounds[0::2], bounds[1::2] = start, end
-            if len(ids) == 0:
-                out[window.name] = np.zeros((0, len(self.columns)))
-                continue
-            sums = np.add.reduceat(gathered, bounds, axis=0)[0::2]
-            sums[start >= end] = 0.0
+            sums = np.add.reduceat(gathered, bounds, axis=1)[:, 0::2]
+            sums[:, start >= end] = 0.0
             out[window.name] = sums
         return out
 
@@ -418,7 +427,7 @@ class GroupState:
         """
         horizon_tile = -(-horizon_ms // TILE_MS)
         keep = (self.tile_codes & _TILE_MASK) >= horizon_tile
-        self.tile_codes, self.tile_values = self.tile_codes[keep], self.tile_values[keep]
+        self.tile_codes, self.tile_values = self.tile_codes[keep], self.tile_values[:, keep]
         live = self.latest[: len(self.entities)] >= horizon_ms
         remap = self.entities.keep(live)
         self.latest = self.latest[: len(live)][live].copy()
@@ -462,7 +471,7 @@ class GroupState:
         self.latest = np.asarray(arrays["latest"], dtype=np.int64).copy()
         self.tile_codes = np.asarray(arrays["tile_codes"], dtype=np.int64).copy()
         self.tile_values = (
-            np.asarray(arrays["tile_values"], dtype=np.float64).reshape(-1, len(self.columns)).copy()
+            np.asarray(arrays["tile_values"], dtype=np.float64).reshape(len(self.columns), -1).copy()
         )
         for name in self.values:
             self.values[name] = KeyIndex(arrays[f"{name}.values"].to_pylist())
