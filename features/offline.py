@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from features.definitions import FeatureGroup
 from features.feast_objects import CREATED_FIELD, TIMESTAMP_FIELD, offline_path, offline_schema
 
+COMPACTED_SUFFIX = "-compacted.parquet"
+
 
 @dataclass(frozen=True)
 class CompactionResult:
@@ -36,10 +38,18 @@ class CompactionResult:
     rows_after: int
 
 
-def compact_offline(data_dir: Path, group: FeatureGroup) -> CompactionResult:
-    """Merge ``group``'s offline part files into one, keeping the latest row per entity and timestamp."""
+def compact_offline(data_dir: Path, group: FeatureGroup, *, small_only: bool = False) -> CompactionResult:
+    """Merge ``group``'s offline part files into one, keeping the latest row per entity and timestamp.
+
+    ``small_only`` merges just the parts not yet compacted (what the stream worker does
+    every few minutes, at a cost that does not grow with the history); ties between two
+    compacted files then remain possible where a tile spans two compactions, which a full
+    compaction (as before every training set) removes.
+    """
     directory = offline_path(data_dir, group)
     parts = sorted(directory.glob("part-*.parquet"))
+    if small_only:
+        parts = [part for part in parts if not part.name.endswith(COMPACTED_SUFFIX)]
     if len(parts) <= 1:
         rows = pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
         return CompactionResult(group.name, len(parts), rows, rows)
@@ -55,7 +65,7 @@ def compact_offline(data_dir: Path, group: FeatureGroup) -> CompactionResult:
         rows_before = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     finally:
         connection.close()
-    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-compacted.parquet"
+    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{COMPACTED_SUFFIX}"
     staging = directory / f".{name}"
     pq.write_table(_conform(table, schema), staging, use_compliant_nested_type=False)
     staging.rename(directory / name)

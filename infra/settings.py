@@ -187,6 +187,12 @@ class StreamSettings(BaseModel):
         description="Shard state + offsets are checkpointed to disk at most this often (and on shutdown "
         "or rebalance); a crash replays at most this much of the repartition topic.",
     )
+    offline_compact_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="The part files appended to the offline store (one per cycle and group) are merged "
+        "into one this often.",
+    )
     state_dir: Path | None = Field(None, description="Checkpoints; default: <state_dir>/stream/<group>.")
     retry_initial_s: float = Field(0.2, gt=0, description="First wait before retrying a failed store write.")
     retry_max_s: float = Field(10.0, gt=0, description="Longest wait between store-write retries.")

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
+from features.offline import compact_offline
 from features.online import OnlineFeatureWriter, OnlineStoreUnavailableError
 from infra.settings import Settings
 
@@ -54,6 +55,14 @@ class FeatureSink:
             written += rows.num_rows
         self.rows_written += written
         return written
+
+    def compact_offline(self) -> None:
+        """Merge the part files written since the last compaction (one file per group)."""
+        for group in self.groups.values():
+            try:
+                compact_offline(self._data_dir, group, small_only=True)
+            except OSError as exc:
+                raise StoreUnavailableError(f"offline store {self._data_dir}: {exc}") from exc
 
     def close(self) -> None:
         self._online.close()

@@ -161,6 +161,7 @@ class StreamWorker:
         self._assigned = False  # no partitions yet: the group join has not finished
         self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
         self._last_compact = time.monotonic()
+        self._last_offline_compact = time.monotonic()
         self._failed_records: list[str] = []
 
         ensure_topics(settings, [*default_topics(settings), repartition_spec(settings)])
@@ -350,6 +351,9 @@ class StreamWorker:
                 commits.append(TopicPartition(self._shard_topic, shard, state.durable_offset))
         if compact:
             self._last_compact = now
+        if now - self._last_offline_compact >= self.settings.stream.offline_compact_interval_s or final:
+            self._sink.compact_offline()
+            self._last_offline_compact = now
         self._pending_next.clear()
         if commits:
             try:
