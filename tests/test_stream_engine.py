@@ -203,6 +203,9 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
     produce_raw(stream, bad_events("u0000001", "2025-12-01T00:00:00Z"))
     output = run_engine(stream)
     assert "dead-lettered" in output
+    for group in FEATURE_GROUPS:  # the worker merged its per-cycle part files when it stopped
+        parts = list((stream.feature_repo_dir / "data" / group.name).glob("part-*.parquet"))
+        assert len(parts) == 1 and parts[0].name.endswith("-compacted.parquet"), parts
 
     records = consume(stream, stream.kafka.topics.events, len(payloads) + 4)
     events, late = expected_events(stream, records)
