@@ -8,13 +8,16 @@ imported from :mod:`infra.cli` inside the commands, after it has finished loadin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import typer
 
 from infra.settings import QueryFeatureSettings, Settings
+
+T = TypeVar("T")
 
 features_app = typer.Typer(
     help="Batch feature jobs: LLM/encoder query features, relevance training corpora.", no_args_is_help=True
@@ -36,17 +39,16 @@ def _settings(ctx: typer.Context, **query_overrides: Any) -> Settings:
     return settings.model_copy(update={"queries": queries})
 
 
-def _open_pipeline(settings: Settings, **kwargs: Any) -> Any:
-    """The pipeline, with set-up failures turned into exit codes a user can act on."""
+def _set_up(build: Callable[[], T]) -> T:
+    """Run a set-up step, turning its known failures into exit codes a user can act on."""
     from features.queries.cache import QueryCacheError
     from features.queries.encoder import EncoderUnavailableError
-    from features.queries.pipeline import QueryFeaturePipeline
     from features.queries.taxonomy import TaxonomyError
     from features.queries.vllm_backend import VLLMUnavailableError
     from infra.cli import EXIT_OPERATIONAL, EXIT_USAGE, _fail
 
     try:
-        return QueryFeaturePipeline(settings, **kwargs)
+        return build()
     except (TaxonomyError, VLLMUnavailableError) as exc:
         _fail(str(exc), EXIT_USAGE)
     except (EncoderUnavailableError, QueryCacheError) as exc:
@@ -66,10 +68,11 @@ def run_query_features(
 
     ``adreach demo`` calls this on the CPU backend after the stream engine.
     """
+    from features.queries.pipeline import QueryFeaturePipeline
     from infra.cli import EXIT_USAGE, _fail
     from infra.progress import progress_bar, stderr
 
-    pipeline = _open_pipeline(settings)
+    pipeline = _set_up(lambda: QueryFeaturePipeline(settings))
     stderr.print(
         f"[green]queries:[/] backend {pipeline.backend.generator}; cache {settings.query_cache_path}; "
         f"features -> Feast view query_features in {settings.feature_repo_dir}",
@@ -132,7 +135,8 @@ def _follow_kafka(
                 stderr.print(f"queries: {pipeline.stats.describe()}; lag {source.lag():,}", highlight=False)
             if max_seconds is not None and now - started >= max_seconds:
                 break
-            if until_idle is not None and now - last_event >= until_idle and source.lag() == 0:
+            idle = until_idle is not None and now - last_event >= until_idle
+            if idle and source.assigned() and source.lag() == 0:
                 break
     except KeyboardInterrupt:
         stderr.print("interrupted: every committed batch is stored", highlight=False)
@@ -214,6 +218,8 @@ def relevance_corpus_command(
     too often are dropped), and reject sampling keeps only reasoning that reaches the
     known label. Exits 1 when no pair was accepted.
     """
+    from features.queries.backend import open_backend
+    from features.queries.cache import QueryCache
     from features.queries.factory import (
         CorpusInputError,
         ReasoningDataFactory,
@@ -231,10 +237,11 @@ def relevance_corpus_command(
         gold_set = gold_pairs(gold)
     except CorpusInputError as exc:
         _fail(str(exc), EXIT_USAGE)
-    pipeline = _open_pipeline(settings, write_features=False)  # backend + cache, no Feast
+    teacher = _set_up(lambda: open_backend(settings.queries))
+    cache = _set_up(lambda: QueryCache(settings.query_cache_path, 384))  # query categories (slices)
     factory = ReasoningDataFactory(
-        pipeline.backend,
-        pipeline.cache,
+        teacher,
+        cache,
         samples=settings.queries.relevance_samples,
         min_agreement=settings.queries.gold_min_agreement,
     )
@@ -242,7 +249,8 @@ def relevance_corpus_command(
     try:
         report = factory.build(labelled, gold_set, out, source)
     finally:
-        pipeline.close()
+        cache.close()
+        teacher.close()
     print(report.describe())
     print(f"corpus: {out} ({report.accepted:,} rows); statistics: {out}.stats.json")
     if report.accepted == 0:

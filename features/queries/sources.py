@@ -175,6 +175,10 @@ class KafkaQuerySource:
             if "_NO_OFFSET" not in str(exc):
                 raise
 
+    def assigned(self) -> bool:
+        """Whether the group has given this consumer its partitions yet (idle means nothing before)."""
+        return bool(self._consumer.assignment())
+
     def lag(self) -> int:
         """Messages not yet read in the assigned partitions."""
         total = 0
