@@ -255,3 +255,39 @@ def relevance_corpus_command(
     print(f"corpus: {out} ({report.accepted:,} rows); statistics: {out}.stats.json")
     if report.accepted == 0:
         raise typer.Exit(EXIT_REJECTED)
+
+
+def demo_query_features(settings: Settings, examples: int = 3) -> None:
+    """``adreach demo``: query features from the demo's search events on the CPU backend, then a
+    few of them read back through Feast's SDK."""
+    from features.definitions import QUERY_FEATURES
+    from features.store import open_store
+    from infra.progress import stderr
+
+    settings = settings.model_copy(update={"queries": settings.queries.model_copy(update={"backend": "cpu"})})
+    stderr.print("[green]queries:[/] query features from the search events (cpu backend)", highlight=False)
+    stats = run_query_features(settings, until_idle=3.0, group=f"{settings.stream.consumer_group}-queries")
+    print(f"query features: {stats.describe()}")
+    if not stats.rows_written:
+        return
+    queries = ["running shoes", "cheap flights", "mortgage rates"][:examples]
+    names = ["category", "commercial_intent", "keywords", "embedding"]
+    rows = (
+        open_store(settings)
+        .get_online_features(
+            features=[f"{QUERY_FEATURES.name}:{n}" for n in names],
+            entity_rows=[{"query": q} for q in queries],
+        )
+        .to_dict()
+    )
+    print("query features read back through Feast (query_features):")
+    for i, query in enumerate(queries):
+        if rows["category"][i] is None:
+            continue
+        embedding = rows["embedding"][i]
+        print(
+            f"  {query!r}: category={rows['category'][i]}, "
+            f"commercial_intent={rows['commercial_intent'][i]:.2f}, "
+            f"keywords={rows['keywords'][i]}, embedding=[{embedding[0]:.3f}, {embedding[1]:.3f}, ...] "
+            f"({len(embedding)}-d)"
+        )

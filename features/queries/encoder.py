@@ -187,6 +187,7 @@ class MiniLMEncoder:
         self.device = torch.device(device)
         model = MiniBert(self.config)
         model.load_bert_weights(load_file(str(files["model.safetensors"])))
+        self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
 
     @property
