@@ -15,7 +15,6 @@ and a bounded thread count (set by the caller through the settings).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -218,16 +217,9 @@ class MiniLMEncoder:
         return out
 
 
-def cosine_to_probability(similarity: F32Array, slope: float, offset: float) -> F32Array:
-    """Logistic calibration of a cosine similarity (Platt scaling)."""
-    return np.asarray(1.0 / (1.0 + np.exp(-(slope * similarity + offset))), np.float32)
-
-
 __all__ = [
     "EMBEDDING_DIM",
     "EncoderUnavailableError",
     "MiniLMEncoder",
     "bundled_model_dir",
-    "cosine_to_probability",
-    "math",
 ]

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from features.definitions import QUERY_FEATURES, normalize_query
 from features.feast_objects import TIMESTAMP_FIELD, append_offline, arrow_schema
@@ -156,9 +155,3 @@ class QueryFeaturePipeline:
 def _embedding_dim(backend: QueryFeatureBackend) -> int:
     encoder = getattr(backend, "encoder", None)
     return int(getattr(encoder, "dim", 384))
-
-
-def distinct_normalized(queries: pa.Array | pa.ChunkedArray) -> list[str]:
-    """Distinct normalized forms of raw query strings (unique first in Arrow, then normalized)."""
-    unique = pc.unique(queries).drop_null().to_pylist()
-    return list(dict.fromkeys(k for k in (normalize_query(q) for q in unique) if k))

@@ -22,9 +22,6 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
 MAX_WORD_CHARS = 100
 
 
@@ -140,14 +137,3 @@ class WordPieceTokenizer:
     def encode(self, text: str) -> list[int]:
         """``[CLS] pieces [SEP]``, the pieces cut so the whole fits ``max_length``."""
         return [self.cls_id, *self.tokenize_ids(text)[: self.max_length - 2], self.sep_id]
-
-    def batch(self, texts: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Padded ids and attention mask, both ``(len(texts), longest)``."""
-        encoded = [self.encode(text) for text in texts]
-        longest = max((len(ids) for ids in encoded), default=2)
-        ids = np.full((len(encoded), longest), self.pad_id, np.int64)
-        mask = np.zeros((len(encoded), longest), np.int64)
-        for row, tokens in enumerate(encoded):
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
-        return ids, mask

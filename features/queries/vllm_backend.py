@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from features.queries.backend import QueryBatch, taxonomy_fingerprint
 from features.queries.schema import (
     Judgement,
@@ -270,9 +268,7 @@ class VLLMBackend:
                 rejections.add(parsed)
             else:
                 records.append(parsed)
-        embeddings = (
-            self.encoder.encode([r.query for r in records]) if records else np.empty((0, 384), np.float32)
-        )
+        embeddings = self.encoder.encode([r.query for r in records])
         return QueryBatch(records, embeddings, rejections)
 
     def judge(self, pairs: Sequence[tuple[str, str]], samples: int = 1) -> list[list[Judgement | Rejection]]:
