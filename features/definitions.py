@@ -24,7 +24,7 @@ from streams.events import EVENT_TYPE_NAMES
 TILE_SECONDS = 60
 
 AggregationKind = Literal["count", "sum", "distinct_count", "last_n"]
-FeatureType = Literal["int64", "float64", "string_list"]
+FeatureType = Literal["int64", "float64", "string_list", "string", "float_list"]
 
 
 class DefinitionError(ValueError):
@@ -210,6 +210,58 @@ FEATURE_GROUPS: tuple[FeatureGroup, ...] = (
         description="How often a (normalized) query is searched, and by how many users.",
     ),
 )
+
+
+@dataclass(frozen=True)
+class FeatureTable(FeatureGroup):
+    """Features of one entity computed by a batch job rather than aggregated from the stream.
+
+    A table has explicit ``columns`` instead of aggregations and a ``ttl_seconds`` instead of
+    windows. It is a :class:`FeatureGroup` (with no aggregations) so that the Feast objects
+    and the fast online writer/reader serve it unchanged; the stream engines only ever see
+    :data:`FEATURE_GROUPS`, which holds no tables.
+    """
+
+    columns: tuple[Feature, ...] = ()
+    ttl_seconds: int = 365 * 86_400
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.columns]
+        if not names or len(set(names)) != len(names) or self.aggregations:
+            raise DefinitionError(f"table {self.name}: needs unique columns and no aggregations")
+
+    @property
+    def longest_window(self) -> Window:
+        return Window("ttl", self.ttl_seconds)
+
+    def features(self) -> Iterator[Feature]:
+        yield from self.columns
+
+
+QUERY_EMBEDDING_DIM = 384
+
+QUERY_FEATURES = FeatureTable(
+    "query_features",
+    "query",
+    "query",
+    (),
+    columns=(
+        Feature(
+            "embedding",
+            "float_list",
+            f"{QUERY_EMBEDDING_DIM}-d unit-length all-MiniLM-L6-v2 sentence embedding of the query",
+        ),
+        Feature("category", "string", "ad-taxonomy category id (queries.taxonomy_path)"),
+        Feature("category_score", "float64", "cosine similarity (cpu) or 1.0 (vllm) of the chosen category"),
+        Feature("commercial_intent", "float64", "probability that the query intends to buy (0..1)"),
+        Feature("keywords", "string_list", "keyword expansions"),
+        Feature("generator", "string", "backend/model that generated the row (cache key)"),
+    ),
+    description="Language-model features of a normalized search query (adreach features queries).",
+)
+
+BATCH_TABLES: tuple[FeatureTable, ...] = (QUERY_FEATURES,)
+"""Feature tables written by batch jobs; registered in Feast next to :data:`FEATURE_GROUPS`."""
 
 
 def normalize_query(text: str) -> str:

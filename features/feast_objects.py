@@ -17,18 +17,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float64, Int64, String
+from feast.types import Array, Float32, Float64, Int64, String
 
-from features.definitions import FEATURE_GROUPS, FeatureGroup, FeatureType
+from features.definitions import FEATURE_GROUPS, FeatureGroup, FeatureTable, FeatureType
 
 TIMESTAMP_FIELD = "event_timestamp"
 CREATED_FIELD = "created_timestamp"
 
-_FEAST_TYPES: dict[FeatureType, Any] = {"int64": Int64, "float64": Float64, "string_list": Array(String)}
+_FEAST_TYPES: dict[FeatureType, Any] = {
+    "int64": Int64,
+    "float64": Float64,
+    "string_list": Array(String),
+    "string": String,
+    "float_list": Array(Float32),
+}
 _ARROW_TYPES: dict[FeatureType, pa.DataType] = {
     "int64": pa.int64(),
     "float64": pa.float64(),
     "string_list": pa.list_(pa.string()),
+    "string": pa.string(),
+    "float_list": pa.list_(pa.float32()),
 }
 
 
@@ -88,11 +96,17 @@ def ensure_offline_files(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEAT
             append_offline(data_dir, group, offline_schema(group).empty_table())
 
 
+def _computed_by(group: FeatureGroup) -> str:
+    return "adreach batch jobs" if isinstance(group, FeatureTable) else "adreach stream engines"
+
+
 def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS) -> list[Any]:
     """Entities, push sources and feature views for ``groups``, ready for ``FeatureStore.apply``."""
     objects: list[Any] = []
+    entities: dict[str, Entity] = {}
     for group in groups:
-        entity = Entity(
+        known = entities.get(group.entity)  # groups may share an entity (query): register it once
+        entity = known or Entity(
             name=group.entity,
             join_keys=[group.key],
             value_type=ValueType.STRING,
@@ -116,7 +130,8 @@ def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GRO
             source=push,
             online=True,
             description=group.description,
-            tags={"owner": "adreach", "computed_by": "adreach stream engines"},
+            tags={"owner": "adreach", "computed_by": _computed_by(group)},
         )
-        objects += [entity, push, view]
+        objects += [push, view] if known else [entity, push, view]
+        entities[group.entity] = entity
     return objects

@@ -19,7 +19,9 @@ What Feast stores (Feast 0.67, ``entity_key_serialization_version=3``):
 * entity key: ``<u32 1><u32 STRING=2><u32 len(join key)><join key><u32 STRING=2><u32 len(v)><v>``
   (all little-endian, lengths in UTF-8 bytes);
 * values: serialized ``feast.types.Value``: ``int64_val`` (field 4, varint), ``double_val``
-  (field 5, fixed64), ``string_list_val`` (field 12, a ``StringList``). Feast stores null
+  (field 5, fixed64), ``string_list_val`` (field 12, a ``StringList``), ``string_val``
+  (field 2) and ``float_list_val`` (field 16, a ``FloatList`` of packed little-endian
+  float32: the embedding vectors of batch tables). Feast stores null
   values *and NaN doubles* as an empty ``Value`` (zero bytes), which it reads back as null;
   a null element inside a list becomes ``""``;
 * SQLite: table ``<project>_<view>`` with one row per (entity_key, feature_name): ``value``
@@ -74,7 +76,9 @@ trip, small enough that neither side buffers more than a few MB."""
 _INT64_TAG: Final = 0x20  # Value.int64_val: field 4, varint
 _DOUBLE_TAG: Final = 0x29  # Value.double_val: field 5, fixed64
 _LIST_TAG: Final = 0x62  # Value.string_list_val: field 12, length-delimited
-_ELEMENT_TAG: Final = 0x0A  # StringList.val: field 1, length-delimited
+_ELEMENT_TAG: Final = 0x0A  # StringList.val / FloatList.val (packed): field 1, length-delimited
+_STRING_TAG: Final = 0x12  # Value.string_val: field 2, length-delimited
+_FLOAT_LIST_TAG: Final = b"\x82\x01"  # Value.float_list_val: field 16, length-delimited (2-byte tag)
 _STRING_TYPE: Final = struct.pack("<I", 2)  # feast.types.ValueType.STRING
 _DOUBLE = struct.Struct("<d")
 _SQLITE_MAX_PARAMS: Final = 30_000 if sqlite3.sqlite_version_info >= (3, 32) else 900
@@ -212,6 +216,53 @@ def _string_list_values(array: pa.Array) -> pa.Array:
     return pc.if_else(pa.array(present), encoded, _EMPTY)
 
 
+def _string_values(array: pa.Array) -> pa.Array:
+    """``Value(string_val=...)`` per row (an empty string still sets the field); ``b""`` for null."""
+    present = _valid(array)
+    lengths = np.asarray(pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+    encoded = _join(
+        _const(bytes([_STRING_TAG])), _varint_bytes(lengths), array.cast(pa.large_binary()).fill_null(b"")
+    )
+    if present.all():
+        return encoded
+    return pc.if_else(pa.array(present), encoded, _EMPTY)
+
+
+def _float_list_values(array: pa.Array) -> pa.Array:
+    """``Value(float_list_val=FloatList(val=[...]))`` per row, floats packed; ``b""`` for null.
+
+    A null element inside a vector has no protobuf form; it is stored as NaN.
+    """
+    present = _valid(array)
+    floats = array.values.cast(pa.float32()).fill_null(float("nan"))  # whole child: offsets index it
+    data = np.ascontiguousarray(np.asarray(floats.to_numpy(zero_copy_only=False), "<f4")).view(np.uint8)
+    offsets = np.asarray(array.offsets.to_numpy(zero_copy_only=False), np.int64)
+    payload = _binary(data, offsets * 4)
+    payload_bytes = np.diff(offsets) * 4
+    # FloatList: packed field 1 (omitted entirely for an empty list, as protobuf does).
+    groups, sizes = _varint_matrix(payload_bytes.astype(np.uint64))
+    inner_header = np.empty((len(array), 11), np.uint8)
+    inner_header[:, 0] = _ELEMENT_TAG
+    inner_header[:, 1:] = groups
+    inner_lengths = np.where(payload_bytes > 0, 1 + sizes + payload_bytes, 0)
+    groups, sizes = _varint_matrix(inner_lengths.astype(np.uint64))
+    outer_header = np.empty((len(array), 12), np.uint8)
+    outer_header[:, :2] = np.frombuffer(_FLOAT_LIST_TAG, np.uint8)
+    outer_header[:, 2:] = groups
+    encoded = _join(
+        _prefix_rows(outer_header, sizes + 2),
+        _prefix_rows(inner_header, np.where(payload_bytes > 0, 1 + _varint_sizes(payload_bytes), 0)),
+        payload,
+    )
+    if present.all():
+        return encoded
+    return pc.if_else(pa.array(present), encoded, _EMPTY)
+
+
+def _varint_sizes(values: npt.NDArray[Any]) -> I64Array:
+    return _varint_matrix(np.asarray(values, np.int64).view(np.uint64))[1]
+
+
 def _varint_bytes(values: npt.NDArray[Any]) -> pa.Array:
     groups, sizes = _varint_matrix(np.asarray(values, np.int64).view(np.uint64))
     return _prefix_rows(groups, sizes)
@@ -224,7 +275,13 @@ def _column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-_ENCODERS = {"int64": _int64_values, "float64": _double_values, "string_list": _string_list_values}
+_ENCODERS = {
+    "int64": _int64_values,
+    "float64": _double_values,
+    "string_list": _string_list_values,
+    "string": _string_values,
+    "float_list": _float_list_values,
+}
 
 
 def encode_values(feature_type: FeatureType, values: pa.Array | pa.ChunkedArray) -> list[bytes]:
@@ -314,10 +371,10 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def decode_value(data: bytes | None) -> int | float | list[str] | None:
+def decode_value(data: bytes | None) -> int | float | str | list[str] | list[float] | None:
     """A value written by Feast (or this module) back to Python; ``None`` for null/missing.
 
-    Hand-decoded for the three types adreach stores; anything else means the store holds
+    Hand-decoded for the five types adreach stores; anything else means the store holds
     values of a type adreach never writes, which is an error rather than a silent null.
     """
     if not data:
@@ -343,7 +400,22 @@ def decode_value(data: bytes | None) -> int | float | list[str] | None:
             position += length
         else:
             return out
-    raise OnlineStoreError(f"online store value {data[:16]!r}... is not an int64, double or string list")
+    if tag == _STRING_TAG:
+        length, position = _varint(data, 1)
+        if position + length == len(data):
+            return data[position:].decode()
+    if data[:2] == _FLOAT_LIST_TAG:
+        _, position = _varint(data, 2)
+        floats: list[float] = []
+        while position < len(data) and data[position] == _ELEMENT_TAG:
+            length, position = _varint(data, position + 1)
+            floats += np.frombuffer(data, "<f4", length // 4, position).tolist()
+            position += length
+        if position == len(data):
+            return floats
+    raise OnlineStoreError(
+        f"online store value {data[:16]!r}... is not an int64, double, string, string list or float list"
+    )
 
 
 def _decode_timestamp(data: bytes | None) -> int | None:
@@ -796,9 +868,11 @@ class OnlineFeatureWriter:
 
 
 def _value_texts(feature_type: FeatureType, column: pa.ChunkedArray | pa.Array) -> list[str | None]:
-    """Feast's ``value_text``: ``str()`` of an int64/double value; NULL for lists, nulls and NaN."""
-    if feature_type == "string_list":
+    """Feast's ``value_text``: the string, or ``str()`` of an int64/double; NULL for lists, nulls, NaN."""
+    if feature_type in ("string_list", "float_list"):
         return [None] * len(column)
+    if feature_type == "string":
+        return list(column.to_pylist())
     values = column.to_pylist()
     if feature_type == "int64":
         return [None if v is None else str(v) for v in values]

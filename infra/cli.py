@@ -20,6 +20,7 @@ import typer
 
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
+from features.cli import demo_query_features, features_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -37,6 +38,7 @@ stream_app = typer.Typer(help="Turn events into windowed features in Feast.", no
 app.add_typer(stream_app, name="stream")
 app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
 app.add_typer(quality_app, name="quality")  # issue 6: quality user / aggregate (estimation/quality/cli.py)
+app.add_typer(features_app, name="features")  # issue 8: features queries / relevance-corpus (features/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
@@ -453,7 +455,7 @@ def demo(
 
     Starts the embedded broker, simulates a population and ~1M events into Kafka, runs the
     stream engine until it has caught up, and prints a few users' fresh features read back
-    through Feast.
+    through Feast; then turns the search queries into query features (CPU encoder).
     """
     from streams.broker import BrokerError, EmbeddedBroker
 
@@ -475,6 +477,7 @@ def demo(
         print(summary)
         stderr.print("[green]stream:[/] computing windowed features into Feast", highlight=False)
         print(_run_stream(settings, until_idle=3.0, max_seconds=None))
+        demo_query_features(settings)  # issue 8: query features on the CPU backend (features/cli.py)
     finally:
         if started_broker and not keep_broker:
             broker.stop()

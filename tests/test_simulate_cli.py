@@ -105,5 +105,6 @@ def test_demo_runs_end_to_end_and_stops_the_broker_it_started(
     result = run(adreach_bin, ["demo", "--events", "30000", "--users", "3000"], env)
     assert result.returncode == 0, result.stderr
     assert "simulated" in result.stdout and "demo finished" in result.stdout
+    assert "query features read back through Feast" in result.stdout  # issue 8
     assert (tmp_path / "demo" / "truth" / "population.parquet").is_file()
     assert run(adreach_bin, ["broker", "status"], env).returncode == 1, "the demo's broker was stopped"
