@@ -176,6 +176,12 @@ class StreamSettings(BaseModel):
     )
     batch_max_events: int = Field(20_000, gt=0, description="Most messages read per micro-batch.")
     batch_timeout_ms: int = Field(100, gt=0, description="Longest wait for a micro-batch to fill.")
+    fetch_wait_max_ms: int = Field(
+        20,
+        ge=0,
+        description="Longest time the broker may hold a fetch for more data (Kafka's fetch.wait.max.ms). "
+        "Low keeps freshness: the embedded broker holds every fetch this long, even with data waiting.",
+    )
     flush_interval_ms: int = Field(
         500,
         gt=0,

@@ -192,6 +192,7 @@ class StreamWorker:
             "heartbeat.interval.ms": max(500, config.session_timeout_ms // 6),
             "max.poll.interval.ms": 600_000,
             "fetch.max.bytes": 16_000_000,
+            "fetch.wait.max.ms": config.fetch_wait_max_ms,
         }
         if worker_id:
             consumer_config["client.id"] = worker_id
