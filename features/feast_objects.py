@@ -17,18 +17,24 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float64, Int64, String
+from feast.types import Array, Float32, Float64, Int64, String
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup, FeatureType
 
 TIMESTAMP_FIELD = "event_timestamp"
 CREATED_FIELD = "created_timestamp"
 
-_FEAST_TYPES: dict[FeatureType, Any] = {"int64": Int64, "float64": Float64, "string_list": Array(String)}
+_FEAST_TYPES: dict[FeatureType, Any] = {
+    "int64": Int64,
+    "float64": Float64,
+    "string_list": Array(String),
+    "float_list": Array(Float32),
+}
 _ARROW_TYPES: dict[FeatureType, pa.DataType] = {
     "int64": pa.int64(),
     "float64": pa.float64(),
     "string_list": pa.list_(pa.string()),
+    "float_list": pa.list_(pa.float32()),
 }
 
 
@@ -91,13 +97,17 @@ def ensure_offline_files(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEAT
 def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS) -> list[Any]:
     """Entities, push sources and feature views for ``groups``, ready for ``FeatureStore.apply``."""
     objects: list[Any] = []
+    entities: dict[str, Entity] = {}  # several views may share an entity (user_activity, fm_embeddings)
     for group in groups:
-        entity = Entity(
-            name=group.entity,
-            join_keys=[group.key],
-            value_type=ValueType.STRING,
-            description=f"keyed by the events' {group.key}",
-        )
+        entity = entities.get(group.entity)
+        if entity is None:
+            entity = entities[group.entity] = Entity(
+                name=group.entity,
+                join_keys=[group.key],
+                value_type=ValueType.STRING,
+                description=f"keyed by the events' {group.key}",
+            )
+            objects.append(entity)
         batch = FileSource(
             name=f"{group.name}_offline",
             path=str(offline_path(data_dir, group)),
@@ -116,7 +126,7 @@ def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GRO
             source=push,
             online=True,
             description=group.description,
-            tags={"owner": "adreach", "computed_by": "adreach stream engines"},
+            tags={"owner": "adreach", "computed_by": group.computed_by},
         )
-        objects += [entity, push, view]
+        objects += [push, view]
     return objects

@@ -75,6 +75,8 @@ _INT64_TAG: Final = 0x20  # Value.int64_val: field 4, varint
 _DOUBLE_TAG: Final = 0x29  # Value.double_val: field 5, fixed64
 _LIST_TAG: Final = 0x62  # Value.string_list_val: field 12, length-delimited
 _ELEMENT_TAG: Final = 0x0A  # StringList.val: field 1, length-delimited
+_FLOAT_LIST_TAG: Final = b"\x82\x01"  # Value.float_list_val: field 16, length-delimited
+_PACKED_TAG: Final = 0x0A  # FloatList.val: field 1, packed floats
 _STRING_TYPE: Final = struct.pack("<I", 2)  # feast.types.ValueType.STRING
 _DOUBLE = struct.Struct("<d")
 _SQLITE_MAX_PARAMS: Final = 30_000 if sqlite3.sqlite_version_info >= (3, 32) else 900
@@ -212,6 +214,34 @@ def _string_list_values(array: pa.Array) -> pa.Array:
     return pc.if_else(pa.array(present), encoded, _EMPTY)
 
 
+def _float_list_values(array: pa.Array) -> pa.Array:
+    """``Value(float_list_val=FloatList(val=[...]))`` per row: packed little-endian float32s.
+
+    An empty list is ``float_list_val`` holding an empty message (what Feast writes); a
+    null list or a null element becomes an empty Value (null) / ``0.0``.
+    """
+    present = _valid(array)
+    floats = array.values.cast(pa.float32()).fill_null(0.0)
+    data = np.ascontiguousarray(np.asarray(floats.to_numpy(zero_copy_only=False), "<f4")).view(np.uint8)
+    list_offsets = np.asarray(array.offsets.to_numpy(zero_copy_only=False), np.int64)
+    counts = np.diff(list_offsets)
+    payload = _binary(data[list_offsets[0] * 4 :], (list_offsets - list_offsets[0]) * 4)
+    packed_groups, packed_sizes = _varint_matrix((counts * 4).astype(np.uint64))
+    packed_header = np.empty((len(array), 11), np.uint8)
+    packed_header[:, 0] = _PACKED_TAG
+    packed_header[:, 1:] = packed_groups
+    inner = _join(_prefix_rows(packed_header, np.where(counts > 0, packed_sizes + 1, 0)), payload)
+    inner_lengths = np.where(counts > 0, packed_sizes + 1 + counts * 4, 0)
+    groups, sizes = _varint_matrix(inner_lengths.astype(np.uint64))
+    header = np.empty((len(array), 12), np.uint8)
+    header[:, :2] = np.frombuffer(_FLOAT_LIST_TAG, np.uint8)
+    header[:, 2:] = groups
+    encoded = _join(_prefix_rows(header, sizes + 2), inner)
+    if present.all():
+        return encoded
+    return pc.if_else(pa.array(present), encoded, _EMPTY)
+
+
 def _varint_bytes(values: npt.NDArray[Any]) -> pa.Array:
     groups, sizes = _varint_matrix(np.asarray(values, np.int64).view(np.uint64))
     return _prefix_rows(groups, sizes)
@@ -224,7 +254,12 @@ def _column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-_ENCODERS = {"int64": _int64_values, "float64": _double_values, "string_list": _string_list_values}
+_ENCODERS = {
+    "int64": _int64_values,
+    "float64": _double_values,
+    "string_list": _string_list_values,
+    "float_list": _float_list_values,
+}
 
 
 def encode_values(feature_type: FeatureType, values: pa.Array | pa.ChunkedArray) -> list[bytes]:
@@ -314,7 +349,7 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def decode_value(data: bytes | None) -> int | float | list[str] | None:
+def decode_value(data: bytes | None) -> int | float | list[str] | list[float] | None:
     """A value written by Feast (or this module) back to Python; ``None`` for null/missing.
 
     Hand-decoded for the three types adreach stores; anything else means the store holds
@@ -331,6 +366,15 @@ def decode_value(data: bytes | None) -> int | float | list[str] | None:
             return data[1]
         number, _ = _varint(data, 1)
         return number - (1 << 64) if number >= 1 << 63 else number
+    if data[:2] == _FLOAT_LIST_TAG:
+        _, position = _varint(data, 2)
+        if position == len(data):
+            return []
+        if data[position] != _PACKED_TAG:
+            raise OnlineStoreError(f"online store float list {data[:16]!r}... is not packed")
+        length, position = _varint(data, position + 1)
+        floats: list[float] = np.frombuffer(data, "<f4", length // 4, position).astype(np.float64).tolist()
+        return floats
     if tag == _LIST_TAG:
         _, position = _varint(data, 1)
         out: list[str] = []
@@ -343,7 +387,9 @@ def decode_value(data: bytes | None) -> int | float | list[str] | None:
             position += length
         else:
             return out
-    raise OnlineStoreError(f"online store value {data[:16]!r}... is not an int64, double or string list")
+    raise OnlineStoreError(
+        f"online store value {data[:16]!r}... is not an int64, double, string list or float list"
+    )
 
 
 def _decode_timestamp(data: bytes | None) -> int | None:
@@ -797,7 +843,7 @@ class OnlineFeatureWriter:
 
 def _value_texts(feature_type: FeatureType, column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """Feast's ``value_text``: ``str()`` of an int64/double value; NULL for lists, nulls and NaN."""
-    if feature_type == "string_list":
+    if feature_type in ("string_list", "float_list"):
         return [None] * len(column)
     values = column.to_pylist()
     if feature_type == "int64":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from feast import FeatureStore, RepoConfig
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
+from features.embeddings import MODEL_FEATURE_GROUPS
 from features.feast_objects import ensure_offline_files, feast_objects
 from infra.settings import Settings
 
@@ -31,8 +32,13 @@ def repo_config(settings: Settings) -> RepoConfig:
     )
 
 
-def open_store(settings: Settings, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS) -> FeatureStore:
-    """The feature store, with adreach's entities, push sources and views applied (idempotent)."""
+def open_store(
+    settings: Settings, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS + MODEL_FEATURE_GROUPS
+) -> FeatureStore:
+    """The feature store, with adreach's entities, push sources and views applied (idempotent).
+
+    The default applies the stream features and the views model jobs write (LoopFM embeddings).
+    """
     repo = settings.feature_repo_dir
     repo.mkdir(parents=True, exist_ok=True)
     ensure_offline_files(repo / "data", groups)
