@@ -19,9 +19,11 @@ import pydantic
 import typer
 
 from estimation.cli import reach_app
+from features.cli import features_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
+from training.cli import evaluate_command, train_app
 
 app = typer.Typer(
     name="adreach",
@@ -35,6 +37,9 @@ app.add_typer(broker_app, name="broker")
 stream_app = typer.Typer(help="Turn events into windowed features in Feast.", no_args_is_help=True)
 app.add_typer(stream_app, name="stream")
 app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
+app.add_typer(features_app, name="features")  # features/cli.py (issue 7: fm-embeddings, backfill)
+app.add_typer(train_app, name="train")  # issue 7: train fm / train vm (training/cli.py)
+app.command("evaluate")(evaluate_command)  # issue 7 (training/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
