@@ -272,7 +272,7 @@ class ModelSettings(BaseModel):
     learning_rate: float = Field(3e-3, gt=0)
     kd_weight: float = Field(0.5, ge=0, description="Weight of the auxiliary (distillation) head's loss.")
     max_examples: int | None = Field(
-        None, gt=0, description="Cap on training/evaluation impressions (newest kept), for quick runs."
+        None, gt=0, description="Cap on VM training/evaluation impressions (a seeded sample); not the FM's."
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads (CPU); more only helps on idle cores.")
     seed: int = 0

@@ -88,6 +88,8 @@ class VerticalModel(nn.Module):
                 "hour": nn.Embedding(24, e),
             }
         )
+        for table in self.ids.values():
+            nn.init.normal_(table.weight, std=0.05)  # small: rare ids must not swing the logit
         n_dense = len(config.dense_features)
         self.register_buffer("mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
         self.register_buffer("std", torch.tensor(config.dense_std or [1.0] * n_dense))
@@ -118,7 +120,8 @@ class VerticalModel(nn.Module):
         """
         cand = torch.cat([self.ids[name](candidate[name]) for name in self.ids], dim=1)
         mean, std = self.get_buffer("mean"), self.get_buffer("std")
-        parts = [(dense - mean) / std, cand]
+        # Clamped: stream counts drift past their training range over time (7-day windows fill up).
+        parts = [((dense - mean) / std).clamp(-6.0, 6.0), cand]
         if self.config.loopfm:
             if fm_history is None or fm_history_len is None:
                 raise ValueError("a LoopFM variant needs fm_history and fm_history_len")

@@ -85,20 +85,24 @@ def load_dataset(events_path: Path, catalog: Path | None = None, truth: Path | N
 
 
 def split(dataset: Dataset, models: ModelSettings) -> Split:
-    """Time-ordered split; ``max_examples`` keeps a seeded random subset of each part."""
+    """Time-ordered split; ``max_examples`` keeps a seeded random subset of the VM parts.
+
+    The FM always trains on every impression of its period: it is the model that sees
+    everything, which is what makes its knowledge worth transferring.
+    """
     if models.fm_train_end > models.vm_train_end:
         raise ValueError("models.fm_train_end must not be after models.vm_train_end")
     fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
     t = dataset.examples.time_ms
     rng = np.random.default_rng(models.seed)
 
-    def part(mask: NDArray[np.bool_]) -> Examples:
+    def part(mask: NDArray[np.bool_], cap: bool = True) -> Examples:
         index = np.flatnonzero(mask)
-        if models.max_examples is not None and len(index) > models.max_examples:
+        if cap and models.max_examples is not None and len(index) > models.max_examples:
             index = np.sort(rng.choice(index, models.max_examples, replace=False))
         return dataset.examples.take(index)
 
-    return Split(part(t < fm_end), part(t < vm_end), part(t >= vm_end), fm_end, vm_end)
+    return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end)
 
 
 def fm_config(models: ModelSettings) -> FMConfig:
@@ -208,7 +212,7 @@ def materialize_embeddings(
 
 def vm_config(models: ModelSettings, variant: str, fm: FMConfig, inputs: VMInputs) -> VMConfig:
     mean = inputs.dense.mean(axis=0)
-    std = inputs.dense.std(axis=0) + 1e-3
+    std = np.maximum(inputs.dense.std(axis=0), 0.05)  # near-constant columns must not blow up
     return VMConfig(
         variant=variant,
         dense_features=dense_feature_names(),

@@ -204,7 +204,7 @@ def train_vm(
         raise ValueError("a KD variant needs the (adapted) FM logits of its training examples")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-3)
     click, conversion = torch.from_numpy(data.click), torch.from_numpy(data.conversion)
     soft = torch.sigmoid(torch.from_numpy(teacher_logit)) if teacher_logit is not None else None
     losses: list[float] = []
