@@ -88,7 +88,9 @@ class VerticalModel(nn.Module):
                 "hour": nn.Embedding(24, e),
             }
         )
-        for table in self.ids.values():
+        for name in self.ids:
+            table = self.ids[name]
+            assert isinstance(table, nn.Embedding)
             nn.init.normal_(table.weight, std=0.05)  # small: rare ids must not swing the logit
         n_dense = len(config.dense_features)
         self.register_buffer("mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
