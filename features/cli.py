@@ -1,8 +1,10 @@
 """``adreach features ...``: batch jobs that write features (mounted by :mod:`infra.cli`).
 
 ``features_app`` is the group; each job adds its own command to it (``queries`` and
-``relevance-corpus`` here). Shared helpers (settings, exit codes, error printing) are
-imported from :mod:`infra.cli` inside the commands, after it has finished loading.
+``relevance-corpus`` here; ``fm-embeddings`` and ``backfill`` from
+:mod:`training.embeddings_cli`, registered at the end of this module). Shared helpers
+(settings, exit codes, error printing) are imported from :mod:`infra.cli` inside the
+commands, after it has finished loading.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from infra.settings import QueryFeatureSettings, Settings
 T = TypeVar("T")
 
 features_app = typer.Typer(
-    help="Batch feature jobs: LLM/encoder query features, relevance training corpora.", no_args_is_help=True
+    help="Batch feature jobs: LLM/encoder query features, relevance training corpora, foundation-model "
+    "embeddings, stream-feature backfills.",
+    no_args_is_help=True,
 )
 
 
@@ -291,3 +295,12 @@ def demo_query_features(settings: Settings, examples: int = 3) -> None:
             f"keywords={rows['keywords'][i]}, embedding=[{embedding[0]:.3f}, {embedding[1]:.3f}, ...] "
             f"({len(embedding)}-d)"
         )
+
+
+def _register_model_features() -> None:
+    from training.embeddings_cli import register
+
+    register(features_app)  # issue 7: fm-embeddings, backfill
+
+
+_register_model_features()

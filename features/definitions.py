@@ -101,6 +101,9 @@ class FeatureGroup:
     ratios: tuple[Ratio, ...] = ()
     windows: tuple[Window, ...] = WINDOWS
     description: str = ""
+    extra: tuple[Feature, ...] = ()
+    """Features written as they are by a batch job (no aggregation), e.g. model embeddings."""
+    computed_by: str = "adreach stream engines"
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.aggregations]
@@ -143,6 +146,7 @@ class FeatureGroup:
                     "float64",
                     f"{ratio.numerator} / {ratio.denominator} over {window.name}",
                 )
+        yield from self.extra
 
 
 def _counts(prefix: str = "") -> tuple[Aggregation, ...]:

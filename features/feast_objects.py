@@ -97,7 +97,7 @@ def ensure_offline_files(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEAT
 
 
 def _computed_by(group: FeatureGroup) -> str:
-    return "adreach batch jobs" if isinstance(group, FeatureTable) else "adreach stream engines"
+    return "adreach batch jobs" if isinstance(group, FeatureTable) else group.computed_by
 
 
 def feast_objects(data_dir: Path, groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS) -> list[Any]:

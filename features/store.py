@@ -10,6 +10,7 @@ from __future__ import annotations
 from feast import FeatureStore, RepoConfig
 
 from features.definitions import BATCH_TABLES, FEATURE_GROUPS, FeatureGroup
+from features.embeddings import MODEL_FEATURE_GROUPS
 from features.feast_objects import ensure_offline_files, feast_objects
 from infra.settings import Settings
 
@@ -31,14 +32,15 @@ def repo_config(settings: Settings) -> RepoConfig:
     )
 
 
-ALL_VIEWS: tuple[FeatureGroup, ...] = FEATURE_GROUPS + BATCH_TABLES
+ALL_VIEWS: tuple[FeatureGroup, ...] = FEATURE_GROUPS + BATCH_TABLES + MODEL_FEATURE_GROUPS
 
 
 def open_store(settings: Settings, groups: tuple[FeatureGroup, ...] = ALL_VIEWS) -> FeatureStore:
     """The feature store, with adreach's entities, push sources and views applied (idempotent).
 
-    By default every view is registered: the stream engines' groups and the batch jobs'
-    tables (query features), so any reader sees all of them.
+    By default every view is registered: the stream engines' groups, the batch jobs'
+    tables (query features) and the views model jobs write (LoopFM embeddings), so any
+    reader sees all of them.
     """
     repo = settings.feature_repo_dir
     repo.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from features.cli import demo_query_features, features_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
+from training.cli import evaluate_command, train_app
 
 app = typer.Typer(
     name="adreach",
@@ -39,6 +40,8 @@ app.add_typer(stream_app, name="stream")
 app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
 app.add_typer(quality_app, name="quality")  # issue 6: quality user / aggregate (estimation/quality/cli.py)
 app.add_typer(features_app, name="features")  # issue 8: features queries / relevance-corpus (features/cli.py)
+app.add_typer(train_app, name="train")  # issue 7: train fm / train vm (training/cli.py)
+app.command("evaluate")(evaluate_command)  # issue 7 (training/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2

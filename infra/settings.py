@@ -344,6 +344,41 @@ class QueryFeatureSettings(BaseModel):
     )
 
 
+class ModelSettings(BaseModel):
+    """Foundation model, LoopFM embeddings and vertical models (``adreach train`` / ``evaluate``).
+
+    Time splits are fractions of the event log's time range: the foundation model trains
+    on ``[0, fm_train_end)``, vertical models on ``[0, vm_train_end)`` (so the FM is stale
+    on the last part, where the student adapter learns to correct it), and evaluation
+    covers ``[vm_train_end, 1]``, after the simulator's distribution shifts.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    registry_dir: Path | None = Field(None, description="Saved models; default: <state_dir>/models.")
+    history_len: int = Field(64, ge=4, le=4096, description="Events of history the FM reads per user.")
+    window: int = Field(16, ge=1, description="Sliding-window attention span (events).")
+    dim: int = Field(32, ge=8, description="FM token width.")
+    layers: int = Field(2, ge=1, le=24)
+    heads: int = Field(2, ge=1)
+    embedding_dim: int = Field(16, ge=2, le=1024, description="FM user embedding length (LoopFM feature).")
+    embedding_history: int = Field(4, ge=1, le=64, description="K: past FM embeddings kept per user.")
+    embedding_every_s: int = Field(3_600, ge=60, description="Backfill cadence of fm-embeddings runs.")
+    replay_flush_s: int = Field(1_800, ge=60, description="Stream-feature backfill: seconds per flush.")
+    fm_train_end: float = Field(0.5, gt=0, lt=1)
+    vm_train_end: float = Field(0.7, gt=0, lt=1)
+    epochs_fm: int = Field(3, ge=1)
+    epochs_vm: int = Field(4, ge=1)
+    batch_size: int = Field(512, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    kd_weight: float = Field(0.5, ge=0, description="Weight of the auxiliary (distillation) head's loss.")
+    max_examples: int | None = Field(
+        None, gt=0, description="Cap on VM training/evaluation impressions (a seeded sample); not the FM's."
+    )
+    threads: int = Field(1, ge=1, description="torch intra-op threads (CPU); more only helps on idle cores.")
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     """Everything adreach can be configured with. Construct with :func:`load_settings`."""
 
@@ -368,6 +403,7 @@ class Settings(BaseSettings):
     quality: QualitySettings = Field(default_factory=QualitySettings)
 
     queries: QueryFeatureSettings = Field(default_factory=QueryFeatureSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -377,6 +413,10 @@ class Settings(BaseSettings):
     @property
     def feature_repo_dir(self) -> Path:
         return self.features.repo_dir or self.state_dir / "feature_repo"
+
+    @property
+    def model_registry_dir(self) -> Path:
+        return self.models.registry_dir or self.state_dir / "models"
 
     @property
     def stream_state_dir(self) -> Path:

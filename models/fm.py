@@ -1,0 +1,142 @@
+"""The foundation model (FM): a sequence model over each user's full event history.
+
+Every event of the user's last L (ads seen, clicked, converted on, searches) becomes a
+token: the sum of embeddings of its type, ad, campaign, advertiser, ad topic, query and
+the log-bucketed time since it happened. A learned "now" token closes the sequence.
+Sliding-window attention blocks (:mod:`models.attention`) encode it in ``O(L * W)``; a
+few learned seed queries pool the encoded events into the **user embedding** (a
+candidate-independent vector, after Kunlun's seed pooling), which is what LoopFM stores
+in Feast. The candidate ad and its context (position, placement, device, hour) are
+embedded the same way; the click and conversion logits come from an MLP over the user
+embedding, the candidate, their element-wise product, and a target attention of the
+candidate over the encoded events.
+
+Heads: ``click`` is P(click | impression); ``conversion`` is P(conversion | click).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.attention import SlidingWindowBlock, masked_attention_pool
+from training.events import DEVICES, EVENT_TYPES, GAP_BUCKETS, PLACEMENTS, Buckets
+
+HISTORY_FIELDS = ("kind", "ad", "campaign", "advertiser", "topic", "query", "gap")
+CANDIDATE_FIELDS = ("ad", "campaign", "advertiser", "topic", "position", "placement", "device", "hour")
+MAX_POSITION = 5
+
+
+@dataclass(frozen=True)
+class FMConfig:
+    buckets: Buckets = Buckets()
+    history_len: int = 64
+    window: int = 16
+    dim: int = 32
+    layers: int = 2
+    heads: int = 2
+    embedding_dim: int = 16
+    seeds: int = 4
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FMConfig:
+        return cls(**{**raw, "buckets": Buckets(**raw["buckets"])})
+
+
+class CandidateEmbedding(nn.Module):
+    """The candidate ad and its request context, summed into one ``dim`` vector."""
+
+    def __init__(self, buckets: Buckets, dim: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict(
+            {
+                "ad": nn.Embedding(buckets.ads, dim),
+                "campaign": nn.Embedding(buckets.campaigns, dim),
+                "advertiser": nn.Embedding(buckets.advertisers, dim),
+                "topic": nn.Embedding(buckets.topics, dim),
+                "position": nn.Embedding(MAX_POSITION + 1, dim),
+                "placement": nn.Embedding(len(PLACEMENTS) + 1, dim),
+                "device": nn.Embedding(len(DEVICES) + 1, dim),
+                "hour": nn.Embedding(24, dim),
+            }
+        )
+
+    def forward(self, candidate: dict[str, Tensor]) -> Tensor:
+        return sum((table(candidate[name]) for name, table in self.tables.items()), torch.zeros(()))
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, config: FMConfig) -> None:
+        super().__init__()
+        self.config = config
+        b, d = config.buckets, config.dim
+        self.token_tables = nn.ModuleDict(
+            {
+                "kind": nn.Embedding(len(EVENT_TYPES) + 1, d, padding_idx=0),
+                "ad": nn.Embedding(b.ads, d, padding_idx=0),
+                "campaign": nn.Embedding(b.campaigns, d, padding_idx=0),
+                "advertiser": nn.Embedding(b.advertisers, d, padding_idx=0),
+                "topic": nn.Embedding(b.topics, d, padding_idx=0),
+                "query": nn.Embedding(b.queries, d, padding_idx=0),
+                "gap": nn.Embedding(GAP_BUCKETS, d, padding_idx=0),
+            }
+        )
+        self.now_token = nn.Parameter(torch.randn(d) * 0.02)
+        self.blocks = nn.ModuleList(
+            SlidingWindowBlock(d, config.heads, config.window, config.dropout) for _ in range(config.layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.seeds = nn.Parameter(torch.randn(config.seeds, d) * 0.1)
+        self.to_user = nn.Linear(config.seeds * d, config.embedding_dim)
+        self.candidate = CandidateEmbedding(b, d)
+        self.user_to_dim = nn.Linear(config.embedding_dim, d)
+        self.head = nn.Sequential(
+            nn.Linear(config.embedding_dim + 4 * d, 2 * d),
+            nn.GELU(),
+            nn.Linear(2 * d, d),
+            nn.GELU(),
+            nn.Linear(d, 2),
+        )
+
+    def encode(self, history: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Encoded events (B, L+1, d) with the "now" token last, and the padding mask (B, L+1)."""
+        tokens = sum(
+            (table(history[name]) for name, table in self.token_tables.items()),
+            torch.zeros(()),
+        )
+        batch = tokens.shape[0]
+        tokens = torch.cat([tokens, self.now_token.expand(batch, 1, -1)], dim=1)
+        padding = torch.cat(
+            [history["kind"] == 0, torch.zeros(batch, 1, dtype=torch.bool, device=tokens.device)], dim=1
+        )
+        for block in self.blocks:
+            tokens = block(tokens, padding)
+        return self.norm(tokens), padding
+
+    def pool_user(self, encoded: Tensor, padding: Tensor) -> Tensor:
+        """The user embedding (B, embedding_dim): seed queries pooled over the encoded events."""
+        seeds = self.seeds.expand(encoded.shape[0], -1, -1)
+        pooled = masked_attention_pool(seeds, encoded, encoded, padding)
+        return torch.tanh(self.to_user(pooled.flatten(1)))
+
+    def user_embedding(self, history: dict[str, Tensor]) -> Tensor:
+        """What LoopFM materializes: depends only on the user's history, not on a candidate."""
+        encoded, padding = self.encode(history)
+        return self.pool_user(encoded, padding)
+
+    def forward(self, history: dict[str, Tensor], candidate: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(click and conversion logits (B, 2), user embedding (B, embedding_dim))."""
+        encoded, padding = self.encode(history)
+        user = self.pool_user(encoded, padding)
+        cand = self.candidate(candidate)
+        target = masked_attention_pool(cand[:, None, :], encoded, encoded, padding)[:, 0]
+        user_d = self.user_to_dim(user)
+        features = torch.cat([user, cand, user_d * cand, target * cand, target], dim=1)
+        return self.head(features), user

@@ -1,0 +1,170 @@
+"""Vertical models (VMs): compact CTR/CVR models over Feast features, in four variants.
+
+* ``base``: an MLP over the stream features (normalized aggregates of the user, ad,
+  campaign and advertiser) and small embeddings of the candidate and its context.
+* ``kd`` (ExFM): an **auxiliary head** on the shared bottom learns the foundation
+  model's predictions, so FM knowledge shapes the shared layers while the FM's bias
+  stays out of the serving (main) head. The targets come through a
+  :class:`StudentAdapter`, which learns on fresh labels how to correct the FM's stale
+  predictions after a distribution shift.
+* ``loopfm``: the user's last K historical FM embeddings (from the ``fm_embeddings``
+  Feast view, point-in-time) are pooled by **target attention** against the candidate
+  ad and fed in as features: no FM inference at serving, only a feature read.
+* ``kd+loopfm``: both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.fm import MAX_POSITION
+from training.events import DEVICES, PLACEMENTS, Buckets
+
+VARIANTS = ("base", "kd", "loopfm", "kd+loopfm")
+
+
+class VariantError(ValueError):
+    """An unknown vertical-model variant."""
+
+
+def parse_variant(variant: str) -> tuple[bool, bool]:
+    """(uses KD, uses LoopFM) for a variant name."""
+    if variant not in VARIANTS:
+        raise VariantError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return "kd" in variant, "loopfm" in variant
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    variant: str
+    dense_features: tuple[str, ...]
+    buckets: Buckets = Buckets()
+    embedding_dim: int = 16
+    embedding_history: int = 4
+    id_dim: int = 8
+    hidden: tuple[int, ...] = (64, 32)
+    dense_mean: tuple[float, ...] = field(default=())
+    dense_std: tuple[float, ...] = field(default=())
+
+    @property
+    def kd(self) -> bool:
+        return parse_variant(self.variant)[0]
+
+    @property
+    def loopfm(self) -> bool:
+        return parse_variant(self.variant)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VMConfig:
+        values = {**raw, "buckets": Buckets(**raw["buckets"])}
+        for name in ("dense_features", "hidden", "dense_mean", "dense_std"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+
+class VerticalModel(nn.Module):
+    def __init__(self, config: VMConfig) -> None:
+        super().__init__()
+        parse_variant(config.variant)
+        self.config = config
+        b, e = config.buckets, config.id_dim
+        self.ids = nn.ModuleDict(
+            {
+                "ad": nn.Embedding(b.ads, e),
+                "campaign": nn.Embedding(b.campaigns, e),
+                "advertiser": nn.Embedding(b.advertisers, e),
+                "topic": nn.Embedding(b.topics, e),
+                "position": nn.Embedding(MAX_POSITION + 1, e),
+                "placement": nn.Embedding(len(PLACEMENTS) + 1, e),
+                "device": nn.Embedding(len(DEVICES) + 1, e),
+                "hour": nn.Embedding(24, e),
+            }
+        )
+        for name in self.ids:
+            table = self.ids[name]
+            assert isinstance(table, nn.Embedding)
+            nn.init.normal_(table.weight, std=0.05)  # small: rare ids must not swing the logit
+        n_dense = len(config.dense_features)
+        self.register_buffer("mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
+        self.register_buffer("std", torch.tensor(config.dense_std or [1.0] * n_dense))
+        width = n_dense + len(self.ids) * e
+        if config.loopfm:
+            d = config.embedding_dim
+            self.query = nn.Linear(len(self.ids) * e, d)
+            self.interact = nn.Linear(len(self.ids) * e, d)
+            width += 3 * d + 1
+        layers: list[nn.Module] = []
+        for size in config.hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.bottom = nn.Sequential(*layers)
+        self.main = nn.Linear(width, 2)
+        self.aux = nn.Linear(width, 1) if config.kd else None
+
+    def forward(
+        self,
+        dense: Tensor,
+        candidate: dict[str, Tensor],
+        fm_history: Tensor | None = None,
+        fm_history_len: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(main click/conversion logits (B, 2), auxiliary FM-distillation logit (B,) or None).
+
+        ``fm_history``: (B, K, E) newest first; ``fm_history_len``: (B,) filled slots.
+        """
+        cand = torch.cat([self.ids[name](candidate[name]) for name in self.ids], dim=1)
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        # Clamped: stream counts drift past their training range over time (7-day windows fill up).
+        parts = [((dense - mean) / std).clamp(-6.0, 6.0), cand]
+        if self.config.loopfm:
+            if fm_history is None or fm_history_len is None:
+                raise ValueError("a LoopFM variant needs fm_history and fm_history_len")
+            k = fm_history.shape[1]
+            padding = torch.arange(k, device=dense.device)[None, :] >= fm_history_len[:, None]
+            query = self.query(cand)
+            scores = torch.einsum("bd,bkd->bk", query, fm_history) / math.sqrt(query.shape[-1])
+            weights = torch.softmax(scores.masked_fill(padding, float("-inf")), dim=-1).nan_to_num(0.0)
+            pooled = torch.einsum("bk,bkd->bd", weights, fm_history)
+            latest = fm_history[:, 0]
+            parts += [pooled, latest, pooled * self.interact(cand), (fm_history_len > 0).float()[:, None]]
+        hidden = self.bottom(torch.cat(parts, dim=1))
+        aux = self.aux(hidden)[:, 0] if self.aux is not None else None
+        return self.main(hidden), aux
+
+
+class StudentAdapter(nn.Module):
+    """ExFM's student adapter: corrects the (stale) FM click logit with fresh labels.
+
+    ``corrected = a * fm_logit + b + f(context)``: a learned rescaling of the FM's logit
+    plus a small correction by candidate topic, hour, device and position, which is
+    where the simulator's shifts (new campaigns, interest drift, a new traffic source)
+    move the FM's errors.
+    """
+
+    def __init__(self, buckets: Buckets, dim: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.context = nn.ModuleDict(
+            {
+                "topic": nn.Embedding(buckets.topics, dim),
+                "hour": nn.Embedding(24, dim),
+                "device": nn.Embedding(len(DEVICES) + 1, dim),
+                "position": nn.Embedding(MAX_POSITION + 1, dim),
+            }
+        )
+        self.correction = nn.Sequential(nn.Linear(4 * dim + 1, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, fm_logit: Tensor, candidate: dict[str, Tensor]) -> Tensor:
+        context = torch.cat([table(candidate[name]) for name, table in self.context.items()], dim=1)
+        features = torch.cat([context, fm_logit[:, None]], dim=1)
+        corrected: Tensor = self.scale * fm_logit + self.bias + self.correction(features)[:, 0]
+        return corrected

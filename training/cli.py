@@ -1,0 +1,191 @@
+"""``adreach train fm``, ``adreach train vm --variant ...`` and ``adreach evaluate``.
+
+Mounted by :mod:`infra.cli` (one line each). Models go to the registry folder
+(``models.registry_dir``, default ``<state_dir>/models``) with their metadata; every
+command reads the event log given by ``--events`` (``adreach simulate --format parquet``
+output) and the Feast repository of the settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from training.cli_common import exit_operational, exit_usage, fail, load_data, model_settings, progress_task
+
+train_app = typer.Typer(help="Train the foundation model and the vertical models.", no_args_is_help=True)
+
+EventsOption = Annotated[
+    Path,
+    typer.Option("--events", "-e", help="Event log: Parquet file or directory (simulate --format parquet)."),
+]
+EpochsOption = Annotated[
+    int | None, typer.Option("--epochs", help="Training epochs (default: models.epochs_*).")
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed (default: models.seed).")]
+MaxOption = Annotated[
+    int | None,
+    typer.Option("--max-examples", help="Cap on examples per split part (default: models.max_examples)."),
+]
+
+
+@train_app.command("fm")
+def train_fm_command(
+    ctx: typer.Context,
+    events: EventsOption,
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    max_examples: MaxOption = None,
+) -> None:
+    """Train the foundation model on the users' full histories (time < models.fm_train_end)."""
+    from training.pipeline import split, train_foundation
+
+    settings = model_settings(ctx, epochs_fm=epochs, seed=seed, max_examples=max_examples)
+    dataset = load_data(events)
+    examples = len(split(dataset, settings.models).fm_train)
+    if examples == 0:
+        fail("no impressions before models.fm_train_end: nothing to train on", exit_usage())
+    with progress_task("training fm", examples * settings.models.epochs_fm, "examples") as advance:
+        model, saved = train_foundation(settings, dataset, progress=advance)
+    assert saved is not None
+    print(
+        f"saved {saved.name} v{saved.version} ({saved.metadata['parameters']:,} parameters) to {saved.path}"
+    )
+
+
+@train_app.command("vm")
+def train_vm_command(
+    ctx: typer.Context,
+    events: EventsOption,
+    variant: Annotated[str, typer.Option("--variant", help="base, kd, loopfm or kd+loopfm.")] = "base",
+    epochs: EpochsOption = None,
+    seed: SeedOption = None,
+    max_examples: MaxOption = None,
+) -> None:
+    """Train a vertical model from Feast features (point in time), optionally with KD and/or LoopFM."""
+    from features.store import open_store
+    from models.registry import RegistryError
+    from models.vm import VariantError, parse_variant
+    from training.datasets import vm_inputs
+    from training.pipeline import load_foundation, split, train_vertical
+
+    try:
+        _, loopfm = parse_variant(variant)
+    except VariantError as exc:
+        fail(str(exc), exit_usage())
+    settings = model_settings(ctx, epochs_vm=epochs, seed=seed, max_examples=max_examples)
+    try:
+        fm, _ = load_foundation(settings)
+    except RegistryError as exc:
+        fail(str(exc), exit_usage())
+    dataset = load_data(events)
+    train = split(dataset, settings.models).vm_train
+    store = open_store(settings)
+    with progress_task("reading features from Feast", 5 if loopfm else 4, "views") as advance:
+        inputs, stats = vm_inputs(
+            store,
+            train,
+            loopfm=loopfm,
+            embedding_dim=fm.config.embedding_dim,
+            embedding_history=settings.models.embedding_history,
+            progress=lambda _view: advance(1),
+        )
+    if loopfm and stats.missing.get("fm_embeddings", 1.0) >= 1.0:
+        fail(
+            "no fm_embeddings rows for the training examples: "
+            "run `adreach features fm-embeddings --backfill` first",
+            exit_operational(),
+        )
+    with progress_task(
+        f"training vm-{variant}", len(train) * settings.models.epochs_vm, "examples"
+    ) as advance:
+        _, saved = train_vertical(settings, store, dataset, variant, inputs=inputs, fm=fm, progress=advance)
+    assert saved is not None
+    missing = ", ".join(f"{view} {share:.1%}" for view, share in stats.missing.items())
+    print(
+        f"saved {saved.name} v{saved.version} ({saved.metadata['parameters']:,} parameters) to {saved.path}"
+    )
+    print(f"examples without a feature row: {missing}")
+
+
+def evaluate_command(
+    ctx: typer.Context,
+    events: EventsOption,
+    max_examples: MaxOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Score the FM and every trained VM variant on the evaluation period (after models.vm_train_end)."""
+    from features.store import open_store
+    from models.registry import RegistryError
+    from models.vm import VARIANTS
+    from training.datasets import vm_inputs
+    from training.pipeline import (
+        evaluate_predictions,
+        load_foundation,
+        load_vertical,
+        split,
+        transfer_ratio,
+    )
+    from training.train import fm_predict, vm_predict
+
+    settings = model_settings(ctx, max_examples=max_examples)
+    try:
+        fm, fm_saved = load_foundation(settings)
+    except RegistryError as exc:
+        fail(str(exc), exit_usage())
+    dataset = load_data(events)
+    evaluation = split(dataset, settings.models).evaluation
+    if len(evaluation) == 0:
+        fail("no impressions after models.vm_train_end to evaluate on", exit_usage())
+    results: dict[str, Any] = {}
+    with progress_task("fm predictions", len(evaluation), "examples") as advance:
+        results["fm"] = evaluate_predictions(
+            evaluation, fm_predict(fm, dataset.log, evaluation, progress=advance)
+        )
+    store = open_store(settings)
+    available = []
+    for variant in VARIANTS:
+        try:
+            available.append((variant, load_vertical(settings, variant)[0]))
+        except RegistryError:
+            continue
+    if available:
+        with progress_task("reading features from Feast", 5, "views") as advance:
+            inputs, _ = vm_inputs(
+                store,
+                evaluation,
+                loopfm=any(model.config.loopfm for _, model in available),
+                embedding_dim=fm.config.embedding_dim,
+                embedding_history=settings.models.embedding_history,
+                progress=lambda _view: advance(1),
+            )
+        for variant, model in available:
+            results[f"vm-{variant}"] = evaluate_predictions(evaluation, vm_predict(model, inputs))
+    if not all(__import__("numpy").isnan(evaluation.p_click)):
+        import numpy as np
+
+        known = ~np.isnan(evaluation.p_click)
+        logits = np.log(evaluation.p_click[known] / (1 - evaluation.p_click[known]))
+        results["oracle (true p_click)"] = evaluate_predictions(
+            evaluation.take(np.flatnonzero(known)), np.stack([logits, logits], axis=1).astype(np.float32)
+        )
+    base = results.get("vm-base", {}).get("click", {}).get("auc")
+    print(f"evaluation: {len(evaluation):,} impressions after models.vm_train_end; fm v{fm_saved.version}")
+    print(f"{'model':<24}{'click AUC':>10}{'click NE':>10}{'CVR AUC':>10}{'transfer':>10}")
+    for name, result in results.items():
+        click = result["click"]
+        cvr = result.get("conversion_given_click", {}).get("auc", float("nan"))
+        ratio = (
+            transfer_ratio(click["auc"], base, results["fm"]["click"]["auc"])
+            if base is not None and name.startswith("vm-")
+            else float("nan")
+        )
+        result["transfer_ratio_auc"] = ratio
+        print(f"{name:<24}{click['auc']:>10.4f}{click['ne']:>10.4f}{cvr:>10.4f}{ratio:>10.2f}")
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2, default=float) + "\n")

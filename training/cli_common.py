@@ -1,0 +1,63 @@
+"""Helpers the model commands share: settings with command-line overrides, data, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pydantic
+import typer
+
+from infra.settings import ModelSettings, Settings
+
+
+def fail(message: str, code: int) -> NoReturn:
+    from infra.cli import _fail
+
+    _fail(message, code)
+
+
+def exit_usage() -> int:
+    from infra.cli import EXIT_USAGE
+
+    return EXIT_USAGE
+
+
+def exit_operational() -> int:
+    from infra.cli import EXIT_OPERATIONAL
+
+    return EXIT_OPERATIONAL
+
+
+def model_settings(ctx: typer.Context, **overrides: Any) -> Settings:
+    """The context's settings with ``models.*`` overridden by the options that were given."""
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    values = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        models = ModelSettings.model_validate({**settings.models.model_dump(), **values})
+    except pydantic.ValidationError as exc:
+        fail(f"invalid model settings:\n{exc}", exit_usage())
+    return settings.model_copy(update={"models": models})
+
+
+def load_data(events: Path) -> Any:
+    """The dataset behind ``--events``, with usage errors for missing or unreadable logs."""
+    from training.events import EventLogError
+    from training.pipeline import load_dataset
+
+    try:
+        return load_dataset(events)
+    except EventLogError as exc:
+        fail(str(exc), exit_usage())
+
+
+@contextmanager
+def progress_task(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
+    from infra.progress import progress_bar
+
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total, unit=unit)
+        yield lambda n: bar.advance(task, n)

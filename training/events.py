@@ -1,0 +1,207 @@
+"""Users' event histories as integer arrays, and the last L events of any user at any time.
+
+The foundation model reads each user's raw history: ads seen, clicked and converted on,
+search queries, the ads' topics and the time since each event. This module turns an
+event log (the simulator's Parquet layout) into one NumPy array per token field, sorted
+by (user, event time), so the history of a whole batch of (user, time) queries is a
+single ``searchsorted`` plus a gather: no per-user Python.
+
+Identifiers are hashed into fixed-size buckets (a stable hash, the same in every process)
+instead of being looked up in a vocabulary, so a model keeps working when new ads,
+campaigns or queries appear after it was trained (they share buckets with old ones).
+Topics come from the ad catalog (an ad's category is platform metadata, known for every
+ad), falling back to "unknown" for ads the catalog does not list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from streams.engine.router import normalize_queries
+
+EVENT_TYPES = ("impression", "click", "conversion", "search")
+"""Token types; 0 is padding, so type ``i`` is code ``i + 1``."""
+PLACEMENTS = ("feed", "search_top", "sidebar", "video")
+DEVICES = ("mobile", "desktop", "tablet", "ctv")
+GAP_BUCKETS = 24
+"""Time-gap buckets: ``1 + floor(log2(1 + seconds))``, capped (2**23 s is about 97 days)."""
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """How many hash buckets each identifier gets (index 0 is reserved for "none")."""
+
+    ads: int = 2_048
+    campaigns: int = 512
+    advertisers: int = 128
+    queries: int = 4_096
+    topics: int = 64
+
+
+class EventLogError(ValueError):
+    """The event log or catalog cannot be read or lacks a needed column."""
+
+
+def stable_bucket(values: pa.Array | pa.ChunkedArray, buckets: int) -> NDArray[np.int64]:
+    """``1 + hash(value) % (buckets - 1)`` per value (0 for nulls), stable across processes."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    encoded = pc.dictionary_encode(values)
+    dictionary = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
+    hashes = (pd.util.hash_array(dictionary, categorize=False) % np.uint64(buckets - 1)).astype(np.int64) + 1
+    indices = encoded.indices
+    out = np.zeros(len(indices), np.int64)
+    valid = np.asarray(indices.is_valid().to_numpy(zero_copy_only=False), bool)
+    if valid.any():
+        positions = np.asarray(indices.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+        out[valid] = hashes[positions[valid]]
+    return out
+
+
+def category_codes(values: pa.ChunkedArray, categories: tuple[str, ...]) -> NDArray[np.int64]:
+    """Index of each value in ``categories`` plus one (0: null or unknown)."""
+    index = pc.index_in(values, value_set=pa.array(categories))
+    return np.asarray(index.fill_null(-1).to_numpy(zero_copy_only=False), np.int64) + 1
+
+
+def read_events(path: Path) -> pa.Table:
+    """Events from a Parquet file or directory (``adreach simulate --format parquet`` output)."""
+    if not path.exists():
+        raise EventLogError(
+            f"{path}: no such event file or directory (run `adreach simulate --format parquet`)"
+        )
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
+
+
+def read_topics(catalog: Path | None) -> dict[str, str]:
+    """Ad id -> topic from an ad catalog (``ads.parquet`` with ``ad_id`` and ``topic``)."""
+    if catalog is None or not catalog.exists():
+        return {}
+    table = pq.read_table(catalog, columns=["ad_id", "topic"])
+    return dict(zip(table.column("ad_id").to_pylist(), table.column("topic").to_pylist(), strict=True))
+
+
+@dataclass
+class EventLog:
+    """Every user's events, sorted by (user, time), one integer array per token field."""
+
+    user_ids: NDArray[Any]  # object array: user index -> id
+    user: NDArray[np.int64]
+    time_ms: NDArray[np.int64]
+    kind: NDArray[np.int64]
+    ad: NDArray[np.int64]
+    campaign: NDArray[np.int64]
+    advertiser: NDArray[np.int64]
+    topic: NDArray[np.int64]
+    query: NDArray[np.int64]
+    user_start: NDArray[np.int64]  # first position of each user; user_start[-1] == len
+    topics: tuple[str, ...]  # topic code i + 1 -> name
+    ad_topics: dict[str, str]
+    buckets: Buckets
+
+    @property
+    def user_index(self) -> dict[str, int]:
+        return {str(u): i for i, u in enumerate(self.user_ids.tolist())}
+
+    @property
+    def time_range_ms(self) -> tuple[int, int]:
+        return int(self.time_ms.min()), int(self.time_ms.max()) + 1
+
+    def history(
+        self, users: NDArray[np.int64], times_ms: NDArray[np.int64], length: int
+    ) -> dict[str, NDArray[Any]]:
+        """The last ``length`` events of each user strictly before each time, right-aligned.
+
+        Returns ``(n, length)`` int64 arrays ``kind``, ``ad``, ``campaign``, ``advertiser``,
+        ``topic``, ``query``, ``gap`` (time-gap bucket); padding slots are all 0.
+        Users given as -1 (unknown) get an empty history.
+        """
+        known = users >= 0
+        safe_users = np.where(known, users, 0)
+        keys = self.user * _KEY_SCALE + self.time_ms
+        end = np.searchsorted(keys, safe_users * _KEY_SCALE + times_ms, side="left")
+        start = self.user_start[safe_users]
+        end = np.where(known, end, start)
+        index = end[:, None] - length + np.arange(length)[None, :]
+        valid = index >= start[:, None]
+        index = np.where(valid, index, 0)
+        out = {
+            name: np.where(valid, getattr(self, name)[index], 0)
+            for name in ("kind", "ad", "campaign", "advertiser", "topic", "query")
+        }
+        gap_s = np.maximum(times_ms[:, None] - self.time_ms[index], 0) / 1000.0
+        gap = np.minimum(1 + np.floor(np.log2(1.0 + gap_s)), GAP_BUCKETS - 1).astype(np.int64)
+        out["gap"] = np.where(valid, gap, 0)
+        return out
+
+
+def topic_codes(
+    ad_ids: pa.Array, ad_topics: dict[str, str], topic_names: tuple[str, ...]
+) -> NDArray[np.int64]:
+    """Topic code (1-based index in ``topic_names``; 0: unknown ad) of each ad id."""
+    if not ad_topics:
+        return np.zeros(len(ad_ids), np.int64)
+    code_of = {name: i + 1 for i, name in enumerate(topic_names)}
+    codes = pa.array([code_of.get(t, 0) for t in ad_topics.values()], pa.int64())
+    position = pc.index_in(ad_ids, value_set=pa.array(list(ad_topics), pa.string()))
+    return np.asarray(pc.take(codes, position).fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+
+
+_KEY_SCALE = np.int64(1) << np.int64(42)  # ms timestamps stay below 2**42 until the year 2109
+
+
+def build_event_log(events: pa.Table, topics: dict[str, str], buckets: Buckets = Buckets()) -> EventLog:
+    """Index ``events`` (simulator layout) by user and time; profile events are left out."""
+    for column in ("type", "user_id", "event_time", "ad_id", "campaign_id", "advertiser_id", "query"):
+        if column not in events.column_names:
+            raise EventLogError(f"the event log has no {column!r} column")
+    kind_all = category_codes(events.column("type"), EVENT_TYPES)
+    keep = kind_all > 0
+    events = events.filter(pa.array(keep))
+    kind = kind_all[keep]
+    user_codes = pc.dictionary_encode(events.column("user_id").combine_chunks())
+    user_ids = user_codes.dictionary.to_numpy(zero_copy_only=False).astype(object)
+    user = np.asarray(user_codes.indices.to_numpy(zero_copy_only=False), np.int64)
+    time_ms = np.asarray(
+        events.column("event_time").cast(pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy(), np.int64
+    )
+    topic_names = tuple(sorted(set(topics.values())))
+    if len(topic_names) >= buckets.topics:
+        raise EventLogError(f"{len(topic_names)} topics do not fit in {buckets.topics - 1} topic codes")
+    ad_column = events.column("ad_id").combine_chunks()
+    topic = topic_codes(ad_column, topics, topic_names)
+    queries = events.column("query").combine_chunks()
+    normalized = normalize_queries(queries)  # the query entity's key, as the stream features use
+    fields = {
+        "kind": kind,
+        "ad": stable_bucket(ad_column, buckets.ads),
+        "campaign": stable_bucket(events.column("campaign_id"), buckets.campaigns),
+        "advertiser": stable_bucket(events.column("advertiser_id"), buckets.advertisers),
+        "topic": topic,
+        "query": stable_bucket(normalized, buckets.queries),
+    }
+    order = np.lexsort((time_ms, user))
+    counts = np.bincount(user, minlength=len(user_ids))
+    user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return EventLog(
+        user_ids=user_ids,
+        user=user[order],
+        time_ms=time_ms[order],
+        topics=topic_names,
+        ad_topics=topics,
+        buckets=buckets,
+        user_start=user_start,
+        **{name: values[order] for name, values in fields.items()},
+    )

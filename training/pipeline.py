@@ -1,0 +1,353 @@
+"""The modelling workflow end to end, shared by the CLI and the benchmark.
+
+1. :func:`load_dataset`: an event log (simulator Parquet) -> per-user histories and
+   impression examples, split by time (:class:`Split`).
+2. :func:`train_foundation`: the FM on ``[0, fm_train_end)``, saved to the registry.
+3. :func:`materialize_embeddings`: LoopFM runs over the log -> ``fm_embeddings`` in Feast.
+4. :func:`train_vertical`: a VM variant on ``[0, vm_train_end)`` from Feast point-in-time
+   features (+ FM pseudo-labels through the student adapter for KD), saved.
+5. :func:`evaluate`: every saved model on ``[vm_train_end, end]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from feast import FeatureStore
+from numpy.typing import NDArray
+
+from infra.settings import ModelSettings, Settings
+from models.fm import FMConfig, FoundationModel
+from models.registry import ModelRegistry, SavedModel
+from models.vm import StudentAdapter, VerticalModel, VMConfig, parse_variant
+from training.datasets import dense_feature_names, vm_inputs
+from training.embeddings import MaterializeStats, materialize, run_times
+from training.events import Buckets, EventLog, build_event_log, read_events, read_topics
+from training.examples import Examples, build_examples
+from training.metrics import summary
+from training.train import (
+    VMInputs,
+    adapter_predict,
+    fm_predict,
+    parameter_count,
+    sigmoid,
+    train_adapter,
+    train_fm,
+    train_vm,
+)
+
+Progress = Callable[[int], None]
+FM_NAME = "fm"
+
+
+def vm_name(variant: str) -> str:
+    parse_variant(variant)
+    return f"vm-{variant}"
+
+
+@dataclass
+class Dataset:
+    events_path: Path
+    log: EventLog
+    examples: Examples
+    start_ms: int
+    end_ms: int
+
+    def at(self, fraction: float) -> int:
+        return int(self.start_ms + fraction * (self.end_ms - self.start_ms))
+
+
+@dataclass
+class Split:
+    fm_train: Examples
+    vm_train: Examples
+    evaluation: Examples
+    fm_end_ms: int
+    vm_end_ms: int
+
+
+def load_dataset(events_path: Path, catalog: Path | None = None, truth: Path | None = None) -> Dataset:
+    """Events (+ the ad catalog and ground truth next to them, ``../truth``, when present)."""
+    truth_dir = events_path.parent / "truth"
+    catalog = catalog if catalog is not None else truth_dir / "ads.parquet"
+    truth = truth if truth is not None else truth_dir / "impressions.parquet"
+    events = read_events(events_path)
+    log = build_event_log(events, read_topics(catalog), Buckets())
+    examples = build_examples(events, log, truth)
+    start, end = log.time_range_ms
+    return Dataset(events_path, log, examples, start, end)
+
+
+def split(dataset: Dataset, models: ModelSettings) -> Split:
+    """Time-ordered split; ``max_examples`` keeps a seeded random subset of the VM parts.
+
+    The FM always trains on every impression of its period: it is the model that sees
+    everything, which is what makes its knowledge worth transferring.
+    """
+    if models.fm_train_end > models.vm_train_end:
+        raise ValueError("models.fm_train_end must not be after models.vm_train_end")
+    fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
+    t = dataset.examples.time_ms
+    rng = np.random.default_rng(models.seed)
+
+    def part(mask: NDArray[np.bool_], cap: bool = True) -> Examples:
+        index = np.flatnonzero(mask)
+        if cap and models.max_examples is not None and len(index) > models.max_examples:
+            index = np.sort(rng.choice(index, models.max_examples, replace=False))
+        return dataset.examples.take(index)
+
+    return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end)
+
+
+def fm_config(models: ModelSettings) -> FMConfig:
+    return FMConfig(
+        buckets=Buckets(),
+        history_len=models.history_len,
+        window=models.window,
+        dim=models.dim,
+        layers=models.layers,
+        heads=models.heads,
+        embedding_dim=models.embedding_dim,
+    )
+
+
+def _data_metadata(dataset: Dataset, part: Examples) -> dict[str, Any]:
+    return {
+        "events": str(dataset.events_path),
+        "examples": len(part),
+        "from": _iso(int(part.time_ms.min())) if len(part) else None,
+        "until": _iso(int(part.time_ms.max())) if len(part) else None,
+        "click_rate": float(part.click.mean()) if len(part) else None,
+    }
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def train_foundation(
+    settings: Settings,
+    dataset: Dataset,
+    *,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    save: bool = True,
+) -> tuple[FoundationModel, SavedModel | None]:
+    models = settings.models
+    seed = models.seed if seed is None else seed
+    torch.set_num_threads(models.threads)
+    parts = split(dataset, models)
+    torch.manual_seed(seed)
+    model = FoundationModel(fm_config(models))
+    started = time.perf_counter()
+    losses = train_fm(
+        model,
+        dataset.log,
+        parts.fm_train,
+        epochs=models.epochs_fm,
+        batch_size=models.batch_size,
+        learning_rate=models.learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+    metadata = {
+        "kind": "foundation_model",
+        "config": model.config.to_dict(),
+        "parameters": parameter_count(model),
+        "seed": seed,
+        "train": _data_metadata(dataset, parts.fm_train),
+        "epoch_losses": losses,
+        "train_seconds": time.perf_counter() - started,
+        "topics": list(dataset.log.topics),
+    }
+    saved = (
+        ModelRegistry(settings.model_registry_dir).save(FM_NAME, {"model": model.state_dict()}, metadata)
+        if save
+        else None
+    )
+    return model, saved
+
+
+def load_foundation(settings: Settings, version: int | None = None) -> tuple[FoundationModel, SavedModel]:
+    saved = ModelRegistry(settings.model_registry_dir).load(FM_NAME, version)
+    model = FoundationModel(FMConfig.from_dict(saved.metadata["config"]))
+    model.load_state_dict(saved.weights["model"])
+    model.eval()
+    return model, saved
+
+
+def materialize_embeddings(
+    settings: Settings,
+    model: FoundationModel,
+    dataset: Dataset,
+    *,
+    backfill: bool,
+    at_ms: int | None = None,
+    progress: Progress | None = None,
+) -> MaterializeStats:
+    """Backfill runs every ``embedding_every_s`` over the log, or one run at ``at_ms`` (default: its end)."""
+    models = settings.models
+    torch.set_num_threads(models.threads)
+    if backfill:
+        times = run_times(dataset.start_ms, dataset.end_ms, models.embedding_every_s)
+    else:
+        times = np.array([at_ms if at_ms is not None else dataset.end_ms], np.int64)
+    return materialize(
+        settings,
+        model,
+        dataset.log,
+        times,
+        every_s=models.embedding_every_s,
+        history=models.embedding_history,
+        resume_from_online=not backfill,
+        progress=progress,
+    )
+
+
+def vm_config(models: ModelSettings, variant: str, fm: FMConfig, inputs: VMInputs) -> VMConfig:
+    mean = inputs.dense.mean(axis=0)
+    std = np.maximum(inputs.dense.std(axis=0), 0.05)  # near-constant columns must not blow up
+    return VMConfig(
+        variant=variant,
+        dense_features=dense_feature_names(),
+        buckets=fm.buckets,
+        embedding_dim=fm.embedding_dim,
+        embedding_history=models.embedding_history,
+        dense_mean=tuple(float(x) for x in mean),
+        dense_std=tuple(float(x) for x in std),
+    )
+
+
+def teacher_logits(
+    settings: Settings, fm: FoundationModel, dataset: Dataset, train: Examples, fm_end_ms: int, seed: int
+) -> tuple[NDArray[np.float32], StudentAdapter, dict[str, Any]]:
+    """ExFM: FM pseudo-labels of the VM's training examples, corrected by a student adapter.
+
+    The adapter learns on the examples after the FM's training period (where the FM is
+    stale); with none there, on all of them.
+    """
+    models = settings.models
+    fm_logits = fm_predict(fm, dataset.log, train)[:, 0]
+    fresh = train.time_ms >= fm_end_ms
+    if fresh.sum() < 100:
+        fresh = np.ones(len(train), bool)
+    adapter = StudentAdapter(fm.config.buckets)
+    candidate = train.candidate()
+    train_adapter(
+        adapter,
+        fm_logits[fresh],
+        {k: v[fresh] for k, v in candidate.items()},
+        train.click[fresh],
+        epochs=2,
+        batch_size=models.batch_size,
+        learning_rate=models.learning_rate,
+        seed=seed,
+    )
+    adapted = adapter_predict(adapter, fm_logits, candidate)
+    info = {
+        "adapter_examples": int(fresh.sum()),
+        "fm_on_fresh": summary(train.click[fresh], sigmoid(fm_logits[fresh])),
+        "adapted_on_fresh": summary(train.click[fresh], sigmoid(adapted[fresh])),
+    }
+    return adapted, adapter, info
+
+
+def train_vertical(
+    settings: Settings,
+    store: FeatureStore,
+    dataset: Dataset,
+    variant: str,
+    *,
+    inputs: VMInputs | None = None,
+    fm: FoundationModel | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    save: bool = True,
+) -> tuple[VerticalModel, SavedModel | None]:
+    """Train one VM variant; ``inputs`` (from :func:`training.datasets.vm_inputs`) may be reused."""
+    models = settings.models
+    seed = models.seed if seed is None else seed
+    torch.set_num_threads(models.threads)
+    kd, loopfm = parse_variant(variant)
+    parts = split(dataset, models)
+    if fm is None:
+        fm, _ = load_foundation(settings)
+    if inputs is None:
+        inputs, _ = vm_inputs(
+            store,
+            parts.vm_train,
+            loopfm=loopfm,
+            embedding_dim=fm.config.embedding_dim,
+            embedding_history=models.embedding_history,
+        )
+    if loopfm and inputs.fm_history is None:
+        raise ValueError("LoopFM variants need inputs read with loopfm=True")
+    teacher: NDArray[np.float32] | None = None
+    extra: dict[str, Any] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    if kd:
+        teacher, adapter, extra = teacher_logits(settings, fm, dataset, parts.vm_train, parts.fm_end_ms, seed)
+        weights["adapter"] = adapter.state_dict()
+    torch.manual_seed(seed)
+    model = VerticalModel(vm_config(models, variant, fm.config, inputs))
+    started = time.perf_counter()
+    losses = train_vm(
+        model,
+        inputs,
+        teacher_logit=teacher,
+        kd_weight=models.kd_weight,
+        epochs=models.epochs_vm,
+        batch_size=models.batch_size,
+        learning_rate=models.learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+    weights["model"] = model.state_dict()
+    metadata = {
+        "kind": "vertical_model",
+        "variant": variant,
+        "config": model.config.to_dict(),
+        "parameters": parameter_count(model),
+        "seed": seed,
+        "train": _data_metadata(dataset, parts.vm_train),
+        "epoch_losses": losses,
+        "train_seconds": time.perf_counter() - started,
+        "feature_views": ["user_activity", "ad_performance", "campaign_performance", "advertiser_performance"]
+        + (["fm_embeddings"] if loopfm else []),
+        **extra,
+    }
+    saved = (
+        ModelRegistry(settings.model_registry_dir).save(vm_name(variant), weights, metadata) if save else None
+    )
+    return model, saved
+
+
+def load_vertical(
+    settings: Settings, variant: str, version: int | None = None
+) -> tuple[VerticalModel, SavedModel]:
+    saved = ModelRegistry(settings.model_registry_dir).load(vm_name(variant), version)
+    model = VerticalModel(VMConfig.from_dict(saved.metadata["config"]))
+    model.load_state_dict(saved.weights["model"])
+    model.eval()
+    return model, saved
+
+
+def evaluate_predictions(examples: Examples, logits: NDArray[np.float32]) -> dict[str, Any]:
+    """Click AUC/NE on every example, conversion-given-click AUC on the clicked ones."""
+    result: dict[str, Any] = {"click": summary(examples.click, sigmoid(logits[:, 0]))}
+    clicked = examples.click > 0.5
+    if clicked.any():
+        result["conversion_given_click"] = summary(examples.conversion[clicked], sigmoid(logits[clicked, 1]))
+    return result
+
+
+def transfer_ratio(vm_metric: float, base_metric: float, fm_metric: float) -> float:
+    """Share of the FM's gain over the base VM that a VM variant captures (NaN when the FM gains nothing)."""
+    gain = fm_metric - base_metric
+    return float((vm_metric - base_metric) / gain) if gain > 0 else float("nan")
