@@ -22,6 +22,7 @@ from estimation.cli import reach_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
+from streams.flink.cli import add_flink_commands
 
 app = typer.Typer(
     name="adreach",
@@ -35,6 +36,7 @@ app.add_typer(broker_app, name="broker")
 stream_app = typer.Typer(help="Turn events into windowed features in Feast.", no_args_is_help=True)
 app.add_typer(stream_app, name="stream")
 app.add_typer(reach_app, name="reach")  # issue 5: reach build / reach serve (estimation/cli.py)
+add_flink_commands(stream_app)  # issue 4: stream flink / flink-writer / flink-record (streams/flink/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2

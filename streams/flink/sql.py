@@ -69,8 +69,10 @@ LATE_OUTPUT = "_late"
 _FLINK_TYPES = {"string": "STRING", "int64": "BIGINT", "double": "DOUBLE"}
 _FEATURE_TYPES = {"int64": "BIGINT", "float64": "DOUBLE", "string_list": "ARRAY<STRING>"}
 _MAX_INTERVAL_DAYS = 99  # Flink's DAY TO SECOND literals take two day digits
-# An event time as the SDK writes it: RFC 3339 with a UTC offset (``Z`` or ``+hh:mm``).
-_TIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+# An event time the decoder accepts: RFC 3339, at most milliseconds, a UTC offset (``Z``, ``+hh:mm``).
+_TIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
 
 
 class FlinkSqlError(ValueError):
