@@ -28,15 +28,45 @@ from pathlib import Path
 from typing import Any
 
 from common import print_table, versions, write_results
-from stream import _free_port, _fresh, _produce, bench_engine
+from stream import _free_port, _fresh, _produce
 
 from features.definitions import FEATURE_GROUPS
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
+from streams.engine.worker import StreamStats, StreamWorker
 from streams.flink.job import run_job
 from streams.flink.replay import record_topic, write_partition
 from streams.flink.writer import FileOutputWriter
 from streams.simulation import SimulationConfig, Simulator
+
+
+def bench_embedded(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
+    """One in-process worker over the backlog: first message read -> last feature rows stored."""
+    settings = _fresh(settings, "engine")
+    _produce(settings, payloads)
+    marks: dict[str, float] = {}
+
+    def cycle(stats: StreamStats, rows: int) -> None:
+        if rows:
+            marks["last_rows"] = time.perf_counter()
+
+    worker = StreamWorker(settings, on_cycle=cycle)
+    handle = worker._handle
+
+    def timed(messages: list[Any]) -> None:
+        marks.setdefault("first", time.perf_counter())
+        handle(messages)
+
+    worker._handle = timed
+    stats = worker.run(idle_exit_s=3.0)
+    seconds = marks["last_rows"] - marks["first"]
+    return {
+        "events": stats.events,
+        "seconds": seconds,
+        "events_per_s": stats.events / seconds,
+        "feature_rows": stats.feature_rows,
+        "late": stats.late,
+    }
 
 
 def _flink_settings(settings: Settings, input_dir: Path, name: str, parallelism: int) -> Settings:
@@ -102,7 +132,7 @@ def main() -> None:
         _produce(topic_settings, payloads)
         recorded = state / "recorded"
         record_topic(topic_settings, recorded)
-        engine = bench_engine(settings, payloads)
+        engine = bench_embedded(settings, payloads)
         tiny_dir = state / "tiny"
         write_partition(tiny_dir, 0, payloads[:200])
         tiny = bench_flink(settings, tiny_dir, 200, "tiny", 2)

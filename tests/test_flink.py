@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,9 +30,17 @@ import pytest
 from features.definitions import FEATURE_GROUPS
 from features.feast_objects import offline_path
 from infra.settings import Settings
-from streams.flink.job import FlinkConfigError, build_job_sql, flink_configuration, job_jars, sink_options
+from streams.flink.job import (
+    FlinkConfigError,
+    build_job_sql,
+    feature_topics,
+    flink_configuration,
+    job_jars,
+    sink_options,
+)
 from streams.flink.sql import interval
-from streams.topics import ensure_topics
+from streams.flink.writer import KafkaOutputWriter
+from streams.topics import ensure_topics, existing_topics
 from tests.kafka_helpers import consume
 from tests.test_stream_engine import (
     LATENESS_S,
@@ -196,6 +205,50 @@ def test_offline_store_history_ends_at_the_online_row(parity: Parity) -> None:
     for key, row in zip(keys, online, strict=True):
         assert row["impressions_24h"] == latest[key]["impressions_24h"]
         assert row["spend_micros_7d"] == latest[key]["spend_micros_7d"]  # integral micros: exact
+
+
+def test_rows_on_the_feature_topics_reach_feast_like_the_files(parity: Parity, tmp_path: Path) -> None:
+    """The Kafka sink's half that runs here: the job's rows, keyed on per-group topics of a
+    real broker, stored by the Kafka writer into a third Feast repo, equal the file path's."""
+    from confluent_kafka import Producer
+
+    settings = parity.flink.model_copy(update={"state_dir": tmp_path / "state"}, deep=True)
+    settings.flink.sink = "kafka"
+    settings.flink.features_topic_prefix = f"test.features.{uuid.uuid4().hex[:8]}."
+    settings.flink.consumer_group = f"flink-writer-{uuid.uuid4().hex[:8]}"
+    created = ensure_topics(settings, feature_topics(settings))
+    assert len(created) == len(FEATURE_GROUPS) + 1
+    assert existing_topics(settings)[created[0]] == settings.kafka.topics.partitions
+    output = parity.flink.flink_output_dir
+    producer = Producer(settings.kafka_client_config())
+    total = 0
+    for group in FEATURE_GROUPS:
+        lines = [
+            line
+            for path in sorted((output / group.name).iterdir())
+            if not path.name.startswith(".")
+            for line in path.read_bytes().splitlines()
+        ]
+        rows = sorted(
+            ((json.loads(line), line) for line in lines if line),
+            key=lambda pair: (pair[0][group.key], pair[0]["event_timestamp_ms"]),
+        )
+        topic = f"{settings.flink.features_topic_prefix}{group.name}"
+        for row, line in rows:  # one entity's rows in tile order, keyed like the Flink sink
+            producer.produce(topic, line, str(row[group.key]).encode())
+        total += len(rows)
+    assert producer.flush(30) == 0
+    writer = KafkaOutputWriter(settings)
+    try:
+        deadline = time.monotonic() + 90
+        while writer.rows_written < total and time.monotonic() < deadline:
+            writer.poll(1.0)
+    finally:
+        writer.close()
+    assert writer.rows_written == total
+    for group in FEATURE_GROUPS:
+        keys = parity.keys[group.name]
+        assert online_features(settings, group, keys) == online_features(parity.flink, group, keys)
 
 
 # -- the Kafka path: generated DDL and configuration (no connector jar here) ------------------

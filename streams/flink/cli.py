@@ -97,6 +97,7 @@ def flink(
     from infra.progress import stderr
     from streams.flink.job import FlinkConfigError, FlinkJobError, build_job_sql, run_job
     from streams.flink.writer import FlinkOutputError
+    from streams.topics import TopicError
 
     if input_dir is not None and source is None:
         source = "files"
@@ -135,7 +136,7 @@ def flink(
         rows = _store_files(settings) if feast and config.sink == "files" else 0
     except FlinkConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
-    except (FlinkJobError, FlinkOutputError) as exc:
+    except (FlinkJobError, FlinkOutputError, TopicError) as exc:
         _fail(str(exc), EXIT_OPERATIONAL)
     print(
         f"flink: job {run.job_id} finished in {run.run_s:.1f} s (+{run.jvm_start_s:.1f} s JVM start); "

@@ -36,6 +36,7 @@ from streams.flink.sql import (
     job_sql,
     kafka_source_ddl,
 )
+from streams.topics import TopicSpec, ensure_topics
 
 if TYPE_CHECKING:
     from pyflink.table import TableEnvironment
@@ -124,6 +125,15 @@ def source_ddl(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROU
 
 def features_topic(settings: Settings, group: FeatureGroup) -> str:
     return f"{settings.flink.features_topic_prefix}{group.name}"
+
+
+def feature_topics(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> list[TopicSpec]:
+    """The Kafka sink's topics: one per group (partitioned like the events topic) and the late events."""
+    topics = settings.kafka.topics
+    names = [features_topic(settings, g) for g in groups] + [f"{settings.flink.features_topic_prefix}late"]
+    return [
+        TopicSpec(name, topics.partitions, topics.replication_factor, dict(topics.config)) for name in names
+    ]
 
 
 def sink_options(
@@ -244,6 +254,8 @@ def run_job(
     config = flink_configuration(settings, job_jars(settings), jobmanager or settings.flink.jobmanager)
     if settings.flink.sink == "files":
         settings.flink_output_dir.mkdir(parents=True, exist_ok=True)
+    else:  # created here with the events topic's layout, not by broker defaults on first write
+        ensure_topics(settings, feature_topics(settings, groups))
     started = time.monotonic()
     environment = table_environment(config)
     jvm_start_s = time.monotonic() - started

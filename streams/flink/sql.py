@@ -220,6 +220,8 @@ def kafka_source_ddl(
         "scan.startup.mode": source.startup_mode,
         **_JSON_SOURCE,
     }
+    if source.startup_mode == "group-offsets":  # a new group starts at the beginning, not the end
+        options["properties.auto.offset.reset"] = "earliest"
     for key, value in (source.properties or {}).items():
         options[f"properties.{key}"] = value
     return f"CREATE TABLE {EVENTS_TABLE} (\n  " + ",\n  ".join(columns) + f"\n) {_with(options)}"
