@@ -198,6 +198,8 @@ def flink_configuration(settings: Settings, jars: Sequence[Path], jobmanager: st
         "execution.checkpointing.dir": checkpoints,
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "state.backend.type": flink.state_backend,
+        # Chained SQL operators hand rows on without copying them (they do not keep references).
+        "pipeline.object-reuse": "true",
     }
     if jars:
         config["pipeline.jars"] = ";".join(_uri(jar) for jar in jars)
