@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,8 +31,8 @@ import pytest
 from features.definitions import FEATURE_GROUPS
 from features.feast_objects import offline_path
 from infra.settings import Settings
+from streams.flink.errors import FlinkConfigError
 from streams.flink.job import (
-    FlinkConfigError,
     build_job_sql,
     feature_topics,
     flink_configuration,
@@ -107,6 +108,8 @@ def _settings(base: Settings, state_dir: Path) -> Settings:
 @pytest.fixture(scope="module")
 def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
     """Both engines over one recorded event set (the expensive part, shared by the tests)."""
+    if shutil.which("java") is None:
+        pytest.fail("the Flink tests need Java 17 on the PATH (PyFlink starts a JVM)")
     root = tmp_path_factory.mktemp("flink-parity")
     base = broker_settings.model_copy(deep=True)
     suffix = uuid.uuid4().hex[:10]
@@ -336,3 +339,24 @@ def test_missing_connector_jar_fails_fast_naming_it(tmp_path: Path) -> None:
 def test_interval_literals_cover_the_windows() -> None:
     assert interval(604_800_000 - 60_000) == "INTERVAL '6 23:59:00.000' DAY TO SECOND(3)"
     assert interval(540_000) == "INTERVAL '0 00:09:00.000' DAY TO SECOND(3)"
+
+
+def test_a_changed_definition_changes_the_generated_job() -> None:
+    """No second copy of the logic: a new aggregation appears in the job's views and output."""
+    import dataclasses
+
+    from features.definitions import Aggregation
+    from streams.flink.sql import GroupPlan
+
+    ads = next(g for g in FEATURE_GROUPS if g.name == "ad_performance")
+    changed = dataclasses.replace(
+        ads,
+        aggregations=(*ads.aggregations, Aggregation("responses", "count", ("click", "conversion"))),
+    )
+    plan = GroupPlan(changed)
+    columns = [name for name, _ in plan.sink_columns()]
+    assert columns[2:] == [f.name for f in changed.features()]
+    assert "responses_7d" in columns and "responses_7d" not in [n for n, _ in GroupPlan(ads).sink_columns()]
+    views = "\n".join(plan.views())
+    assert "`type` IN ('click', 'conversion')" in views
+    assert "SUM(`a__responses`) OVER" in views

@@ -95,8 +95,8 @@ def flink(
     """
     from infra.cli import EXIT_OPERATIONAL, EXIT_USAGE, _fail
     from infra.progress import stderr
-    from streams.flink.job import FlinkConfigError, FlinkJobError, build_job_sql, run_job
-    from streams.flink.writer import FlinkOutputError
+    from streams.flink.errors import FlinkConfigError, FlinkJobError, FlinkOutputError
+    from streams.flink.job import build_job_sql, run_job
     from streams.topics import TopicError
 
     if input_dir is not None and source is None:
@@ -204,7 +204,7 @@ def flink_writer(
     """
     from features.online import OnlineStoreError
     from infra.cli import EXIT_OPERATIONAL, _fail
-    from streams.flink.writer import FlinkOutputError
+    from streams.flink.errors import FlinkOutputError
 
     settings = _settings(ctx, sink=sink, output_dir=output)
     try:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
+from streams.flink.errors import FlinkConfigError, FlinkJobError
 from streams.flink.sql import (
     LATE_OUTPUT,
     JobSql,
@@ -42,14 +43,6 @@ if TYPE_CHECKING:
     from pyflink.table import TableEnvironment
 
 JOB_NAME = "adreach-stream-features"
-
-
-class FlinkConfigError(ValueError):
-    """The settings cannot run the job (a missing jar, input directory, ...); the message says what to fix."""
-
-
-class FlinkJobError(RuntimeError):
-    """Flink rejected or failed the job; the message carries Flink's reason."""
 
 
 def kafka_connector_jar(settings: Settings) -> Path:

@@ -35,13 +35,10 @@ from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import TIMESTAMP_FIELD, append_offline, arrow_schema
 from features.online import OnlineFeatureWriter
 from infra.settings import Settings
+from streams.flink.errors import FlinkOutputError
 from streams.flink.sql import TIMESTAMP_MS
 
 _MANIFEST = ".applied"
-
-
-class FlinkOutputError(RuntimeError):
-    """The job's output could not be read or stored; the message names the file or topic."""
 
 
 def json_schema(group: FeatureGroup) -> pa.Schema:
