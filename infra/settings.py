@@ -227,8 +227,9 @@ class FlinkSettings(BaseModel):
     file_watermark_delay_s: int | None = Field(
         None,
         ge=0,
-        description="Filesystem source watermark delay. Unset: hold the watermark until the input ends, "
-        "which is exact whatever the file layout (files are read one after another).",
+        description="Filesystem source watermark delay. Unset: hold the watermark until a bounded input "
+        "ends, which is exact whatever the file layout (files are read one after another); a monitored "
+        "input never ends, so there it defaults to stream.allowed_lateness_s.",
     )
     watermark_delay_s: int | None = Field(
         None, ge=0, description="Kafka source watermark delay; default: stream.allowed_lateness_s."

@@ -97,9 +97,12 @@ def source_ddl(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROU
             raise FlinkConfigError("flink.source = 'files' needs flink.input_dir (or --input DIR)")
         if not flink.input_dir.is_dir():
             raise FlinkConfigError(f"input directory not found: {flink.input_dir}")
+        delay_s = flink.file_watermark_delay_s
+        if delay_s is None and flink.monitor_interval_s is not None:  # never ends: cannot hold
+            delay_s = settings.stream.allowed_lateness_s
         return files_source_ddl(
             _uri(flink.input_dir),
-            delay_ms=_delay_ms(flink.file_watermark_delay_s),
+            delay_ms=_delay_ms(delay_s),
             monitor_interval_s=flink.monitor_interval_s,
             groups=groups,
         )
@@ -194,6 +197,10 @@ def flink_configuration(settings: Settings, jars: Sequence[Path], jobmanager: st
         # Chained SQL operators hand rows on without copying them (they do not keep references).
         "pipeline.object-reuse": "true",
     }
+    if flink.source == "files" and flink.monitor_interval_s is not None:
+        # Readers without a file would hold the watermark back forever; the monitored
+        # directory's contract (no file far behind the ones before it) makes this safe.
+        config["table.exec.source.idle-timeout"] = f"{int(max(10.0, 5 * flink.monitor_interval_s))} s"
     if jars:
         config["pipeline.jars"] = ";".join(_uri(jar) for jar in jars)
     if jobmanager:

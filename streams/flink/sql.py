@@ -28,10 +28,10 @@ for value:
    one OVER window per SELECT), adds ``SUM`` and ``COUNT(DISTINCT)`` over exactly the
    tiles starting at or after ``tile_end - W``; the anchor rows are the feature rows.
 5. **Last N**: per tile the N latest candidates (window Top-N, ordered by time then
-   event id, as the embedded engine breaks ties), each numbered by its rank among all
-   candidates of its key (a cumulative count); an interval join attaches to each
-   feature row the candidates of the longest window whose rank puts them in its first N,
-   and a final ``TUMBLE`` folds them into the ordered list.
+   event id, as the embedded engine breaks ties), each encoded as a text that sorts the
+   same way; an ``ARRAY_AGG`` over the longest window's frame, sorted, reversed and cut
+   to N, then stripped of the sort keys, is the list. (An interval join would also do,
+   but Flink holds its output watermark back by the join's bound, here 7 days.)
 
 Each feature row holds the features of one entity as of the end of one tile in which it
 had events; the last one per entity is what the embedded engine leaves in the online
@@ -68,6 +68,9 @@ LATE_OUTPUT = "_late"
 
 _FLINK_TYPES = {"string": "STRING", "int64": "BIGINT", "double": "DOUBLE"}
 _FEATURE_TYPES = {"int64": "BIGINT", "float64": "DOUBLE", "string_list": "ARRAY<STRING>"}
+_SEP1 = "U&'\\0001'"  # inside a last-N item: time, event id, value
+_SEP2 = "U&'\\0002'"  # between items while the sort keys are cut off
+_ITEM_PREFIX = r"[0-9]{13}\x01[^\x01]*\x01"
 _MAX_INTERVAL_DAYS = 99  # Flink's DAY TO SECOND literals take two day digits
 # An event time the decoder accepts: RFC 3339, at most milliseconds, a UTC offset (``Z``, ``+hh:mm``).
 _TIME_PATTERN = (
@@ -326,17 +329,58 @@ class GroupPlan:
         columns: dict[str, str] = {}
         for a in self.additive:
             columns[f"a__{a.name}"] = f"CAST(NULL AS {'BIGINT' if a.kind == 'count' else 'DOUBLE'})"
-        for a in self.last_n:
-            columns[f"n__{a.name}"] = "CAST(NULL AS BIGINT)"
         for a in self.distinct:
             columns[f"d__{a.name}"] = "CAST(NULL AS STRING)"
+        for a in self.last_n:
+            columns[f"i__{a.name}"] = "CAST(NULL AS STRING)"
         if keep is not None:
             columns.pop(keep)
         return columns
 
+    def _row(self, anchor: bool, values: Mapping[str, str]) -> str:
+        """The SELECT list of one unified row kind: key, tile time, tile end, anchor flag, the columns."""
+        end = (
+            f"MAX({q(EVENT_TIME_MS)}) - MOD(MAX({q(EVENT_TIME_MS)}), {TILE_MS}) + {TILE_MS}"
+            if anchor
+            else "CAST(NULL AS BIGINT)"
+        )
+        columns = {**self._null_columns(), **values}
+        return f"SELECT k, window_time AS wt, {end} AS end_ms, {str(anchor).upper()} AS anchor, " + ", ".join(
+            f"{v} AS {q(n)}" for n, v in columns.items()
+        )
+
+    def _last_n_items(self) -> list[str]:
+        """Per last-N aggregation, the N latest candidates of each (entity, tile), encoded for sorting.
+
+        An item is ``<event time, 13 digits> U+0001 <event id> U+0001 <value>``: sorting the
+        texts sorts by time, then event id (the embedded engine's order; ids and values must
+        not contain U+0001 or U+0002).
+        """
+        statements: list[str] = []
+        for a in self.last_n:
+            column = q(a.column or "")
+            source = self._v(f"cand_{a.name}")
+            statements.append(
+                f"CREATE TEMPORARY VIEW {source} AS SELECT k, {q('event_id')}, {q(EVENT_TIME_MS)}, "
+                f"CAST({column} AS STRING) AS v, {q(ROWTIME)} FROM {self._v('events')} "
+                f"WHERE {_types_in(a.event_types)} AND {column} IS NOT NULL"
+            )
+            item = (
+                f"CONCAT(LPAD(CAST({q(EVENT_TIME_MS)} AS STRING), 13, '0'), {_SEP1}, {q('event_id')}, "
+                f"{_SEP1}, v)"
+            )
+            statements.append(
+                f"CREATE TEMPORARY VIEW {self._v(f'top_{a.name}')} AS "
+                f"SELECT k, window_time, {item} AS item FROM ("
+                f"SELECT *, ROW_NUMBER() OVER (PARTITION BY window_start, window_end, k "
+                f"ORDER BY {q(EVENT_TIME_MS)} DESC, {q('event_id')} DESC) AS rn FROM {_tile_tvf(source)}) "
+                f"WHERE rn <= {a.n}"
+            )
+        return statements
+
     def _tiles(self) -> list[str]:
         tvf = _tile_tvf(self._v("events"))
-        values = self._null_columns()
+        values: dict[str, str] = {}
         for a in self.additive:
             matches = _types_in(a.event_types)
             if a.kind == "count":
@@ -347,58 +391,45 @@ class GroupPlan:
                     f"SUM(CASE WHEN {matches} AND {column} IS NOT NULL THEN CAST({column} AS DOUBLE) "
                     "ELSE CAST(0 AS DOUBLE) END)"
                 )
-        for a in self.last_n:
-            column = q(a.column or "")
-            values[f"n__{a.name}"] = (
-                f"SUM(CASE WHEN {_types_in(a.event_types)} AND {column} IS NOT NULL "
-                "THEN CAST(1 AS BIGINT) ELSE 0 END)"
-            )
-        end = f"MAX({q(EVENT_TIME_MS)}) - MOD(MAX({q(EVENT_TIME_MS)}), {TILE_MS}) + {TILE_MS}"
-        selects = [
-            f"SELECT k, window_time AS wt, {end} AS end_ms, TRUE AS anchor, "
-            + ", ".join(f"{v} AS {q(n)}" for n, v in values.items())
-            + f" FROM {tvf} GROUP BY k, window_start, window_end, window_time"
-        ]
+        selects = [self._row(True, values) + f" FROM {tvf} GROUP BY k, window_start, window_end, window_time"]
         for a in self.distinct:
             column = q(a.column or "")
-            values = self._null_columns(keep=f"d__{a.name}")
-            values[f"d__{a.name}"] = f"CAST({column} AS STRING)"
-            ordered = {n: values[n] for n in self._null_columns()}
             selects.append(
-                "SELECT k, window_time AS wt, CAST(NULL AS BIGINT) AS end_ms, FALSE AS anchor, "
-                + ", ".join(f"{v} AS {q(n)}" for n, v in ordered.items())
+                self._row(False, {f"d__{a.name}": f"CAST({column} AS STRING)"})
                 + f" FROM {tvf} WHERE {_types_in(a.event_types)} AND {column} IS NOT NULL "
                 f"GROUP BY k, {column}, window_start, window_end, window_time"
             )
+        for a in self.last_n:
+            selects.append(self._row(False, {f"i__{a.name}": "item"}) + f" FROM {self._v(f'top_{a.name}')}")
         return [f"CREATE TEMPORARY VIEW {self._v('tiles')} AS " + "\nUNION ALL\n".join(selects)]
 
     def _windows(self) -> tuple[list[str], str]:
         """The OVER levels; returns the statements and the last level's view name."""
         statements: list[str] = []
         previous = self._v("tiles")
+        lists_done = False
+
+        def frame(ms: int) -> str:
+            preceding = interval(ms - TILE_MS)
+            return f"OVER (PARTITION BY k ORDER BY wt RANGE BETWEEN {preceding} PRECEDING AND CURRENT ROW)"
+
         for index, window in enumerate(self.group.windows):
-            frame = (
-                f"OVER (PARTITION BY k ORDER BY wt RANGE BETWEEN {interval(window.seconds * 1000 - TILE_MS)} "
-                "PRECEDING AND CURRENT ROW)"
-            )
+            over = frame(window.seconds * 1000)
             outputs = [
-                f"SUM({q('a__' + a.name)}) {frame} AS {q(f'{a.name}_{window.name}')}" for a in self.additive
+                f"SUM({q('a__' + a.name)}) {over} AS {q(f'{a.name}_{window.name}')}" for a in self.additive
             ]
             outputs += [
-                f"COUNT(DISTINCT {q('d__' + a.name)}) {frame} AS {q(f'{a.name}_{window.name}')}"
+                f"COUNT(DISTINCT {q('d__' + a.name)}) {over} AS {q(f'{a.name}_{window.name}')}"
                 for a in self.distinct
             ]
+            if window == self.group.longest_window and not lists_done:  # last-N lists share its frame
+                outputs += [
+                    f"ARRAY_AGG({q('i__' + a.name)}) {over} AS {q('l__' + a.name)}" for a in self.last_n
+                ]
+                lists_done = True
             if not outputs:
                 continue
             view = self._v(f"w{index}")
-            statements.append(
-                f"CREATE TEMPORARY VIEW {view} AS SELECT *, {', '.join(outputs)} FROM {previous}"
-            )
-            previous = view
-        if self.last_n:
-            frame = "OVER (PARTITION BY k ORDER BY wt RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
-            outputs = [f"SUM({q('n__' + a.name)}) {frame} AS {q('s__' + a.name)}" for a in self.last_n]
-            view = self._v("ranks")
             statements.append(
                 f"CREATE TEMPORARY VIEW {view} AS SELECT *, {', '.join(outputs)} FROM {previous}"
             )
@@ -412,73 +443,25 @@ class GroupPlan:
 
     def _features(self, last_level: str) -> str:
         columns = ["k", "wt", "end_ms", *(q(c) for c in self.windowed_columns())]
-        columns += [q("s__" + a.name) for a in self.last_n]
+        for a in self.last_n:
+            items = f"ARRAY_REMOVE({q('l__' + a.name)}, CAST(NULL AS STRING))"
+            latest = f"ARRAY_SLICE(ARRAY_REVERSE(ARRAY_SORT({items})), 1, {a.n})"
+            values = (
+                f"SPLIT(REGEXP_REPLACE(ARRAY_JOIN({latest}, {_SEP2}), {literal(_ITEM_PREFIX)}, ''), {_SEP2})"
+            )
+            columns.append(
+                f"CASE WHEN CARDINALITY({items}) > 0 THEN {values} ELSE CAST(NULL AS ARRAY<STRING>) END "
+                f"AS {q(a.name)}"
+            )
         return (
             f"CREATE TEMPORARY VIEW {self._v('features')} AS SELECT {', '.join(columns)} "
             f"FROM {last_level} WHERE anchor"
         )
 
-    def _last_n(self) -> list[str]:
-        """Views ``candidates`` (ranked top N per tile), ``lists`` (joined to feature rows), ``rows``."""
-        statements: list[str] = []
-        tops = []
-        for a in self.last_n:
-            column = q(a.column or "")
-            source = self._v(f"cand_{a.name}")
-            statements.append(
-                f"CREATE TEMPORARY VIEW {source} AS SELECT k, {q('event_id')}, {q(EVENT_TIME_MS)}, "
-                f"CAST({column} AS STRING) AS v, {q(ROWTIME)} FROM {self._v('events')} "
-                f"WHERE {_types_in(a.event_types)} AND {column} IS NOT NULL"
-            )
-            tops.append(
-                f"SELECT k, window_time AS wt, {literal(a.name)} AS agg, v, rn FROM ("
-                f"SELECT *, ROW_NUMBER() OVER (PARTITION BY window_start, window_end, k "
-                f"ORDER BY {q(EVENT_TIME_MS)} DESC, {q('event_id')} DESC) AS rn FROM {_tile_tvf(source)}) "
-                f"WHERE rn <= {a.n}"
-            )
-        statements.append(f"CREATE TEMPORARY VIEW {self._v('top')} AS " + "\nUNION ALL\n".join(tops))
-
-        def per_agg(alias: str, values: Mapping[str, str]) -> str:
-            cases = " ".join(f"WHEN {literal(name)} THEN {value}" for name, value in values.items())
-            return f"CASE {alias}.agg {cases} END"
-
-        rank_of = {a.name: f"f.{q('s__' + a.name)}" for a in self.last_n}
-        statements.append(
-            f"CREATE TEMPORARY VIEW {self._v('candidates')} AS SELECT t.k, t.wt, t.agg, t.v, t.rn, "
-            f"{per_agg('t', rank_of)} AS s FROM {self._v('top')} t JOIN {self._v('features')} f "
-            "ON t.k = f.k AND t.wt BETWEEN f.wt AND f.wt"
-        )
-        longest = self.group.longest_window.seconds * 1000
-        anchor_rank = per_agg("c", {a.name: f"a.{q('s__' + a.name)}" for a in self.last_n})
-        limit = per_agg("c", {a.name: str(a.n) for a in self.last_n})
-        features = ", ".join(f"a.{q(c)}" for c in ["k", "wt", "end_ms", *self.windowed_columns()])
-        statements.append(
-            f"CREATE TEMPORARY VIEW {self._v('lists')} AS SELECT {features}, c.agg, c.v, "
-            f"c.rn + {anchor_rank} - c.s AS pos FROM {self._v('features')} a "
-            f"LEFT JOIN {self._v('candidates')} c "
-            f"ON a.k = c.k AND c.wt BETWEEN a.wt - {interval(longest - TILE_MS)} AND a.wt "
-            f"AND c.rn + {anchor_rank} - c.s <= {limit}"
-        )
-        outputs = ["MAX(end_ms) AS end_ms", *(f"MAX({q(c)}) AS {q(c)}" for c in self.windowed_columns())]
-        for a in self.last_n:
-            items = ", ".join(
-                f"MAX(CASE WHEN agg = {literal(a.name)} AND pos = {i} THEN v END)" for i in range(1, a.n + 1)
-            )
-            outputs.append(f"ARRAY_REMOVE(ARRAY[{items}], CAST(NULL AS STRING)) AS {q(a.name)}")
-        tvf = f"TABLE(TUMBLE(TABLE {self._v('lists')}, DESCRIPTOR(wt), {interval(TILE_MS)}))"
-        statements.append(
-            f"CREATE TEMPORARY VIEW {self._v('rows')} AS SELECT k, {', '.join(outputs)} "
-            f"FROM {tvf} GROUP BY k, window_start, window_end"
-        )
-        return statements
-
     def views(self) -> list[str]:
-        statements = [self._events(), *self._tiles()]
+        statements = [self._events(), *self._last_n_items(), *self._tiles()]
         levels, last_level = self._windows()
-        statements += [*levels, self._features(last_level)]
-        if self.last_n:
-            statements += self._last_n()
-        return statements
+        return [*statements, *levels, self._features(last_level)]
 
     def sink_columns(self) -> list[tuple[str, str]]:
         """(name, Flink type) of the output rows: key, tile end (epoch ms), features in Feast's order."""
@@ -487,7 +470,7 @@ class GroupPlan:
 
     def insert(self) -> str:
         group = self.group
-        source = self._v("rows") if self.last_n else self._v("features")
+        source = self._v("features")
         outputs = [f"k AS {q(group.key)}", f"end_ms AS {q(TIMESTAMP_MS)}"]
         for feature in group.features():
             outputs.append(q(feature.name))
