@@ -24,6 +24,7 @@ from features.cli import demo_query_features, features_app
 from infra.progress import progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
+from streams.flink.cli import add_flink_commands
 from training.cli import evaluate_command, train_app
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ app.add_typer(quality_app, name="quality")  # issue 6: quality user / aggregate 
 app.add_typer(features_app, name="features")  # issue 8: features queries / relevance-corpus (features/cli.py)
 app.add_typer(train_app, name="train")  # issue 7: train fm / train vm (training/cli.py)
 app.command("evaluate")(evaluate_command)  # issue 7 (training/cli.py)
+add_flink_commands(stream_app)  # issue 4: stream flink / flink-writer / flink-record (streams/flink/cli.py)
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2

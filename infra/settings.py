@@ -205,6 +205,64 @@ class StreamSettings(BaseModel):
     session_timeout_ms: int = Field(6_000, ge=1_000)
 
 
+class FlinkSettings(BaseModel):
+    """The Flink job computing the stream features (``adreach stream flink``); see :mod:`streams.flink`.
+
+    The job reads the events topic through the Flink Kafka SQL connector, whose jar is
+    deployed with the Flink cluster (it is not part of PyFlink), or replays JSON Lines
+    files through Flink's filesystem source. Its feature rows go to ``sink``: JSON part
+    files under ``output_dir`` or one Kafka topic per feature group, which
+    ``adreach stream flink-writer`` stores in Feast.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    kafka_connector_jar: Path | None = Field(
+        None,
+        description="The Flink Kafka SQL connector jar (flink-sql-connector-kafka-*.jar) as deployed with "
+        "the cluster; needed for source/sink 'kafka'.",
+    )
+    extra_jars: list[Path] = Field(default_factory=list, description="More jars for pipeline.jars.")
+    jobmanager: str | None = Field(
+        None, description="host:port of a Flink cluster's REST endpoint; unset: a local mini-cluster."
+    )
+    parallelism: int = Field(2, ge=1, le=1024)
+    checkpoint_interval_s: float = Field(10.0, gt=0, description="Exactly-once checkpoints this often.")
+    checkpoint_dir: str | None = Field(
+        None, description="Checkpoint storage URI (file://, s3://); default: <state_dir>/flink/checkpoints."
+    )
+    state_backend: Literal["hashmap", "rocksdb"] = "hashmap"
+    source: Literal["kafka", "files"] = "kafka"
+    sink: Literal["files", "kafka"] = "files"
+    input_dir: Path | None = Field(
+        None, description="Filesystem source: one JSON Lines file per source partition (see streams.flink)."
+    )
+    output_dir: Path | None = Field(None, description="Files sink; default: <state_dir>/flink/output.")
+    monitor_interval_s: float | None = Field(
+        None, description="Filesystem source: watch input_dir for new files this often (unset: bounded)."
+    )
+    file_watermark_delay_s: int | None = Field(
+        None,
+        ge=0,
+        description="Filesystem source watermark delay. Unset: hold the watermark until a bounded input "
+        "ends, which is exact whatever the file layout (files are read one after another); a monitored "
+        "input never ends, so there it defaults to stream.allowed_lateness_s.",
+    )
+    watermark_delay_s: int | None = Field(
+        None, ge=0, description="Kafka source watermark delay; default: stream.allowed_lateness_s."
+    )
+    consumer_group: str = "adreach-flink"
+    startup_mode: Literal["earliest-offset", "group-offsets", "latest-offset"] = "earliest-offset"
+    kafka_properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra Java Kafka client properties for the connector (security.protocol, sasl.*, ...).",
+    )
+    features_topic_prefix: str = Field(
+        "adreach.features.", description="Kafka sink: one topic per feature group, <prefix><group>."
+    )
+    writer_poll_s: float = Field(1.0, gt=0, description="How often the Feast writer looks for new rows.")
+
+
 class ReachSettings(BaseModel):
     """Reach forecasting (``adreach reach build`` / ``serve``); see :mod:`estimation`.
 
@@ -399,6 +457,7 @@ class Settings(BaseSettings):
     simulate: SimulationSettings = Field(default_factory=SimulationSettings)
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    flink: FlinkSettings = Field(default_factory=FlinkSettings)
     reach: ReachSettings = Field(default_factory=ReachSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
 
@@ -425,6 +484,10 @@ class Settings(BaseSettings):
     @property
     def query_cache_path(self) -> Path:
         return self.queries.cache_path or self.state_dir / "queries" / "cache.sqlite"
+
+    @property
+    def flink_output_dir(self) -> Path:
+        return self.flink.output_dir or self.state_dir / "flink" / "output"
 
     @property
     def uses_embedded_broker(self) -> bool:

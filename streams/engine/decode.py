@@ -58,6 +58,12 @@ _EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 _LATEST_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 _NON_NEGATIVE = ("cost_micros", "value", "position")
 
+# The rules above, named for engines that restate them in their own language (streams.flink).
+FIELD_TYPES = _FIELD_TYPES
+ALWAYS_PRESENT = _ALWAYS
+EARLIEST_MS, LATEST_MS = _EARLIEST_MS, _LATEST_MS
+NON_NEGATIVE = _NON_NEGATIVE
+
 
 class DecodeError(ValueError):
     """A feature definition reads an event field the engine does not know how to type."""
@@ -75,7 +81,7 @@ def needed_columns(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> tuple[str
     return tuple(name for name in _FIELD_TYPES if name in wanted)
 
 
-def _required_by_type(columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def required_by_type(columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """For each event type, the read columns the SDK's struct requires (no default)."""
     required: dict[str, tuple[str, ...]] = {}
     for name, cls in zip(EVENT_TYPE_NAMES, EVENT_TYPES, strict=True):
@@ -107,7 +113,7 @@ class EventDecoder:
         self._parse_options = pa_json.ParseOptions(
             explicit_schema=self._schema, unexpected_field_behavior="ignore", newlines_in_values=False
         )
-        self._required = _required_by_type(self.columns)
+        self._required = required_by_type(self.columns)
         self._known_types = pa.array(sorted(EVENT_TYPE_NAMES))
 
     @property

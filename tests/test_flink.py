@@ -1,0 +1,362 @@
+"""The Flink job against the embedded engine: same recorded events, same features in Feast.
+
+One recorded event set (simulated traffic with its out-of-order and very late events,
+plus hand-made malformed, offset-time and late events) is produced to a real Tansu
+topic, run through ``adreach stream run`` (embedded engine, one Feast repo) and, after
+``adreach stream flink-record``, through ``adreach stream flink --input`` (PyFlink local
+mini-cluster, filesystem source, another Feast repo). The features read back through
+Feast's own SDK must be identical, value for value. The JVM starts once for the module.
+
+The Kafka source cannot run here (the connector jar is not installed and cannot be
+downloaded); its generated DDL, configuration and the missing-jar error are tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from features.definitions import FEATURE_GROUPS
+from features.feast_objects import offline_path
+from infra.settings import Settings
+from streams.flink.errors import FlinkConfigError
+from streams.flink.job import (
+    build_job_sql,
+    feature_topics,
+    flink_configuration,
+    job_jars,
+    sink_options,
+)
+from streams.flink.sql import interval
+from streams.flink.writer import KafkaOutputWriter
+from streams.topics import ensure_topics, existing_topics
+from tests.kafka_helpers import consume
+from tests.test_stream_engine import (
+    LATENESS_S,
+    bad_events,
+    engine_env,
+    expected_events,
+    online_features,
+    produce,
+    produce_raw,
+    run_engine,
+    simulated_payloads,
+)
+
+ADREACH = str(Path(sys.executable).parent / "adreach")
+
+
+def _offset_time_events(user: str) -> list[tuple[bytes, bytes]]:
+    """Valid events with a non-UTC offset, and one the decoder rejects (sub-millisecond time)."""
+    impression = {
+        "type": "impression",
+        "event_id": "imp-offset-1",
+        "event_time": "2026-01-06T01:30:00.250+02:00",
+        "user_id": user,
+        "ad_id": "ad-offset",
+        "campaign_id": "c-offset",
+        "advertiser_id": "adv-offset",
+        "placement": "feed",
+        "position": 1,
+        "cost_micros": 1_500,
+    }
+    micro = {**impression, "event_id": "imp-micro-1", "event_time": "2026-01-05T23:40:00.1234Z"}
+    return [(user.encode(), json.dumps(impression).encode()), (user.encode(), json.dumps(micro).encode())]
+
+
+@dataclass
+class Parity:
+    embedded: Settings
+    flink: Settings
+    expected_late: set[str]
+    keys: dict[str, list[str]]
+    flink_output: str
+
+
+def _settings(base: Settings, state_dir: Path) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return base.model_copy(
+        update={
+            "state_dir": state_dir,
+            "stream": base.stream.model_copy(
+                update={
+                    "consumer_group": f"flink-parity-{suffix}",
+                    "repartition_topic": f"test.repartition.{suffix}",
+                    "repartition_partitions": 3,
+                    "allowed_lateness_s": LATENESS_S,
+                    "flush_interval_ms": 300,
+                    "batch_max_events": 2_000,
+                }
+            ),
+        },
+        deep=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
+    """Both engines over one recorded event set (the expensive part, shared by the tests)."""
+    if shutil.which("java") is None:
+        pytest.fail("the Flink tests need Java 17 on the PATH (PyFlink starts a JVM)")
+    root = tmp_path_factory.mktemp("flink-parity")
+    base = broker_settings.model_copy(deep=True)
+    suffix = uuid.uuid4().hex[:10]
+    base.kafka.topics.events = f"test.events.{suffix}"
+    base.kafka.topics.dead_letter = f"test.events.{suffix}.dlq"
+    base.kafka.topics.partitions = 3
+    ensure_topics(base)
+    embedded = _settings(base, root / "embedded")
+    flink = _settings(base, root / "flink")
+
+    payloads = simulated_payloads(users=1_500, events=15_000, seed=21)
+    produce(embedded, payloads)
+    raw = bad_events("u0000001", "2025-12-01T00:00:00Z") + _offset_time_events("u0000002")
+    produce_raw(embedded, raw)
+    run_engine(embedded)
+
+    records = consume(embedded, embedded.kafka.topics.events, len(payloads) + len(raw))
+    events, late = expected_events(embedded, records)
+    keys = {}
+    for group in FEATURE_GROUPS:
+        from features.reference import reference_features
+
+        keys[group.name] = [str(k) for k in reference_features(events, group).column(group.key).to_pylist()]
+
+    recorded = root / "recorded"
+    env = engine_env(flink) | {
+        "ADREACH_FLINK__CHECKPOINT_INTERVAL_S": "1",
+        "ADREACH_FLINK__PARALLELISM": "2",
+    }
+    subprocess.run([ADREACH, "stream", "flink-record", "--output", str(recorded)], env=env, check=True)
+    run = subprocess.run(
+        [ADREACH, "stream", "flink", "--input", str(recorded)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-5000:]
+    yield Parity(embedded, flink, late, keys, run.stdout)
+
+
+def test_flink_features_in_feast_equal_the_embedded_engines(parity: Parity) -> None:
+    assert "feature rows stored in Feast" in parity.flink_output
+    for group in FEATURE_GROUPS:
+        keys = parity.keys[group.name]
+        assert keys, group.name
+        embedded = online_features(parity.embedded, group, keys)
+        flink = online_features(parity.flink, group, keys)
+        mismatches = []
+        for key, want, got in zip(keys, embedded, flink, strict=True):
+            for feature in group.features():
+                a, b = want[feature.name], got[feature.name]
+                assert a is not None, (group.name, key, feature.name)  # the embedded engine stored it
+                if isinstance(a, float) and isinstance(b, float):
+                    same = math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+                else:
+                    same = a == b
+                if not same:
+                    mismatches.append((key, feature.name, a, b))
+        assert not mismatches, f"{group.name}: {len(mismatches)} mismatches, e.g. {mismatches[:5]}"
+
+
+def test_the_offset_time_event_counts_and_last_n_lists_are_filled(parity: Parity) -> None:
+    """Guards against a vacuous comparison: the hand-made rows and non-empty lists are there."""
+    user = next(g for g in FEATURE_GROUPS if g.name == "user_activity")
+    ad = next(g for g in FEATURE_GROUPS if g.name == "ad_performance")
+    (offset_ad,) = online_features(parity.flink, ad, ["ad-offset"])
+    assert offset_ad["impressions_7d"] == 1  # the sub-millisecond copy was rejected, as the decoder does
+    users = online_features(parity.flink, user, parity.keys[user.name])
+    assert sum(1 for row in users if row["last_queries"]) > 100
+    assert sum(1 for row in users if row["last_clicked_ads"]) > 10
+
+
+def test_late_events_are_the_ones_the_lateness_rule_names(parity: Parity) -> None:
+    late_dir = Path(parity.flink.state_dir) / "flink" / "output" / "_late"
+    rows = [
+        json.loads(line)
+        for path in late_dir.rglob("*")
+        if path.is_file() and not path.name.startswith(".")
+        for line in path.read_text().splitlines()
+    ]
+    assert "late-click-1" in parity.expected_late
+    assert {row["event_id"] for row in rows} == parity.expected_late
+
+
+def test_offline_store_history_ends_at_the_online_row(parity: Parity) -> None:
+    """Every (entity, tile) row goes offline; the latest one per entity is the online value."""
+    group = next(g for g in FEATURE_GROUPS if g.name == "campaign_performance")
+    table = pq.read_table(offline_path(parity.flink.feature_repo_dir / "data", group))
+    rows = sorted(table.to_pylist(), key=lambda r: (r[group.key], r["event_timestamp"]))
+    latest = {row[group.key]: row for row in rows}
+    assert set(latest) == set(parity.keys[group.name])
+    assert len(rows) > 2 * len(latest)  # a history, not just the last state
+    keys = sorted(latest)
+    online = online_features(parity.flink, group, keys)
+    for key, row in zip(keys, online, strict=True):
+        assert row["impressions_24h"] == latest[key]["impressions_24h"]
+        assert row["spend_micros_7d"] == latest[key]["spend_micros_7d"]  # integral micros: exact
+
+
+def test_rows_on_the_feature_topics_reach_feast_like_the_files(parity: Parity, tmp_path: Path) -> None:
+    """The Kafka sink's half that runs here: the job's rows, keyed on per-group topics of a
+    real broker, stored by the Kafka writer into a third Feast repo, equal the file path's."""
+    from confluent_kafka import Producer
+
+    settings = parity.flink.model_copy(update={"state_dir": tmp_path / "state"}, deep=True)
+    settings.flink.sink = "kafka"
+    settings.flink.features_topic_prefix = f"test.features.{uuid.uuid4().hex[:8]}."
+    settings.flink.consumer_group = f"flink-writer-{uuid.uuid4().hex[:8]}"
+    created = ensure_topics(settings, feature_topics(settings))
+    assert len(created) == len(FEATURE_GROUPS) + 1
+    assert existing_topics(settings)[created[0]] == settings.kafka.topics.partitions
+    output = parity.flink.flink_output_dir
+    producer = Producer(settings.kafka_client_config())
+    total = 0
+    for group in FEATURE_GROUPS:
+        lines = [
+            line
+            for path in sorted((output / group.name).iterdir())
+            if not path.name.startswith(".")
+            for line in path.read_bytes().splitlines()
+        ]
+        rows = sorted(
+            ((json.loads(line), line) for line in lines if line),
+            key=lambda pair: (pair[0][group.key], pair[0]["event_timestamp_ms"]),
+        )
+        topic = f"{settings.flink.features_topic_prefix}{group.name}"
+        for row, line in rows:  # one entity's rows in tile order, keyed like the Flink sink
+            producer.produce(topic, line, str(row[group.key]).encode())
+        total += len(rows)
+    assert producer.flush(30) == 0
+    writer = KafkaOutputWriter(settings)
+    try:
+        deadline = time.monotonic() + 90
+        while writer.rows_written < total and time.monotonic() < deadline:
+            writer.poll(1.0)
+    finally:
+        writer.close()
+    assert writer.rows_written == total
+    for group in FEATURE_GROUPS:
+        keys = parity.keys[group.name]
+        assert online_features(settings, group, keys) == online_features(parity.flink, group, keys)
+
+
+# -- the Kafka path: generated DDL and configuration (no connector jar here) ------------------
+
+
+def _kafka_settings(tmp_path: Path, jar: Path | None) -> Settings:
+    from infra.settings import load_settings
+
+    return load_settings(
+        state_dir=tmp_path,
+        kafka={"bootstrap_servers": "kafka-0.kafka:9092,kafka-1.kafka:9092", "topics": {"events": "ev"}},
+        stream={"allowed_lateness_s": 1_800},
+        flink={
+            "source": "kafka",
+            "sink": "kafka",
+            "kafka_connector_jar": jar,
+            "parallelism": 8,
+            "checkpoint_interval_s": 30,
+            "kafka_properties": {"security.protocol": "SASL_SSL"},
+        },
+    )
+
+
+def test_kafka_source_ddl_reads_partitions_with_per_partition_watermarks(tmp_path: Path) -> None:
+    settings = _kafka_settings(tmp_path, None)
+    script = build_job_sql(settings).script()
+    source = script.split(";")[0]
+    assert "'connector' = 'kafka'" in source
+    assert "'topic' = 'ev'" in source
+    assert "'properties.bootstrap.servers' = 'kafka-0.kafka:9092,kafka-1.kafka:9092'" in source
+    assert "'properties.security.protocol' = 'SASL_SSL'" in source
+    assert "'properties.isolation.level' = 'read_committed'" in source
+    assert "METADATA FROM 'partition'" in source
+    assert "- 1800000, 3)" in source  # watermark delay = allowed lateness
+    assert "PARTITION BY `src_partition` ORDER BY `proc`" in script
+    assert "`partition_max_ms` - 1800000" in script
+
+
+def test_kafka_sink_is_transactional_and_keyed_by_entity(tmp_path: Path) -> None:
+    settings = _kafka_settings(tmp_path, None)
+    sinks, late = sink_options(settings)
+    user = sinks["user_activity"]
+    assert user["topic"] == "adreach.features.user_activity"
+    assert user["sink.delivery-guarantee"] == "exactly-once"
+    assert user["key.fields"] == "user_id"
+    assert user["sink.transactional-id-prefix"] != sinks["ad_performance"]["sink.transactional-id-prefix"]
+    assert late["topic"] == "adreach.features.late"
+
+
+def test_job_configuration_has_exactly_once_checkpoints_and_remote_target(tmp_path: Path) -> None:
+    jar = tmp_path / "flink-sql-connector-kafka-4.0.1-2.0.jar"
+    jar.write_bytes(b"PK")
+    settings = _kafka_settings(tmp_path, jar)
+    config = flink_configuration(settings, job_jars(settings), "flink-jobmanager:8081")
+    assert config["execution.checkpointing.mode"] == "EXACTLY_ONCE"
+    assert config["execution.checkpointing.interval"] == "30000 ms"
+    assert config["parallelism.default"] == "8"
+    assert config["pipeline.jars"] == jar.resolve().as_uri()
+    assert (config["execution.target"], config["rest.address"], config["rest.port"]) == (
+        "remote",
+        "flink-jobmanager",
+        "8081",
+    )
+    with pytest.raises(FlinkConfigError, match="host:port"):
+        flink_configuration(settings, [], "flink-jobmanager")
+
+
+def test_missing_connector_jar_fails_fast_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "lib" / "flink-sql-connector-kafka-4.0.1-2.0.jar"
+    with pytest.raises(FlinkConfigError, match="flink.kafka_connector_jar"):
+        job_jars(_kafka_settings(tmp_path, None))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADREACH_")}
+    env |= {
+        "ADREACH_STATE_DIR": str(tmp_path),
+        "ADREACH_FLINK__KAFKA_CONNECTOR_JAR": str(missing),
+        "COLUMNS": "400",
+    }
+    result = subprocess.run(
+        [ADREACH, "stream", "flink", "--source", "kafka"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"Flink Kafka SQL connector jar not found: {missing}" in result.stderr
+
+
+def test_interval_literals_cover_the_windows() -> None:
+    assert interval(604_800_000 - 60_000) == "INTERVAL '6 23:59:00.000' DAY TO SECOND(3)"
+    assert interval(540_000) == "INTERVAL '0 00:09:00.000' DAY TO SECOND(3)"
+
+
+def test_a_changed_definition_changes_the_generated_job() -> None:
+    """No second copy of the logic: a new aggregation appears in the job's views and output."""
+    import dataclasses
+
+    from features.definitions import Aggregation
+    from streams.flink.sql import GroupPlan
+
+    ads = next(g for g in FEATURE_GROUPS if g.name == "ad_performance")
+    changed = dataclasses.replace(
+        ads,
+        aggregations=(*ads.aggregations, Aggregation("responses", "count", ("click", "conversion"))),
+    )
+    plan = GroupPlan(changed)
+    columns = [name for name, _ in plan.sink_columns()]
+    assert columns[2:] == [f.name for f in changed.features()]
+    assert "responses_7d" in columns and "responses_7d" not in [n for n, _ in GroupPlan(ads).sink_columns()]
+    views = "\n".join(plan.views())
+    assert "`type` IN ('click', 'conversion')" in views
+    assert "SUM(`a__responses`) OVER" in views
