@@ -116,14 +116,11 @@ class ReachResponse(BaseModel):
 Columns = dict[str, list[Any]]
 
 
-class UserQualityRequest(BaseModel):
-    """User-level assessment: columns as JSON lists."""
+class _AssessmentRequest(BaseModel):
+    """What both kinds of assessment request share: whose segment it is, and whether to keep it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: Columns = Field(..., description='{"user_id": [...], "label": [...]}: the provider\'s labels.')
-    truth: Columns = Field(..., description='{"user_id": [...], "truth": [...], "weight"?: [...]}: a panel.')
-    reweight: bool = Field(True, description="Post-stratify the panel to the served reach sample's strata.")
     provider: str | None = None
     attribute: str | None = None
     save: bool = Field(
@@ -131,7 +128,17 @@ class UserQualityRequest(BaseModel):
     )
 
 
-class AggregateQualityRequest(BaseModel):
+class UserQualityRequest(_AssessmentRequest):
+    """User-level assessment: columns as JSON lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Columns = Field(..., description='{"user_id": [...], "label": [...]}: the provider\'s labels.')
+    truth: Columns = Field(..., description='{"user_id": [...], "truth": [...], "weight"?: [...]}: a panel.')
+    reweight: bool = Field(True, description="Post-stratify the panel to the served reach sample's strata.")
+
+
+class AggregateQualityRequest(_AssessmentRequest):
     """Aggregate assessment: per-campaign label mixes and vendor truth, columns as JSON lists."""
 
     model_config = ConfigDict(extra="forbid")
@@ -144,11 +151,6 @@ class AggregateQualityRequest(BaseModel):
     seed: int | None = Field(None, ge=0)
     label_shares: dict[str, float] | None = Field(
         None, description="Label distribution for recall/accuracy (default: pooled over the campaigns)."
-    )
-    provider: str | None = None
-    attribute: str | None = None
-    save: bool = Field(
-        False, description="Keep the result for true_category queries (needs provider, attribute)."
     )
 
 

@@ -90,10 +90,7 @@ def train_fm(
             history, candidate = fm_batch(log, examples, index, model.config.history_len)
             logits, _ = model(history, candidate)
             loss = click_conversion_loss(logits, click[index], conversion[index])
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            total, batches = total + loss.item(), batches + 1
+            total, batches = total + _step(optimizer, loss), batches + 1
             if progress is not None:
                 progress(len(index))
         losses.append(total / max(batches, 1))
@@ -216,10 +213,7 @@ def train_vm(
             loss = click_conversion_loss(main, click[index], conversion[index])
             if aux is not None and soft is not None:
                 loss = loss + kd_weight * F.binary_cross_entropy_with_logits(aux, soft[index])
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            total, batches = total + loss.item(), batches + 1
+            total, batches = total + _step(optimizer, loss), batches + 1
             if progress is not None:
                 progress(len(index))
         losses.append(total / max(batches, 1))
@@ -243,3 +237,11 @@ def sigmoid(x: NDArray[Any]) -> NDArray[np.float64]:
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimizer step on ``loss``; its value, for the epoch's mean loss."""
+    optimizer.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return float(loss.item())
