@@ -77,13 +77,18 @@ def adreach_bin() -> str:
 
 @pytest.fixture()
 def stream(kafka: Settings, tmp_path: Path) -> Settings:
+    return stream_settings(kafka, tmp_path / "state")
+
+
+def stream_settings(base: Settings, state_dir: Path, group_prefix: str = "stream") -> Settings:
+    """``base`` with its own stream engine: a fresh consumer group, repartition topic and state."""
     suffix = uuid.uuid4().hex[:8]
-    return kafka.model_copy(
+    return base.model_copy(
         update={
-            "state_dir": tmp_path / "state",
-            "stream": kafka.stream.model_copy(
+            "state_dir": state_dir,
+            "stream": base.stream.model_copy(
                 update={
-                    "consumer_group": f"stream-{suffix}",
+                    "consumer_group": f"{group_prefix}-{suffix}",
                     "repartition_topic": f"test.repartition.{suffix}",
                     "repartition_partitions": 3,
                     "allowed_lateness_s": STREAM_LATENESS_S,

@@ -42,9 +42,9 @@ from streams.flink.job import (
 from streams.flink.sql import interval
 from streams.flink.writer import KafkaOutputWriter
 from streams.topics import ensure_topics, existing_topics
+from tests.conftest import stream_settings
 from tests.kafka_helpers import consume
 from tests.test_stream_engine import (
-    LATENESS_S,
     bad_events,
     engine_env,
     expected_events,
@@ -86,23 +86,7 @@ class Parity:
 
 
 def _settings(base: Settings, state_dir: Path) -> Settings:
-    suffix = uuid.uuid4().hex[:8]
-    return base.model_copy(
-        update={
-            "state_dir": state_dir,
-            "stream": base.stream.model_copy(
-                update={
-                    "consumer_group": f"flink-parity-{suffix}",
-                    "repartition_topic": f"test.repartition.{suffix}",
-                    "repartition_partitions": 3,
-                    "allowed_lateness_s": LATENESS_S,
-                    "flush_interval_ms": 300,
-                    "batch_max_events": 2_000,
-                }
-            ),
-        },
-        deep=True,
-    )
+    return stream_settings(base, state_dir, "flink-parity")
 
 
 @pytest.fixture(scope="module")
