@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -83,3 +84,15 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             column = column.cast(pa.timestamp("us", "UTC"))
         columns.append(column.cast(field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def last_row_per_key_and_time(rows: pa.Table, key: str) -> pa.Table:
+    """The last row (in table order) of each (``key``, event timestamp) pair, in table order.
+
+    Feature rows are emitted in order, so the last row of an entity and tile holds the
+    tile's final value; earlier ones are intermediate states Feast must not pick.
+    """
+    indexed = rows.append_column("__row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    last = indexed.group_by([key, TIMESTAMP_FIELD]).aggregate([("__row", "max")])
+    keep = np.sort(last.column("__row_max").to_numpy())
+    return rows.take(pa.array(keep))

@@ -3,10 +3,10 @@
 Every impression is an entity row (its user, ad, campaign and advertiser, and its time);
 Feast's ``get_historical_features`` joins each feature view point-in-time: the latest
 row at or before the example, within the view's TTL. Views are fetched one call each
-and re-aligned on the example id, because Feast 0.67's file offline store silently
-drops an entity row whose only feature rows lie after it (see
-``tests/test_feature_store.py``); re-aligning turns those into missing values instead
-of lost examples.
+through :func:`features.training.historical_features`, which keeps every example (Feast
+0.67's file offline store drops those whose entity has only later rows: they become
+missing values) and compacts the views first so ties between rows of one timestamp
+cannot be picked at random.
 
 Dense inputs of the vertical models are the stream features' numeric columns: counts
 and sums as ``log1p``, ratios as they are, plus one "missing" flag per view.
@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.embeddings import FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
+from features.training import historical_features
 from training.examples import Examples
 from training.train import VMInputs
 
@@ -68,11 +69,8 @@ def historical_view(
             "event_timestamp": pd.to_datetime(examples.time_ms, unit="ms", utc=True),
         }
     )
-    joined = store.get_historical_features(
-        entity_df=entity_df, features=[f"{group.name}:{name}" for name in features]
-    ).to_df()
-    joined = joined.drop_duplicates("example_id", keep="last").set_index("example_id")
-    return joined.reindex(entity_df["example_id"])[list(features)].reset_index(drop=True)
+    joined = historical_features(store, entity_df, [f"{group.name}:{name}" for name in features])
+    return joined[list(features)].reset_index(drop=True)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ them give exactly what a model could have read at serving time.
 Only the offline store is written (the history is what training reads; the online store
 is the live engine's business), one Parquet part per group at the end: Feast's file
 offline store reads a few large files several times faster than thousands of small ones.
+An entity changed by several flushes within one tile gets one row per flush with the same
+timestamp; only the last is kept, since rows written together share one created
+timestamp and Feast would pick among them at random (see :mod:`features.offline`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
+from features.offline import last_row_per_key_and_time
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
@@ -91,7 +95,7 @@ def replay_stream_features(
     watermarks: dict[int, int] = {}
     late = batches = 0
     with tempfile.TemporaryDirectory(prefix="adreach-replay-") as scratch:
-        state = ShardState(Path(scratch) / "shard-0.duckdb", 0, groups)
+        state = ShardState(Path(scratch) / "shard-0.npz", 0, groups, checkpoint_interval_s=float("inf"))
         try:
             for start, end in zip(bounds[:-1], bounds[1:], strict=True):
                 chunk = decoded.slice(int(start), int(end - start))
@@ -112,5 +116,6 @@ def replay_stream_features(
         finally:
             state.close()
     for name, tables in pending.items():  # one part file per group: Feast reads few large files fastest
-        append_offline(data_dir, by_name[name], pa.concat_tables(tables))
+        group = by_name[name]
+        append_offline(data_dir, group, last_row_per_key_and_time(pa.concat_tables(tables), group.key))
     return ReplayStats(len(decoded), batches, written, late)
