@@ -61,7 +61,7 @@ def offline_path(data_dir: Path, group: FeatureGroup) -> Path:
     return data_dir / group.name
 
 
-def append_offline(data_dir: Path, group: FeatureGroup, rows: pa.Table) -> Path:
+def append_offline(data_dir: Path, group: FeatureGroup, rows: pa.Table, *, writer: str = "") -> Path:
     """Add feature rows to the offline store as a new part file (atomic: written, then renamed).
 
     adreach writes offline rows itself instead of through ``FeatureStore.push``: Feast's
@@ -71,7 +71,8 @@ def append_offline(data_dir: Path, group: FeatureGroup, rows: pa.Table) -> Path:
     """
     directory = offline_path(data_dir, group)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    tag = f"-{writer}" if writer else ""  # lets a writer find (and compact) its own parts
+    name = f"part-{time.time_ns():020d}{tag}-{uuid.uuid4().hex[:8]}.parquet"
     staging = directory / f".{name}"
     schema = offline_schema(group)
     if CREATED_FIELD not in rows.column_names:

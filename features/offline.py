@@ -39,21 +39,43 @@ class CompactionResult:
     rows_after: int
 
 
-def compact_offline(data_dir: Path, group: FeatureGroup, *, small_only: bool = False) -> CompactionResult:
+def compact_offline(
+    data_dir: Path, group: FeatureGroup, *, small_only: bool = False, writer: str = "", attempts: int = 5
+) -> CompactionResult:
     """Merge ``group``'s offline part files into one, keeping the latest row per entity and timestamp.
 
     ``small_only`` merges just the parts not yet compacted (what the stream worker does
     every few minutes, at a cost that does not grow with the history); ties between two
     compacted files then remain possible where a tile spans two compactions, which a full
-    compaction (as before every training set) removes.
+    compaction (as before every training set) removes. ``writer`` limits it to the parts
+    that writer appended. A part that another compaction removes meanwhile makes it list
+    the files again (up to ``attempts`` times).
     """
-    directory = offline_path(data_dir, group)
+    for attempt in range(attempts):
+        parts = _parts(offline_path(data_dir, group), small_only, writer)
+        try:
+            return _compact(group, parts)
+        except (duckdb.IOException, FileNotFoundError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _parts(directory: Path, small_only: bool, writer: str) -> list[Path]:
     parts = sorted(directory.glob("part-*.parquet"))
     if small_only:
         parts = [part for part in parts if not part.name.endswith(COMPACTED_SUFFIX)]
+    if writer:
+        parts = [part for part in parts if f"-{writer}-" in part.name]
+    return parts
+
+
+def _compact(group: FeatureGroup, parts: list[Path]) -> CompactionResult:
     if len(parts) <= 1:
         rows = pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
         return CompactionResult(group.name, len(parts), rows, rows)
+    directory = parts[0].parent
     schema = offline_schema(group)
     connection = duckdb.connect(config={"threads": 1})
     try:

@@ -159,7 +159,8 @@ def test_broker_frozen_mid_stream_loses_nothing(private_broker: tuple[Settings, 
     payloads = simulated_payloads(users=1_200, events=16_000, seed=22)
     first, rest = payloads[:4_000], payloads[4_000:]
     produce(settings, first)
-    engine = start_engine(settings, "--until-idle", "5", "--every", "1")
+    # Idle must outlast the freeze: the events produced meanwhile reach the broker only after it.
+    engine = start_engine(settings, "--until-idle", "15", "--every", "1")
     feeder = threading.Thread(target=produce, args=(settings, rest))
     try:
         wait_for_stored_features(settings)

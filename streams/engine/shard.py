@@ -101,10 +101,15 @@ class ShardState:
         offsets = rows.column(SOURCE_OFFSET).to_numpy()
         keep = np.ones(len(sources), dtype=bool)
         for source in np.unique(sources):
-            mask = sources == source
+            rows_of_source = np.flatnonzero(sources == source)
             applied = self.applied.get(int(source), -1)
-            keep[mask] = offsets[mask] > applied
-            self.applied[int(source)] = max(applied, int(offsets[mask].max()))
+            source_offsets = offsets[rows_of_source]
+            # A router that replays after a crash ships rows again, possibly into the same
+            # batch as the first copies: a row is new only if its offset is above everything
+            # applied before it, in this batch included (each source is shipped in order).
+            applied_before = np.maximum.accumulate(np.r_[applied, source_offsets])[:-1]
+            keep[rows_of_source] = source_offsets > applied_before
+            self.applied[int(source)] = max(applied, int(source_offsets.max()))
         return rows if keep.all() else rows.filter(pa.array(keep))
 
     def commit(self, *, force: bool = False) -> bool:

@@ -14,6 +14,7 @@ a retry after a partial write is harmless.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -37,6 +38,7 @@ class FeatureSink:
         self._data_dir = settings.feature_repo_dir / "data"
         self._online = OnlineFeatureWriter(settings, tuple(groups))
         self.rows_written = 0
+        self.writer_id = f"w{uuid.uuid4().hex[:8]}"  # this sink's offline part files carry it
 
     def write(self, changed: Mapping[str, pa.Table]) -> int:
         """Store the rows (online first, then offline); return how many entity rows were written."""
@@ -49,7 +51,7 @@ class FeatureSink:
             except OnlineStoreUnavailableError as exc:
                 raise StoreUnavailableError(str(exc)) from exc
             try:
-                append_offline(self._data_dir, group, rows)
+                append_offline(self._data_dir, group, rows, writer=self.writer_id)
             except OSError as exc:
                 raise StoreUnavailableError(f"offline store {self._data_dir}: {exc}") from exc
             written += rows.num_rows
@@ -57,10 +59,14 @@ class FeatureSink:
         return written
 
     def compact_offline(self) -> None:
-        """Merge the part files written since the last compaction (one file per group)."""
+        """Merge the part files this sink wrote since its last compaction (one file per group).
+
+        Only its own parts: several workers share one offline directory, and each merges
+        what it wrote, so no worker deletes a file another one is reading.
+        """
         for group in self.groups.values():
             try:
-                compact_offline(self._data_dir, group, small_only=True)
+                compact_offline(self._data_dir, group, small_only=True, writer=self.writer_id)
             except OSError as exc:
                 raise StoreUnavailableError(f"offline store {self._data_dir}: {exc}") from exc
 
