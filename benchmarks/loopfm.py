@@ -14,8 +14,9 @@ rest, after the simulator's interest drift and new traffic source), for each of
 Reported: click AUC and normalized entropy (NE) on the evaluation period, mean ± std
 over seeds; the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
 (AUC, per seed, then averaged); serving cost per request: VM+LoopFM (one online read of
-the embedding row + the VM) vs the FM (its forward pass over the user's L-event history;
-reading that history is not even counted), as wall time and FLOPs.
+the embedding row + the VM) vs the FM (its forward pass over the user's L-event history
+and the same stream features; reading that history is not even counted), as wall time
+and FLOPs.
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
@@ -48,6 +49,7 @@ from training.pipeline import (
     load_dataset,
     materialize_embeddings,
     split,
+    stream_features,
     train_foundation,
     train_vertical,
     transfer_ratio,
@@ -75,6 +77,7 @@ def serving_cost(
     index = np.arange(min(256, len(evaluation)))
     history, candidate = fm_batch(dataset.log, evaluation, index, fm.config.history_len)
     dense = torch.from_numpy(inputs.dense[index])
+    fm_dense = dense if fm.config.dense_features else None
     vm_cand = {k: torch.from_numpy(v[index]) for k, v in inputs.candidate.items()}
     fm_hist = torch.from_numpy(inputs.fm_history[index])
     fm_len = torch.from_numpy(inputs.fm_history_len[index])
@@ -85,7 +88,11 @@ def serving_cost(
     results: dict[str, Any] = {}
     with torch.no_grad():
         for name, call1, call256 in (
-            ("fm", lambda: fm(one(history), one(candidate)), lambda: fm(history, candidate)),
+            (
+                "fm",
+                lambda: fm(one(history), one(candidate), None if fm_dense is None else fm_dense[:1]),
+                lambda: fm(history, candidate, fm_dense),
+            ),
             (
                 "vm+loopfm",
                 lambda: vm(dense[:1], one(vm_cand), fm_hist[:1], fm_len[:1]),
@@ -131,7 +138,7 @@ def main() -> None:
         simulate(config, ParquetSink(scratch / "sim" / "events"), scratch / "sim" / "truth")
         settings = load_settings(
             state_dir=scratch / "state",
-            models={"max_examples": max_examples, "epochs_fm": 2 if args.quick else 3, "threads": 1},
+            models={"max_examples": max_examples, "epochs_fm": 4, "threads": 1},
         )
         store = open_store(settings)
         dataset = load_dataset(scratch / "sim" / "events")
@@ -146,13 +153,14 @@ def main() -> None:
         eval_inputs, eval_stats = vm_inputs(
             store, parts.evaluation, loopfm=False, embedding_dim=1, embedding_history=1
         )
+        fm_dense = stream_features(store, parts.fm_train) if settings.models.fm_stream_features else None
         timings["feast stream-feature reads s"] = time.perf_counter() - started
         per_seed: list[dict[str, Any]] = []
         serving: dict[str, Any] = {}
         for seed in range(args.seeds):
             print(f"seed {seed}: training fm ...", flush=True)
             started = time.perf_counter()
-            fm, _ = train_foundation(settings, dataset, seed=seed, save=False)
+            fm, _ = train_foundation(settings, dataset, seed=seed, dense=fm_dense, save=False)
             timings[f"fm training s (seed {seed})"] = time.perf_counter() - started
             shutil.rmtree(settings.feature_repo_dir / "data" / FM_EMBEDDINGS.name, ignore_errors=True)
             open_store(settings)
@@ -162,9 +170,9 @@ def main() -> None:
             train_loop = _with_fm(train_inputs, *embedding_history_inputs(store, parts.vm_train, e, k)[:2])
             eval_loop = _with_fm(eval_inputs, *embedding_history_inputs(store, parts.evaluation, e, k)[:2])
             timings[f"fm-embeddings + feast read s (seed {seed})"] = time.perf_counter() - started
-            metrics: dict[str, Any] = {
-                "fm": evaluate_predictions(parts.evaluation, fm_predict(fm, dataset.log, parts.evaluation))
-            }
+            eval_dense = eval_inputs.dense if fm_dense is not None else None
+            fm_logits = fm_predict(fm, dataset.log, parts.evaluation, dense=eval_dense)
+            metrics: dict[str, Any] = {"fm": evaluate_predictions(parts.evaluation, fm_logits)}
             for variant in VARIANTS:
                 print(f"seed {seed}: training vm-{variant} ...", flush=True)
                 inputs = train_loop if "loopfm" in variant else train_inputs

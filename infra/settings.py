@@ -425,6 +425,12 @@ class ModelSettings(BaseModel):
     replay_flush_s: int = Field(1_800, ge=60, description="Stream-feature backfill: seconds per flush.")
     fm_train_end: float = Field(0.5, gt=0, lt=1)
     vm_train_end: float = Field(0.7, gt=0, lt=1)
+    fm_stream_features: bool = Field(
+        False,
+        description="The FM also reads the VMs' stream features (a superset of their inputs). Off by "
+        "default: in benchmarks/loopfm.py --quick it lowered the FM's click AUC (features standardized "
+        "on the FM's earlier period drift by evaluation time).",
+    )
     epochs_fm: int = Field(3, ge=1)
     epochs_vm: int = Field(4, ge=1)
     batch_size: int = Field(512, ge=1)

@@ -9,14 +9,16 @@ candidate-independent vector, after Kunlun's seed pooling), which is what LoopFM
 in Feast. The candidate ad and its context (position, placement, device, hour) are
 embedded the same way; the click and conversion logits come from an MLP over the user
 embedding, the candidate, their element-wise product, and a target attention of the
-candidate over the encoded events.
+candidate over the encoded events. Optionally (``FMConfig.dense_features``) the heads
+also read the vertical models' stream features, so the FM sees a superset of their
+inputs; the user embedding stays a function of the history alone either way.
 
 Heads: ``click`` is P(click | impression); ``conversion`` is P(conversion | click).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -41,13 +43,19 @@ class FMConfig:
     embedding_dim: int = 16
     seeds: int = 4
     dropout: float = 0.0
+    dense_features: tuple[str, ...] = field(default=())
+    dense_mean: tuple[float, ...] = field(default=())
+    dense_std: tuple[float, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FMConfig:
-        return cls(**{**raw, "buckets": Buckets(**raw["buckets"])})
+        values = {**raw, "buckets": Buckets(**raw["buckets"])}
+        for name in ("dense_features", "dense_mean", "dense_std"):
+            values[name] = tuple(values.get(name, ()))
+        return cls(**values)
 
 
 class CandidateEmbedding(nn.Module):
@@ -88,6 +96,14 @@ class FoundationModel(nn.Module):
                 "gap": nn.Embedding(GAP_BUCKETS, d, padding_idx=0),
             }
         )
+        self.candidate = CandidateEmbedding(b, d)
+        for module in [*self.token_tables.values(), *self.candidate.tables.values()]:
+            assert isinstance(module, nn.Embedding)
+            # Small (PyTorch's default is N(0, 1)): summed, unnormalized candidate ids would
+            # otherwise dominate the head and let it memorize ads seen in training.
+            nn.init.normal_(module.weight, std=0.05)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
         self.now_token = nn.Parameter(torch.randn(d) * 0.02)
         self.blocks = nn.ModuleList(
             SlidingWindowBlock(d, config.heads, config.window, config.dropout) for _ in range(config.layers)
@@ -95,10 +111,12 @@ class FoundationModel(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.seeds = nn.Parameter(torch.randn(config.seeds, d) * 0.1)
         self.to_user = nn.Linear(config.seeds * d, config.embedding_dim)
-        self.candidate = CandidateEmbedding(b, d)
         self.user_to_dim = nn.Linear(config.embedding_dim, d)
+        n_dense = len(config.dense_features)
+        self.register_buffer("dense_mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
+        self.register_buffer("dense_std", torch.tensor(config.dense_std or [1.0] * n_dense))
         self.head = nn.Sequential(
-            nn.Linear(config.embedding_dim + 4 * d, 2 * d),
+            nn.Linear(config.embedding_dim + 4 * d + n_dense, 2 * d),
             nn.GELU(),
             nn.Linear(2 * d, d),
             nn.GELU(),
@@ -131,12 +149,24 @@ class FoundationModel(nn.Module):
         encoded, padding = self.encode(history)
         return self.pool_user(encoded, padding)
 
-    def forward(self, history: dict[str, Tensor], candidate: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(click and conversion logits (B, 2), user embedding (B, embedding_dim))."""
+    def forward(
+        self, history: dict[str, Tensor], candidate: dict[str, Tensor], dense: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(click and conversion logits (B, 2), user embedding (B, embedding_dim)).
+
+        ``dense``: (B, F) the stream features the vertical models read (raw, as
+        :func:`training.datasets.vm_inputs` builds them), when the config names any.
+        """
         encoded, padding = self.encode(history)
         user = self.pool_user(encoded, padding)
         cand = self.candidate(candidate)
         target = masked_attention_pool(cand[:, None, :], encoded, encoded, padding)[:, 0]
         user_d = self.user_to_dim(user)
-        features = torch.cat([user, cand, user_d * cand, target * cand, target], dim=1)
+        parts = [user, cand, user_d * cand, target * cand, target]
+        if self.config.dense_features:
+            if dense is None:
+                raise ValueError("this FM reads stream features: pass dense (B, F) to forward")
+            mean, std = self.get_buffer("dense_mean"), self.get_buffer("dense_std")
+            parts.append(((dense - mean) / std).clamp(-6.0, 6.0))
+        features = torch.cat(parts, dim=1)
         return self.head(features), user

@@ -48,6 +48,7 @@ class VMConfig:
     embedding_history: int = 4
     id_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
+    fm_dropout: float = 0.5  # on the LoopFM inputs: without it VM+LoopFM fell further below VM-base
     dense_mean: tuple[float, ...] = field(default=())
     dense_std: tuple[float, ...] = field(default=())
 
@@ -101,6 +102,7 @@ class VerticalModel(nn.Module):
             self.query = nn.Linear(len(self.ids) * e, d)
             self.interact = nn.Linear(len(self.ids) * e, d)
             width += 3 * d + 1
+            self.fm_dropout = nn.Dropout(config.fm_dropout)
         layers: list[nn.Module] = []
         for size in config.hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
@@ -134,7 +136,8 @@ class VerticalModel(nn.Module):
             weights = torch.softmax(scores.masked_fill(padding, float("-inf")), dim=-1).nan_to_num(0.0)
             pooled = torch.einsum("bk,bkd->bd", weights, fm_history)
             latest = fm_history[:, 0]
-            parts += [pooled, latest, pooled * self.interact(cand), (fm_history_len > 0).float()[:, None]]
+            loop = self.fm_dropout(torch.cat([pooled, latest, pooled * self.interact(cand)], dim=1))
+            parts += [loop, (fm_history_len > 0).float()[:, None]]
         hidden = self.bottom(torch.cat(parts, dim=1))
         aux = self.aux(hidden)[:, 0] if self.aux is not None else None
         return self.main(hidden), aux

@@ -60,6 +60,7 @@ TINY_MODELS = {
     "batch_size": 256,
     "threads": 1,
     "max_examples": 12_000,
+    "fm_stream_features": True,  # exercise the optional path where the FM reads the stream features too
 }
 
 
@@ -226,7 +227,9 @@ def test_shapes_dtypes_and_a_tiny_run_beats_a_constant_predictor(world: World) -
     assert (np.abs(train.fm_history).sum(axis=2)[~filled] == 0).all()
     assert (np.abs(train.fm_history).sum(axis=2)[filled] > 0).all()
 
-    fm_logits = fm_predict(world.fm, world.dataset.log, parts.evaluation)
+    # The FM reads the same stream features as the VMs (a superset of their inputs).
+    assert world.fm.config.dense_features == dense_feature_names()
+    fm_logits = fm_predict(world.fm, world.dataset.log, parts.evaluation, dense=evaluation.dense)
     assert fm_logits.shape == (len(parts.evaluation), 2) and fm_logits.dtype == np.float32
     model, saved = train_vertical(
         world.settings, world.store, world.dataset, "kd+loopfm", inputs=train, fm=world.fm
@@ -248,7 +251,10 @@ def test_shapes_dtypes_and_a_tiny_run_beats_a_constant_predictor(world: World) -
     assert np.array_equal(vm_predict(loaded, evaluation), logits)
     fm_loaded, fm_saved = load_foundation(world.settings)
     assert fm_saved.metadata["config"]["embedding_dim"] == e
-    assert np.array_equal(fm_predict(fm_loaded, world.dataset.log, parts.evaluation), fm_logits)
+    assert fm_loaded.config == world.fm.config
+    assert np.array_equal(
+        fm_predict(fm_loaded, world.dataset.log, parts.evaluation, dense=evaluation.dense), fm_logits
+    )
 
 
 def _subset(inputs: VMInputs, mask: np.ndarray) -> VMInputs:

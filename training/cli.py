@@ -143,10 +143,6 @@ def evaluate_command(
     if len(evaluation) == 0:
         fail("no impressions after models.vm_train_end to evaluate on", exit_usage())
     results: dict[str, Any] = {}
-    with progress_task("fm predictions", len(evaluation), "examples") as advance:
-        results["fm"] = evaluate_predictions(
-            evaluation, fm_predict(fm, dataset.log, evaluation, progress=advance)
-        )
     store = open_store(settings)
     available = []
     for variant in VARIANTS:
@@ -154,16 +150,24 @@ def evaluate_command(
             available.append((variant, load_vertical(settings, variant)[0]))
         except RegistryError:
             continue
-    if available:
-        with progress_task("reading features from Feast", 5, "views") as advance:
+    loopfm = any(model.config.loopfm for _, model in available)
+    inputs = None
+    if available or fm.config.dense_features:
+        with progress_task("reading features from Feast", 4 + int(loopfm), "views") as advance:
             inputs, _ = vm_inputs(
                 store,
                 evaluation,
-                loopfm=any(model.config.loopfm for _, model in available),
+                loopfm=loopfm,
                 embedding_dim=fm.config.embedding_dim,
                 embedding_history=settings.models.embedding_history,
                 progress=lambda _view: advance(1),
             )
+    with progress_task("fm predictions", len(evaluation), "examples") as advance:
+        fm_dense = inputs.dense if inputs is not None and fm.config.dense_features else None
+        results["fm"] = evaluate_predictions(
+            evaluation, fm_predict(fm, dataset.log, evaluation, dense=fm_dense, progress=advance)
+        )
+    if inputs is not None:
         for variant, model in available:
             results[f"vm-{variant}"] = evaluate_predictions(evaluation, vm_predict(model, inputs))
     if not all(__import__("numpy").isnan(evaluation.p_click)):

@@ -22,6 +22,7 @@ import torch
 from feast import FeatureStore
 from numpy.typing import NDArray
 
+from features.store import open_store
 from infra.settings import ModelSettings, Settings
 from models.fm import FMConfig, FoundationModel
 from models.registry import ModelRegistry, SavedModel
@@ -105,7 +106,15 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end)
 
 
-def fm_config(models: ModelSettings) -> FMConfig:
+def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -> FMConfig:
+    """The FM's shape from settings; ``dense`` (its training examples' stream features) sets their scaling."""
+    stats: dict[str, Any] = {}
+    if dense is not None:
+        stats = {
+            "dense_features": dense_feature_names(),
+            "dense_mean": tuple(float(x) for x in dense.mean(axis=0)),
+            "dense_std": tuple(float(x) for x in np.maximum(dense.std(axis=0), 0.05)),
+        }
     return FMConfig(
         buckets=Buckets(),
         history_len=models.history_len,
@@ -114,7 +123,14 @@ def fm_config(models: ModelSettings) -> FMConfig:
         layers=models.layers,
         heads=models.heads,
         embedding_dim=models.embedding_dim,
+        **stats,
     )
+
+
+def stream_features(store: FeatureStore, examples: Examples) -> NDArray[np.float32]:
+    """The VMs' dense stream features of ``examples``, point-in-time from Feast (what the FM reads too)."""
+    inputs, _ = vm_inputs(store, examples, loopfm=False, embedding_dim=1, embedding_history=1)
+    return inputs.dense
 
 
 def _data_metadata(dataset: Dataset, part: Examples) -> dict[str, Any]:
@@ -136,15 +152,22 @@ def train_foundation(
     dataset: Dataset,
     *,
     seed: int | None = None,
+    dense: NDArray[np.float32] | None = None,
     progress: Progress | None = None,
     save: bool = True,
 ) -> tuple[FoundationModel, SavedModel | None]:
+    """The FM on ``[0, fm_train_end)``; with ``models.fm_stream_features`` it also reads the
+    examples' stream features (``dense``, read from Feast here when not given)."""
     models = settings.models
     seed = models.seed if seed is None else seed
     torch.set_num_threads(models.threads)
     parts = split(dataset, models)
+    if not models.fm_stream_features:
+        dense = None
+    elif dense is None:
+        dense = stream_features(open_store(settings), parts.fm_train)
     torch.manual_seed(seed)
-    model = FoundationModel(fm_config(models))
+    model = FoundationModel(fm_config(models, dense))
     started = time.perf_counter()
     losses = train_fm(
         model,
@@ -154,6 +177,7 @@ def train_foundation(
         batch_size=models.batch_size,
         learning_rate=models.learning_rate,
         seed=seed,
+        dense=dense,
         progress=progress,
     )
     metadata = {
@@ -225,7 +249,13 @@ def vm_config(models: ModelSettings, variant: str, fm: FMConfig, inputs: VMInput
 
 
 def teacher_logits(
-    settings: Settings, fm: FoundationModel, dataset: Dataset, train: Examples, fm_end_ms: int, seed: int
+    settings: Settings,
+    fm: FoundationModel,
+    dataset: Dataset,
+    train: Examples,
+    fm_end_ms: int,
+    seed: int,
+    dense: NDArray[np.float32] | None = None,
 ) -> tuple[NDArray[np.float32], StudentAdapter, dict[str, Any]]:
     """ExFM: FM pseudo-labels of the VM's training examples, corrected by a student adapter.
 
@@ -233,7 +263,7 @@ def teacher_logits(
     stale); with none there, on all of them.
     """
     models = settings.models
-    fm_logits = fm_predict(fm, dataset.log, train)[:, 0]
+    fm_logits = fm_predict(fm, dataset.log, train, dense=dense if fm.config.dense_features else None)[:, 0]
     fresh = train.time_ms >= fm_end_ms
     if fresh.sum() < 100:
         fresh = np.ones(len(train), bool)
@@ -292,7 +322,9 @@ def train_vertical(
     extra: dict[str, Any] = {}
     weights: dict[str, dict[str, torch.Tensor]] = {}
     if kd:
-        teacher, adapter, extra = teacher_logits(settings, fm, dataset, parts.vm_train, parts.fm_end_ms, seed)
+        teacher, adapter, extra = teacher_logits(
+            settings, fm, dataset, parts.vm_train, parts.fm_end_ms, seed, inputs.dense
+        )
         weights["adapter"] = adapter.state_dict()
     torch.manual_seed(seed)
     model = VerticalModel(vm_config(models, variant, fm.config, inputs))

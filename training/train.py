@@ -66,6 +66,10 @@ def fm_batch(
     return _tensors(history, np.arange(len(index))), _tensors(examples.candidate(), index)
 
 
+def _dense(dense: NDArray[np.float32] | None, index: NDArray[Any]) -> Tensor | None:
+    return torch.from_numpy(np.ascontiguousarray(dense[index])) if dense is not None else None
+
+
 def train_fm(
     model: FoundationModel,
     log: EventLog,
@@ -75,9 +79,10 @@ def train_fm(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    dense: NDArray[np.float32] | None = None,
     progress: Progress | None = None,
 ) -> list[float]:
-    """Train ``model`` on ``examples``; returns the mean loss of each epoch."""
+    """Train ``model`` on ``examples`` (``dense``: their stream features, when the FM reads them)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -88,7 +93,7 @@ def train_fm(
         total, batches = 0.0, 0
         for index in _batches(len(examples), batch_size, rng):
             history, candidate = fm_batch(log, examples, index, model.config.history_len)
-            logits, _ = model(history, candidate)
+            logits, _ = model(history, candidate, _dense(dense, index))
             loss = click_conversion_loss(logits, click[index], conversion[index])
             total, batches = total + _step(optimizer, loss), batches + 1
             if progress is not None:
@@ -105,14 +110,15 @@ def fm_predict(
     examples: Examples,
     *,
     batch_size: int = 2_048,
+    dense: NDArray[np.float32] | None = None,
     progress: Progress | None = None,
 ) -> NDArray[np.float32]:
-    """(n, 2) logits: click, conversion-given-click."""
+    """(n, 2) logits: click, conversion-given-click (``dense``: stream features, if the FM reads them)."""
     model.eval()
     out = np.empty((len(examples), 2), np.float32)
     for index in _batches(len(examples), batch_size, None):
         history, candidate = fm_batch(log, examples, index, model.config.history_len)
-        out[index] = model(history, candidate)[0].numpy()
+        out[index] = model(history, candidate, _dense(dense, index))[0].numpy()
         if progress is not None:
             progress(len(index))
     return out
