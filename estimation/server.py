@@ -178,6 +178,11 @@ def _bad_input(exc: Exception) -> HTTPException:
     return HTTPException(400, {"error": code, "message": str(exc)})
 
 
+def _targeting_error(exc: TargetingError) -> HTTPException:
+    """A 400 naming what is wrong in the targeting expression, and where."""
+    return HTTPException(400, {"error": _error_code(exc), "message": str(exc), "path": exc.path})
+
+
 def create_app(
     forecaster: ReachForecaster,
     follower: ProfileFollower | None = None,
@@ -216,9 +221,7 @@ def create_app(
         except QualityLookupError as exc:
             raise _bad_input(exc) from None
         except TargetingError as exc:
-            raise HTTPException(
-                400, {"error": _error_code(exc), "message": str(exc), "path": exc.path}
-            ) from None
+            raise _targeting_error(exc) from None
         except ShardUnavailableError as exc:
             raise HTTPException(
                 503, {"error": "shard_unavailable", "message": str(exc), "missing_shards": exc.missing}
@@ -301,9 +304,7 @@ def create_app(
         except QualityLookupError as exc:
             raise _bad_input(exc) from None
         except TargetingError as exc:
-            raise HTTPException(
-                400, {"error": _error_code(exc), "message": str(exc), "path": exc.path}
-            ) from None
+            raise _targeting_error(exc) from None
         return {"attribute": request.attribute, "category": request.category, "providers": rows}
 
     return app
