@@ -18,6 +18,7 @@ import pytest
 
 from features.definitions import FEATURE_GROUPS
 from features.reference import reference_features
+from streams.engine import state as state_module
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
 from streams.engine.shard import CheckpointError, ShardState
@@ -118,6 +119,39 @@ def test_compaction_over_ten_days_keeps_every_window_exact(tmp_path: Path) -> No
     recent = counted.filter(pc.greater_equal(counted.column("event_time_ms"), newest - RETENTION_MS))
     recent_users = pc.count_distinct(recent.column("user_id")).as_py()
     assert sizes["user_activity.entities"] == recent_users
+
+
+def test_coarse_tile_levels_and_run_merges_keep_every_window_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every entity read from hour and day tiles, and the sorted runs merged every few batches."""
+    monkeypatch.setattr(state_module, "DENSE_TILES", 0)
+    monkeypatch.setattr(state_module, "MERGE_AT_LEAST", 16)
+    batches, events = routed_batches(days=10.0, events=12_000, seed=6)
+    latest = fold(tmp_path / "shard.npz", batches, restart_every=9, compact_every=3)
+    assert_equal_to_reference(latest, events)
+
+
+def test_a_checkpoint_without_coarse_levels_is_rebuilt_from_minute_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "DENSE_TILES", 0)  # every window reads the rebuilt levels
+    batches, events = routed_batches(days=3.0, events=6_000, seed=7)
+    half = len(batches) // 2
+    path = tmp_path / "shard.npz"
+    latest = fold(path, batches[:half], restart_every=1_000, compact_every=1_000)
+    state = ShardState(path, 0)
+    for index, group in enumerate(state.groups):
+        arrays = group.to_arrays()
+        for span in group.spans[1:]:  # as a checkpoint written before the levels existed
+            del arrays[f"tile_codes.{span}"], arrays[f"tile_values.{span}"]
+        state.groups[index] = state_module.GroupState(group.group, group.bit)
+        state.groups[index].load_arrays(arrays)
+    for index, rows in enumerate(batches[half:], start=half):
+        for name, table in state.apply(rows, index + 1).items():
+            key = next(g.key for g in FEATURE_GROUPS if g.name == name)
+            latest[name].update({row[key]: row for row in table.to_pylist()})
+    assert_equal_to_reference(latest, events)
 
 
 def test_replayed_rows_are_not_counted_twice(tmp_path: Path) -> None:
