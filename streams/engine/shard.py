@@ -118,15 +118,19 @@ class ShardState:
         Called after the features the applied rows produced are stored. Returns whether
         a checkpoint was written; :attr:`durable_offset` says what a restart resumes from.
         """
-        if not self._dirty:
-            return False
-        if not force and time.monotonic() - self._last_checkpoint < self.checkpoint_interval_s:
+        if not self.commit_due(force=force):
             return False
         self._save()
         self._dirty = False
         self._last_checkpoint = time.monotonic()
         self.durable_offset = self.next_offset
         return True
+
+    def commit_due(self, *, force: bool = False) -> bool:
+        """Whether :meth:`commit` would write a checkpoint now."""
+        if not self._dirty:
+            return False
+        return force or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
 
     def compact(self, retention_ms: int) -> None:
         """Drop state older than ``retention_ms`` before the newest event, and idle entities."""

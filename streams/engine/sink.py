@@ -6,6 +6,13 @@ tile) and the online store through :class:`features.online.OnlineFeatureWriter`,
 writes Feast's own format (Feast's SDK reads it) many times faster than Feast's
 ``write_to_online_store``.
 
+Online rows are written every cycle (freshness); offline rows are buffered and written
+by :meth:`FeatureSink.flush_offline`, which the worker calls before it checkpoints any
+shard state. That keeps the guarantee (a checkpoint never covers a row that is not in
+the offline store: after a crash, everything since the last checkpoint is recomputed
+and written again) while one Parquet part file per group is written every checkpoint
+interval instead of every cycle, a fixed cost that dominated small, frequent cycles.
+
 A store that cannot be reached raises :class:`StoreUnavailableError`; the worker then
 retries with backoff and commits nothing meanwhile, so no feature row is ever dropped.
 Writes are idempotent (upserts, and offline rows identical to ones already written), so
@@ -21,9 +28,12 @@ import pyarrow as pa
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
-from features.offline import compact_offline
+from features.offline import compact_offline, last_row_per_key_and_time
 from features.online import OnlineFeatureWriter, OnlineStoreUnavailableError
 from infra.settings import Settings
+
+# Buffered offline rows are written early once this many are waiting (bounds memory).
+MAX_BUFFERED_OFFLINE_ROWS = 500_000
 
 
 class StoreUnavailableError(RuntimeError):
@@ -39,9 +49,14 @@ class FeatureSink:
         self._online = OnlineFeatureWriter(settings, tuple(groups))
         self.rows_written = 0
         self.writer_id = f"w{uuid.uuid4().hex[:8]}"  # this sink's offline part files carry it
+        self._offline: dict[str, list[pa.Table]] = {}  # written online, not yet offline
+        self._offline_rows = 0
 
     def write(self, changed: Mapping[str, pa.Table]) -> int:
-        """Store the rows (online first, then offline); return how many entity rows were written."""
+        """Store the rows online and buffer them for the offline store; return the entity rows written.
+
+        A retry after :class:`StoreUnavailableError` must pass the same rows again.
+        """
         written = 0
         for name, rows in changed.items():
             group = self.groups[name]
@@ -50,19 +65,45 @@ class FeatureSink:
                 self._online.write(group, rows)
             except OnlineStoreUnavailableError as exc:
                 raise StoreUnavailableError(str(exc)) from exc
+            written += rows.num_rows
+        for name, rows in changed.items():  # only once every group is online: a retry repeats all
+            self._offline.setdefault(name, []).append(rows)
+            self._offline_rows += rows.num_rows
+        self.rows_written += written
+        if self._offline_rows >= MAX_BUFFERED_OFFLINE_ROWS:
+            self.flush_offline()
+        return written
+
+    @property
+    def offline_pending(self) -> int:
+        """Rows stored online but not yet in the offline store."""
+        return self._offline_rows
+
+    def flush_offline(self) -> None:
+        """Write the buffered rows to the offline store: one part file per group.
+
+        Raises :class:`StoreUnavailableError` with the rows still buffered (a retry
+        writes them again; a group written before the failure may get identical rows
+        twice, which the offline compaction removes).
+        """
+        for name in list(self._offline):
+            group = self.groups[name]
+            rows = pa.concat_tables(self._offline[name]).select(arrow_schema(group).names)
+            # One part file gets one created_timestamp, so rows of one entity and tile would
+            # tie; keep the last (the tile's latest value, the only one Feast should pick).
+            rows = last_row_per_key_and_time(rows, group.key)
             try:
-                append_offline(self._data_dir, group, rows, writer=self.writer_id)
+                append_offline(self._data_dir, group, rows.cast(arrow_schema(group)), writer=self.writer_id)
             except OSError as exc:
                 raise StoreUnavailableError(f"offline store {self._data_dir}: {exc}") from exc
-            written += rows.num_rows
-        self.rows_written += written
-        return written
+            self._offline_rows -= sum(t.num_rows for t in self._offline.pop(name))
 
     def compact_offline(self) -> None:
         """Merge the part files this sink wrote since its last compaction (one file per group).
 
         Only its own parts: several workers share one offline directory, and each merges
-        what it wrote, so no worker deletes a file another one is reading.
+        what it wrote, so no worker deletes a file another one is reading. Buffered rows
+        are not part files yet and wait for the next :meth:`flush_offline`.
         """
         for group in self.groups.values():
             try:

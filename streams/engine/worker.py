@@ -11,9 +11,10 @@ One worker process is one member of a Kafka consumer group reading two topics:
 
 Every ``flush_interval_ms`` the worker makes a cycle durable, in this order: routed
 records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
-features stored online and offline (retried with backoff while a store is down, with
-consumption paused and nothing committed); shard state and offsets committed together;
-offsets committed to Kafka (for lag monitoring; restarts resume from the checkpoints).
+features stored online (retried with backoff while a store is down, with consumption
+paused and nothing committed); when a shard checkpoint is due, the buffered offline
+rows written, then shard state and offsets committed together; offsets committed to
+Kafka (for lag monitoring; restarts resume from the checkpoints).
 A crash anywhere replays from the last checkpoint and reproduces exactly the same
 state, so features are neither lost nor double counted.
 """
@@ -344,12 +345,17 @@ class StreamWorker:
         retention_ms = (
             max(g.longest_window.seconds for g in self.groups) + self.settings.stream.allowed_lateness_s
         ) * 1000
-        for shard in self._shards if final else self._pending_next:
-            state = self._shards[shard]
-            if compact:
-                state.compact(retention_ms)
+        if compact:
+            for shard in self._shards if final else self._pending_next:
+                self._shards[shard].compact(retention_ms)
+        # Idle shards too: a quiet stream must not leave state and offline rows unwritten.
+        due = [state for state in self._shards.values() if state.commit_due(force=final)]
+        if final or due:
+            # A checkpoint must never cover rows still waiting for the offline store.
+            self._with_store_retries(self._sink.flush_offline)
+        for state in due:
             if state.commit(force=final) and state.durable_offset is not None:
-                commits.append(TopicPartition(self._shard_topic, shard, state.durable_offset))
+                commits.append(TopicPartition(self._shard_topic, state.shard, state.durable_offset))
         if compact:
             self._last_compact = now
         if now - self._last_offline_compact >= self.settings.stream.offline_compact_interval_s or final:
@@ -378,12 +384,20 @@ class StreamWorker:
         """Write features, retrying with backoff while a store is down; never drops rows."""
         if not changed:
             return
+
+        def write() -> None:
+            self.stats.feature_rows += self._sink.write(changed)
+
+        self._with_store_retries(write)
+
+    def _with_store_retries(self, write: Callable[[], None]) -> None:
+        """Run ``write`` until it succeeds, backing off while a store is down (data paused meanwhile)."""
         delay = self.settings.stream.retry_initial_s
         paused: list[TopicPartition] = []
         try:
             while True:
                 try:
-                    self.stats.feature_rows += self._sink.write(changed)
+                    write()
                     return
                 except StoreUnavailableError as exc:
                     self.stats.store_retries += 1
