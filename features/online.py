@@ -275,6 +275,36 @@ def _column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
+@dataclass(frozen=True)
+class _EncodedBlock:
+    """The encoded values of several features of one type: feature-major, ``rows`` per feature."""
+
+    names: tuple[str, ...]
+    values: pa.Array
+    rows: int
+
+    def columns(self) -> dict[str, pa.Array]:
+        return {name: self.values.slice(i * self.rows, self.rows) for i, name in enumerate(self.names)}
+
+
+def _encode_by_type(layout: _GroupLayout, rows: pa.Table) -> list[_EncodedBlock]:
+    """Every feature's ``feast.types.Value`` bytes, encoded one feature *type* at a time.
+
+    Why by type: a group has dozens of features and each encoding pass is a dozen Arrow
+    and NumPy calls, so encoding the columns of a type concatenated costs a fixed few
+    milliseconds per write instead of one pass per feature (most of a small write).
+    """
+    names_by_type: dict[str, list[str]] = {}
+    for name in layout.features:
+        names_by_type.setdefault(layout.types[name], []).append(name)
+    blocks = []
+    for feature_type, names in names_by_type.items():
+        columns = [_column(rows, name, layout.arrow_types[name]) for name in names]
+        encoded = _ENCODERS[feature_type](pa.concat_arrays(columns) if len(columns) > 1 else columns[0])
+        blocks.append(_EncodedBlock(tuple(names), encoded, rows.num_rows))
+    return blocks
+
+
 _ENCODERS = {
     "int64": _int64_values,
     "float64": _double_values,
@@ -741,9 +771,8 @@ class OnlineFeatureWriter:
         layout = self._store.layout(group)
         if rows.num_rows == 0:
             return 0
-        missing = [
-            name for name in (group.key, TIMESTAMP_FIELD, *layout.features) if name not in rows.column_names
-        ]
+        present = set(rows.column_names)  # (a new list on every access)
+        missing = [name for name in (group.key, TIMESTAMP_FIELD, *layout.features) if name not in present]
         if missing:
             raise ValueError(f"{group.name}: rows lack columns {missing}")
         keys = _column(rows, group.key, pa.string())
@@ -769,13 +798,11 @@ class OnlineFeatureWriter:
             created_us = self._micros(rows, CREATED_COLUMN)
         else:
             created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
-        values = {
-            name: _ENCODERS[layout.types[name]](_column(rows, name, layout.arrow_types[name]))
-            for name in layout.features
-        }
+        blocks = _encode_by_type(layout, rows)
         if self._store.kind == "redis":
-            self._write_redis(layout, sorted_keys, event_us, values)
+            self._write_redis(layout, sorted_keys, event_us, blocks)
         else:
+            values = {name: value for block in blocks for name, value in block.columns().items()}
             self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values)
         return int(rows.num_rows)
 
@@ -834,7 +861,7 @@ class OnlineFeatureWriter:
     # -- Redis: one HSET per entity with every feature and the timestamp, pre-packed.
 
     def _write_redis(
-        self, layout: _GroupLayout, entity_keys: pa.Array, event_us: I64Array, values: dict[str, pa.Array]
+        self, layout: _GroupLayout, entity_keys: pa.Array, event_us: I64Array, blocks: list[_EncodedBlock]
     ) -> None:
         n = len(entity_keys)
         arguments = 2 + 2 * (len(layout.features) + 1)
@@ -844,8 +871,10 @@ class OnlineFeatureWriter:
             _const(_bulk_const(layout.ts_field)),
             _bulk(_timestamp_protos(event_us)),
         ]
-        for name in layout.features:
-            parts += [_const(_bulk_const(layout.hash_fields[name])), _bulk(values[name])]
+        for block in blocks:
+            bulk = _EncodedBlock(block.names, _bulk(block.values), n)  # one RESP pass per type
+            for name, values in bulk.columns().items():
+                parts += [_const(_bulk_const(layout.hash_fields[name])), values]
         commands = _join(*parts)
         offsets = np.frombuffer(commands.buffers()[1], np.int64, n + 1, commands.offset * 8)
         data = memoryview(commands.buffers()[2])
