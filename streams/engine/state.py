@@ -316,7 +316,7 @@ class _LastN:
 
 
 def _coarsen(codes: _I64, span: int) -> _I64:
-    """Minute-tile codes ``entity << TILE_BITS | tile`` as codes of the level of ``span`` tiles."""
+    """Tile codes ``entity << TILE_BITS | tile`` as codes of tiles ``span`` times longer."""
     if span == 1:
         return codes
     return ((codes >> TILE_BITS) << TILE_BITS) | ((codes & _TILE_MASK) // span)
@@ -480,8 +480,15 @@ class GroupState:
         """Add minute-tile ``deltas`` (columns, m) at ``codes`` to every level."""
         if len(codes) == 0:
             return
+        codes, deltas = _summed_by_code(codes, deltas)
+        previous = 1
         for span, level in zip(self.spans, self.tiles, strict=True):
-            level.add(*_summed_by_code(_coarsen(codes, span), deltas))
+            if span > previous:  # coarsening keeps sorted codes sorted: sum the runs of equal codes
+                coarse = _coarsen(codes, span // previous)
+                starts = np.flatnonzero(np.r_[True, coarse[1:] != coarse[:-1]])
+                codes, deltas = coarse[starts], np.add.reduceat(deltas, starts, axis=1)
+                previous = span
+            level.add(codes, deltas)
 
     # -- reading features ----------------------------------------------------------------
 
@@ -537,10 +544,39 @@ class GroupState:
                     codes, base | (end_tile - longest)
                 )
             dense = count > DENSE_TILES
-        for rows, levels in ((~dense, 1), (dense, len(self.spans))):
-            if rows.any():
-                for name, sums in self._level_sums(ids[rows], end_tile[rows], levels).items():
-                    out[name][:, rows] = sums
+        sparse = ~dense
+        if sparse.any():
+            for codes, values in self.tiles[0].runs():
+                for name, sums in self._minute_sums(codes, values, ids[sparse], end_tile[sparse]).items():
+                    out[name][:, sparse] += sums
+        if dense.any():
+            for name, sums in self._level_sums(ids[dense], end_tile[dense], len(self.spans)).items():
+                out[name][:, dense] = sums
+        return out
+
+    def _minute_sums(self, codes: _I64, values: _F64, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
+        """Window sums from one run of minute tiles: one gather of the longest window, nested ranges."""
+        base = ids << TILE_BITS
+        high = np.searchsorted(codes, base | end_tile)
+        windows = self.group.windows
+        lows = {
+            w.name: np.searchsorted(codes, base | (end_tile - w.seconds // TILE_SECONDS)) for w in windows
+        }
+        low = np.minimum.reduce(list(lows.values()))
+        lengths = high - low
+        gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+        total = int(lengths.sum())
+        rows = np.arange(total, dtype=np.int64) - np.repeat(gathered_start - low, lengths)
+        gathered = np.hstack([values[:, rows], np.zeros((len(self.columns), 1))])
+        out: dict[str, _F64] = {}
+        for window in windows:
+            start = gathered_start + (lows[window.name] - low)
+            end = gathered_start + lengths
+            bounds = np.empty(2 * len(ids), dtype=np.int64)
+            bounds[0::2], bounds[1::2] = start, end
+            sums = np.add.reduceat(gathered, bounds, axis=1)[:, 0::2]
+            sums[:, start >= end] = 0.0
+            out[window.name] = sums
         return out
 
     def _level_sums(self, ids: _I64, end_tile: _I64, levels: int) -> dict[str, _F64]:
