@@ -3,9 +3,9 @@
 Training sets need the *history* of the stream features, as the online path would have
 written it: one offline row per entity and flush, stamped with its tile end. Rather
 than recomputing features a second way, this drives the same engine code as
-``adreach stream run`` (the router's lateness rules, a :class:`ShardState`, the
-:class:`FeatureSink`) from a Parquet event log instead of Kafka, one micro-batch per
-``flush`` of arrival time. Rows therefore carry the same values and timestamps a live
+``adreach stream run`` (:class:`~streams.engine.replay.InProcessEngine`: the router's
+lateness rules and a shard's state) from a Parquet event log instead of Kafka, one
+micro-batch per ``flush`` of arrival time. Rows therefore carry the same values and timestamps a live
 worker flushing at that cadence would have stored, and Feast's point-in-time joins over
 them give exactly what a model could have read at serving time.
 
@@ -19,10 +19,8 @@ timestamp and Feast would pick among them at random (see :mod:`features.offline`
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +31,7 @@ from features.feast_objects import append_offline, arrow_schema
 from features.offline import last_row_per_key_and_time
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder
-from streams.engine.router import Router
-from streams.engine.shard import ShardState
+from streams.engine.replay import InProcessEngine
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,6 @@ def replay_stream_features(
     keep = ~np.asarray(relevant.to_numpy(zero_copy_only=False), bool)
     events, arrival = events.filter(pa.array(keep)), arrival[keep]
     decoded = decoded_columns(events, groups)
-    router = Router(1, settings.stream.allowed_lateness_s * 1000, groups)
     data_dir = settings.feature_repo_dir / "data"
     by_name = {group.name: group for group in groups}
     written = 0
@@ -92,29 +88,24 @@ def replay_stream_features(
         if len(arrival)
         else []
     )
-    watermarks: dict[int, int] = {}
     late = batches = 0
-    with tempfile.TemporaryDirectory(prefix="adreach-replay-") as scratch:
-        state = ShardState(Path(scratch) / "shard-0.npz", 0, groups, checkpoint_interval_s=float("inf"))
-        try:
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-                chunk = decoded.slice(int(start), int(end - start))
-                offsets = np.arange(start, end, dtype=np.int64)
-                routed = router.route(chunk, np.zeros(len(offsets), np.int64), offsets, watermarks)
-                watermarks = routed.watermarks
-                late += len(routed.late)
-                rows = routed.shards.get(0)
-                if rows is not None:
-                    for name, table in state.apply(rows, int(end)).items():
-                        schema = arrow_schema(by_name[name])
-                        pending.setdefault(name, []).append(table.select(schema.names).cast(schema))
-                        written += table.num_rows
-                state.commit()
-                batches += 1
-                if progress is not None:
-                    progress(int(end - start))
-        finally:
-            state.close()
+    with InProcessEngine(groups, settings.stream.allowed_lateness_s * 1000) as engine:
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            offsets = np.arange(start, end, dtype=np.int64)
+            changed, chunk_late = engine.fold(
+                decoded.slice(int(start), int(end - start)),
+                np.zeros(len(offsets), np.int64),
+                offsets,
+                int(end),
+            )
+            late += chunk_late
+            for name, table in changed.items():
+                schema = arrow_schema(by_name[name])
+                pending.setdefault(name, []).append(table.select(schema.names).cast(schema))
+                written += table.num_rows
+            batches += 1
+            if progress is not None:
+                progress(int(end - start))
     for name, tables in pending.items():  # one part file per group: Feast reads few large files fastest
         group = by_name[name]
         append_offline(data_dir, group, last_row_per_key_and_time(pa.concat_tables(tables), group.key))

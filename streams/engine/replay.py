@@ -38,6 +38,46 @@ class ReplayResult:
         return pa.concat_tables(self.features[group]) if self.features.get(group) else pa.table({})
 
 
+class InProcessEngine:
+    """The router and one shard's state in this process: a worker's feature logic minus Kafka and stores.
+
+    The one place where replays (benchmarks, parity tests, backfills) drive the engine,
+    so they can only differ from ``adreach stream run`` in how events are batched.
+    """
+
+    def __init__(self, groups: Sequence[FeatureGroup], allowed_lateness_ms: int) -> None:
+        self._router = Router(1, allowed_lateness_ms, groups)
+        self._scratch = tempfile.TemporaryDirectory(prefix="adreach-replay-")
+        self._state = ShardState(
+            Path(self._scratch.name) / "shard.npz", 0, groups, checkpoint_interval_s=float("inf")
+        )
+        self._watermarks: dict[int, int] = {}
+
+    def fold(
+        self, events: pa.Table, partitions: NDArray[Any], offsets: NDArray[Any], next_offset: int
+    ) -> tuple[dict[str, pa.Table], int]:
+        """Route decoded ``events`` (read at ``partitions``/``offsets``) and fold them into the state.
+
+        Returns the changed entities' feature rows per group and how many events were too late.
+        """
+        routed = self._router.route(events, partitions, offsets, self._watermarks)
+        self._watermarks = routed.watermarks
+        changed: dict[str, pa.Table] = {}
+        for shipped in routed.shards.values():  # one shard: at most one table
+            changed.update(self._state.apply(shipped, next_offset))
+        return changed, len(routed.late)
+
+    def close(self) -> None:
+        self._state.close()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> InProcessEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def replay(
     lines: Sequence[bytes],
     *,
@@ -52,26 +92,23 @@ def replay(
     the per-partition lateness rule; by default all come from one partition, in order.
     """
     decoder = EventDecoder(groups)
-    router = Router(1, allowed_lateness_ms, groups)
     source = np.zeros(len(lines), np.int64) if partitions is None else np.asarray(partitions, np.int64)
     offsets = np.zeros(len(lines), np.int64)
     for partition in np.unique(source):
         mask = source == partition
         offsets[mask] = np.arange(int(mask.sum()))
     result = ReplayResult(features={group.name: [] for group in groups})
-    watermarks: dict[int, int] = {}
-    with tempfile.TemporaryDirectory(prefix="adreach-replay-") as scratch:
-        state = ShardState(Path(scratch) / "shard.npz", 0, groups, checkpoint_interval_s=float("inf"))
+    with InProcessEngine(groups, allowed_lateness_ms) as engine:
         for start in range(0, len(lines), batch_events):
             chunk = lines[start : start + batch_events]
             decoded = decoder.decode(chunk)
             positions = start + decoded.positions
-            routed = router.route(decoded.events, source[positions], offsets[positions], watermarks)
-            watermarks = routed.watermarks
+            changed, late = engine.fold(
+                decoded.events, source[positions], offsets[positions], start + len(chunk)
+            )
             result.rejected += len(decoded.rejected)
-            result.late += len(routed.late)
+            result.late += late
             result.events += len(chunk)
-            for shipped in routed.shards.values():
-                for name, rows in state.apply(shipped, start + len(chunk)).items():
-                    result.features[name].append(rows)
+            for name, rows in changed.items():
+                result.features[name].append(rows)
     return result
