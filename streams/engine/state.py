@@ -550,7 +550,7 @@ class GroupState:
                 for name, sums in self._minute_sums(codes, values, ids[sparse], end_tile[sparse]).items():
                     out[name][:, sparse] += sums
         if dense.any():
-            for name, sums in self._level_sums(ids[dense], end_tile[dense], len(self.spans)).items():
+            for name, sums in self._level_sums(ids[dense], end_tile[dense]).items():
                 out[name][:, dense] = sums
         return out
 
@@ -579,8 +579,8 @@ class GroupState:
             out[window.name] = sums
         return out
 
-    def _level_sums(self, ids: _I64, end_tile: _I64, levels: int) -> dict[str, _F64]:
-        """:meth:`_window_sums` from the first ``levels`` tile levels.
+    def _level_sums(self, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
+        """:meth:`_window_sums` from every tile level.
 
         Each window ``[a, b)`` is cut into ranges per level: the whole coarse tiles inside
         it from the coarsest level, and the ragged ends from finer levels (at most two
@@ -592,6 +592,7 @@ class GroupState:
         out = {w.name: np.zeros((len(self.columns), n)) for w in windows}
         lows = [end_tile - w.seconds // TILE_SECONDS for w in windows]
         highs = [end_tile for _ in windows]
+        levels = len(self.spans)
         for index in range(levels):
             span = self.spans[index]
             ranges: list[tuple[_I64, _I64]] = []  # per window, its ranges in this level's tiles
