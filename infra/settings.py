@@ -431,6 +431,23 @@ class ModelSettings(BaseModel):
         "default: in benchmarks/loopfm.py --quick it lowered the FM's click AUC (features standardized "
         "on the FM's earlier period drift by evaluation time).",
     )
+    fm_profile_weight: float = Field(
+        3.0,
+        ge=0,
+        description="Weight of the FM's topic-profile loss (FoundationModel.profile_loss): makes the user "
+        "embedding LoopFM stores a taste profile. 0: no profile head (VM+LoopFM then reads raw embeddings). "
+        "3 gave a sharper profile than 1 at the same FM click AUC (benchmarks/loopfm.py data, FM seed 0).",
+    )
+    search_topics: bool = Field(
+        True,
+        description="Search events carry their query's category (the query-feature backend, [queries]) as "
+        "topic: with a few clicks per user, searches are what the FM's taste profile learns from.",
+    )
+    vm_raw_fm_inputs: bool = Field(
+        False,
+        description="LoopFM VMs also feed the raw FM embeddings (target-attention pooled) to their MLP; off: "
+        "they acted as a user fingerprint and lowered VM+LoopFM's AUC in benchmarks/loopfm.py.",
+    )
     epochs_fm: int = Field(3, ge=1)
     epochs_vm: int = Field(4, ge=1)
     batch_size: int = Field(512, ge=1)

@@ -43,6 +43,7 @@ class FMConfig:
     embedding_dim: int = 16
     seeds: int = 4
     dropout: float = 0.0
+    profile_weight: float = 0.0
     dense_features: tuple[str, ...] = field(default=())
     dense_mean: tuple[float, ...] = field(default=())
     dense_std: tuple[float, ...] = field(default=())
@@ -122,6 +123,29 @@ class FoundationModel(nn.Module):
             nn.GELU(),
             nn.Linear(d, 2),
         )
+        # The user embedding's taste profile (logits over ad topics); see profile_loss.
+        self.topic_profile = nn.Linear(config.embedding_dim, b.topics) if config.profile_weight > 0 else None
+
+    def profile_loss(self, user: Tensor, history: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy of the topics clicked or searched in ``history``, predicted from ``user``.
+
+        Clicks are sparse (a few per user), so the click heads alone never teach the
+        candidate-independent user embedding which topics a user likes; this makes it a
+        taste profile, the part of the FM's knowledge the vertical models cannot rebuild.
+        """
+        if self.topic_profile is None:
+            raise ValueError("this FM has no topic-profile head (FMConfig.profile_weight is 0)")
+        kind = history["kind"]
+        signal = (kind == EVENT_TYPES.index("click") + 1) | (kind == EVENT_TYPES.index("search") + 1)
+        signal = signal & (history["topic"] > 0)
+        counts = torch.zeros(user.shape[0], self.config.buckets.topics, device=user.device)
+        counts.scatter_add_(1, history["topic"], signal.float())
+        total = counts.sum(1)
+        has = total > 0
+        if not bool(has.any()):
+            return user.sum() * 0.0
+        log_p = torch.log_softmax(self.topic_profile(user[has]), dim=1)
+        return -((counts[has] / total[has, None]) * log_p).sum(1).mean()
 
     def encode(self, history: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Encoded events (B, L+1, d) with the "now" token last, and the padding mask (B, L+1)."""

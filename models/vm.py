@@ -8,8 +8,13 @@
   :class:`StudentAdapter`, which learns on fresh labels how to correct the FM's stale
   predictions after a distribution shift.
 * ``loopfm``: the user's last K historical FM embeddings (from the ``fm_embeddings``
-  Feast view, point-in-time) are pooled by **target attention** against the candidate
-  ad and fed in as features: no FM inference at serving, only a feature read.
+  Feast view, point-in-time) scored against the candidate ad's topic through a frozen
+  copy of the FM's topic-profile head (a (topics, E) table saved with the VM: the
+  topics in user-embedding space): the FM's taste score of the candidate's topic, for
+  the latest embedding and the mean of the last K. No FM inference at serving, only a
+  feature read and a table lookup. The raw embeddings are not fed to the MLP by
+  default (``VMConfig.fm_raw_inputs``): 16 floats per user act as a user fingerprint
+  the VM memorizes (they lowered its AUC in ``benchmarks/loopfm.py``).
 * ``kd+loopfm``: both.
 """
 
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.fm import MAX_POSITION
+from models.fm import MAX_POSITION, FoundationModel
 from training.events import DEVICES, PLACEMENTS, Buckets
 
 VARIANTS = ("base", "kd", "loopfm", "kd+loopfm")
@@ -48,7 +53,9 @@ class VMConfig:
     embedding_history: int = 4
     id_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
-    fm_dropout: float = 0.5  # on the LoopFM inputs: without it VM+LoopFM fell further below VM-base
+    fm_profile_topics: int = 0  # > 0: the FM's frozen topic-profile table (see load_fm_profile)
+    fm_raw_inputs: bool = False  # also the raw embeddings, target-attention pooled (opt-in, see above)
+    fm_dropout: float = 0.5  # on the raw LoopFM inputs: without it they lowered the VM's AUC further
     dense_mean: tuple[float, ...] = field(default=())
     dense_std: tuple[float, ...] = field(default=())
 
@@ -66,6 +73,7 @@ class VMConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VMConfig:
         values = {**raw, "buckets": Buckets(**raw["buckets"])}
+        values.setdefault("fm_raw_inputs", True)  # saved before the profile scores: raw inputs only
         for name in ("dense_features", "hidden", "dense_mean", "dense_std"):
             values[name] = tuple(values[name])
         return cls(**values)
@@ -97,7 +105,15 @@ class VerticalModel(nn.Module):
         self.register_buffer("mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
         self.register_buffer("std", torch.tensor(config.dense_std or [1.0] * n_dense))
         width = n_dense + len(self.ids) * e
-        if config.loopfm:
+        if config.loopfm and not (config.fm_raw_inputs or config.fm_profile_topics):
+            raise ValueError("a LoopFM variant needs fm_profile_topics > 0 or fm_raw_inputs")
+        if config.loopfm and config.fm_profile_topics:
+            self.register_buffer(
+                "fm_profile_weight", torch.zeros(config.fm_profile_topics, config.embedding_dim)
+            )
+            self.register_buffer("fm_profile_bias", torch.zeros(config.fm_profile_topics))
+            width += 2
+        if config.loopfm and config.fm_raw_inputs:
             d = config.embedding_dim
             self.query = nn.Linear(len(self.ids) * e, d)
             self.interact = nn.Linear(len(self.ids) * e, d)
@@ -129,6 +145,10 @@ class VerticalModel(nn.Module):
         if self.config.loopfm:
             if fm_history is None or fm_history_len is None:
                 raise ValueError("a LoopFM variant needs fm_history and fm_history_len")
+            if self.config.fm_profile_topics:
+                parts.append(self.profile_scores(fm_history, fm_history_len, candidate["topic"]))
+        if self.config.loopfm and self.config.fm_raw_inputs:
+            assert fm_history is not None and fm_history_len is not None
             k = fm_history.shape[1]
             padding = torch.arange(k, device=dense.device)[None, :] >= fm_history_len[:, None]
             query = self.query(cand)
@@ -141,6 +161,32 @@ class VerticalModel(nn.Module):
         hidden = self.bottom(torch.cat(parts, dim=1))
         aux = self.aux(hidden)[:, 0] if self.aux is not None else None
         return self.main(hidden), aux
+
+    def profile_scores(self, history: Tensor, length: Tensor, topic: Tensor) -> Tensor:
+        """(B, 2): the FM's taste score of the candidate's topic, latest embedding and mean of the last K.
+
+        The score is the log-probability the FM's profile head gives that topic (a softmax
+        over topics, so a user's overall activity level does not leak in); 0 for users with
+        no embedding yet.
+        """
+        weight, bias = self.get_buffer("fm_profile_weight"), self.get_buffer("fm_profile_bias")
+        filled = (torch.arange(history.shape[1], device=history.device)[None, :] < length[:, None]).float()
+        mean = (history * filled[:, :, None]).sum(1) / filled.sum(1, keepdim=True).clamp(min=1.0)
+        has = (length > 0).float()[:, None]
+        pair = torch.stack([history[:, 0], mean], dim=1)  # (B, 2, E)
+        log_p = torch.log_softmax(pair @ weight.T + bias, dim=-1)  # (B, 2, topics)
+        lift = log_p + math.log(weight.shape[0])  # log of p / uniform: 0 is "no preference"
+        return lift.gather(2, topic[:, None, None].expand(-1, 2, 1))[:, :, 0] * has
+
+    def load_fm_profile(self, fm: FoundationModel) -> None:
+        """Copy the FM's topic-profile head (a lookup table at serving: the FM itself never runs)."""
+        if fm.topic_profile is None:
+            raise ValueError("the FM has no topic-profile head: train it with models.fm_profile_weight > 0")
+        if not self.config.fm_profile_topics:
+            raise ValueError("this VM has no profile table (VMConfig.fm_profile_topics is 0)")
+        with torch.no_grad():
+            self.get_buffer("fm_profile_weight").copy_(fm.topic_profile.weight)
+            self.get_buffer("fm_profile_bias").copy_(fm.topic_profile.bias)
 
 
 class StudentAdapter(nn.Module):

@@ -28,10 +28,12 @@ from features.online import OnlineFeatureReader, encode_values
 from features.store import open_store
 from infra.settings import Settings, load_settings
 from models.attention import sliding_window_attention
-from models.fm import FoundationModel
+from models.fm import FMConfig, FoundationModel
 from models.registry import ModelRegistry, RegistryError
+from models.vm import VerticalModel, VMConfig
 from streams.simulation import ParquetSink, SimulationConfig, simulate
 from training.datasets import dense_feature_names, historical_view, vm_inputs
+from training.events import EVENT_TYPES, Buckets, build_event_log, read_topics, search_queries
 from training.examples import Examples
 from training.metrics import auc
 from training.pipeline import (
@@ -81,7 +83,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     settings = load_settings(state_dir=root / "state", models=TINY_MODELS)
     store = open_store(settings)
     replay_stream_features(settings, pq.read_table(root / "sim" / "events"), flush_s=1_800)
-    dataset = load_dataset(root / "sim" / "events")
+    dataset = load_dataset(root / "sim" / "events", queries=settings.queries)
     fm, saved = train_foundation(settings, dataset)
     assert saved is not None and saved.version == 1
     materialize_embeddings(settings, fm, dataset, backfill=True)
@@ -318,3 +320,62 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     assert {"fm", "vm-loopfm"} <= set(results)
     assert 0.0 <= results["vm-loopfm"]["click"]["auc"] <= 1.0
     assert "vm-loopfm" in evaluated.stdout
+
+
+SEARCH = EVENT_TYPES.index("search") + 1
+
+
+def test_search_events_carry_their_query_topic(world: World) -> None:
+    """Search tokens get the categorizer's topic; other events keep their ad's topic."""
+    log = world.dataset.log
+    searches = log.kind == SEARCH
+    assert searches.any() and (log.topic[searches] > 0).mean() > 0.8  # "general" queries stay 0
+    events = pq.read_table(world.events_dir)
+    topics = read_topics(world.events_dir.parent / "truth" / "ads.parquet")
+    queries = search_queries(events)
+    mapped = {q: "running" for q in queries[:3]}
+    log = build_event_log(events, topics, Buckets(), mapped)
+    plain = build_event_log(events, topics, Buckets())
+    running = log.topics.index("running") + 1
+    searches = log.kind == SEARCH
+    changed = log.topic != plain.topic
+    assert changed.any() and searches[changed].all() and (log.topic[changed] == running).all()
+    assert (plain.topic[searches] == 0).all()
+
+
+def test_profile_loss_and_the_vms_profile_scores() -> None:
+    torch.manual_seed(0)
+    config = FMConfig(history_len=4, window=2, dim=8, layers=1, heads=2, embedding_dim=4, profile_weight=1.0)
+    fm = FoundationModel(config)
+    assert fm.topic_profile is not None
+    click, search, impression = EVENT_TYPES.index("click") + 1, SEARCH, EVENT_TYPES.index("impression") + 1
+    history = {
+        name: torch.zeros(2, 4, dtype=torch.long) for name in ("ad", "campaign", "advertiser", "query")
+    }
+    history["gap"] = torch.ones(2, 4, dtype=torch.long)
+    # User 0: two clicks on topic 3, a search of topic 5, an impression of topic 7 (ignored).
+    history["kind"] = torch.tensor([[click, click, search, impression], [impression, 0, 0, 0]])
+    history["topic"] = torch.tensor([[3, 3, 5, 7], [7, 0, 0, 0]])
+    user = torch.randn(2, 4)
+    log_p = torch.log_softmax(fm.topic_profile(user[:1]), dim=1)[0]
+    expected = -(2 / 3 * log_p[3] + 1 / 3 * log_p[5])
+    assert torch.allclose(fm.profile_loss(user, history), expected)  # user 1 has no signal: left out
+
+    vm_config = VMConfig(
+        variant="loopfm", dense_features=(), embedding_dim=4, fm_profile_topics=config.buckets.topics
+    )
+    vm = VerticalModel(vm_config)
+    assert not hasattr(vm, "query"), "raw FM embeddings are opt-in (fm_raw_inputs)"
+    vm.load_fm_profile(fm)
+    stored = torch.randn(3, 2, 4)
+    length = torch.tensor([2, 1, 0])
+    topic = torch.tensor([3, 5, 3])
+    scores = vm.profile_scores(stored, length, topic)
+    uniform = math.log(config.buckets.topics)  # scores are log(p / uniform)
+    log_p = torch.log_softmax(fm.topic_profile(stored[:, 0]), dim=1) + uniform
+    assert torch.allclose(scores[:2, 0], log_p[torch.arange(2), topic[:2]], atol=1e-5)
+    mean0 = torch.log_softmax(fm.topic_profile(stored[0].mean(0, keepdim=True)), dim=1)[0, 3] + uniform
+    assert torch.allclose(scores[0, 1], mean0, atol=1e-5) and torch.allclose(scores[1, 1], scores[1, 0])
+    assert (scores[2] == 0).all(), "no embedding yet: no score"
+    with pytest.raises(ValueError, match="fm_profile_topics > 0 or fm_raw_inputs"):
+        VerticalModel(VMConfig(variant="loopfm", dense_features=(), embedding_dim=4))

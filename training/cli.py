@@ -44,7 +44,7 @@ def train_fm_command(
     from training.pipeline import split, train_foundation
 
     settings = model_settings(ctx, epochs_fm=epochs, seed=seed, max_examples=max_examples)
-    dataset = load_data(events)
+    dataset = load_data(events, settings)
     examples = len(split(dataset, settings.models).fm_train)
     if examples == 0:
         fail("no impressions before models.fm_train_end: nothing to train on", exit_usage())
@@ -81,7 +81,7 @@ def train_vm_command(
         fm, _ = load_foundation(settings)
     except RegistryError as exc:
         fail(str(exc), exit_usage())
-    dataset = load_data(events)
+    dataset = load_data(events, settings)
     train = split(dataset, settings.models).vm_train
     store = open_store(settings)
     with progress_task("reading features from Feast", 5 if loopfm else 4, "views") as advance:
@@ -138,7 +138,7 @@ def evaluate_command(
         fm, fm_saved = load_foundation(settings)
     except RegistryError as exc:
         fail(str(exc), exit_usage())
-    dataset = load_data(events)
+    dataset = load_data(events, settings)
     evaluation = split(dataset, settings.models).evaluation
     if len(evaluation) == 0:
         fail("no impressions after models.vm_train_end to evaluate on", exit_usage())

@@ -43,13 +43,13 @@ def model_settings(ctx: typer.Context, **overrides: Any) -> Settings:
     return settings.model_copy(update={"models": models})
 
 
-def load_data(events: Path) -> Any:
+def load_data(events: Path, settings: Settings) -> Any:
     """The dataset behind ``--events``, with usage errors for missing or unreadable logs."""
     from training.events import EventLogError
     from training.pipeline import load_dataset
 
     try:
-        return load_dataset(events)
+        return load_dataset(events, queries=settings.queries if settings.models.search_topics else None)
     except EventLogError as exc:
         fail(str(exc), exit_usage())
 

@@ -54,7 +54,7 @@ def fm_embeddings_command(
             at_ms = int(datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() * 1000)
         except ValueError:
             fail(f"--at {at!r}: not an RFC 3339 time such as 2026-01-08T12:00:00Z", exit_usage())
-    dataset = load_data(events)
+    dataset = load_data(events, settings)
     open_store(settings)
     runs = (
         len(run_times(dataset.start_ms, dataset.end_ms, settings.models.embedding_every_s)) if backfill else 1

@@ -10,7 +10,10 @@ Identifiers are hashed into fixed-size buckets (a stable hash, the same in every
 instead of being looked up in a vocabulary, so a model keeps working when new ads,
 campaigns or queries appear after it was trained (they share buckets with old ones).
 Topics come from the ad catalog (an ad's category is platform metadata, known for every
-ad), falling back to "unknown" for ads the catalog does not list.
+ad), falling back to "unknown" for ads the catalog does not list. Search events get the
+topic of their query when ``query_topics`` (normalized query -> category, from the
+platform's query categorizer, :func:`categorize_queries`) is given: searches are the
+densest signal of a user's taste (a few clicks per user, several searches).
 """
 
 from __future__ import annotations
@@ -162,8 +165,23 @@ def topic_codes(
 _KEY_SCALE = np.int64(1) << np.int64(42)  # ms timestamps stay below 2**42 until the year 2109
 
 
-def build_event_log(events: pa.Table, topics: dict[str, str], buckets: Buckets = Buckets()) -> EventLog:
-    """Index ``events`` (simulator layout) by user and time; profile events are left out."""
+def search_queries(events: pa.Table) -> list[str]:
+    """The distinct normalized queries of the search events in ``events``."""
+    searches = events.filter(pc.equal(events.column("type"), "search"))
+    normalized = normalize_queries(searches.column("query").combine_chunks())
+    return sorted(q for q in pc.unique(normalized).to_pylist() if q)
+
+
+def build_event_log(
+    events: pa.Table,
+    topics: dict[str, str],
+    buckets: Buckets = Buckets(),
+    query_topics: dict[str, str] | None = None,
+) -> EventLog:
+    """Index ``events`` (simulator layout) by user and time; profile events are left out.
+
+    ``query_topics``: normalized query -> topic name, the topic of search events (others: 0).
+    """
     for column in ("type", "user_id", "event_time", "ad_id", "campaign_id", "advertiser_id", "query"):
         if column not in events.column_names:
             raise EventLogError(f"the event log has no {column!r} column")
@@ -184,6 +202,17 @@ def build_event_log(events: pa.Table, topics: dict[str, str], buckets: Buckets =
     topic = topic_codes(ad_column, topics, topic_names)
     queries = events.column("query").combine_chunks()
     normalized = normalize_queries(queries)  # the query entity's key, as the stream features use
+    if query_topics:
+        code_of = {name: i + 1 for i, name in enumerate(topic_names)}
+        known = {q: code_of[t] for q, t in query_topics.items() if t in code_of}
+        if known:
+            position = pc.index_in(normalized, value_set=pa.array(list(known), pa.string()))
+            codes = np.asarray(list(known.values()), np.int64)
+            found = position.is_valid().to_numpy(zero_copy_only=False) & (
+                kind == EVENT_TYPES.index("search") + 1
+            )
+            index = position.fill_null(0).to_numpy(zero_copy_only=False)
+            topic = np.where(found, codes[index], topic)
     fields = {
         "kind": kind,
         "ad": stable_bucket(ad_column, buckets.ads),

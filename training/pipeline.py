@@ -23,13 +23,13 @@ from feast import FeatureStore
 from numpy.typing import NDArray
 
 from features.store import open_store
-from infra.settings import ModelSettings, Settings
+from infra.settings import ModelSettings, QueryFeatureSettings, Settings
 from models.fm import FMConfig, FoundationModel
 from models.registry import ModelRegistry, SavedModel
 from models.vm import StudentAdapter, VerticalModel, VMConfig, parse_variant
 from training.datasets import dense_feature_names, vm_inputs
 from training.embeddings import MaterializeStats, materialize, run_times
-from training.events import Buckets, EventLog, build_event_log, read_events, read_topics
+from training.events import Buckets, EventLog, build_event_log, read_events, read_topics, search_queries
 from training.examples import Examples, build_examples
 from training.metrics import summary
 from training.train import (
@@ -73,16 +73,41 @@ class Split:
     vm_end_ms: int
 
 
-def load_dataset(events_path: Path, catalog: Path | None = None, truth: Path | None = None) -> Dataset:
-    """Events (+ the ad catalog and ground truth next to them, ``../truth``, when present)."""
+def load_dataset(
+    events_path: Path,
+    catalog: Path | None = None,
+    truth: Path | None = None,
+    *,
+    queries: QueryFeatureSettings | None = None,
+) -> Dataset:
+    """Events (+ the ad catalog and ground truth next to them, ``../truth``, when present).
+
+    ``queries``: categorize the search queries with the platform's query-feature backend
+    so search events carry a topic (what the FM's taste profile learns from).
+    """
     truth_dir = events_path.parent / "truth"
     catalog = catalog if catalog is not None else truth_dir / "ads.parquet"
     truth = truth if truth is not None else truth_dir / "impressions.parquet"
     events = read_events(events_path)
-    log = build_event_log(events, read_topics(catalog), Buckets())
+    query_topics = categorize_queries(search_queries(events), queries) if queries is not None else None
+    log = build_event_log(events, read_topics(catalog), Buckets(), query_topics)
     examples = build_examples(events, log, truth)
     start, end = log.time_range_ms
     return Dataset(events_path, log, examples, start, end)
+
+
+def categorize_queries(queries: list[str], settings: QueryFeatureSettings) -> dict[str, str]:
+    """Normalized query -> category id from the CPU query-feature backend ("general" left out)."""
+    from features.queries.cpu import CPUBackend
+
+    if not queries:
+        return {}
+    backend = CPUBackend(settings)
+    try:
+        batch = backend.generate(queries)
+    finally:
+        backend.close()
+    return {r.query: r.category for r in batch.records if r.category != "general"}
 
 
 def split(dataset: Dataset, models: ModelSettings) -> Split:
@@ -123,6 +148,7 @@ def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -
         layers=models.layers,
         heads=models.heads,
         embedding_dim=models.embedding_dim,
+        profile_weight=models.fm_profile_weight,
         **stats,
     )
 
@@ -243,6 +269,8 @@ def vm_config(models: ModelSettings, variant: str, fm: FMConfig, inputs: VMInput
         buckets=fm.buckets,
         embedding_dim=fm.embedding_dim,
         embedding_history=models.embedding_history,
+        fm_profile_topics=fm.buckets.topics if fm.profile_weight > 0 else 0,
+        fm_raw_inputs=models.vm_raw_fm_inputs or fm.profile_weight == 0,
         dense_mean=tuple(float(x) for x in mean),
         dense_std=tuple(float(x) for x in std),
     )
@@ -328,6 +356,8 @@ def train_vertical(
         weights["adapter"] = adapter.state_dict()
     torch.manual_seed(seed)
     model = VerticalModel(vm_config(models, variant, fm.config, inputs))
+    if model.config.loopfm and model.config.fm_profile_topics:
+        model.load_fm_profile(fm)
     started = time.perf_counter()
     losses = train_vm(
         model,

@@ -93,8 +93,10 @@ def train_fm(
         total, batches = 0.0, 0
         for index in _batches(len(examples), batch_size, rng):
             history, candidate = fm_batch(log, examples, index, model.config.history_len)
-            logits, _ = model(history, candidate, _dense(dense, index))
+            logits, user = model(history, candidate, _dense(dense, index))
             loss = click_conversion_loss(logits, click[index], conversion[index])
+            if model.config.profile_weight > 0:
+                loss = loss + model.config.profile_weight * model.profile_loss(user, history)
             total, batches = total + _step(optimizer, loss), batches + 1
             if progress is not None:
                 progress(len(index))
