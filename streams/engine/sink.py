@@ -57,7 +57,7 @@ class FeatureSink:
 
         A retry after :class:`StoreUnavailableError` must pass the same rows again.
         """
-        written = 0
+        prepared: dict[str, pa.Table] = {}
         for name, rows in changed.items():
             group = self.groups[name]
             rows = rows.select(arrow_schema(group).names).cast(arrow_schema(group))
@@ -65,19 +65,15 @@ class FeatureSink:
                 self._online.write(group, rows)
             except OnlineStoreUnavailableError as exc:
                 raise StoreUnavailableError(str(exc)) from exc
-            written += rows.num_rows
-        for name, rows in changed.items():  # only once every group is online: a retry repeats all
+            prepared[name] = rows
+        for name, rows in prepared.items():  # only once every group is online: a retry repeats all
             self._offline.setdefault(name, []).append(rows)
             self._offline_rows += rows.num_rows
+        written = sum(int(rows.num_rows) for rows in prepared.values())
         self.rows_written += written
         if self._offline_rows >= MAX_BUFFERED_OFFLINE_ROWS:
             self.flush_offline()
         return written
-
-    @property
-    def offline_pending(self) -> int:
-        """Rows stored online but not yet in the offline store."""
-        return self._offline_rows
 
     def flush_offline(self) -> None:
         """Write the buffered rows to the offline store: one part file per group.
@@ -88,12 +84,11 @@ class FeatureSink:
         """
         for name in list(self._offline):
             group = self.groups[name]
-            rows = pa.concat_tables(self._offline[name]).select(arrow_schema(group).names)
             # One part file gets one created_timestamp, so rows of one entity and tile would
             # tie; keep the last (the tile's latest value, the only one Feast should pick).
-            rows = last_row_per_key_and_time(rows, group.key)
+            rows = last_row_per_key_and_time(pa.concat_tables(self._offline[name]), group.key)
             try:
-                append_offline(self._data_dir, group, rows.cast(arrow_schema(group)), writer=self.writer_id)
+                append_offline(self._data_dir, group, rows, writer=self.writer_id)
             except OSError as exc:
                 raise StoreUnavailableError(f"offline store {self._data_dir}: {exc}") from exc
             self._offline_rows -= sum(t.num_rows for t in self._offline.pop(name))

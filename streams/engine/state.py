@@ -334,17 +334,22 @@ def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     return distinct, sums.astype(np.float64, copy=False)
 
 
+def _concatenated_ranges(start: _I64, lengths: _I64) -> tuple[_I64, _I64]:
+    """Row numbers of the ranges ``[start[i], start[i] + lengths[i])`` back to back, and where each begins."""
+    gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(gathered_start - start, lengths)
+    return gathered_start, rows
+
+
 def _range_sums(codes: _I64, values: _F64, ids: _I64, low: _I64, high: _I64) -> _F64:
     """Per i, ``values`` (columns, n) summed over entity ``ids[i]``'s tiles in ``[low[i], high[i])``."""
     base = ids << TILE_BITS
     start = np.searchsorted(codes, base | np.maximum(low, 0))
     lengths = np.maximum(np.searchsorted(codes, base | np.maximum(high, 0)) - start, 0)
     sums = np.zeros((len(values), len(ids)))
-    total = int(lengths.sum())
-    if total == 0:
+    if not lengths.any():
         return sums
-    gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-    rows = np.arange(total, dtype=np.int64) - np.repeat(gathered_start - start, lengths)
+    gathered_start, rows = _concatenated_ranges(start, lengths)
     filled = lengths > 0
     sums[:, filled] = np.add.reduceat(values[:, rows], gathered_start[filled], axis=1)
     return sums
@@ -364,8 +369,8 @@ class GroupState:
         self.entities = KeyIndex()
         self.latest = np.full(0, _NO_TIME, dtype=np.int64)
         # A coarse level pays once the longest window spans several of its tiles.
-        longest_tiles = max(w.seconds for w in group.windows) // TILE_SECONDS
-        self.spans = tuple(span for span in LEVEL_SPANS if span == 1 or longest_tiles >= 4 * span)
+        self.longest_tiles = max(w.seconds for w in group.windows) // TILE_SECONDS
+        self.spans = tuple(span for span in LEVEL_SPANS if span == 1 or self.longest_tiles >= 4 * span)
         # Per level; payload column-major, (columns, tiles): reduceat sums along rows fast.
         self.tiles = [SortedRuns(len(self.columns), np.float64) for _ in self.spans]
         self.values = {a.name: KeyIndex() for a in self.distinct}
@@ -536,7 +541,7 @@ class GroupState:
             return out
         dense = np.zeros(len(ids), dtype=bool)
         if len(self.spans) > 1:
-            longest = max(w.seconds for w in self.group.windows) // TILE_SECONDS
+            longest = self.longest_tiles
             base = ids << TILE_BITS
             count = np.zeros(len(ids), dtype=np.int64)
             for codes, _ in self.tiles[0].runs():
@@ -564,9 +569,7 @@ class GroupState:
         }
         low = np.minimum.reduce(list(lows.values()))
         lengths = high - low
-        gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-        total = int(lengths.sum())
-        rows = np.arange(total, dtype=np.int64) - np.repeat(gathered_start - low, lengths)
+        gathered_start, rows = _concatenated_ranges(low, lengths)
         gathered = np.hstack([values[:, rows], np.zeros((len(self.columns), 1))])
         out: dict[str, _F64] = {}
         for window in windows:
