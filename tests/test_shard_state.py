@@ -18,6 +18,7 @@ import pytest
 
 from features.definitions import FEATURE_GROUPS
 from features.reference import reference_features
+from streams.engine import runs as runs_module
 from streams.engine import state as state_module
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
@@ -126,7 +127,7 @@ def test_coarse_tile_levels_and_run_merges_keep_every_window_exact(
 ) -> None:
     """Every entity read from hour and day tiles, and the sorted runs merged every few batches."""
     monkeypatch.setattr(state_module, "DENSE_TILES", 0)
-    monkeypatch.setattr(state_module, "MERGE_AT_LEAST", 16)
+    monkeypatch.setattr(runs_module, "MERGE_AT_LEAST", 16)
     batches, events = routed_batches(days=10.0, events=12_000, seed=6)
     latest = fold(tmp_path / "shard.npz", batches, restart_every=9, compact_every=3)
     assert_equal_to_reference(latest, events)

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 
 QUERY_KEY_COLUMN = "query_key"
-MASK_COLUMN = "groups"
+MASK_COLUMN = "groups"  # bit ``i`` set: feature group ``i`` counts this row (its key and event type)
 SOURCE_PARTITION = "src_partition"
 SOURCE_OFFSET = "src_offset"
 

@@ -42,7 +42,9 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
+from streams.engine.keys import KeyIndex
 from streams.engine.router import MASK_COLUMN, key_column
+from streams.engine.runs import SortedRuns
 
 TILE_MS = TILE_SECONDS * 1000
 TILE_BITS = 27  # tile numbers (minutes since 1970) stay below 2**27 until the 2200s
@@ -52,11 +54,6 @@ _NO_TIME = np.iinfo(np.int64).min
 _I64 = NDArray[np.int64]
 _F64 = NDArray[np.float64]
 
-
-# The delta run of a SortedRuns is merged into its main run once it holds more than
-# max(MERGE_AT_LEAST, main / MERGE_FRACTION) codes (tests lower MERGE_AT_LEAST).
-MERGE_AT_LEAST = 8_192
-MERGE_FRACTION = 16
 
 # Tile levels, as spans in tiles (minute, hour, day): a window sums its whole days and
 # hours from the coarse levels and only its ragged ends from minute tiles, so a 7-day
@@ -68,142 +65,6 @@ DENSE_TILES = 1_024
 
 class StateError(ValueError):
     """The state cannot take these rows (e.g. more distinct values than it can number)."""
-
-
-class KeyIndex:
-    """Dense ids for string keys, in order of first appearance.
-
-    Only the *distinct* keys of a batch are looked up (a dictionary probe each), so the
-    cost per event is a share of one probe rather than one per event.
-    """
-
-    def __init__(self, keys: list[str] | None = None) -> None:
-        self.keys: list[str] = list(keys or [])
-        self._ids: dict[str, int] = {key: index for index, key in enumerate(self.keys)}
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def ids(self, values: pa.Array | pa.ChunkedArray) -> tuple[_I64, _I64, list[str]]:
-        """Per value its id (new keys get the next ids); also the distinct ids and keys (first-seen order)."""
-        encoded = pc.dictionary_encode(values)
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
-        codes = encoded.indices.to_numpy()
-        distinct = encoded.dictionary.to_pylist()
-        lookup = self._ids
-        found = [lookup.get(key, -1) for key in distinct]
-        for position, key in enumerate(distinct):
-            if found[position] < 0:
-                found[position] = len(self.keys)
-                lookup[key] = found[position]
-                self.keys.append(key)
-        distinct_ids = np.asarray(found, dtype=np.int64)
-        return distinct_ids[codes], distinct_ids, distinct
-
-    def keep(self, live: NDArray[np.bool_]) -> _I64:
-        """Forget the keys not ``live``; return old id -> new id (-1 for forgotten)."""
-        remap = np.full(len(self.keys), -1, dtype=np.int64)
-        kept = np.flatnonzero(live[: len(self.keys)])
-        remap[kept] = np.arange(len(kept))
-        self.keys = [self.keys[i] for i in kept.tolist()]
-        self._ids = {key: index for index, key in enumerate(self.keys)}
-        return remap
-
-
-class SortedRuns:
-    """Unique int64 codes, kept sorted, each with a column of ``width`` payload values.
-
-    Why two runs: inserting new codes into one sorted array copies the whole array, so a
-    micro-batch cost grew with the state (from 9 ms to 100 ms per 5,000-event batch over
-    7 days of 100k users). New codes go into a small *delta* run instead, which is
-    merged into the *main* run once it holds more than 1/:data:`MERGE_FRACTION` of it,
-    so each code is copied a bounded number of times on average. Lookups search both
-    runs; sums over code ranges add up both runs' sums (:meth:`runs`).
-    """
-
-    def __init__(self, width: int, dtype: type[np.generic]) -> None:
-        self.width = width
-        self.dtype = dtype
-        self._codes = [np.zeros(0, np.int64), np.zeros(0, np.int64)]  # main, delta
-        self._values = [np.zeros((width, 0), dtype), np.zeros((width, 0), dtype)]
-
-    def __len__(self) -> int:
-        return len(self._codes[0]) + len(self._codes[1])
-
-    def runs(self) -> list[tuple[_I64, NDArray[Any]]]:
-        """The non-empty runs as (sorted codes, payload (width, n)); together they hold every code once."""
-        return [(c, v) for c, v in zip(self._codes, self._values, strict=True) if len(c)]
-
-    def get(self, codes: _I64) -> tuple[NDArray[np.bool_], NDArray[Any]]:
-        """For sorted unique ``codes``: which are held, and their payload (zeros where not held)."""
-        found = np.zeros(len(codes), dtype=bool)
-        values = np.zeros((self.width, len(codes)), self.dtype)
-        for run_codes, run_values in self.runs():
-            position, hit = _positions(run_codes, codes)
-            found |= hit
-            values[:, hit] = run_values[:, position[hit]]
-        return found, values
-
-    def add(self, codes: _I64, deltas: NDArray[Any]) -> None:
-        """Add ``deltas`` (width, m) to the payload of sorted unique ``codes``, inserting new ones."""
-        self._update(codes, deltas, add=True)
-
-    def put(self, codes: _I64, values: NDArray[Any]) -> None:
-        """Set the payload of sorted unique ``codes`` to ``values`` (width, m), inserting new ones."""
-        self._update(codes, values, add=False)
-
-    def _update(self, codes: _I64, values: NDArray[Any], *, add: bool) -> None:
-        if len(codes) == 0:
-            return
-        new = np.ones(len(codes), dtype=bool)
-        for run_codes, run_values in self.runs():
-            position, hit = _positions(run_codes, codes)
-            if add:
-                run_values[:, position[hit]] += values[:, hit]
-            else:
-                run_values[:, position[hit]] = values[:, hit]
-            new &= ~hit
-        if new.any():
-            self._codes[1], self._values[1] = _insert_sorted(
-                self._codes[1], self._values[1], codes[new], values[:, new]
-            )
-            if len(self._codes[1]) > max(MERGE_AT_LEAST, len(self._codes[0]) // MERGE_FRACTION):
-                self.consolidate()
-
-    def consolidate(self) -> tuple[_I64, NDArray[Any]]:
-        """Merge the delta run into the main run; return the main run (every code)."""
-        if len(self._codes[1]):
-            self._codes[0], self._values[0] = _insert_sorted(
-                self._codes[0], self._values[0], self._codes[1], self._values[1]
-            )
-            self._codes[1] = np.zeros(0, np.int64)
-            self._values[1] = np.zeros((self.width, 0), self.dtype)
-        return self._codes[0], self._values[0]
-
-    def replace(self, codes: _I64, values: NDArray[Any]) -> None:
-        """Hold exactly sorted unique ``codes`` with payload ``values`` (width, n)."""
-        self._codes = [np.asarray(codes, np.int64), np.zeros(0, np.int64)]
-        self._values = [
-            np.asarray(values, self.dtype).reshape(self.width, -1),
-            np.zeros((self.width, 0), self.dtype),
-        ]
-
-
-def _positions(sorted_codes: _I64, codes: _I64) -> tuple[_I64, NDArray[np.bool_]]:
-    """Where each of ``codes`` is in ``sorted_codes``, and whether it is there at all."""
-    position = np.searchsorted(sorted_codes, codes)
-    hit = position < len(sorted_codes)
-    hit[hit] = sorted_codes[position[hit]] == codes[hit]
-    return position, hit
-
-
-def _insert_sorted(
-    codes: _I64, values: NDArray[Any], new_codes: _I64, new_values: NDArray[Any]
-) -> tuple[_I64, NDArray[Any]]:
-    """``codes``/``values`` with sorted ``new_codes`` (none already present) merged in, in order."""
-    position = np.searchsorted(codes, new_codes)
-    return np.insert(codes, position, new_codes), np.insert(values, position, new_values, axis=1)
 
 
 def _grow(array: NDArray[Any], size: int, fill: Any) -> NDArray[Any]:
@@ -230,7 +91,7 @@ class _Batch:
     times: _I64
     table: pa.Table
     changed_ids: _I64  # distinct entity ids, first-seen order
-    changed_keys: list[str]
+    changed_keys: pa.Array
     type_masks: dict[tuple[str, ...], NDArray[np.bool_]] = field(default_factory=dict)
 
 
@@ -365,7 +226,10 @@ class GroupState:
         self.distinct = tuple(a for a in group.aggregations if a.kind == "distinct_count")
         self.last_n = tuple(a for a in group.aggregations if a.kind == "last_n")
         self.columns = [a.name for a in (*self.additive, *self.distinct)]  # of the tile matrix
-        self.event_types = sorted({t for a in group.aggregations for t in a.event_types})
+        # Only these columns are filtered per batch (shipped rows carry every group's).
+        read = [key_column(group), "event_time_ms", "type", *(a.column for a in group.aggregations)]
+        read += ["event_id"] if self.last_n else []
+        self.read_columns = [name for name in dict.fromkeys(read) if name]
         self.entities = KeyIndex()
         self.latest = np.full(0, _NO_TIME, dtype=np.int64)
         # A coarse level pays once the longest window spans several of its tiles.
@@ -410,11 +274,9 @@ class GroupState:
         return self.features(batch.changed_ids, batch.changed_keys)
 
     def _select(self, rows: pa.Table) -> _Batch | None:
-        counted = pc.and_(
-            pc.not_equal(pc.bit_wise_and(rows.column(MASK_COLUMN), pa.scalar(1 << self.bit, pa.int64())), 0),
-            pc.is_in(rows.column("type"), value_set=pa.array(self.event_types)),
-        )
-        table = rows.filter(pc.fill_null(counted, False))
+        # The router sets this group's bit only on rows of the event types the group counts.
+        masks = rows.column(MASK_COLUMN).to_numpy()
+        table = rows.select(self.read_columns).filter(pa.array((masks & (1 << self.bit)) != 0))
         if table.num_rows == 0:
             return None
         ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
@@ -497,14 +359,14 @@ class GroupState:
 
     # -- reading features ----------------------------------------------------------------
 
-    def features(self, ids: _I64, keys: list[str]) -> pa.Table:
+    def features(self, ids: _I64, keys: pa.Array) -> pa.Table:
         """Features of entities ``ids`` (named ``keys``) as of the end of each one's latest tile."""
         group = self.group
         end_tile = self.latest[ids] // TILE_MS + 1
         end_ms = end_tile * TILE_MS
         window_sums = self._window_sums(ids, end_tile)
         columns: dict[str, pa.Array] = {
-            group.key: pa.array(keys, pa.string()),
+            group.key: keys,
             "event_timestamp": pa.array(end_ms * 1000, pa.timestamp("us")),
         }
         longest_ms = group.longest_window.seconds * 1000
@@ -562,15 +424,17 @@ class GroupState:
     def _minute_sums(self, codes: _I64, values: _F64, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
         """Window sums from one run of minute tiles: one gather of the longest window, nested ranges."""
         base = ids << TILE_BITS
-        high = np.searchsorted(codes, base | end_tile)
         windows = self.group.windows
-        lows = {
-            w.name: np.searchsorted(codes, base | (end_tile - w.seconds // TILE_SECONDS)) for w in windows
-        }
-        low = np.minimum.reduce(list(lows.values()))
+        starts = [end_tile - w.seconds // TILE_SECONDS for w in windows]
+        found = np.searchsorted(codes, np.concatenate([base | end_tile, *(base | s for s in starts)]))
+        found = found.reshape(-1, len(ids))
+        high = found[0]
+        lows = {w.name: found[1 + i] for i, w in enumerate(windows)}
+        low = found[1:].min(axis=0)
         lengths = high - low
         gathered_start, rows = _concatenated_ranges(low, lengths)
-        gathered = np.hstack([values[:, rows], np.zeros((len(self.columns), 1))])
+        gathered = np.zeros((len(self.columns), len(rows) + 1))  # a zero column for empty ranges
+        np.take(values, rows, axis=1, out=gathered[:, :-1])
         out: dict[str, _F64] = {}
         for window in windows:
             start = gathered_start + (lows[window.name] - low)
@@ -660,14 +524,14 @@ class GroupState:
     def to_arrays(self) -> dict[str, Any]:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
         arrays: dict[str, Any] = {
-            "entities": pa.array(self.entities.keys, pa.string()),
+            "entities": self.entities.keys,
             "latest": self.latest[: len(self.entities)],
         }
         for span, level in zip(self.spans, self.tiles, strict=True):
             suffix = "" if span == 1 else f".{span}"
             arrays[f"tile_codes{suffix}"], arrays[f"tile_values{suffix}"] = level.consolidate()
         for name in self.values:
-            arrays[f"{name}.values"] = pa.array(self.values[name].keys, pa.string())
+            arrays[f"{name}.values"] = self.values[name].keys
             seen_codes, seen_tiles = self.seen[name].consolidate()
             arrays[f"{name}.seen_codes"] = seen_codes
             arrays[f"{name}.seen_tiles"] = seen_tiles[0]
@@ -681,7 +545,7 @@ class GroupState:
 
     def load_arrays(self, arrays: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`to_arrays`."""
-        self.entities = KeyIndex(arrays["entities"].to_pylist())
+        self.entities = KeyIndex(arrays["entities"])
         self.latest = np.asarray(arrays["latest"], dtype=np.int64).copy()
         width = len(self.columns)
         minute_codes = np.asarray(arrays["tile_codes"], dtype=np.int64).copy()
@@ -695,7 +559,7 @@ class GroupState:
             else:  # a checkpoint from before this level existed: rebuild it from the minute tiles
                 level.replace(*_summed_by_code(_coarsen(minute_codes, span), minute_values))
         for name in self.values:
-            self.values[name] = KeyIndex(arrays[f"{name}.values"].to_pylist())
+            self.values[name] = KeyIndex(arrays[f"{name}.values"])
             self.seen[name].replace(
                 np.asarray(arrays[f"{name}.seen_codes"], dtype=np.int64).copy(),
                 np.asarray(arrays[f"{name}.seen_tiles"], dtype=np.int64).reshape(1, -1).copy(),

@@ -1,0 +1,169 @@
+"""Dense ids for string keys (entity keys, distinct-count values), found column-at-a-time.
+
+Why not a Python dict: probing a dict needs every distinct key of a micro-batch as a
+Python string, and that (``to_pylist`` plus one probe per key) cost as much as all the
+windowed state of a group. Here a batch's distinct keys are hashed in a few NumPy passes
+over the Arrow string buffers and looked up in a sorted hash table with
+``searchsorted``; Python runs per batch, not per key.
+
+Two keys are taken for one only if two independent 64-bit hashes both collide (the
+hashes are random linear functions of the bytes, so about 2^-114 per pair). If the first
+hash alone ever collides (about 2^-57 per pair), the index switches for good to exact
+dictionary probes: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from numpy.typing import NDArray
+
+from streams.engine.runs import SortedRuns
+
+_I64 = NDArray[np.int64]
+_U64 = NDArray[np.uint64]
+
+_HASH_SEED = 0x5EED_AD_2EAC4  # fixed: ids never depend on the process that computed them
+_multipliers = np.zeros((2, 0), dtype=np.uint64)
+
+
+def _position_multipliers(length: int) -> _U64:
+    """Two rows of random odd 64-bit multipliers, one per byte position (grown on demand).
+
+    Each row is the raw output of its own seeded generator, so a grown table starts with
+    the same multipliers as before: a hash never changes while the index holds it.
+    """
+    global _multipliers
+    if _multipliers.shape[1] < length:
+        size = max(length, 2 * _multipliers.shape[1], 64)
+        rows = [np.random.PCG64(_HASH_SEED + row).random_raw(size) for row in range(2)]
+        _multipliers = np.stack(rows).astype(np.uint64) | np.uint64(1)
+    return _multipliers
+
+
+def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
+    """Two independent 64-bit hashes (as int64) of each string of a non-null string array.
+
+    Each hash is ``sum((byte_i + 1) * M[i])`` modulo 2^64 over the string's UTF-8 bytes,
+    with random odd multipliers ``M`` per byte position: one multiply per byte for the
+    whole column, summed per string with ``reduceat``. The ``+ 1`` makes a trailing
+    zero byte count, so ``"a"`` and ``"a\\0"`` differ.
+    """
+    if pa.types.is_large_string(strings.type):
+        strings = strings.cast(pa.string())
+    n = len(strings)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    buffers = strings.buffers()
+    bounds = np.frombuffer(buffers[1], np.int32, n + 1, strings.offset * 4).astype(np.int64)
+    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    first, lengths = bounds[:-1], np.diff(bounds)
+    size = int(bounds[-1] - bounds[0])
+    positions = np.arange(size, dtype=np.int64) - np.repeat(first - bounds[0], lengths)
+    weights = _position_multipliers(int(lengths.max()))[:, positions]
+    weighted = weights * (data[bounds[0] : bounds[-1]].astype(np.uint64) + np.uint64(1))
+    hashes = np.zeros((2, n), dtype=np.uint64)
+    filled = lengths > 0
+    if size:
+        hashes[:, filled] = np.add.reduceat(weighted, (first - bounds[0])[filled], axis=1)
+    return hashes[0].view(np.int64), hashes[1].view(np.int64)
+
+
+def _distinct(values: pa.Array | pa.ChunkedArray) -> tuple[_I64, pa.Array]:
+    """Per value the index of its distinct value, and the distinct values (first-seen order)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+    return encoded.indices.to_numpy(), encoded.dictionary
+
+
+class KeyIndex:
+    """Dense ids for string keys, in order of first appearance (see the module docstring)."""
+
+    def __init__(self, keys: pa.Array | None = None) -> None:
+        self._chunks: list[pa.Array] = []
+        self._size = 0
+        self._table: SortedRuns | None = SortedRuns(2, np.int64)  # hash -> (id, check hash)
+        self._exact: dict[str, int] | None = None
+        if keys is not None and len(keys):
+            self.ids(keys)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def keys(self) -> pa.Array:
+        """Every key, by id."""
+        if len(self._chunks) != 1:
+            self._chunks = [pa.concat_arrays(self._chunks) if self._chunks else pa.array([], pa.string())]
+        return self._chunks[0]
+
+    def ids(self, values: pa.Array | pa.ChunkedArray) -> tuple[_I64, _I64, pa.Array]:
+        """Per value its id (new keys get the next ids); also the distinct ids and keys (first-seen order)."""
+        codes, distinct = _distinct(values)
+        if distinct.type != pa.string():
+            distinct = distinct.cast(pa.string())
+        found = self._hashed_ids(distinct) if self._exact is None else None
+        if found is None:
+            found = self._exact_ids(distinct)
+        return found[codes], found, distinct
+
+    def _hashed_ids(self, distinct: pa.Array) -> _I64 | None:
+        """Ids of the ``distinct`` keys via the hash table, or None if a first hash collided."""
+        assert self._table is not None
+        primary, check = string_hashes(distinct)
+        order = np.argsort(primary)
+        sorted_primary = primary[order]
+        found_sorted, payload = self._table.get(sorted_primary)
+        collided = (sorted_primary[1:] == sorted_primary[:-1]).any() or (
+            payload[1][found_sorted] != check[order][found_sorted]
+        ).any()
+        if collided:
+            self._switch_to_exact()
+            return None
+        found = np.empty(len(distinct), dtype=np.int64)
+        found[order] = np.where(found_sorted, payload[0], -1)
+        new = np.flatnonzero(found < 0)  # first-seen order, as the dictionary is
+        if len(new):
+            found[new] = np.arange(self._size, self._size + len(new))
+            new_sorted = order[~found_sorted]  # the same keys, in hash order
+            self._table.put(primary[new_sorted], np.stack([found[new_sorted], check[new_sorted]]))
+            self._append(distinct.take(pa.array(new)))
+        return found
+
+    def _exact_ids(self, distinct: pa.Array) -> _I64:
+        assert self._exact is not None
+        lookup = self._exact
+        keys = distinct.to_pylist()
+        found = np.fromiter((lookup.get(key, -1) for key in keys), np.int64, len(keys))
+        new = np.flatnonzero(found < 0)
+        if len(new):
+            found[new] = np.arange(self._size, self._size + len(new))
+            lookup.update(zip((keys[i] for i in new.tolist()), found[new].tolist(), strict=True))
+            self._append(distinct.take(pa.array(new)))
+        return found
+
+    def _append(self, new_keys: pa.Array) -> None:
+        self._chunks.append(new_keys)
+        self._size += len(new_keys)
+
+    def _switch_to_exact(self) -> None:
+        self._exact = {key: index for index, key in enumerate(self.keys.to_pylist())}
+        self._table = None
+
+    def keep(self, live: NDArray[np.bool_]) -> _I64:
+        """Forget the keys not ``live``; return old id -> new id (-1 for forgotten)."""
+        remap = np.full(self._size, -1, dtype=np.int64)
+        kept = np.flatnonzero(live[: self._size])
+        remap[kept] = np.arange(len(kept))
+        self._chunks = [self.keys.take(pa.array(kept))]
+        self._size = len(kept)
+        if self._table is not None:
+            hashes, payload = self._table.consolidate()
+            new_ids = remap[payload[0]]
+            held = new_ids >= 0
+            self._table.replace(hashes[held], np.stack([new_ids[held], payload[1][held]]))
+        else:
+            self._switch_to_exact()
+        return remap
