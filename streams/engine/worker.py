@@ -21,6 +21,7 @@ state, so features are neither lost nor double counted.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -214,6 +215,11 @@ class StreamWorker:
         flush_every = config.flush_interval_ms / 1000
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         last_flush = time.monotonic()
+        # Every consumed message is a new Python object, so the collector runs often, and
+        # each full collection walked every object alive since start-up (imported modules,
+        # Feast's registry): 16% of the worker's CPU. Those live as long as the worker, so
+        # they are moved out of the collector's view while it runs.
+        gc.freeze()
         try:
             while not self._stopping:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
@@ -239,6 +245,7 @@ class StreamWorker:
             self._failed = True  # closing must not checkpoint a half-done cycle
             raise
         finally:
+            gc.unfreeze()
             self.close()
         return self.stats
 
