@@ -182,7 +182,11 @@ class EventDecoder:
         return table.combine_chunks()
 
     def _check(self, table: pa.Table) -> tuple[NDArray[Any], list[tuple[int, str]]]:
-        """Vectorized SDK rules for the read fields; returns the valid mask and row reasons."""
+        """Vectorized SDK rules for the read fields; returns the valid mask and row reasons.
+
+        Each column's null mask and each row's type are computed once, as NumPy arrays;
+        the per-type rules are then boolean operations on those (no Arrow call per rule).
+        """
         n = table.num_rows
         problems: list[tuple[NDArray[Any], str]] = []
 
@@ -191,26 +195,32 @@ class EventDecoder:
             if array.any():
                 problems.append((np.asarray(array, dtype=bool), reason))
 
-        types = table.column("type")
-        flag(pc.invert(pc.is_in(types, value_set=self._known_types)), "unknown or missing event type")
-        for name in ("event_id", "user_id"):
+        def missing(name: str) -> NDArray[np.bool_]:
             column = table.column(name)
-            flag(
-                pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0)),
-                f"{name} is missing or empty",
-            )
+            if column.null_count == 0:
+                return np.zeros(n, dtype=bool)
+            return np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+        types = table.column("type")
+        type_index = pc.index_in(types, value_set=self._known_types).fill_null(-1).to_numpy()
+        flag(type_index < 0, "unknown or missing event type")
+        for name in ("event_id", "user_id"):
+            empty = pc.equal(pc.binary_length(table.column(name)), 0)
+            flag(missing(name) | pc.fill_null(empty, False).to_numpy(), f"{name} is missing or empty")
         times = table.column("event_time_ms")
         out_of_range = pc.or_(pc.less(times, _EARLIEST_MS), pc.greater_equal(times, _LATEST_MS))
         flag(
             pc.or_kleene(pc.is_null(times), out_of_range),
             "event_time is missing or outside 2000-01-01..2100-01-01; check the unit and the time zone",
         )
+        known = self._known_types.to_pylist()
+        checked = {name for fields in self._required.values() for name in fields if name not in _ALWAYS}
+        nulls = {name: missing(name) for name in checked}
         for event_type, required in self._required.items():
-            of_type = pc.equal(types, event_type)
+            of_type = type_index == known.index(event_type)
             for name in required:
-                if name in _ALWAYS:
-                    continue
-                flag(pc.and_(of_type, pc.is_null(table.column(name))), f"{event_type} needs {name}")
+                if name in nulls:
+                    flag(of_type & nulls[name], f"{event_type} needs {name}")
         for name in _NON_NEGATIVE:
             if name in table.column_names:
                 column = table.column(name)
@@ -220,7 +230,8 @@ class EventDecoder:
                 flag(bad, f"{name} must be a non-negative, finite number")
         if "query" in table.column_names:
             blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("query"))), 0)
-            flag(pc.and_(pc.equal(types, "search"), pc.fill_null(blank, True)),
+            search = type_index == known.index("search")
+            flag(search & pc.fill_null(blank, True).to_numpy(),
                  "search needs a query with a non-whitespace character")  # fmt: skip
         valid = np.ones(n, dtype=bool)
         reasons: list[tuple[int, str]] = []

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
+from streams.engine.keys import string_hashes
 
 QUERY_KEY_COLUMN = "query_key"
 MASK_COLUMN = "groups"  # bit ``i`` set: feature group ``i`` counts this row (its key and event type)
@@ -51,20 +51,21 @@ def normalize_queries(queries: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | 
 def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
     """Shard index per key (-1 for null keys): a stable hash, the same in every process.
 
-    Only the distinct keys are hashed (pandas' SipHash with a fixed key, stable across
-    processes and runs), then spread back by dictionary index.
+    Only the distinct keys are hashed (:func:`~streams.engine.keys.string_hashes`, whose
+    multipliers come from a fixed seed), then spread back by dictionary index. The high
+    bits pick the shard: they mix every byte, where the lowest bits of a sum do not.
     """
     encoded = pc.dictionary_encode(keys)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
-    dictionary = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
-    hashes = pd.util.hash_array(dictionary, categorize=False) % np.uint64(shards)
+    primary, _ = string_hashes(encoded.dictionary)
+    hashes = ((primary.view(np.uint64) >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
     indices = encoded.indices
+    if indices.null_count == 0:
+        return np.asarray(hashes[indices.to_numpy()])
     result = np.full(len(indices), -1, dtype=np.int64)
     valid = indices.is_valid().to_numpy(zero_copy_only=False)
-    if valid.any():
-        positions = indices.fill_null(0).to_numpy()
-        result[valid] = hashes[positions[valid]].astype(np.int64)
+    result[valid] = hashes[indices.fill_null(0).to_numpy()[valid]]
     return result
 
 

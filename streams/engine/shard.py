@@ -37,7 +37,7 @@ from features.definitions import FEATURE_GROUPS, FeatureGroup
 from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION
 from streams.engine.state import GroupState
 
-_FORMAT = 1
+_FORMAT = 2  # 2: keys routed by streams.engine.keys.string_hashes (1: pandas' SipHash)
 
 
 class CheckpointError(RuntimeError):
@@ -179,7 +179,9 @@ class ShardState:
                 meta = json.loads(bytes(data["meta"]).decode())
                 if meta.get("format") != _FORMAT:
                     raise CheckpointError(
-                        f"{self.path}: checkpoint format {meta.get('format')} is not {_FORMAT}"
+                        f"{self.path}: checkpoint format {meta.get('format')} is not {_FORMAT} (this version "
+                        "routes keys to shards differently); start a new consumer group "
+                        "(stream.consumer_group)"
                     )
                 names = [state.group.name for state in self.groups]
                 if meta["groups"] != names:
