@@ -187,6 +187,14 @@ class StreamSettings(BaseModel):
         gt=0,
         description="Changed features are written to the stores, and offsets committed, at least this often.",
     )
+    backlog_flush_interval_ms: int = Field(
+        3_000,
+        gt=0,
+        description="While the worker is behind (its last read filled a whole micro-batch), changed features "
+        "are stored this often instead: features computed mid-backlog are outdated a cycle later anyway, and "
+        "each store costs per changed entity, so longer cycles catch up faster (like Kafka Streams' record "
+        "cache). Back to flush_interval_ms as soon as a read comes back short.",
+    )
     checkpoint_interval_s: float = Field(
         10.0,
         ge=0,

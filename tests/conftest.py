@@ -93,6 +93,7 @@ def stream_settings(base: Settings, state_dir: Path, group_prefix: str = "stream
                     "repartition_partitions": 3,
                     "allowed_lateness_s": STREAM_LATENESS_S,
                     "flush_interval_ms": 300,
+                    "backlog_flush_interval_ms": 600,  # several cycles even while catching up
                     "batch_max_events": 2_000,
                     "checkpoint_interval_s": 1.0,  # restarts then resume from a checkpoint, not from zero
                 }

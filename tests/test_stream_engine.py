@@ -49,6 +49,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "ADREACH_STREAM__REPARTITION_PARTITIONS": str(stream.repartition_partitions),
             "ADREACH_STREAM__ALLOWED_LATENESS_S": str(stream.allowed_lateness_s),
             "ADREACH_STREAM__FLUSH_INTERVAL_MS": str(stream.flush_interval_ms),
+            "ADREACH_STREAM__BACKLOG_FLUSH_INTERVAL_MS": str(stream.backlog_flush_interval_ms),
             "ADREACH_STREAM__BATCH_MAX_EVENTS": str(stream.batch_max_events),
             "ADREACH_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
             "ADREACH_STREAM__RETRY_INITIAL_S": str(stream.retry_initial_s),

@@ -9,7 +9,8 @@ One worker process is one member of a Kafka consumer group reading two topics:
    its own checkpoint file (:mod:`~streams.engine.shard`); rows are folded in and the
    changed entities' features are written to Feast (:mod:`~streams.engine.sink`).
 
-Every ``flush_interval_ms`` the worker makes a cycle durable, in this order: routed
+Every ``flush_interval_ms`` (``backlog_flush_interval_ms`` while it is catching up on a
+backlog) the worker makes a cycle durable, in this order: routed
 records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
 features stored online (retried with backoff while a store is down, with consumption
 paused and nothing committed); when a shard checkpoint is due, the buffered offline
@@ -56,6 +57,7 @@ from streams.topics import TopicSpec, default_topics, ensure_topics
 log = logging.getLogger("adreach.stream")
 
 _MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.5 MB), under Kafka's default 1 MB limit
+_MAX_PENDING_ROWS = 1_000_000  # shipped rows held for the next cycle (a backlog cycle ends here)
 _COMPACT_EVERY_S = 30.0
 _FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
 _FRESHNESS_SAMPLES = 200_000
@@ -158,6 +160,7 @@ class StreamWorker:
         self._shards: dict[int, ShardState] = {}
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
+        self._pending_rows = 0
         self._stopping = False
         self._failed = False
         self._assigned = False  # no partitions yet: the group join has not finished
@@ -213,6 +216,8 @@ class StreamWorker:
         config = self.settings.stream
         timeout_s = config.batch_timeout_ms / 1000
         flush_every = config.flush_interval_ms / 1000
+        backlog_flush_every = max(flush_every, config.backlog_flush_interval_ms / 1000)
+        behind = False
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         last_flush = time.monotonic()
         # Every consumed message is a new Python object, so the collector runs often, and
@@ -223,13 +228,17 @@ class StreamWorker:
         try:
             while not self._stopping:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
+                behind = len(messages) >= config.batch_max_events
                 if messages:
                     self.stats.last_message = time.monotonic()
                     if self.stats.first_message is None:
                         self.stats.first_message = self.stats.last_message
                     self._handle(messages)
                 now = time.monotonic()
-                if now - last_flush >= flush_every:
+                if (
+                    now - last_flush >= (backlog_flush_every if behind else flush_every)
+                    or self._pending_rows >= _MAX_PENDING_ROWS
+                ):
                     self.checkpoint()
                     last_flush = now
                 if deadline is not None and now >= deadline:
@@ -263,7 +272,9 @@ class StreamWorker:
                 partition = message.partition()
                 payload = message.value()
                 if payload:
-                    self._pending.setdefault(partition, []).append(pa.ipc.open_stream(payload).read_all())
+                    rows = pa.ipc.open_stream(payload).read_all()
+                    self._pending.setdefault(partition, []).append(rows)
+                    self._pending_rows += rows.num_rows
                 self._pending_next[partition] = message.offset() + 1
         if events:
             self._route(events)
@@ -342,6 +353,7 @@ class StreamWorker:
                 state.advance(next_offset)
         # Each key lives in exactly one shard and each shard reports a key once, so the
         # concatenation already holds one row per entity.
+        self._pending_rows = 0
         merged = {name: pa.concat_tables(tables) for name, tables in changed.items()}
         self._store(merged)
         if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
