@@ -46,7 +46,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -663,10 +663,17 @@ class _Store:
             raise OnlineStoreError(f"{self.description}: {action} failed ({exc})") from exc
 
     def redis_roundtrip(self, packed: list[bytes | memoryview], replies: int) -> list[Any]:
-        """Send pre-packed commands on one pooled connection and read ``replies`` replies.
+        """Send pre-packed commands on one pooled connection and read ``replies`` replies."""
+        return self.redis_pipeline([(packed, replies)])
 
-        Every reply is read even after an error reply, so the connection stays in step;
-        the first error is raised afterwards.
+    def redis_pipeline(self, chunks: Iterable[tuple[list[bytes | memoryview], int]]) -> list[Any]:
+        """Send each chunk of pre-packed commands and read its replies after the *next* is sent.
+
+        Why one chunk behind: Redis then executes a chunk while this process prepares (the
+        iterator may encode lazily) and sends the next, so a large write costs about the
+        larger of the two sides' times instead of their sum. Every reply is read even
+        after an error reply, so the connection stays in step; the first error is raised
+        afterwards.
         """
         import redis
 
@@ -676,16 +683,25 @@ class _Store:
             connection = pool.get_connection()
         except TypeError:  # redis-py before 5.3 wants a command name
             connection = pool.get_connection("PIPELINE")
-        try:
-            connection.send_packed_command(packed)
-            out: list[Any] = []
-            error: redis.exceptions.ResponseError | None = None
+        out: list[Any] = []
+        error: redis.exceptions.ResponseError | None = None
+
+        def read(replies: int) -> None:
+            nonlocal error
             for _ in range(replies):
                 try:
                     out.append(connection.read_response())
                 except redis.exceptions.ResponseError as exc:
                     error = error or exc
                     out.append(None)
+
+        try:
+            unread = 0
+            for packed, replies in chunks:
+                connection.send_packed_command(packed)
+                read(unread)
+                unread = replies
+            read(unread)
             if error is not None:
                 raise error
             return out
@@ -798,10 +814,10 @@ class OnlineFeatureWriter:
             created_us = self._micros(rows, CREATED_COLUMN)
         else:
             created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
-        blocks = _encode_by_type(layout, rows)
         if self._store.kind == "redis":
-            self._write_redis(layout, sorted_keys, event_us, blocks)
+            self._write_redis(layout, rows, sorted_keys, event_us)
         else:
+            blocks = _encode_by_type(layout, rows)
             values = {name: value for block in blocks for name, value in block.columns().items()}
             self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values)
         return int(rows.num_rows)
@@ -861,9 +877,30 @@ class OnlineFeatureWriter:
     # -- Redis: one HSET per entity with every feature and the timestamp, pre-packed.
 
     def _write_redis(
-        self, layout: _GroupLayout, entity_keys: pa.Array, event_us: I64Array, blocks: list[_EncodedBlock]
+        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array, event_us: I64Array
     ) -> None:
-        n = len(entity_keys)
+        """HSET each row, a chunk of :data:`REDIS_BATCH_COMMANDS` encoded while Redis runs the last."""
+        n = rows.num_rows
+        step = self._store.redis_batch_commands
+
+        def chunks() -> Iterator[tuple[list[bytes | memoryview], int]]:
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                commands = self._hset_commands(
+                    layout, rows.slice(start, stop - start), entity_keys[start:stop], event_us[start:stop]
+                )
+                # The commands are back to back in the array's data buffer: send that span.
+                buffers = commands.buffers()
+                bounds = np.frombuffer(buffers[1], np.int64, len(commands) + 1, commands.offset * 8)
+                yield [memoryview(buffers[2])[bounds[0] : bounds[-1]]], stop - start
+
+        with self._store.redis_errors(f"writing {n} {layout.group.name} rows"):
+            self._store.redis_pipeline(chunks())
+
+    def _hset_commands(
+        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array, event_us: I64Array
+    ) -> pa.Array:
+        """One RESP ``HSET`` command per row: every feature and the timestamp."""
         arguments = 2 + 2 * (len(layout.features) + 1)
         parts: list[pa.Array | pa.Scalar] = [
             _const(b"*%d\r\n$4\r\nHSET\r\n" % arguments),
@@ -871,18 +908,11 @@ class OnlineFeatureWriter:
             _const(_bulk_const(layout.ts_field)),
             _bulk(_timestamp_protos(event_us)),
         ]
-        for block in blocks:
-            bulk = _EncodedBlock(block.names, _bulk(block.values), n)  # one RESP pass per type
+        for block in _encode_by_type(layout, rows):
+            bulk = _EncodedBlock(block.names, _bulk(block.values), rows.num_rows)  # one RESP pass per type
             for name, values in bulk.columns().items():
                 parts += [_const(_bulk_const(layout.hash_fields[name])), values]
-        commands = _join(*parts)
-        offsets = np.frombuffer(commands.buffers()[1], np.int64, n + 1, commands.offset * 8)
-        data = memoryview(commands.buffers()[2])
-        step = self._store.redis_batch_commands
-        with self._store.redis_errors(f"writing {n} {layout.group.name} rows"):
-            for start in range(0, n, step):
-                stop = min(start + step, n)
-                self._store.redis_roundtrip([data[offsets[start] : offsets[stop]]], stop - start)
+        return _join(*parts)
 
     def close(self) -> None:
         self._store.close()

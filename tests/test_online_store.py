@@ -32,6 +32,7 @@ from features.feast_objects import arrow_schema
 from features.online import (
     OnlineFeatureReader,
     OnlineFeatureWriter,
+    OnlineStoreError,
     OnlineStoreSchemaError,
     OnlineStoreUnavailableError,
     decode_value,
@@ -201,6 +202,53 @@ def test_overwrite_last_row_wins_even_with_an_older_timestamp(backend: Any) -> N
         want = [feast_expected(v) for v in expect.column(name).to_pylist()]
         assert all(same(a, b) for a, b in zip(from_feast[name], want, strict=True)), name
         assert all(same(a, b) for a, b in zip(ours[name], want, strict=True)), name
+
+
+def test_redis_writes_in_pipelined_chunks_and_an_error_reply_leaves_the_connection_in_step(
+    tmp_path: Path,
+) -> None:
+    """Chunks are sent one ahead of reading replies; a refused command fails the write, not later ones."""
+    import redis
+
+    from features.store import open_store
+
+    redis_available()
+    project = f"adreach_test_{uuid.uuid4().hex[:8]}"
+    settings = load_settings(state_dir=tmp_path, features={"online_store": "redis", "project": project})
+    store = open_store(settings)
+    writer = OnlineFeatureWriter(settings, redis_batch_commands=5)  # 12 rows: chunks of 5, 5 and 2
+    reader = OnlineFeatureReader(settings)
+    try:
+        keys = unique_keys("p")
+        rows = rows_for(USER, keys, T0)
+        assert writer.write(USER, rows) == len(keys)
+        names = [f.name for f in USER.features()]
+        ours = reader.read(USER, keys).to_pydict()
+        for name in names:
+            want = [feast_expected(v) for v in rows.column(name).to_pylist()]
+            assert all(same(a, b) for a, b in zip(ours[name], want, strict=True)), name
+
+        # A string where the first chunk's second entity hash belongs: Redis refuses that HSET
+        # (WRONGTYPE) and runs the others; the writer still reads every reply of every chunk.
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        order = sorted(range(len(keys)), key=lambda i: serialize_entity_key(USER, keys[i]))
+        blocked = keys[order[1]]
+        client.delete(serialize_entity_key(USER, blocked) + settings.features.project.encode())
+        client.set(serialize_entity_key(USER, blocked) + settings.features.project.encode(), b"not a hash")
+        newer = rows_for(USER, keys, T0, shift=3)
+        with pytest.raises(OnlineStoreError, match="WRONGTYPE"):
+            writer.write(USER, newer)
+        after = reader.read(USER, [k for k in keys if k != blocked]).to_pydict()
+        kept = newer.filter(pa.array([k != blocked for k in keys]))
+        for name in names:
+            want = [feast_expected(v) for v in kept.column(name).to_pylist()]
+            assert all(same(a, b) for a, b in zip(after[name], want, strict=True)), name
+        client.delete(serialize_entity_key(USER, blocked) + settings.features.project.encode())
+        assert writer.write(USER, newer) == len(keys)  # the same connection goes on in step
+    finally:
+        writer.close()
+        reader.close()
+        store.teardown()
 
 
 def stored(settings: Settings, group: FeatureGroup, keys: list[str]) -> Any:
