@@ -138,20 +138,31 @@ def _prefix_rows(matrix: U8Array, lengths: npt.NDArray[Any]) -> pa.Array:
 
 
 def _varint_matrix(values: npt.NDArray[np.uint64]) -> tuple[U8Array, I64Array]:
-    """Protobuf base-128 varints of ``values``: a (n, 10) byte matrix and each row's length."""
-    groups = ((values[:, None] >> _VARINT_SHIFTS) & np.uint64(0x7F)).astype(np.uint8)
-    sizes = 1 + (values[:, None] >= _VARINT_LIMITS).sum(axis=1, dtype=np.int64)
-    groups |= np.where(np.arange(10) < (sizes[:, None] - 1), np.uint8(0x80), np.uint8(0))
+    """Protobuf base-128 varints of ``values``: an (n, longest) byte matrix and each row's length.
+
+    Only as many 7-bit groups as the longest varint needs are computed: feature values
+    (counts, lengths) mostly fit one or two bytes of the ten an int64 may take.
+    """
+    sizes = 1 + np.searchsorted(_VARINT_LIMITS, values, side="right").astype(np.int64)
+    width = int(sizes.max(initial=1))
+    groups = ((values[:, None] >> _VARINT_SHIFTS[:width]) & np.uint64(0x7F)).astype(np.uint8)
+    groups |= np.where(np.arange(width) < (sizes[:, None] - 1), np.uint8(0x80), np.uint8(0))
     return groups, sizes
+
+
+def _headed_varints(head: bytes, values: npt.NDArray[Any]) -> tuple[U8Array, I64Array]:
+    """Rows of ``head`` then the varint of each value (int64 as two's complement), and their lengths."""
+    groups, sizes = _varint_matrix(np.asarray(values).astype(np.int64).view(np.uint64))
+    matrix = np.empty((len(groups), len(head) + groups.shape[1]), np.uint8)
+    matrix[:, : len(head)] = np.frombuffer(head, np.uint8)
+    matrix[:, len(head) :] = groups
+    return matrix, sizes + len(head)
 
 
 def _tagged_varints(tag: int, values: npt.NDArray[Any], present: npt.NDArray[np.bool_]) -> pa.Array:
     """``tag`` + varint of each value (int64 as two's complement, like protobuf); ``b""`` where absent."""
-    groups, sizes = _varint_matrix(np.asarray(values).astype(np.int64).view(np.uint64))
-    matrix = np.empty((len(values), 11), np.uint8)
-    matrix[:, 0] = tag
-    matrix[:, 1:] = groups
-    return _prefix_rows(matrix, np.where(present, sizes + 1, 0))
+    matrix, lengths = _headed_varints(bytes([tag]), values)
+    return _prefix_rows(matrix, np.where(present, lengths, 0))
 
 
 def _le32(values: npt.NDArray[Any]) -> pa.Array:
@@ -206,11 +217,8 @@ def _string_list_values(array: pa.Array) -> pa.Array:
     inner_offsets = element_offsets[list_offsets] - element_offsets[list_offsets[0]]
     start = int(element_offsets[list_offsets[0]])
     inner = _binary(elements.buffers()[2].slice(start), inner_offsets)
-    groups, sizes = _varint_matrix(np.diff(inner_offsets).astype(np.uint64))
-    header = np.empty((len(array), 11), np.uint8)
-    header[:, 0] = _LIST_TAG
-    header[:, 1:] = groups
-    encoded = _join(_prefix_rows(header, sizes + 1), inner)
+    header, header_lengths = _headed_varints(bytes([_LIST_TAG]), np.diff(inner_offsets))
+    encoded = _join(_prefix_rows(header, header_lengths), inner)
     if present.all():
         return encoded
     return pc.if_else(pa.array(present), encoded, _EMPTY)
@@ -240,27 +248,13 @@ def _float_list_values(array: pa.Array) -> pa.Array:
     payload = _binary(data, offsets * 4)
     payload_bytes = np.diff(offsets) * 4
     # FloatList: packed field 1 (omitted entirely for an empty list, as protobuf does).
-    groups, sizes = _varint_matrix(payload_bytes.astype(np.uint64))
-    inner_header = np.empty((len(array), 11), np.uint8)
-    inner_header[:, 0] = _ELEMENT_TAG
-    inner_header[:, 1:] = groups
-    inner_lengths = np.where(payload_bytes > 0, 1 + sizes + payload_bytes, 0)
-    groups, sizes = _varint_matrix(inner_lengths.astype(np.uint64))
-    outer_header = np.empty((len(array), 12), np.uint8)
-    outer_header[:, :2] = np.frombuffer(_FLOAT_LIST_TAG, np.uint8)
-    outer_header[:, 2:] = groups
-    encoded = _join(
-        _prefix_rows(outer_header, sizes + 2),
-        _prefix_rows(inner_header, np.where(payload_bytes > 0, 1 + _varint_sizes(payload_bytes), 0)),
-        payload,
-    )
+    inner, inner_lengths = _headed_varints(bytes([_ELEMENT_TAG]), payload_bytes)
+    inner_lengths = np.where(payload_bytes > 0, inner_lengths, 0)
+    outer, outer_lengths = _headed_varints(_FLOAT_LIST_TAG, inner_lengths + payload_bytes)
+    encoded = _join(_prefix_rows(outer, outer_lengths), _prefix_rows(inner, inner_lengths), payload)
     if present.all():
         return encoded
     return pc.if_else(pa.array(present), encoded, _EMPTY)
-
-
-def _varint_sizes(values: npt.NDArray[Any]) -> I64Array:
-    return _varint_matrix(np.asarray(values, np.int64).view(np.uint64))[1]
 
 
 def _varint_bytes(values: npt.NDArray[Any]) -> pa.Array:
@@ -725,7 +719,10 @@ def _bulk(values: pa.Array) -> pa.Array:
     """RESP bulk strings: ``$<len>\\r\\n<bytes>\\r\\n`` for each value."""
     lengths = np.asarray(pc.binary_length(values).to_numpy(zero_copy_only=False), np.int64)
     digits = np.ones(len(lengths), np.int64)
+    longest = int(lengths.max(initial=0))
     for power in range(1, 19):
+        if 10**power > longest:
+            break
         digits += lengths >= 10**power
     width = int(digits.max(initial=1))
     matrix = np.empty((len(lengths), width + 3), np.uint8)
