@@ -1,12 +1,15 @@
 """Kafka message values -> an Arrow table of the event fields features read, plus rejects.
 
-The hot path parses a whole micro-batch with Arrow's C++ JSON reader (one call, no
-per-event Python) and then checks the fields the feature definitions read with vector
-kernels: the event type is known, each type's required fields are present, ids are
-non-empty, the event time is an RFC 3339 instant inside 2000..2100, amounts are
-non-negative. These are the producer SDK's rules (:mod:`streams.events`) for the fields
-the engine uses; fields no feature reads are not re-validated here, because the SDK
-already did and re-decoding every event in full would halve the engine's throughput.
+The hot path parses a whole micro-batch in one call of msgspec's C decoder into slim
+structs holding only the fields the feature definitions read (everything else, such as a
+profile's nested attributes, is skipped without being built; about 1.5x faster than
+Arrow's JSON reader on these events), turns each field into an Arrow column, and then
+checks those fields with vector kernels: the event type is known, each type's required
+fields are present, ids are non-empty, the event time is an RFC 3339 instant inside
+2000..2100, amounts are non-negative. These are the producer SDK's rules
+(:mod:`streams.events`) for the fields the engine uses; fields no feature reads are not
+re-validated here, because the SDK already did and re-decoding every event in full
+would halve the engine's throughput.
 
 A batch the reader cannot parse as a whole (malformed JSON, a number where a string
 belongs, an unparseable time) is split in halves until each bad message is isolated,
@@ -15,16 +18,15 @@ so one bad event costs O(log n) extra parses and never stops the worker.
 
 from __future__ import annotations
 
-import io
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
@@ -52,6 +54,12 @@ _FIELD_TYPES: dict[str, pa.DataType] = {
     "cost_micros": pa.int64(),
     "value": pa.float64(),
     "position": pa.int64(),
+}
+# The same fields as msgspec decodes them (an integer must fit int64, as in Arrow).
+_MSGSPEC_TYPES: dict[str, Any] = {
+    "string": str,
+    "int64": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
+    "double": float,
 }
 _ALWAYS = ("type", "event_id", "event_time", "user_id")
 _EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -110,9 +118,9 @@ class EventDecoder:
     def __init__(self, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> None:
         self.columns = needed_columns(groups)
         self._schema = pa.schema([(name, _FIELD_TYPES[name]) for name in self.columns])
-        self._parse_options = pa_json.ParseOptions(
-            explicit_schema=self._schema, unexpected_field_behavior="ignore", newlines_in_values=False
-        )
+        fields = [(name, _MSGSPEC_TYPES[str(_FIELD_TYPES[name])] | None, None) for name in self.columns]
+        read_fields: Any = msgspec.defstruct("ReadFields", fields)
+        self._json = msgspec.json.Decoder(list[read_fields])
         self._required = required_by_type(self.columns)
         self._known_types = pa.array(sorted(EVENT_TYPE_NAMES))
 
@@ -157,7 +165,7 @@ class EventDecoder:
         try:
             tables.append(self._parse(lines))
             kept.append(positions)
-        except (pa.ArrowInvalid, _RowCountMismatch) as exc:
+        except (pa.ArrowInvalid, _BatchError) as exc:
             if len(lines) == 1:
                 rejected.append((int(positions[0]), _reason(exc)))
                 return
@@ -166,20 +174,23 @@ class EventDecoder:
             self._parse_halves(lines[half:], positions[half:], tables, kept, rejected)
 
     def _parse(self, lines: list[bytes | None]) -> pa.Table:
-        payload = b"\n".join(lines)  # type: ignore[arg-type]  # empty values were removed
-        if payload.count(b"\n") != len(lines) - 1:
-            # JSON allows raw newlines only as whitespace between tokens: flatten them.
-            payload = b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines)  # type: ignore[union-attr]
-        table = pa_json.read_json(
-            io.BytesIO(payload),
-            read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(payload) + 1)),
-            parse_options=self._parse_options,
-        )
-        if table.num_rows != len(lines):
-            raise _RowCountMismatch(f"expected one JSON object per message, got {table.num_rows} rows")
-        times = pc.cast(table.column("event_time"), pa.timestamp("ms", "UTC")).cast(pa.int64())
-        table = table.drop_columns(["event_time"]).append_column("event_time_ms", times)
-        return table.combine_chunks()
+        try:
+            events = self._json.decode(b"[" + b",".join(lines) + b"]")  # type: ignore[arg-type]
+        except msgspec.ValidationError as exc:
+            raise _BatchError(SchemaViolationError(f"a field has the wrong JSON type: {exc}")) from exc
+        except msgspec.DecodeError as exc:
+            raise _BatchError(MalformedJSONError(str(exc))) from exc
+        if len(events) != len(lines):
+            raise _BatchError(
+                MalformedJSONError(f"expected one JSON object per message, got {len(events)} values")
+            )
+        columns = {
+            name: pa.array(list(map(operator.attrgetter(name), events)), _FIELD_TYPES[name])
+            for name in self.columns
+        }
+        times = pc.cast(columns.pop("event_time"), pa.timestamp("ms", "UTC"))
+        columns["event_time_ms"] = times.cast(pa.int64())
+        return pa.table(columns)
 
     def _check(self, table: pa.Table) -> tuple[NDArray[Any], list[tuple[int, str]]]:
         """Vectorized SDK rules for the read fields; returns the valid mask and row reasons.
@@ -245,14 +256,18 @@ class EventDecoder:
         return valid, reasons
 
 
-class _RowCountMismatch(Exception):
-    pass
+class _BatchError(Exception):
+    """The batch cannot be decoded as a whole; ``error`` says why (for a single message, its reason)."""
+
+    def __init__(self, error: InvalidEventError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _reason(exc: Exception) -> InvalidEventError:
+    if isinstance(exc, _BatchError):
+        return exc.error
     message = str(exc).strip()
-    if "Column(" in message and "changed from" in message:
-        return SchemaViolationError(f"a field has the wrong JSON type: {message}")
-    if isinstance(exc, _RowCountMismatch) or "JSON parse error" in message:
-        return MalformedJSONError(message)
+    if "Unable to parse" in message or "timestamp" in message.lower():
+        return SchemaViolationError(f"event_time is not an RFC 3339 instant: {message}")
     return SchemaViolationError(message)
