@@ -11,12 +11,16 @@ rest, after the simulator's interest drift and new traffic source), for each of
 3. VM inputs read from Feast with ``get_historical_features`` (point in time);
 4. VM-base, VM+KD (aux head + student adapter), VM+LoopFM, VM+KD+LoopFM trained.
 
-Reported: click AUC and normalized entropy (NE) on the evaluation period, mean ± std
-over seeds; the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
+Reported: click AUC and normalized entropy (NE) on the validation slice (the end of the
+VM period, ``models.vm_validation``; VMs fit on the VM period before it: where options
+such as ``models.embedding_history`` and ``models.kd_weight`` are chosen) and on the
+evaluation period (VMs fit on the whole VM period), mean ± std over seeds and per seed;
+the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
 (AUC, per seed, then averaged); serving cost per request: VM+LoopFM (one online read of
 the embedding row + the VM) vs the FM (its forward pass over the user's L-event history
 and the same stream features; reading that history is not even counted), as wall time
-and FLOPs.
+and FLOPs; a bootstrap of the evaluation impressions for the transfer of mean gains.
+``--quick`` reads every impression of the VM and evaluation periods (no cap).
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
