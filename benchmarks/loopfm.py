@@ -11,12 +11,16 @@ rest, after the simulator's interest drift and new traffic source), for each of
 3. VM inputs read from Feast with ``get_historical_features`` (point in time);
 4. VM-base, VM+KD (aux head + student adapter), VM+LoopFM, VM+KD+LoopFM trained.
 
-Reported: click AUC and normalized entropy (NE) on the evaluation period, mean ± std
-over seeds; the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
+Reported: click AUC and normalized entropy (NE) on the validation slice (the end of the
+VM period, ``models.vm_validation``; VMs fit on the VM period before it: where options
+such as ``models.embedding_history`` and ``models.kd_weight`` are chosen) and on the
+evaluation period (VMs fit on the whole VM period), mean ± std over seeds and per seed;
+the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
 (AUC, per seed, then averaged); serving cost per request: VM+LoopFM (one online read of
 the embedding row + the VM) vs the FM (its forward pass over the user's L-event history
 and the same stream features; reading that history is not even counted), as wall time
-and FLOPs.
+and FLOPs; a bootstrap of the evaluation impressions for the transfer of mean gains.
+``--quick`` reads every impression of the VM and evaluation periods (no cap).
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from common import print_table, versions, write_results
+from numpy.typing import NDArray
 from torch.utils.flop_counter import FlopCounterMode
 
 from features.embeddings import FM_EMBEDDINGS
@@ -44,6 +49,7 @@ from infra.settings import Settings, load_settings
 from models.vm import VARIANTS
 from streams.simulation import ParquetSink, SimulationConfig, simulate
 from training.datasets import embedding_history_inputs, vm_inputs
+from training.metrics import auc
 from training.pipeline import (
     evaluate_predictions,
     load_dataset,
@@ -58,7 +64,7 @@ from training.replay import replay_stream_features
 from training.train import VMInputs, fm_batch, fm_predict, vm_predict
 
 
-def _with_fm(inputs: VMInputs, history: np.ndarray, length: np.ndarray) -> VMInputs:
+def _with_fm(inputs: VMInputs, history: NDArray[Any], length: NDArray[Any]) -> VMInputs:
     return VMInputs(inputs.dense, inputs.candidate, history, length, inputs.click, inputs.conversion)
 
 
@@ -79,6 +85,7 @@ def serving_cost(
     dense = torch.from_numpy(inputs.dense[index])
     fm_dense = dense if fm.config.dense_features else None
     vm_cand = {k: torch.from_numpy(v[index]) for k, v in inputs.candidate.items()}
+    assert inputs.fm_history is not None and inputs.fm_history_len is not None
     fm_hist = torch.from_numpy(inputs.fm_history[index])
     fm_len = torch.from_numpy(inputs.fm_history_len[index])
 
@@ -100,7 +107,7 @@ def serving_cost(
             ),
         ):
             with FlopCounterMode(display=False) as counter:
-                call1()
+                call1()  # type: ignore[no-untyped-call]
             results[name] = {
                 "latency_batch1_ms": _per_request(call1, 200) * 1e3,
                 "per_example_batch256_us": _per_request(call256, 20) / len(index) * 1e6,
@@ -118,6 +125,18 @@ def serving_cost(
     return results
 
 
+def _take(inputs: VMInputs, mask: NDArray[Any]) -> VMInputs:
+    index = np.flatnonzero(mask)
+    return VMInputs(
+        inputs.dense[index],
+        {k: v[index] for k, v in inputs.candidate.items()},
+        None if inputs.fm_history is None else inputs.fm_history[index],
+        None if inputs.fm_history_len is None else inputs.fm_history_len[index],
+        inputs.click[index],
+        inputs.conversion[index],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -125,11 +144,12 @@ def main() -> None:
     parser.add_argument("--users", type=int)
     parser.add_argument("--days", type=float, default=4.0)
     parser.add_argument("--events", type=int)
-    parser.add_argument("--max-examples", type=int)
+    parser.add_argument(
+        "--max-examples", type=int, help="cap on VM training impressions (default: all); evaluation: all"
+    )
     args = parser.parse_args()
     users = args.users or (1_000 if args.quick else 3_000)
     events = args.events or (80_000 if args.quick else 300_000)
-    max_examples = args.max_examples or (15_000 if args.quick else 50_000)
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="adreach-loopfm-"))
     timings: dict[str, float] = {}
@@ -138,7 +158,7 @@ def main() -> None:
         simulate(config, ParquetSink(scratch / "sim" / "events"), scratch / "sim" / "truth")
         settings = load_settings(
             state_dir=scratch / "state",
-            models={"max_examples": max_examples, "epochs_fm": 4, "threads": 1},
+            models={"max_examples": args.max_examples, "epochs_fm": 4, "threads": 1},
         )
         store = open_store(settings)
         queries = settings.queries if settings.models.search_topics else None
@@ -147,16 +167,22 @@ def main() -> None:
         replay_stream_features(settings, dataset_events(scratch), flush_s=settings.models.replay_flush_s)
         timings["stream feature backfill s"] = time.perf_counter() - started
         parts = split(dataset, settings.models)
+        # Every impression of the evaluation period, whatever the cap on VM training examples.
+        evaluation = split(dataset, settings.models.model_copy(update={"max_examples": None})).evaluation
+        in_validation = parts.vm_train.time_ms >= parts.validation_ms
+        fit_examples, validation = parts.vm_fit, parts.validation
         started = time.perf_counter()
         train_inputs, train_stats = vm_inputs(
             store, parts.vm_train, loopfm=False, embedding_dim=1, embedding_history=1
         )
         eval_inputs, eval_stats = vm_inputs(
-            store, parts.evaluation, loopfm=False, embedding_dim=1, embedding_history=1
+            store, evaluation, loopfm=False, embedding_dim=1, embedding_history=1
         )
         fm_dense = stream_features(store, parts.fm_train) if settings.models.fm_stream_features else None
         timings["feast stream-feature reads s"] = time.perf_counter() - started
         per_seed: list[dict[str, Any]] = []
+        per_seed_validation: list[dict[str, Any]] = []
+        eval_logits: list[dict[str, NDArray[Any]]] = []
         serving: dict[str, Any] = {}
         for seed in range(args.seeds):
             print(f"seed {seed}: training fm ...", flush=True)
@@ -169,42 +195,114 @@ def main() -> None:
             materialize_embeddings(settings, fm, dataset, backfill=True)
             k, e = settings.models.embedding_history, fm.config.embedding_dim
             train_loop = _with_fm(train_inputs, *embedding_history_inputs(store, parts.vm_train, e, k)[:2])
-            eval_loop = _with_fm(eval_inputs, *embedding_history_inputs(store, parts.evaluation, e, k)[:2])
+            eval_loop = _with_fm(eval_inputs, *embedding_history_inputs(store, evaluation, e, k)[:2])
             timings[f"fm-embeddings + feast read s (seed {seed})"] = time.perf_counter() - started
-            eval_dense = eval_inputs.dense if fm_dense is not None else None
-            fm_logits = fm_predict(fm, dataset.log, parts.evaluation, dense=eval_dense)
-            metrics: dict[str, Any] = {"fm": evaluate_predictions(parts.evaluation, fm_logits)}
+            started = time.perf_counter()
+            fm_train_dense = train_inputs.dense if fm_dense is not None else None
+            fm_validation = fm_predict(
+                fm, dataset.log, validation, dense=_take_dense(fm_train_dense, in_validation)
+            )
+            fm_logits = fm_predict(
+                fm, dataset.log, evaluation, dense=eval_inputs.dense if fm_dense is not None else None
+            )
+            metrics: dict[str, Any] = {"fm": evaluate_predictions(evaluation, fm_logits)}
+            checks: dict[str, Any] = {"fm": evaluate_predictions(validation, fm_validation)}
+            logits: dict[str, NDArray[Any]] = {"fm": fm_logits[:, 0]}
             for variant in VARIANTS:
                 print(f"seed {seed}: training vm-{variant} ...", flush=True)
                 inputs = train_loop if "loopfm" in variant else train_inputs
+                # Validation: fit on the VM period before the slice, score on the slice.
+                vm, _ = train_vertical(
+                    settings,
+                    store,
+                    dataset,
+                    variant,
+                    inputs=_take(inputs, ~in_validation),
+                    examples=fit_examples,
+                    fm=fm,
+                    seed=seed,
+                    save=False,
+                )
+                checks[f"vm-{variant}"] = evaluate_predictions(
+                    validation, vm_predict(vm, _take(inputs, in_validation))
+                )
+                # Evaluation: fit on the whole VM period, score after it.
                 vm, _ = train_vertical(
                     settings, store, dataset, variant, inputs=inputs, fm=fm, seed=seed, save=False
                 )
-                metrics[f"vm-{variant}"] = evaluate_predictions(
-                    parts.evaluation, vm_predict(vm, eval_loop if "loopfm" in variant else eval_inputs)
-                )
+                predicted = vm_predict(vm, eval_loop if "loopfm" in variant else eval_inputs)
+                metrics[f"vm-{variant}"] = evaluate_predictions(evaluation, predicted)
+                logits[f"vm-{variant}"] = predicted[:, 0]
                 if variant == "loopfm" and seed == 0:
-                    serving = serving_cost(settings, fm, vm, dataset, parts.evaluation, eval_loop)
+                    serving = serving_cost(settings, fm, vm, dataset, evaluation, eval_loop)
+            timings[f"vm training + scoring s (seed {seed})"] = time.perf_counter() - started
+            print(
+                f"seed {seed}: evaluation AUC "
+                + ", ".join(f"{n} {m['click']['auc']:.4f}" for n, m in metrics.items())
+                + "; validation AUC "
+                + ", ".join(f"{n} {m['click']['auc']:.4f}" for n, m in checks.items()),
+                flush=True,
+            )
             per_seed.append(metrics)
-        known = ~np.isnan(parts.evaluation.p_click)
+            per_seed_validation.append(checks)
+            eval_logits.append(logits)
+        known = ~np.isnan(evaluation.p_click)
         oracle = None
         if known.all():
-            p = parts.evaluation.p_click
+            p = evaluation.p_click
             logit = np.log(p / (1 - p)).astype(np.float32)
-            oracle = evaluate_predictions(parts.evaluation, np.stack([logit, logit], 1))
+            oracle = evaluate_predictions(evaluation, np.stack([logit, logit], 1))
         report(
             args,
             per_seed,
+            per_seed_validation,
+            bootstrap(evaluation.click, eval_logits),
             serving,
             oracle,
             timings,
-            len(parts.vm_train),
-            len(parts.evaluation),
+            (len(parts.vm_train), len(fit_examples), len(validation), len(evaluation)),
             train_stats,
             eval_stats,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _take_dense(dense: NDArray[Any] | None, mask: NDArray[Any]) -> NDArray[Any] | None:
+    return None if dense is None else dense[mask]
+
+
+def bootstrap(
+    click: NDArray[Any], logits: list[dict[str, NDArray[Any]]], rounds: int = 200
+) -> dict[str, Any]:
+    """Evaluation-sample noise of the transfer of mean gains: the evaluation impressions resampled
+    (the same resample for every seed and model), the seed-mean AUCs recomputed on each."""
+    rng = np.random.default_rng(0)
+    names = list(logits[0])
+    kd: list[float] = []
+    loop: list[float] = []
+    ahead = 0
+    for _ in range(rounds):
+        index = rng.integers(0, len(click), len(click))
+        mean = {n: float(np.mean([auc(click[index], s[n][index]) for s in logits])) for n in names}
+        fm_gain = mean["fm"] - mean["vm-base"]
+        kd.append((mean["vm-kd"] - mean["vm-base"]) / fm_gain if fm_gain > 0 else float("nan"))
+        loop.append((mean["vm-loopfm"] - mean["vm-base"]) / fm_gain if fm_gain > 0 else float("nan"))
+        ahead += int(mean["vm-loopfm"] > mean["vm-kd"])
+    kd_a, loop_a = np.asarray(kd), np.asarray(loop)
+    return {
+        "rounds": rounds,
+        "kd_transfer_of_mean_gains_p5_p95": [
+            float(np.nanpercentile(kd_a, 5)),
+            float(np.nanpercentile(kd_a, 95)),
+        ],
+        "loopfm_transfer_of_mean_gains_p5_p95": [
+            float(np.nanpercentile(loop_a, 5)),
+            float(np.nanpercentile(loop_a, 95)),
+        ],
+        "share_loopfm_at_least_2x_kd": float(np.nanmean(loop_a >= 2 * kd_a)),
+        "share_loopfm_auc_above_kd": ahead / rounds,
+    }
 
 
 def dataset_events(scratch: Path) -> Any:
@@ -218,21 +316,14 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(np.nanmean(array)), float(np.nanstd(array))
 
 
-def report(
-    args: argparse.Namespace,
-    per_seed: list[dict[str, Any]],
-    serving: dict[str, Any],
-    oracle: dict[str, Any] | None,
-    timings: dict[str, float],
-    train_examples: int,
-    eval_examples: int,
-    train_stats: Any,
-    eval_stats: Any,
-) -> None:
-    names = ["fm", *(f"vm-{v}" for v in VARIANTS)]
+NAMES = ["fm", *(f"vm-{v}" for v in VARIANTS)]
+
+
+def summarize(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Per-model figures over seeds (mean, std, per seed) and the rows of the summary table."""
     rows: list[list[Any]] = []
     figures: dict[str, Any] = {}
-    for name in names:
+    for name in NAMES:
         aucs = [m[name]["click"]["auc"] for m in per_seed]
         nes = [m[name]["click"]["ne"] for m in per_seed]
         ratios = [
@@ -260,6 +351,52 @@ def report(
                 "" if np.isnan(ratio_mean) else f"{ratio_mean:.2f} ± {ratio_std:.2f}",
             ]
         )
+    # The mean of per-seed ratios is dominated by seeds where the FM barely beats VM-base
+    # (a small denominator); the ratio of the mean gains is the steadier reading.
+    fm_gain = figures["fm"]["auc_gain_over_vm_base"]["mean"]
+    for name in NAMES[2:]:
+        figures[name]["transfer_of_mean_gains_auc"] = figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain
+    return figures, rows
+
+
+def _range(pair: list[float]) -> str:
+    return f"{pair[0]:.2f}..{pair[1]:.2f}"
+
+
+def print_per_seed(per_seed: list[dict[str, Any]]) -> None:
+    print_table(
+        ["seed", *NAMES],
+        [[seed, *(f"{m[n]['click']['auc']:.4f}" for n in NAMES)] for seed, m in enumerate(per_seed)],
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    per_seed: list[dict[str, Any]],
+    per_seed_validation: list[dict[str, Any]],
+    noise: dict[str, Any],
+    serving: dict[str, Any],
+    oracle: dict[str, Any] | None,
+    timings: dict[str, float],
+    sizes: tuple[int, int, int, int],
+    train_stats: Any,
+    eval_stats: Any,
+) -> None:
+    train_examples, fit_examples, validation_examples, eval_examples = sizes
+    names = NAMES
+    checks, check_rows = summarize(per_seed_validation)
+    print()
+    print(
+        f"validation slice (end of the VM period, {validation_examples:,} impressions; VMs fit on the "
+        f"{fit_examples:,} before it): click AUC / NE, {len(per_seed)} seeds"
+    )
+    print_table(["model", "click AUC", "click NE", "AUC gain vs base", "transfer ratio (AUC)"], check_rows)
+    print_per_seed(per_seed_validation)
+    print(
+        "validation transfer of mean gains: "
+        + ", ".join(f"{name} {checks[name]['transfer_of_mean_gains_auc']:.2f}" for name in names[2:])
+    )
+    figures, rows = summarize(per_seed)
     if oracle is not None:
         rows.append(
             ["oracle (true p_click)", f"{oracle['click']['auc']:.4f}", f"{oracle['click']['ne']:.4f}", "", ""]
@@ -271,6 +408,7 @@ def report(
         f"{len(per_seed)} seeds (mean ± std); shared 2-core machine"
     )
     print_table(["model", "click AUC", "click NE", "AUC gain vs base", "transfer ratio (AUC)"], rows)
+    print_per_seed(per_seed)
     kd = figures["vm-kd"]["transfer_ratio_auc"]["mean"]
     loop = figures["vm-loopfm"]["transfer_ratio_auc"]["mean"]
     loop_gain = figures["vm-loopfm"]["auc_gain_over_vm_base"]
@@ -300,11 +438,6 @@ def report(
         serving["per_example_speedup"] = speedup
         serving["flop_ratio"] = flop_ratio
         print(f"VM+LoopFM vs FM: {speedup:.1f}x less time per example, {flop_ratio:.0f}x fewer FLOPs")
-    # The mean of per-seed ratios is dominated by seeds where the FM barely beats VM-base
-    # (a small denominator); the ratio of the mean gains is the steadier reading.
-    fm_gain = figures["fm"]["auc_gain_over_vm_base"]["mean"]
-    for name in names[2:]:
-        figures[name]["transfer_of_mean_gains_auc"] = figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain
     kd_of_means = figures["vm-kd"]["transfer_of_mean_gains_auc"]
     loop_of_means = figures["vm-loopfm"]["transfer_of_mean_gains_auc"]
     print(
@@ -319,6 +452,12 @@ def report(
         "loopfm_gain_above_seed_spread": bool(loop_gain["mean"] > spread),
         "serving_at_least_10x_cheaper": bool(serving.get("per_example_speedup", 0) >= 10),
     }
+    print(
+        "evaluation-sample noise (bootstrap of the evaluation impressions, seed means): transfer of mean "
+        f"gains KD {_range(noise['kd_transfer_of_mean_gains_p5_p95'])}, "
+        f"LoopFM {_range(noise['loopfm_transfer_of_mean_gains_p5_p95'])}"
+        f" (5th-95th pct); LoopFM >= 2x KD in {noise['share_loopfm_at_least_2x_kd']:.0%} of resamples"
+    )
     print(
         f"targets: {targets}  (KD ratio {kd:.2f}, LoopFM ratio {loop:.2f}, "
         f"LoopFM gain {loop_gain['mean']:+.4f} vs spread {spread:.4f})"
@@ -341,11 +480,15 @@ def report(
                 "users": args.users or "default",
                 "days": args.days,
                 "train_examples": train_examples,
+                "fit_examples_before_validation": fit_examples,
+                "validation_examples": validation_examples,
                 "eval_examples": eval_examples,
                 "missing_feature_rows_train": train_stats.missing,
                 "missing_feature_rows_eval": eval_stats.missing,
             },
             "metrics": figures,
+            "validation_metrics": checks,
+            "evaluation_bootstrap": noise,
             "serving": serving,
             "targets": targets,
             "timings_s": timings,

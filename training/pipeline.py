@@ -71,6 +71,17 @@ class Split:
     evaluation: Examples
     fm_end_ms: int
     vm_end_ms: int
+    validation_ms: int  # start of the validation slice (== vm_end_ms when there is none)
+
+    @property
+    def vm_fit(self) -> Examples:
+        """The VM training examples before the validation slice (what is fit when validating)."""
+        return self.vm_train.take(np.flatnonzero(self.vm_train.time_ms < self.validation_ms))
+
+    @property
+    def validation(self) -> Examples:
+        """The VM training examples in the validation slice, the end of the VM period."""
+        return self.vm_train.take(np.flatnonzero(self.vm_train.time_ms >= self.validation_ms))
 
 
 def load_dataset(
@@ -114,11 +125,16 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     """Time-ordered split; ``max_examples`` keeps a seeded random subset of the VM parts.
 
     The FM always trains on every impression of its period: it is the model that sees
-    everything, which is what makes its knowledge worth transferring.
+    everything, which is what makes its knowledge worth transferring. The validation
+    slice (``models.vm_validation``) is the end of the VM period, a subset of ``vm_train``:
+    choices are made by fitting on :attr:`Split.vm_fit` and scoring on it.
     """
     if models.fm_train_end > models.vm_train_end:
         raise ValueError("models.fm_train_end must not be after models.vm_train_end")
+    if models.vm_validation >= models.vm_train_end:
+        raise ValueError("models.vm_validation must be shorter than the VM period (models.vm_train_end)")
     fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
+    validation = dataset.at(models.vm_train_end - models.vm_validation) if models.vm_validation else vm_end
     t = dataset.examples.time_ms
     rng = np.random.default_rng(models.seed)
 
@@ -128,7 +144,7 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
             index = np.sort(rng.choice(index, models.max_examples, replace=False))
         return dataset.examples.take(index)
 
-    return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end)
+    return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end, validation)
 
 
 def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -> FMConfig:
@@ -323,27 +339,35 @@ def train_vertical(
     variant: str,
     *,
     inputs: VMInputs | None = None,
+    examples: Examples | None = None,
     fm: FoundationModel | None = None,
     seed: int | None = None,
     progress: Progress | None = None,
     save: bool = True,
 ) -> tuple[VerticalModel, SavedModel | None]:
-    """Train one VM variant; ``inputs`` (from :func:`training.datasets.vm_inputs`) may be reused."""
+    """Train one VM variant; ``inputs`` (from :func:`training.datasets.vm_inputs`) may be reused.
+
+    ``examples``: what to train on (default: the split's ``vm_train``; ``Split.vm_fit``
+    when choosing options on the validation slice); ``inputs`` must then match them.
+    """
     models = settings.models
     seed = models.seed if seed is None else seed
     torch.set_num_threads(models.threads)
     kd, loopfm = parse_variant(variant)
     parts = split(dataset, models)
+    train = parts.vm_train if examples is None else examples
     if fm is None:
         fm, _ = load_foundation(settings)
     if inputs is None:
         inputs, _ = vm_inputs(
             store,
-            parts.vm_train,
+            train,
             loopfm=loopfm,
             embedding_dim=fm.config.embedding_dim,
             embedding_history=models.embedding_history,
         )
+    if len(inputs) != len(train):
+        raise ValueError(f"inputs hold {len(inputs)} examples, the training examples {len(train)}")
     if loopfm and inputs.fm_history is None:
         raise ValueError("LoopFM variants need inputs read with loopfm=True")
     teacher: NDArray[np.float32] | None = None
@@ -351,7 +375,7 @@ def train_vertical(
     weights: dict[str, dict[str, torch.Tensor]] = {}
     if kd:
         teacher, adapter, extra = teacher_logits(
-            settings, fm, dataset, parts.vm_train, parts.fm_end_ms, seed, inputs.dense
+            settings, fm, dataset, train, parts.fm_end_ms, seed, inputs.dense
         )
         weights["adapter"] = adapter.state_dict()
     torch.manual_seed(seed)
@@ -377,7 +401,7 @@ def train_vertical(
         "config": model.config.to_dict(),
         "parameters": parameter_count(model),
         "seed": seed,
-        "train": _data_metadata(dataset, parts.vm_train),
+        "train": _data_metadata(dataset, train),
         "epoch_losses": losses,
         "train_seconds": time.perf_counter() - started,
         "feature_views": ["user_activity", "ad_performance", "campaign_performance", "advertiser_performance"]
