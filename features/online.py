@@ -258,8 +258,7 @@ def _float_list_values(array: pa.Array) -> pa.Array:
 
 
 def _varint_bytes(values: npt.NDArray[Any]) -> pa.Array:
-    groups, sizes = _varint_matrix(np.asarray(values, np.int64).view(np.uint64))
-    return _prefix_rows(groups, sizes)
+    return _prefix_rows(*_headed_varints(b"", values))
 
 
 def _column(rows: pa.Table, name: str, type_: pa.DataType) -> pa.Array:

@@ -165,9 +165,9 @@ class EventDecoder:
         try:
             tables.append(self._parse(lines))
             kept.append(positions)
-        except (pa.ArrowInvalid, _BatchError) as exc:
+        except _BatchError as exc:
             if len(lines) == 1:
-                rejected.append((int(positions[0]), _reason(exc)))
+                rejected.append((int(positions[0]), exc.error))
                 return
             half = len(lines) // 2
             self._parse_halves(lines[:half], positions[:half], tables, kept, rejected)
@@ -188,7 +188,10 @@ class EventDecoder:
             name: pa.array(list(map(operator.attrgetter(name), events)), _FIELD_TYPES[name])
             for name in self.columns
         }
-        times = pc.cast(columns.pop("event_time"), pa.timestamp("ms", "UTC"))
+        try:
+            times = pc.cast(columns.pop("event_time"), pa.timestamp("ms", "UTC"))
+        except pa.ArrowInvalid as exc:
+            raise _BatchError(SchemaViolationError(f"event_time is not an RFC 3339 instant: {exc}")) from exc
         columns["event_time_ms"] = times.cast(pa.int64())
         return pa.table(columns)
 
@@ -262,12 +265,3 @@ class _BatchError(Exception):
     def __init__(self, error: InvalidEventError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _reason(exc: Exception) -> InvalidEventError:
-    if isinstance(exc, _BatchError):
-        return exc.error
-    message = str(exc).strip()
-    if "Unable to parse" in message or "timestamp" in message.lower():
-        return SchemaViolationError(f"event_time is not an RFC 3339 instant: {message}")
-    return SchemaViolationError(message)

@@ -70,12 +70,12 @@ def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
     return hashes[0].view(np.int64), hashes[1].view(np.int64)
 
 
-def _distinct(values: pa.Array | pa.ChunkedArray) -> tuple[_I64, pa.Array]:
-    """Per value the index of its distinct value, and the distinct values (first-seen order)."""
+def dictionary_encoded(values: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
+    """``values`` as one dictionary array: distinct values in first-seen order, nulls as null indices."""
     encoded = pc.dictionary_encode(values)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
-    return encoded.indices.to_numpy(), encoded.dictionary
+    return encoded
 
 
 class KeyIndex:
@@ -101,7 +101,8 @@ class KeyIndex:
 
     def ids(self, values: pa.Array | pa.ChunkedArray) -> tuple[_I64, _I64, pa.Array]:
         """Per value its id (new keys get the next ids); also the distinct ids and keys (first-seen order)."""
-        codes, distinct = _distinct(values)
+        encoded = dictionary_encoded(values)
+        codes, distinct = encoded.indices.to_numpy(), encoded.dictionary
         if distinct.type != pa.string():
             distinct = distinct.cast(pa.string())
         found = self._hashed_ids(distinct) if self._exact is None else None

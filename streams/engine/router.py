@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
-from streams.engine.keys import string_hashes
+from streams.engine.keys import dictionary_encoded, string_hashes
 
 QUERY_KEY_COLUMN = "query_key"
 MASK_COLUMN = "groups"  # bit ``i`` set: feature group ``i`` counts this row (its key and event type)
@@ -55,9 +55,7 @@ def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
     multipliers come from a fixed seed), then spread back by dictionary index. The high
     bits pick the shard: they mix every byte, where the lowest bits of a sum do not.
     """
-    encoded = pc.dictionary_encode(keys)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+    encoded = dictionary_encoded(keys)
     primary, _ = string_hashes(encoded.dictionary)
     hashes = ((primary.view(np.uint64) >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
     indices = encoded.indices

@@ -217,7 +217,6 @@ class StreamWorker:
         timeout_s = config.batch_timeout_ms / 1000
         flush_every = config.flush_interval_ms / 1000
         backlog_flush_every = max(flush_every, config.backlog_flush_interval_ms / 1000)
-        behind = False
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         last_flush = time.monotonic()
         # Every consumed message is a new Python object, so the collector runs often, and
