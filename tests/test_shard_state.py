@@ -122,21 +122,34 @@ def test_compaction_over_ten_days_keeps_every_window_exact(tmp_path: Path) -> No
     assert sizes["user_activity.entities"] == recent_users
 
 
-def test_coarse_tile_levels_and_run_merges_keep_every_window_exact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every entity read from hour and day tiles, and the sorted runs merged every few batches."""
-    monkeypatch.setattr(state_module, "DENSE_TILES", 0)
+def test_run_merges_keep_every_window_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sorted runs merged every few batches, over ten days with compactions and restarts."""
     monkeypatch.setattr(runs_module, "MERGE_AT_LEAST", 16)
     batches, events = routed_batches(days=10.0, events=12_000, seed=6)
     latest = fold(tmp_path / "shard.npz", batches, restart_every=9, compact_every=3)
     assert_equal_to_reference(latest, events)
 
 
-def test_a_checkpoint_without_coarse_levels_is_rebuilt_from_minute_tiles(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(state_module, "DENSE_TILES", 0)  # every window reads the rebuilt levels
+def test_running_window_sums_match_the_tiles_after_batches_and_compactions(tmp_path: Path) -> None:
+    """The running sums, moved batch by batch, equal every window summed afresh from the kept tiles."""
+    batches, _ = routed_batches(days=10.0, events=8_000, seed=8)
+    state = ShardState(tmp_path / "shard.npz", 0)
+    checked = 0
+    for index, rows in enumerate(batches):
+        state.apply(rows, index + 1)
+        if index % 4 == 3:
+            state.compact(RETENTION_MS)
+        if index % 10 == 9 or index == len(batches) - 1:
+            for group in state.groups:
+                running = group.running[: len(group.entities)].copy()
+                group._recompute_windows()
+                np.testing.assert_allclose(running, group.running, rtol=1e-12, atol=1e-6)
+                checked += len(running)
+    assert checked > 0
+
+
+def test_a_checkpoint_of_an_earlier_version_with_hour_and_day_tiles_still_loads(tmp_path: Path) -> None:
+    """Earlier versions also saved coarse tile levels ("tile_codes.60", ...); the minute tiles suffice."""
     batches, events = routed_batches(days=3.0, events=6_000, seed=7)
     half = len(batches) // 2
     path = tmp_path / "shard.npz"
@@ -144,8 +157,9 @@ def test_a_checkpoint_without_coarse_levels_is_rebuilt_from_minute_tiles(
     state = ShardState(path, 0)
     for index, group in enumerate(state.groups):
         arrays = group.to_arrays()
-        for span in group.spans[1:]:  # as a checkpoint written before the levels existed
-            del arrays[f"tile_codes.{span}"], arrays[f"tile_values.{span}"]
+        for span in (60, 1_440):  # what those versions wrote next to the minute tiles
+            arrays[f"tile_codes.{span}"] = np.zeros(3, np.int64)
+            arrays[f"tile_values.{span}"] = np.zeros((len(group.columns), 3))
         state.groups[index] = state_module.GroupState(group.group, group.bit)
         state.groups[index].load_arrays(arrays)
     for index, rows in enumerate(batches[half:], start=half):

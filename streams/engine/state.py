@@ -14,6 +14,11 @@ The state of a group (windows and ``end`` are whole :data:`TILE_MS` tiles, see
   count or sum, and one per distinct count holding *how many values were last seen in
   that tile*. A window's value is then the sum over the entity's tiles at or after
   ``end - W``, so distinct counts are as cheap and exact as counts;
+* **running window sums**: per entity, each window's sum of those columns as of its
+  ``end``, moved forward by each batch's deltas and the tiles that left the window
+  (:meth:`GroupState._advance_windows`); a changed entity's features cost a few range
+  sums instead of a pass over every tile of its longest window. They are derived state:
+  a loaded checkpoint sums them afresh from the tiles;
 * **seen** (per distinct count): the last tile each (entity, value) pair was seen in,
   sorted by ``id << 32 | value id``; when a pair is seen again in a later tile, its unit
   moves from the old tile to the new one;
@@ -26,7 +31,7 @@ kept as :class:`SortedRuns` so that a micro-batch costs time in proportion to th
 not to the state.
 
 Everything is exact: the features equal the reference SQL of :mod:`features.reference`.
-:meth:`GroupState.to_arrays` / :meth:`GroupState.from_arrays` turn the state into plain
+:meth:`GroupState.to_arrays` / :meth:`GroupState.load_arrays` turn the state into plain
 arrays for the shard's checkpoint file.
 """
 
@@ -53,14 +58,6 @@ _VALUE_BITS = 32
 _NO_TIME = np.iinfo(np.int64).min
 _I64 = NDArray[np.int64]
 _F64 = NDArray[np.float64]
-
-
-# Tile levels, as spans in tiles (minute, hour, day): a window sums its whole days and
-# hours from the coarse levels and only its ragged ends from minute tiles, so a 7-day
-# feature reads about 170 tiles per entity instead of 10,080. Each span divides the next.
-LEVEL_SPANS = (1, 60, 1_440)
-# Entities with more minute tiles than this in their longest window read the coarse levels.
-DENSE_TILES = 1_024
 
 
 class StateError(ValueError):
@@ -176,13 +173,6 @@ class _LastN:
         self.slot_of[kept_ids] = np.arange(len(kept_ids))
 
 
-def _coarsen(codes: _I64, span: int) -> _I64:
-    """Tile codes ``entity << TILE_BITS | tile`` as codes of tiles ``span`` times longer."""
-    if span == 1:
-        return codes
-    return ((codes >> TILE_BITS) << TILE_BITS) | ((codes & _TILE_MASK) // span)
-
-
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code."""
     order = np.argsort(codes, kind="stable")
@@ -232,11 +222,19 @@ class GroupState:
         self.read_columns = [name for name in dict.fromkeys(read) if name]
         self.entities = KeyIndex()
         self.latest = np.full(0, _NO_TIME, dtype=np.int64)
-        # A coarse level pays once the longest window spans several of its tiles.
-        self.longest_tiles = max(w.seconds for w in group.windows) // TILE_SECONDS
-        self.spans = tuple(span for span in LEVEL_SPANS if span == 1 or self.longest_tiles >= 4 * span)
-        # Per level; payload column-major, (columns, tiles): reduceat sums along rows fast.
-        self.tiles = [SortedRuns(len(self.columns), np.float64) for _ in self.spans]
+        # Payload column-major, (columns, tiles): reduceat sums along rows fast.
+        self.tiles = SortedRuns(len(self.columns), np.float64)
+        self.window_tiles = np.array([w.seconds // TILE_SECONDS for w in group.windows], dtype=np.int64)
+        # Per entity id: each window's tile-column sums as of the end of its latest tile
+        # (entity, window, column); see _advance_windows.
+        self.running = np.zeros((0, len(group.windows), len(self.columns)))
+        # Per sum, a count of the same event types: where it is 0 the sum is exactly 0.
+        counts = {a.event_types: self.columns.index(a.name) for a in self.additive if a.kind == "count"}
+        self._support = {
+            a.name: counts[a.event_types]
+            for a in self.additive
+            if a.kind == "sum" and a.event_types in counts
+        }
         self.values = {a.name: KeyIndex() for a in self.distinct}
         self.seen = {a.name: SortedRuns(1, np.int64) for a in self.distinct}  # pair code -> last tile
         self.lasts = {a.name: _LastN(a.n) for a in self.last_n}
@@ -249,6 +247,7 @@ class GroupState:
         if batch is None:
             return None
         self.latest = _grow(self.latest, len(self.entities), _NO_TIME)
+        previous_latest = self.latest[batch.changed_ids]
         np.maximum.at(self.latest, batch.ids, batch.times)
         codes = [(batch.ids << TILE_BITS) | (batch.times // TILE_MS)]
         deltas = [self._additive_deltas(batch)]
@@ -256,7 +255,9 @@ class GroupState:
             distinct_codes, distinct_deltas = self._distinct_deltas(aggregation, column, batch)
             codes.append(distinct_codes)
             deltas.append(distinct_deltas)
-        self._merge_tiles(np.concatenate(codes), np.concatenate(deltas, axis=1))
+        tile_codes, tile_deltas = _summed_by_code(np.concatenate(codes), np.concatenate(deltas, axis=1))
+        self._merge_tiles(tile_codes, tile_deltas)
+        self._advance_windows(batch.changed_ids, previous_latest, tile_codes, tile_deltas)
         for aggregation in self.last_n:
             mask = self._mask(aggregation, batch) & batch.table.column(
                 aggregation.column or ""
@@ -344,27 +345,62 @@ class GroupState:
         return np.concatenate([minus, plus]), deltas
 
     def _merge_tiles(self, codes: _I64, deltas: _F64) -> None:
-        """Add minute-tile ``deltas`` (columns, m) at ``codes`` to every level."""
-        if len(codes) == 0:
+        """Add minute-tile ``deltas`` (columns, m) at sorted unique ``codes``."""
+        self.tiles.add(codes, deltas)
+
+    def _advance_windows(self, ids: _I64, previous_latest: _I64, codes: _I64, deltas: _F64) -> None:
+        """Bring the running window sums of entities ``ids`` to their new ends.
+
+        Why running sums: re-summing every changed entity's tiles each batch cost in
+        proportion to its tiles in the longest window (up to 1,024 minute rows per busy
+        ad or campaign), most of a small batch's time. A window sum at end ``b`` is
+        instead the sum at the previous end ``a``, plus this batch's deltas inside
+        ``[a - W, b)``, minus the (merged) tiles that left it, ``[a - W, b - W)``: each tile
+        leaves each window once. Invariant: ``running[e, w]`` is the sum of the stored
+        minute tiles of ``e`` in ``[end - W, end)``, ``end`` being the tile after its latest
+        event. ``deltas`` are the batch's tile deltas at sorted unique ``codes``, already
+        merged into the tiles.
+        """
+        if len(ids) == 0:
             return
-        codes, deltas = _summed_by_code(codes, deltas)
-        previous = 1
-        for span, level in zip(self.spans, self.tiles, strict=True):
-            if span > previous:  # coarsening keeps sorted codes sorted: sum the runs of equal codes
-                coarse = _coarsen(codes, span // previous)
-                starts = np.flatnonzero(np.r_[True, coarse[1:] != coarse[:-1]])
-                codes, deltas = coarse[starts], np.add.reduceat(deltas, starts, axis=1)
-                previous = span
-            level.add(codes, deltas)
+        self.running = _grow(self.running, len(self.entities), 0.0)
+        new_end = self.latest[ids] // TILE_MS + 1
+        known = previous_latest != _NO_TIME
+        old_end = np.where(known, previous_latest // TILE_MS + 1, new_end)  # new entities: nothing to expire
+        end_of = np.zeros(len(self.entities), dtype=np.int64)
+        end_of[ids] = old_end
+        entity, tile = codes >> TILE_BITS, codes & _TILE_MASK
+        for w, length in enumerate(self.window_tiles):
+            inside = tile >= end_of[entity] - length
+            if inside.any():
+                starts = _segments(entity[inside])  # codes are sorted: one run per entity
+                sums = np.add.reduceat(deltas[:, inside], starts, axis=1)
+                self.running[entity[inside][starts], w] += sums.T
+        moved = new_end > old_end
+        if moved.any():
+            moved_ids = ids[moved]
+            windows = len(self.window_tiles)
+            lows = (old_end[moved][None, :] - self.window_tiles[:, None]).ravel()
+            highs = (new_end[moved][None, :] - self.window_tiles[:, None]).ravel()
+            expired = np.zeros((len(self.columns), len(lows)))
+            for run_codes, run_values in self.tiles.runs():
+                expired += _range_sums(run_codes, run_values, np.tile(moved_ids, windows), lows, highs)
+            self.running[moved_ids] -= expired.reshape(len(self.columns), windows, -1).transpose(2, 1, 0)
+
+    def _recompute_windows(self) -> None:
+        """Every entity's running window sums, summed afresh from its tiles (after a load)."""
+        ids = np.arange(len(self.entities), dtype=np.int64)
+        self.running = np.zeros((len(ids), len(self.window_tiles), len(self.columns)))
+        for codes, values in self.tiles.runs():
+            self.running += self._minute_sums(codes, values, ids, self.latest[ids] // TILE_MS + 1)
 
     # -- reading features ----------------------------------------------------------------
 
     def features(self, ids: _I64, keys: pa.Array) -> pa.Table:
         """Features of entities ``ids`` (named ``keys``) as of the end of each one's latest tile."""
         group = self.group
-        end_tile = self.latest[ids] // TILE_MS + 1
-        end_ms = end_tile * TILE_MS
-        window_sums = self._window_sums(ids, end_tile)
+        end_ms = (self.latest[ids] // TILE_MS + 1) * TILE_MS
+        window_sums = self.running[ids]  # (entity, window, column)
         columns: dict[str, pa.Array] = {
             group.key: keys,
             "event_timestamp": pa.array(end_ms * 1000, pa.timestamp("us")),
@@ -375,114 +411,45 @@ class GroupState:
                 columns[aggregation.name] = self.lasts[aggregation.name].lists(ids, end_ms - longest_ms)
                 continue
             column = self.columns.index(aggregation.name)
-            for window in group.windows:
-                values = window_sums[window.name][column]
+            for w, window in enumerate(group.windows):
+                values = window_sums[:, w, column]
                 if aggregation.kind == "sum":
+                    support = self._support.get(aggregation.name)
+                    if support is not None:  # an empty window sums to exactly zero (no rounding residue)
+                        values = np.where(window_sums[:, w, support] > 0, values, 0.0)
                     columns[f"{aggregation.name}_{window.name}"] = pa.array(values, pa.float64())
                 else:
                     columns[f"{aggregation.name}_{window.name}"] = pa.array(np.rint(values).astype(np.int64))
         for ratio in group.ratios:
             numerator = self.columns.index(ratio.numerator)
             denominator = self.columns.index(ratio.denominator)
-            for window in group.windows:
-                sums = window_sums[window.name]
-                num, den = sums[numerator], sums[denominator]
+            for w, window in enumerate(group.windows):
+                num, den = window_sums[:, w, numerator], window_sums[:, w, denominator]
                 rate = np.divide(num, den, out=np.zeros(len(ids)), where=den > 0)
                 columns[f"{ratio.name}_{window.name}"] = pa.array(rate, pa.float64())
         return pa.table(columns)
 
-    def _window_sums(self, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
-        """Per window, the tile columns (rows) summed over each entity's tiles in ``[end - W, end)``.
-
-        Entities with few minute tiles in their longest window are summed from minute
-        tiles alone; the dense ones (more than :data:`DENSE_TILES`) from every level,
-        where a window costs a fixed number of ranges instead of one row per minute.
-        """
-        out = {w.name: np.zeros((len(self.columns), len(ids))) for w in self.group.windows}
-        if len(ids) == 0:
-            return out
-        dense = np.zeros(len(ids), dtype=bool)
-        if len(self.spans) > 1:
-            longest = self.longest_tiles
-            base = ids << TILE_BITS
-            count = np.zeros(len(ids), dtype=np.int64)
-            for codes, _ in self.tiles[0].runs():
-                count += np.searchsorted(codes, base | end_tile) - np.searchsorted(
-                    codes, base | (end_tile - longest)
-                )
-            dense = count > DENSE_TILES
-        sparse = ~dense
-        if sparse.any():
-            for codes, values in self.tiles[0].runs():
-                for name, sums in self._minute_sums(codes, values, ids[sparse], end_tile[sparse]).items():
-                    out[name][:, sparse] += sums
-        if dense.any():
-            for name, sums in self._level_sums(ids[dense], end_tile[dense]).items():
-                out[name][:, dense] = sums
-        return out
-
-    def _minute_sums(self, codes: _I64, values: _F64, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
-        """Window sums from one run of minute tiles: one gather of the longest window, nested ranges."""
+    def _minute_sums(self, codes: _I64, values: _F64, ids: _I64, end_tile: _I64) -> _F64:
+        """Window sums (entity, window, column) from one run of tiles: one gather of the longest window."""
         base = ids << TILE_BITS
-        windows = self.group.windows
-        starts = [end_tile - w.seconds // TILE_SECONDS for w in windows]
+        starts = [end_tile - length for length in self.window_tiles]
         found = np.searchsorted(codes, np.concatenate([base | end_tile, *(base | s for s in starts)]))
         found = found.reshape(-1, len(ids))
         high = found[0]
-        lows = {w.name: found[1 + i] for i, w in enumerate(windows)}
         low = found[1:].min(axis=0)
         lengths = high - low
         gathered_start, rows = _concatenated_ranges(low, lengths)
         gathered = np.zeros((len(self.columns), len(rows) + 1))  # a zero column for empty ranges
         np.take(values, rows, axis=1, out=gathered[:, :-1])
-        out: dict[str, _F64] = {}
-        for window in windows:
-            start = gathered_start + (lows[window.name] - low)
+        out = np.zeros((len(ids), len(self.window_tiles), len(self.columns)))
+        for w in range(len(self.window_tiles)):
+            start = gathered_start + (found[1 + w] - low)
             end = gathered_start + lengths
             bounds = np.empty(2 * len(ids), dtype=np.int64)
             bounds[0::2], bounds[1::2] = start, end
             sums = np.add.reduceat(gathered, bounds, axis=1)[:, 0::2]
             sums[:, start >= end] = 0.0
-            out[window.name] = sums
-        return out
-
-    def _level_sums(self, ids: _I64, end_tile: _I64) -> dict[str, _F64]:
-        """:meth:`_window_sums` from every tile level.
-
-        Each window ``[a, b)`` is cut into ranges per level: the whole coarse tiles inside
-        it from the coarsest level, and the ragged ends from finer levels (at most two
-        ranges per level). All windows' ranges of a level are summed in one gather and
-        ``reduceat`` per run.
-        """
-        windows = self.group.windows
-        n = len(ids)
-        out = {w.name: np.zeros((len(self.columns), n)) for w in windows}
-        lows = [end_tile - w.seconds // TILE_SECONDS for w in windows]
-        highs = [end_tile for _ in windows]
-        levels = len(self.spans)
-        for index in range(levels):
-            span = self.spans[index]
-            ranges: list[tuple[_I64, _I64]] = []  # per window, its ranges in this level's tiles
-            for w in range(len(windows)):
-                a, b = lows[w], highs[w]
-                if index + 1 < levels:
-                    ratio = self.spans[index + 1] // span
-                    inner_a, inner_b = -(-a // ratio), b // ratio  # the whole coarser tiles
-                    split = inner_a < inner_b
-                    ranges.append((a, np.where(split, inner_a * ratio, b)))
-                    ranges.append((np.where(split, inner_b * ratio, b), b))
-                    lows[w], highs[w] = np.where(split, inner_a, 0), np.where(split, inner_b, 0)
-                else:
-                    ranges.append((a, b))
-            low = np.concatenate([r[0] for r in ranges])
-            high = np.concatenate([r[1] for r in ranges])
-            per_window = len(ranges) // len(windows)
-            sums = np.zeros((len(self.columns), len(low)))
-            for codes, values in self.tiles[index].runs():
-                sums += _range_sums(codes, values, np.tile(ids, len(ranges)), low, high)
-            for w, window in enumerate(windows):
-                part = sums[:, w * per_window * n : (w + 1) * per_window * n]
-                out[window.name] += part.reshape(len(self.columns), per_window, n).sum(axis=1)
+            out[:, w] = sums.T
         return out
 
     # -- compaction and checkpoints ------------------------------------------------------
@@ -496,16 +463,15 @@ class GroupState:
         """
         horizon_tile = -(-horizon_ms // TILE_MS)
         live = self.latest[: len(self.entities)] >= horizon_ms
+        self._forget_minute_tiles_before(horizon_tile, live)
+        self.running = self.running[: len(live)][live].copy()
         remap = self.entities.keep(live)
         self.latest = self.latest[: len(live)][live].copy()
-        for span, level in zip(self.spans, self.tiles, strict=True):
-            # A coarse tile holding the horizon is never read: windows start at or after it.
-            tile_codes, tile_values = level.consolidate()
-            # (It may still belong to an entity that is gone: check both.)
-            entities = remap[tile_codes >> TILE_BITS]
-            keep = ((tile_codes & _TILE_MASK) >= horizon_tile // span) & (entities >= 0)
-            codes = (entities[keep] << TILE_BITS) | (tile_codes[keep] & _TILE_MASK)
-            level.replace(codes, tile_values[:, keep])
+        tile_codes, tile_values = self.tiles.consolidate()
+        entities = remap[tile_codes >> TILE_BITS]
+        keep = ((tile_codes & _TILE_MASK) >= horizon_tile) & (entities >= 0)
+        codes = (entities[keep] << TILE_BITS) | (tile_codes[keep] & _TILE_MASK)
+        self.tiles.replace(codes, tile_values[:, keep])
         for aggregation in self.distinct:
             name = aggregation.name
             seen_codes, seen_tiles = self.seen[name].consolidate()
@@ -521,15 +487,35 @@ class GroupState:
         for last in self.lasts.values():
             last.drop_before(horizon_ms, remap)
 
+    def _forget_minute_tiles_before(self, horizon_tile: int, live: NDArray[np.bool_]) -> None:
+        """Take the minute tiles before ``horizon_tile`` out of the running sums of ``live`` entities.
+
+        A live entity's longest window may still reach back past the horizon; its next
+        event moves the window beyond it (later events are too late), but the running sums
+        must keep matching the tiles that are kept (see :meth:`_advance_windows`).
+        """
+        for codes, values in self.tiles.runs():
+            old = (codes & _TILE_MASK) < horizon_tile
+            entity = codes >> TILE_BITS
+            old &= live[entity]
+            if not old.any():
+                continue
+            entity, tile, values = entity[old], codes[old] & _TILE_MASK, values[:, old]
+            end = self.latest[entity] // TILE_MS + 1
+            for w, length in enumerate(self.window_tiles):
+                inside = tile >= end - length
+                if inside.any():
+                    starts = _segments(entity[inside])
+                    sums = np.add.reduceat(values[:, inside], starts, axis=1)
+                    self.running[entity[inside][starts], w] -= sums.T
+
     def to_arrays(self) -> dict[str, Any]:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
         arrays: dict[str, Any] = {
             "entities": self.entities.keys,
             "latest": self.latest[: len(self.entities)],
         }
-        for span, level in zip(self.spans, self.tiles, strict=True):
-            suffix = "" if span == 1 else f".{span}"
-            arrays[f"tile_codes{suffix}"], arrays[f"tile_values{suffix}"] = level.consolidate()
+        arrays["tile_codes"], arrays["tile_values"] = self.tiles.consolidate()
         for name in self.values:
             arrays[f"{name}.values"] = self.values[name].keys
             seen_codes, seen_tiles = self.seen[name].consolidate()
@@ -548,16 +534,12 @@ class GroupState:
         self.entities = KeyIndex(arrays["entities"])
         self.latest = np.asarray(arrays["latest"], dtype=np.int64).copy()
         width = len(self.columns)
-        minute_codes = np.asarray(arrays["tile_codes"], dtype=np.int64).copy()
-        minute_values = np.asarray(arrays["tile_values"], dtype=np.float64).reshape(width, -1).copy()
-        for span, level in zip(self.spans, self.tiles, strict=True):
-            suffix = "" if span == 1 else f".{span}"
-            if f"tile_codes{suffix}" in arrays:
-                codes = np.asarray(arrays[f"tile_codes{suffix}"], dtype=np.int64).copy()
-                values = np.asarray(arrays[f"tile_values{suffix}"], dtype=np.float64)
-                level.replace(codes, values.reshape(width, -1).copy())
-            else:  # a checkpoint from before this level existed: rebuild it from the minute tiles
-                level.replace(*_summed_by_code(_coarsen(minute_codes, span), minute_values))
+        # (Checkpoints of earlier versions also hold hour and day tiles, "tile_codes.60"
+        # and so on; the minute tiles hold everything, so those are not read.)
+        self.tiles.replace(
+            np.asarray(arrays["tile_codes"], dtype=np.int64).copy(),
+            np.asarray(arrays["tile_values"], dtype=np.float64).reshape(width, -1).copy(),
+        )
         for name in self.values:
             self.values[name] = KeyIndex(arrays[f"{name}.values"])
             self.seen[name].replace(
@@ -571,10 +553,11 @@ class GroupState:
             shape = last.times.shape
             last.event_ids = np.asarray(arrays[f"{name}.event_ids"].to_pylist(), dtype=object).reshape(shape)
             last.values = np.asarray(arrays[f"{name}.list_values"].to_pylist(), dtype=object).reshape(shape)
+        self._recompute_windows()
 
     def sizes(self) -> dict[str, int]:
         """Rows held per part of the state (for status output and tests)."""
-        sizes = {"entities": len(self.entities), "tiles": len(self.tiles[0])}
+        sizes = {"entities": len(self.entities), "tiles": len(self.tiles)}
         sizes.update({f"{name}.seen": len(runs) for name, runs in self.seen.items()})
         sizes.update({f"{name}.lists": last.slots for name, last in self.lasts.items()})
         return sizes
