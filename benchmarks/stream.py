@@ -18,7 +18,10 @@ Cases, in one run against one embedded broker:
   from its event time to its features being stored; p50/p99 reported per rate.
 
 "Per core": the end-to-end cases also report the CPU time the engine process used
-(all its threads, librdkafka's included) and, for Redis, the Redis server's, per event.
+(all its threads, librdkafka's included) and, for Redis, the Redis server's, per event;
+quixstreams' process CPU is measured the same way (its RocksDB and librdkafka threads
+included), so the two can also be compared per CPU-second, which a busy machine moves
+less than wall-clock rates.
 On this machine the broker, Redis and the engine share two cores, so wall-clock
 events/s understate what one engine core does when the broker and the store run
 elsewhere, as they do in production.
@@ -162,21 +165,30 @@ def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, An
     )
     topic = app.topic(settings.kafka.topics.events, value_deserializer="json", timestamp_extractor=None)
     seen = [0]
-    first: list[float] = []
+    marks: list[tuple[float, float]] = []  # (wall, process CPU) at the first and the last event
 
     def count(value: dict[str, Any]) -> None:
-        if not first:
-            first.append(time.perf_counter())
+        if not marks:
+            marks.append((time.perf_counter(), time.process_time()))
         seen[0] += 1
         if seen[0] >= len(payloads):
+            marks.append((time.perf_counter(), time.process_time()))
             app.stop()
 
     sdf = app.dataframe(topic)
     sdf = sdf.update(count)
     sdf.tumbling_window(timedelta(minutes=1)).count().final()
     app.run()
-    seconds = time.perf_counter() - first[0]
-    return {"events": seen[0], "seconds": seconds, "events_per_s": seen[0] / seconds}
+    if len(marks) < 2:
+        marks.append((time.perf_counter(), time.process_time()))
+    seconds, cpu = marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1]
+    return {
+        "events": seen[0],
+        "seconds": seconds,
+        "events_per_s": seen[0] / seconds,
+        "cpu_us_per_event": cpu / seen[0] * 1e6,
+        "events_per_cpu_s": seen[0] / cpu,
+    }
 
 
 def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None:
@@ -284,16 +296,31 @@ def main() -> None:
     )
     print_table(["case (one core)", "events", "events/s", "vs quixstreams"], table)
     print()
+    quix_per_cpu = quix.get("events_per_cpu_s")
     print_table(
-        ["end to end: CPU per event", "engine µs", "events per engine CPU-s", "Redis server µs"],
+        ["end to end: CPU per event", "µs", "events per CPU-s", "vs quixstreams", "Redis server µs"],
         [
+            *[
+                [
+                    e["online_store"],
+                    f"{e['engine_cpu_us_per_event']:.1f}" if "engine_cpu_us_per_event" in e else "-",
+                    f"{e['events_per_engine_cpu_s']:,.0f}" if "events_per_engine_cpu_s" in e else "-",
+                    f"{e['events_per_engine_cpu_s'] / quix_per_cpu:.2f}x"
+                    if quix_per_cpu and "events_per_engine_cpu_s" in e
+                    else "-",
+                    f"{e['redis_server_cpu_us_per_event']:.1f}"
+                    if "redis_server_cpu_us_per_event" in e
+                    else "-",
+                ]
+                for e in engines
+            ],
             [
-                e["online_store"],
-                f"{e['engine_cpu_us_per_event']:.1f}" if "engine_cpu_us_per_event" in e else "-",
-                f"{e['events_per_engine_cpu_s']:,.0f}" if "events_per_engine_cpu_s" in e else "-",
-                f"{e['redis_server_cpu_us_per_event']:.1f}" if "redis_server_cpu_us_per_event" in e else "-",
-            ]
-            for e in engines
+                "quixstreams (peer)",
+                f"{quix['cpu_us_per_event']:.1f}" if quix_per_cpu else "-",
+                f"{quix_per_cpu:,.0f}" if quix_per_cpu else "-",
+                "1.00x" if quix_per_cpu else "-",
+                "-",
+            ],
         ],
     )
     print()
@@ -320,6 +347,11 @@ def main() -> None:
             "ratio_over_quixstreams": {
                 "engine_core": core["events_per_s"] / quix_rate if quix_rate else None,
                 **{e["online_store"]: e["events_per_s"] / quix_rate if quix_rate else None for e in engines},
+            },
+            "ratio_over_quixstreams_per_cpu_s": {
+                e["online_store"]: e["events_per_engine_cpu_s"] / quix_per_cpu
+                for e in engines
+                if quix_per_cpu and "events_per_engine_cpu_s" in e
             },
             "freshness": [
                 {**f, "unit": "ms from event time to features stored", "online_store": "redis"} for f in fresh
