@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
+from infra.arrow_strings import string_buffers
+
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _SHARD_SALT = 0x5BD1E9955BD1E995
@@ -52,13 +54,7 @@ def hash_user_ids(user_ids: pa.Array | pa.ChunkedArray | Sequence[str], seed: in
     n = len(array)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    buffers = array.buffers()
-    offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
-    offsets = np.frombuffer(buffers[1], dtype=offset_type, count=array.offset + n + 1)[array.offset :]
-    data = (
-        np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, dtype=np.uint8)
-    )
-    bounds = offsets.astype(np.int64)
+    bounds, data = string_buffers(array)
     starts = bounds[:-1]
     lengths = bounds[1:] - bounds[:-1]
     hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
+from infra.arrow_strings import string_buffers
 from streams.engine.runs import SortedRuns
 
 _I64 = NDArray[np.int64]
@@ -50,14 +51,10 @@ def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
     whole column, summed per string with ``reduceat``. The ``+ 1`` makes a trailing
     zero byte count, so ``"a"`` and ``"a\\0"`` differ.
     """
-    if pa.types.is_large_string(strings.type):
-        strings = strings.cast(pa.string())
     n = len(strings)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    buffers = strings.buffers()
-    bounds = np.frombuffer(buffers[1], np.int32, n + 1, strings.offset * 4).astype(np.int64)
-    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    bounds, data = string_buffers(strings)
     first, lengths = bounds[:-1], np.diff(bounds)
     size = int(bounds[-1] - bounds[0])
     positions = np.arange(size, dtype=np.int64) - np.repeat(first - bounds[0], lengths)
