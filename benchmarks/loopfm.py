@@ -386,9 +386,12 @@ def summarize(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list
         )
     # The mean of per-seed ratios is dominated by seeds where the FM barely beats VM-base
     # (a small denominator); the ratio of the mean gains is the steadier reading.
+    # No ratio when the FM does not beat VM-base on average (as transfer_ratio per seed).
     fm_gain = figures["fm"]["auc_gain_over_vm_base"]["mean"]
     for name in NAMES[2:]:
-        figures[name]["transfer_of_mean_gains_auc"] = figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain
+        figures[name]["transfer_of_mean_gains_auc"] = (
+            figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain if fm_gain > 0 else float("nan")
+        )
     return figures, rows
 
 
