@@ -28,7 +28,7 @@ train and are scored on that placement's impressions only (validation slice and 
 period alike), the FM and its embeddings are unchanged. ``--fm-train-end`` overrides
 ``models.fm_train_end`` (default 0.5); past the validation slice's start the FM has seen the
 slice, so its validation figures are flagged. Results go to ``results/loopfm.json`` only in
-the default mode, else to ``results/loopfm_vertical_<placement>[_fm<end>].json``.
+the default mode, else to ``results/loopfm_vertical_<placement>[_fm<end>][_quick].json``.
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
@@ -520,6 +520,8 @@ def report(
         name += f"_vertical_{vertical}"
     if args.fm_train_end is not None:
         name += f"_fm{args.fm_train_end:g}"
+    if name != "loopfm" and args.quick:
+        name += "_quick"  # the new modes keep quick and full runs apart (loopfm.json: whichever ran last)
     path = write_results(
         name,
         {
