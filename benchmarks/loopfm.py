@@ -488,11 +488,19 @@ def report(
         "transfer of mean gains (mean VM gain / mean FM gain): "
         + ", ".join(f"{name} {figures[name]['transfer_of_mean_gains_auc']:.2f}" for name in names[2:])
     )
+    # A transfer ratio needs an FM that beats VM-base: when it does not on average (a small
+    # vertical can get there), the ratio targets are undefined (None), not met by accident
+    # through the seeds where the FM's lead is tiny.
+    fm_ahead = figures["fm"]["auc_gain_over_vm_base"]["mean"] > 0
     targets = {
-        "loopfm_transfer_at_least_2x_kd": bool(loop >= 2 * kd) if kd > 0 else bool(loop > 0),
-        "loopfm_transfer_of_mean_gains_at_least_2x_kd": bool(loop_of_means >= 2 * kd_of_means)
-        if kd_of_means > 0
-        else bool(loop_of_means > 0),
+        "loopfm_transfer_at_least_2x_kd": (bool(loop >= 2 * kd) if kd > 0 else bool(loop > 0))
+        if fm_ahead
+        else None,
+        "loopfm_transfer_of_mean_gains_at_least_2x_kd": (
+            bool(loop_of_means >= 2 * kd_of_means) if kd_of_means > 0 else bool(loop_of_means > 0)
+        )
+        if fm_ahead
+        else None,
         "loopfm_gain_above_seed_spread": bool(loop_gain["mean"] > spread),
         "serving_at_least_10x_cheaper": bool(serving.get("per_example_speedup", 0) >= 10),
     }
