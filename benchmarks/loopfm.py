@@ -22,9 +22,17 @@ and the same stream features; reading that history is not even counted), as wall
 and FLOPs; a bootstrap of the evaluation impressions for the transfer of mean gains.
 ``--quick`` reads every impression of the VM and evaluation periods (no cap).
 
+``--vertical PLACEMENT`` (LoopFM's own setting): one FM learns from every surface's traffic,
+and each vertical model serves one surface and learns only from its impressions; the VMs
+train and are scored on that placement's impressions only (validation slice and evaluation
+period alike), the FM and its embeddings are unchanged. ``--fm-train-end`` overrides
+``models.fm_train_end`` (default 0.5); past the validation slice's start the FM has seen the
+slice, so its validation figures are flagged. Results go to ``results/loopfm.json`` only in
+the default mode, else to ``results/loopfm_vertical_<placement>[_fm<end>][_quick].json``.
+
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
-Usage: ``python benchmarks/loopfm.py [--quick] [--seeds N]``.
+Usage: ``python benchmarks/loopfm.py [--quick] [--seeds N] [--vertical P] [--fm-train-end F]``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from infra.settings import Settings, load_settings
 from models.vm import VARIANTS
 from streams.simulation import ParquetSink, SimulationConfig, simulate
 from training.datasets import embedding_history_inputs, vm_inputs
+from training.events import PLACEMENTS
 from training.metrics import auc
 from training.pipeline import (
     evaluate_predictions,
@@ -147,6 +156,14 @@ def main() -> None:
     parser.add_argument(
         "--max-examples", type=int, help="cap on VM training impressions (default: all); evaluation: all"
     )
+    parser.add_argument(
+        "--vertical",
+        choices=PLACEMENTS,
+        help="VMs train and are evaluated on this placement's impressions only; the FM on everything",
+    )
+    parser.add_argument(
+        "--fm-train-end", type=float, help="models.fm_train_end (fraction of the log; default: the setting's)"
+    )
     args = parser.parse_args()
     users = args.users or (1_000 if args.quick else 3_000)
     events = args.events or (80_000 if args.quick else 300_000)
@@ -158,7 +175,13 @@ def main() -> None:
         simulate(config, ParquetSink(scratch / "sim" / "events"), scratch / "sim" / "truth")
         settings = load_settings(
             state_dir=scratch / "state",
-            models={"max_examples": args.max_examples, "epochs_fm": 4, "threads": 1},
+            models={
+                "max_examples": args.max_examples,
+                "epochs_fm": 4,
+                "threads": 1,
+                "vm_vertical": args.vertical,
+                **({} if args.fm_train_end is None else {"fm_train_end": args.fm_train_end}),
+            },
         )
         store = open_store(settings)
         queries = settings.queries if settings.models.search_topics else None
@@ -167,6 +190,8 @@ def main() -> None:
         replay_stream_features(settings, dataset_events(scratch), flush_s=settings.models.replay_flush_s)
         timings["stream feature backfill s"] = time.perf_counter() - started
         parts = split(dataset, settings.models)
+        if parts.fm_end_ms > parts.validation_ms:
+            print("note: the FM trains past the validation slice's start (validation: in-sample)")
         # Every impression of the evaluation period, whatever the cap on VM training examples.
         evaluation = split(dataset, settings.models.model_copy(update={"max_examples": None})).evaluation
         in_validation = parts.vm_train.time_ms >= parts.validation_ms
@@ -263,6 +288,14 @@ def main() -> None:
             (len(parts.vm_train), len(fit_examples), len(validation), len(evaluation)),
             train_stats,
             eval_stats,
+            {
+                "vm_vertical": settings.models.vm_vertical,
+                "fm_train_end": settings.models.fm_train_end,
+                "vm_train_end": settings.models.vm_train_end,
+                "vm_validation": settings.models.vm_validation,
+                "fm_train_examples": len(parts.fm_train),
+                "fm_sees_validation_slice": bool(parts.fm_end_ms > parts.validation_ms),
+            },
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -353,9 +386,12 @@ def summarize(per_seed: list[dict[str, Any]]) -> tuple[dict[str, Any], list[list
         )
     # The mean of per-seed ratios is dominated by seeds where the FM barely beats VM-base
     # (a small denominator); the ratio of the mean gains is the steadier reading.
+    # No ratio when the FM does not beat VM-base on average (as transfer_ratio per seed).
     fm_gain = figures["fm"]["auc_gain_over_vm_base"]["mean"]
     for name in NAMES[2:]:
-        figures[name]["transfer_of_mean_gains_auc"] = figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain
+        figures[name]["transfer_of_mean_gains_auc"] = (
+            figures[name]["auc_gain_over_vm_base"]["mean"] / fm_gain if fm_gain > 0 else float("nan")
+        )
     return figures, rows
 
 
@@ -381,8 +417,16 @@ def report(
     sizes: tuple[int, int, int, int],
     train_stats: Any,
     eval_stats: Any,
+    setting: dict[str, Any],
 ) -> None:
     train_examples, fit_examples, validation_examples, eval_examples = sizes
+    vertical = setting["vm_vertical"]
+    if vertical is not None:
+        print(
+            f"\nvertical mode: VMs train and are scored on {vertical} impressions only; the FM trained on "
+            f"{setting['fm_train_examples']:,} impressions of every placement (fm_train_end "
+            f"{setting['fm_train_end']})"
+        )
     names = NAMES
     checks, check_rows = summarize(per_seed_validation)
     print()
@@ -444,11 +488,19 @@ def report(
         "transfer of mean gains (mean VM gain / mean FM gain): "
         + ", ".join(f"{name} {figures[name]['transfer_of_mean_gains_auc']:.2f}" for name in names[2:])
     )
+    # A transfer ratio needs an FM that beats VM-base: when it does not on average (a small
+    # vertical can get there), the ratio targets are undefined (None), not met by accident
+    # through the seeds where the FM's lead is tiny.
+    fm_ahead = figures["fm"]["auc_gain_over_vm_base"]["mean"] > 0
     targets = {
-        "loopfm_transfer_at_least_2x_kd": bool(loop >= 2 * kd) if kd > 0 else bool(loop > 0),
-        "loopfm_transfer_of_mean_gains_at_least_2x_kd": bool(loop_of_means >= 2 * kd_of_means)
-        if kd_of_means > 0
-        else bool(loop_of_means > 0),
+        "loopfm_transfer_at_least_2x_kd": (bool(loop >= 2 * kd) if kd > 0 else bool(loop > 0))
+        if fm_ahead
+        else None,
+        "loopfm_transfer_of_mean_gains_at_least_2x_kd": (
+            bool(loop_of_means >= 2 * kd_of_means) if kd_of_means > 0 else bool(loop_of_means > 0)
+        )
+        if fm_ahead
+        else None,
         "loopfm_gain_above_seed_spread": bool(loop_gain["mean"] > spread),
         "serving_at_least_10x_cheaper": bool(serving.get("per_example_speedup", 0) >= 10),
     }
@@ -471,11 +523,19 @@ def report(
     )
     for name, seconds in timings.items():
         print(f"  {name}: {seconds:,.0f}")
+    name = "loopfm"
+    if vertical is not None:
+        name += f"_vertical_{vertical}"
+    if args.fm_train_end is not None:
+        name += f"_fm{args.fm_train_end:g}"
+    if name != "loopfm" and args.quick:
+        name += "_quick"  # the new modes keep quick and full runs apart (loopfm.json: whichever ran last)
     path = write_results(
-        "loopfm",
+        name,
         {
             "quick": args.quick,
             "seeds": len(per_seed),
+            "setting": setting,
             "data": {
                 "users": args.users or "default",
                 "days": args.days,

@@ -416,7 +416,8 @@ class ModelSettings(BaseModel):
     Time splits are fractions of the event log's time range: the foundation model trains
     on ``[0, fm_train_end)``, vertical models on ``[0, vm_train_end)`` (so the FM is stale
     on the last part, where the student adapter learns to correct it), and evaluation
-    covers ``[vm_train_end, 1]``, after the simulator's distribution shifts.
+    covers ``[vm_train_end, 1]``, after the simulator's distribution shifts. With
+    ``vm_vertical`` the VM parts (and the evaluation) keep only that placement's impressions.
     """
 
     model_config = {"extra": "forbid"}
@@ -446,6 +447,12 @@ class ModelSettings(BaseModel):
         description="Validation slice: the last part of the VM period, as a fraction of the log's time range "
         "([vm_train_end - vm_validation, vm_train_end)). Options and epochs are chosen by fitting VMs on the "
         "VM period before it and scoring them on it, never on the evaluation period; 0: none.",
+    )
+    vm_vertical: Literal["feed", "search_top", "sidebar", "video"] | None = Field(
+        None,
+        description="Vertical setting (LoopFM paper): VMs train and are evaluated only on impressions of "
+        "this placement (one surface each), while the FM still trains on every placement's impressions and "
+        "every event. None: VMs see every placement (the default benchmark).",
     )
     fm_stream_features: bool = Field(
         False,

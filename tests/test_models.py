@@ -320,6 +320,17 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     assert {"fm", "vm-loopfm"} <= set(results)
     assert 0.0 <= results["vm-loopfm"]["click"]["auc"] <= 1.0
     assert "vm-loopfm" in evaluated.stdout
+    # One surface only (models.vm_vertical): fewer impressions, all of them scored.
+    feed = _cli(world, "evaluate", "--events", str(world.events_dir), "--vertical", "feed")
+    assert feed.returncode == 0, feed.stderr
+    assert "(feed only)" in feed.stdout
+    n_feed = len(
+        split(world.dataset, world.settings.models.model_copy(update={"vm_vertical": "feed"})).evaluation
+    )
+    assert 0 < n_feed < len(split(world.dataset, world.settings.models).evaluation)
+    assert f"evaluation: {n_feed:,} impressions" in feed.stdout
+    bad_vertical = _cli(world, "evaluate", "--events", str(world.events_dir), "--vertical", "banner")
+    assert bad_vertical.returncode == 2 and "vm_vertical" in bad_vertical.stderr
 
 
 SEARCH = EVENT_TYPES.index("search") + 1

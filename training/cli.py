@@ -30,6 +30,14 @@ MaxOption = Annotated[
     int | None,
     typer.Option("--max-examples", help="Cap on examples per split part (default: models.max_examples)."),
 ]
+VerticalOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vertical",
+        help="Only this placement's impressions (feed, search_top, sidebar, video): one vertical model "
+        "per surface, as in LoopFM's setting (default: models.vm_vertical; the FM is never restricted).",
+    ),
+]
 
 
 @train_app.command("fm")
@@ -64,6 +72,7 @@ def train_vm_command(
     epochs: EpochsOption = None,
     seed: SeedOption = None,
     max_examples: MaxOption = None,
+    vertical: VerticalOption = None,
 ) -> None:
     """Train a vertical model from Feast features (point in time), optionally with KD and/or LoopFM."""
     from features.store import open_store
@@ -76,7 +85,9 @@ def train_vm_command(
         _, loopfm = parse_variant(variant)
     except VariantError as exc:
         fail(str(exc), exit_usage())
-    settings = model_settings(ctx, epochs_vm=epochs, seed=seed, max_examples=max_examples)
+    settings = model_settings(
+        ctx, epochs_vm=epochs, seed=seed, max_examples=max_examples, vm_vertical=vertical
+    )
     try:
         fm, _ = load_foundation(settings)
     except RegistryError as exc:
@@ -118,6 +129,7 @@ def evaluate_command(
     output: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
+    vertical: VerticalOption = None,
 ) -> None:
     """Score the FM and every trained VM variant on the evaluation period (after models.vm_train_end)."""
     from features.store import open_store
@@ -133,7 +145,7 @@ def evaluate_command(
     )
     from training.train import fm_predict, vm_predict
 
-    settings = model_settings(ctx, max_examples=max_examples)
+    settings = model_settings(ctx, max_examples=max_examples, vm_vertical=vertical)
     try:
         fm, fm_saved = load_foundation(settings)
     except RegistryError as exc:
@@ -179,7 +191,11 @@ def evaluate_command(
             evaluation.take(np.flatnonzero(known)), np.stack([logits, logits], axis=1).astype(np.float32)
         )
     base = results.get("vm-base", {}).get("click", {}).get("auc")
-    print(f"evaluation: {len(evaluation):,} impressions after models.vm_train_end; fm v{fm_saved.version}")
+    where = f" ({settings.models.vm_vertical} only)" if settings.models.vm_vertical else ""
+    print(
+        f"evaluation: {len(evaluation):,} impressions after models.vm_train_end{where}; "
+        f"fm v{fm_saved.version}"
+    )
     print(f"{'model':<24}{'click AUC':>10}{'click NE':>10}{'CVR AUC':>10}{'transfer':>10}")
     for name, result in results.items():
         click = result["click"]

@@ -29,7 +29,15 @@ from models.registry import ModelRegistry, SavedModel
 from models.vm import StudentAdapter, VerticalModel, VMConfig, parse_variant
 from training.datasets import dense_feature_names, vm_inputs
 from training.embeddings import MaterializeStats, materialize, run_times
-from training.events import Buckets, EventLog, build_event_log, read_events, read_topics, search_queries
+from training.events import (
+    PLACEMENTS,
+    Buckets,
+    EventLog,
+    build_event_log,
+    read_events,
+    read_topics,
+    search_queries,
+)
 from training.examples import Examples, build_examples
 from training.metrics import summary
 from training.train import (
@@ -125,7 +133,8 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     """Time-ordered split; ``max_examples`` keeps a seeded random subset of the VM parts.
 
     The FM always trains on every impression of its period: it is the model that sees
-    everything, which is what makes its knowledge worth transferring. The validation
+    everything, which is what makes its knowledge worth transferring. ``models.vm_vertical``
+    restricts the VM parts and the evaluation to one placement (see :func:`vertical_mask`). The validation
     slice (``models.vm_validation``) is the end of the VM period, a subset of ``vm_train``:
     choices are made by fitting on :attr:`Split.vm_fit` and scoring on it.
     """
@@ -136,6 +145,7 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
     validation = dataset.at(models.vm_train_end - models.vm_validation) if models.vm_validation else vm_end
     t = dataset.examples.time_ms
+    vertical = vertical_mask(dataset.examples, models.vm_vertical)
     rng = np.random.default_rng(models.seed)
 
     def part(mask: NDArray[np.bool_], cap: bool = True) -> Examples:
@@ -144,7 +154,28 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
             index = np.sort(rng.choice(index, models.max_examples, replace=False))
         return dataset.examples.take(index)
 
-    return Split(part(t < fm_end, cap=False), part(t < vm_end), part(t >= vm_end), fm_end, vm_end, validation)
+    return Split(
+        part(t < fm_end, cap=False),
+        part((t < vm_end) & vertical),
+        part((t >= vm_end) & vertical),
+        fm_end,
+        vm_end,
+        validation,
+    )
+
+
+def vertical_mask(examples: Examples, placement: str | None) -> NDArray[np.bool_]:
+    """The impressions a vertical model serves: those of ``placement`` (all when None).
+
+    The FM is not restricted: in LoopFM's setting one FM learns from every surface's
+    traffic and each VM from its own surface's, so the FM's embeddings can carry what the
+    other surfaces taught it about a user.
+    """
+    if placement is None:
+        return np.ones(len(examples), bool)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
+    return np.asarray(examples.placement == PLACEMENTS.index(placement) + 1, bool)
 
 
 def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -> FMConfig:
@@ -402,6 +433,7 @@ def train_vertical(
         "parameters": parameter_count(model),
         "seed": seed,
         "train": _data_metadata(dataset, train),
+        "vertical": models.vm_vertical,
         "epoch_losses": losses,
         "train_seconds": time.perf_counter() - started,
         "feature_views": ["user_activity", "ad_performance", "campaign_performance", "advertiser_performance"]
