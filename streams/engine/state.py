@@ -367,17 +367,17 @@ class GroupState:
         new_end = self.latest[ids] // TILE_MS + 1
         known = previous_latest != _NO_TIME
         old_end = np.where(known, previous_latest // TILE_MS + 1, new_end)  # new entities: nothing to expire
-        end_of = np.zeros(len(self.entities), dtype=np.int64)
-        end_of[ids] = old_end
+        by_id = np.argsort(ids)  # each code's entity is one of ids: look its old end up by search
         entity, tile = codes >> TILE_BITS, codes & _TILE_MASK
+        entity_old_end = old_end[by_id[np.searchsorted(ids[by_id], entity)]]
         for w, length in enumerate(self.window_tiles):
-            inside = tile >= end_of[entity] - length
+            inside = tile >= entity_old_end - length
             if inside.any():
                 starts = _segments(entity[inside])  # codes are sorted: one run per entity
                 sums = np.add.reduceat(deltas[:, inside], starts, axis=1)
                 self.running[entity[inside][starts], w] += sums.T
-        moved = new_end > old_end
-        if moved.any():
+        moved = by_id[new_end[by_id] > old_end[by_id]]  # in id order: sorted needles search faster
+        if len(moved):
             moved_ids = ids[moved]
             windows = len(self.window_tiles)
             lows = (old_end[moved][None, :] - self.window_tiles[:, None]).ravel()
