@@ -352,8 +352,8 @@ class GroupState:
         """Bring the running window sums of entities ``ids`` to their new ends.
 
         Why running sums: re-summing every changed entity's tiles each batch cost in
-        proportion to its tiles in the longest window (up to 1,024 minute rows per busy
-        ad or campaign), most of a small batch's time. A window sum at end ``b`` is
+        proportion to its tiles in the longest window (up to 10,080 minute tiles over 7 days
+        for a busy ad), most of a small batch's time. A window sum at end ``b`` is
         instead the sum at the previous end ``a``, plus this batch's deltas inside
         ``[a - W, b)``, minus the (merged) tiles that left it, ``[a - W, b - W)``: each tile
         leaves each window once. Invariant: ``running[e, w]`` is the sum of the stored
@@ -369,13 +369,7 @@ class GroupState:
         old_end = np.where(known, previous_latest // TILE_MS + 1, new_end)  # new entities: nothing to expire
         by_id = np.argsort(ids)  # each code's entity is one of ids: look its old end up by search
         entity, tile = codes >> TILE_BITS, codes & _TILE_MASK
-        entity_old_end = old_end[by_id[np.searchsorted(ids[by_id], entity)]]
-        for w, length in enumerate(self.window_tiles):
-            inside = tile >= entity_old_end - length
-            if inside.any():
-                starts = _segments(entity[inside])  # codes are sorted: one run per entity
-                sums = np.add.reduceat(deltas[:, inside], starts, axis=1)
-                self.running[entity[inside][starts], w] += sums.T
+        self._add_inside_windows(entity, tile, old_end[by_id[np.searchsorted(ids[by_id], entity)]], deltas)
         moved = by_id[new_end[by_id] > old_end[by_id]]  # in id order: sorted needles search faster
         if len(moved):
             moved_ids = ids[moved]
@@ -386,6 +380,19 @@ class GroupState:
             for run_codes, run_values in self.tiles.runs():
                 expired += _range_sums(run_codes, run_values, np.tile(moved_ids, windows), lows, highs)
             self.running[moved_ids] -= expired.reshape(len(self.columns), windows, -1).transpose(2, 1, 0)
+
+    def _add_inside_windows(self, entity: _I64, tile: _I64, end: _I64, values: _F64) -> None:
+        """Add ``values`` (columns, m) at (``entity``, ``tile``) to each running window that holds them.
+
+        Each value's window ends at its ``end``. ``entity`` must be sorted (it comes from
+        sorted tile codes), so each entity gets one sum.
+        """
+        for w, length in enumerate(self.window_tiles):
+            inside = tile >= end - length
+            if inside.any():
+                starts = _segments(entity[inside])
+                sums = np.add.reduceat(values[:, inside], starts, axis=1)
+                self.running[entity[inside][starts], w] += sums.T
 
     def _recompute_windows(self) -> None:
         """Every entity's running window sums, summed afresh from its tiles (after a load)."""
@@ -500,14 +507,8 @@ class GroupState:
             old &= live[entity]
             if not old.any():
                 continue
-            entity, tile, values = entity[old], codes[old] & _TILE_MASK, values[:, old]
-            end = self.latest[entity] // TILE_MS + 1
-            for w, length in enumerate(self.window_tiles):
-                inside = tile >= end - length
-                if inside.any():
-                    starts = _segments(entity[inside])
-                    sums = np.add.reduceat(values[:, inside], starts, axis=1)
-                    self.running[entity[inside][starts], w] -= sums.T
+            entity, tile = entity[old], codes[old] & _TILE_MASK
+            self._add_inside_windows(entity, tile, self.latest[entity] // TILE_MS + 1, -values[:, old])
 
     def to_arrays(self) -> dict[str, Any]:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
