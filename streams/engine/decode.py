@@ -133,12 +133,16 @@ class EventDecoder:
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         rejected: list[tuple[int, InvalidEventError]] = []
-        positions = [i for i, value in enumerate(values) if value]
-        rejected += [(i, MalformedJSONError("empty message")) for i, value in enumerate(values) if not value]
-        lines = [values[i] for i in positions]
+        if all(values):  # the usual case, checked in C: no per-message Python
+            lines, positions = list(values), np.arange(len(values), dtype=np.int64)
+        else:
+            kept_at = [i for i, value in enumerate(values) if value]
+            empty = [i for i, value in enumerate(values) if not value]
+            rejected += [(i, MalformedJSONError("empty message")) for i in empty]
+            lines, positions = [values[i] for i in kept_at], np.asarray(kept_at, dtype=np.int64)
         tables: list[pa.Table] = []
         kept: list[NDArray[Any]] = []
-        self._parse_halves(lines, np.asarray(positions, dtype=np.int64), tables, kept, rejected)
+        self._parse_halves(lines, positions, tables, kept, rejected)
         if tables:
             table = pa.concat_tables(tables)
             index = np.concatenate(kept)

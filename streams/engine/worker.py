@@ -296,8 +296,8 @@ class StreamWorker:
         for shard, rows in routed.shards.items():
             for start in range(0, rows.num_rows, _MAX_SHIP_ROWS):
                 self._ship(shard, rows.slice(start, _MAX_SHIP_ROWS))
-        for partition, offset in zip(partitions.tolist(), offsets.tolist(), strict=True):
-            self._router_next[partition] = offset + 1
+        for partition in np.unique(partitions).tolist():  # a partition's messages come in offset order
+            self._router_next[partition] = int(offsets[partitions == partition].max()) + 1
         self.stats.events += len(messages)
 
     def _ship(self, shard: int, rows: pa.Table) -> None:
