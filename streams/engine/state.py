@@ -173,6 +173,11 @@ class _LastN:
         self.slot_of[kept_ids] = np.arange(len(kept_ids))
 
 
+def _end_tile(latest_ms: _I64) -> _I64:
+    """The tile after each entity's latest event: where its windows end (features are as of then)."""
+    return latest_ms // TILE_MS + 1
+
+
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code."""
     order = np.argsort(codes, kind="stable")
@@ -256,7 +261,7 @@ class GroupState:
             codes.append(distinct_codes)
             deltas.append(distinct_deltas)
         tile_codes, tile_deltas = _summed_by_code(np.concatenate(codes), np.concatenate(deltas, axis=1))
-        self._merge_tiles(tile_codes, tile_deltas)
+        self.tiles.add(tile_codes, tile_deltas)
         self._advance_windows(batch.changed_ids, previous_latest, tile_codes, tile_deltas)
         for aggregation in self.last_n:
             mask = self._mask(aggregation, batch) & batch.table.column(
@@ -344,10 +349,6 @@ class GroupState:
         deltas[column, len(minus) :] = 1.0
         return np.concatenate([minus, plus]), deltas
 
-    def _merge_tiles(self, codes: _I64, deltas: _F64) -> None:
-        """Add minute-tile ``deltas`` (columns, m) at sorted unique ``codes``."""
-        self.tiles.add(codes, deltas)
-
     def _advance_windows(self, ids: _I64, previous_latest: _I64, codes: _I64, deltas: _F64) -> None:
         """Bring the running window sums of entities ``ids`` to their new ends.
 
@@ -364,9 +365,9 @@ class GroupState:
         if len(ids) == 0:
             return
         self.running = _grow(self.running, len(self.entities), 0.0)
-        new_end = self.latest[ids] // TILE_MS + 1
+        new_end = _end_tile(self.latest[ids])
         known = previous_latest != _NO_TIME
-        old_end = np.where(known, previous_latest // TILE_MS + 1, new_end)  # new entities: nothing to expire
+        old_end = np.where(known, _end_tile(previous_latest), new_end)  # new entities: nothing to expire
         by_id = np.argsort(ids)  # each code's entity is one of ids: look its old end up by search
         entity, tile = codes >> TILE_BITS, codes & _TILE_MASK
         self._add_inside_windows(entity, tile, old_end[by_id[np.searchsorted(ids[by_id], entity)]], deltas)
@@ -399,14 +400,14 @@ class GroupState:
         ids = np.arange(len(self.entities), dtype=np.int64)
         self.running = np.zeros((len(ids), len(self.window_tiles), len(self.columns)))
         for codes, values in self.tiles.runs():
-            self.running += self._minute_sums(codes, values, ids, self.latest[ids] // TILE_MS + 1)
+            self.running += self._minute_sums(codes, values, ids, _end_tile(self.latest[ids]))
 
     # -- reading features ----------------------------------------------------------------
 
     def features(self, ids: _I64, keys: pa.Array) -> pa.Table:
         """Features of entities ``ids`` (named ``keys``) as of the end of each one's latest tile."""
         group = self.group
-        end_ms = (self.latest[ids] // TILE_MS + 1) * TILE_MS
+        end_ms = _end_tile(self.latest[ids]) * TILE_MS
         window_sums = self.running[ids]  # (entity, window, column)
         columns: dict[str, pa.Array] = {
             group.key: keys,
@@ -508,7 +509,7 @@ class GroupState:
             if not old.any():
                 continue
             entity, tile = entity[old], codes[old] & _TILE_MASK
-            self._add_inside_windows(entity, tile, self.latest[entity] // TILE_MS + 1, -values[:, old])
+            self._add_inside_windows(entity, tile, _end_tile(self.latest[entity]), -values[:, old])
 
     def to_arrays(self) -> dict[str, Any]:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
