@@ -38,6 +38,12 @@ time is not newer than the stored one (an extra round trip, and it drops a recom
 that keeps its tile's timestamp), this writer always overwrites: the stream engine is the
 only writer and its latest row is the truth. Writes are idempotent upserts, so a write
 that failed half-way can simply be repeated.
+
+Rows may say which of their features changed (:data:`CHANGED_COLUMN`); only those are
+written, so an entity's stored row is then only complete if it was written in full once
+(the stream engine writes each entity in full the first time after it starts). After an
+online store lost its data, restart the stream workers, or set ``stream.online_writes``
+to ``full_rows``.
 """
 
 from __future__ import annotations
@@ -68,6 +74,15 @@ if TYPE_CHECKING:
 
 CREATED_COLUMN: Final = "created_timestamp"
 """Optional column of a written table: Feast's ``created_ts``; the write time when absent."""
+
+CHANGED_COLUMN: Final = "_changed_features"
+"""Optional column of a written table: per row, a fixed-size list of booleans, one per feature
+in ``group.features()`` order and one more for the event timestamp, true where the value may
+differ from the stored one. Only those features are written; a table without it writes every
+feature. Redis keeps one timestamp per entity and view (always written); SQLite keeps one
+per stored feature, so there a row whose timestamp changed is written in full. The stream
+engine sets it (:mod:`streams.engine.state`): most events change a few of an entity's
+features, and the stores' cost is per written feature."""
 
 REDIS_BATCH_COMMANDS: Final = 2_000
 """HSET / HMGET commands sent per pipelined round trip: large enough to amortise the round
@@ -735,6 +750,11 @@ def _bulk(values: pa.Array) -> pa.Array:
     return _join(_prefix_rows(matrix, digits + 3), values, _const(b"\r\n"))
 
 
+def _hset_header(features: int) -> bytes:
+    """The RESP array header and command of an ``HSET`` of ``features`` fields plus the timestamp."""
+    return b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * (features + 1))
+
+
 def _bulk_const(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
@@ -796,12 +816,16 @@ class OnlineFeatureWriter:
             sort_keys=[("k", "ascending"), ("i", "ascending")],
         )
         sorted_keys = entity_keys.take(order)
+        changed = self._changed(layout, rows, order)
         if len(sorted_keys) > 1:
             is_last = np.append(
                 np.asarray(pc.not_equal(sorted_keys[:-1], sorted_keys[1:]).to_numpy(zero_copy_only=False)),
                 True,
             )
             if not is_last.all():
+                if changed is not None:  # a key's rows together changed what any of them did
+                    starts = np.flatnonzero(np.r_[True, is_last[:-1]])
+                    changed = np.logical_or.reduceat(changed, starts, axis=0)
                 order = order.filter(pa.array(is_last))
                 sorted_keys = sorted_keys.filter(pa.array(is_last))
         rows = rows.take(order)
@@ -811,12 +835,28 @@ class OnlineFeatureWriter:
         else:
             created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
         if self._store.kind == "redis":
-            self._write_redis(layout, rows, sorted_keys, event_us)
+            self._write_redis(layout, rows, sorted_keys, event_us, changed)
         else:
             blocks = _encode_by_type(layout, rows)
             values = {name: value for block in blocks for name, value in block.columns().items()}
-            self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values)
+            self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values, changed)
         return int(rows.num_rows)
+
+    def _changed(self, layout: _GroupLayout, rows: pa.Table, order: pa.Array) -> npt.NDArray[np.bool_] | None:
+        """The rows' :data:`CHANGED_COLUMN` as a (rows, features) matrix in ``order``; None: write all."""
+        if CHANGED_COLUMN not in rows.column_names:
+            return None
+        column = rows.column(CHANGED_COLUMN).combine_chunks()
+        width = len(layout.features) + 1
+        if not isinstance(column, pa.FixedSizeListArray) or column.type.list_size != width:
+            raise ValueError(
+                f"{layout.group.name}: {CHANGED_COLUMN} must be a fixed-size list of {width} booleans "
+                "per row (one per feature, then the timestamp)"
+            )
+        flat = column.flatten().fill_null(True).to_numpy(zero_copy_only=False)
+        matrix = np.asarray(flat, dtype=bool).reshape(len(column), width)[order.to_numpy()]
+        features, timestamp = matrix[:, :-1], matrix[:, -1:]
+        return np.asarray(features | timestamp if self._store.kind == "sqlite" else features, dtype=bool)
 
     @staticmethod
     def _micros(rows: pa.Table, name: str) -> I64Array:
@@ -835,6 +875,7 @@ class OnlineFeatureWriter:
         event_us: I64Array,
         created_us: I64Array,
         values: dict[str, pa.Array],
+        changed: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         names = sorted(layout.features)  # rows go in (entity_key, feature_name) order
         n, width = rows.num_rows, len(names)
@@ -848,7 +889,13 @@ class OnlineFeatureWriter:
         key_bytes = np.repeat(np.asarray(_to_bytes_list(entity_keys), dtype=object), width).tolist()
         event = np.repeat(_local_epoch_seconds(event_us), width).tolist()
         created = np.repeat(_local_epoch_seconds(created_us), width).tolist()
-        params = zip(key_bytes, names * n, value_bytes, texts.ravel().tolist(), event, created, strict=True)
+        columns = [key_bytes, names * n, value_bytes, texts.ravel().tolist(), event, created]
+        if changed is not None:
+            position = {name: i for i, name in enumerate(layout.features)}
+            keep = changed[:, [position[name] for name in names]].ravel()  # entity-major, as the params
+            if not keep.all():
+                columns = [np.asarray(column, dtype=object)[keep].tolist() for column in columns]
+        params = zip(*columns, strict=True)
         sql = (
             f'INSERT INTO "{layout.table}" '
             "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
@@ -873,7 +920,12 @@ class OnlineFeatureWriter:
     # -- Redis: one HSET per entity with every feature and the timestamp, pre-packed.
 
     def _write_redis(
-        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array, event_us: I64Array
+        self,
+        layout: _GroupLayout,
+        rows: pa.Table,
+        entity_keys: pa.Array,
+        event_us: I64Array,
+        changed: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         """HSET each row, a chunk of :data:`REDIS_BATCH_COMMANDS` encoded while Redis runs the last."""
         n = rows.num_rows
@@ -883,7 +935,11 @@ class OnlineFeatureWriter:
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 commands = self._hset_commands(
-                    layout, rows.slice(start, stop - start), entity_keys[start:stop], event_us[start:stop]
+                    layout,
+                    rows.slice(start, stop - start),
+                    entity_keys[start:stop],
+                    event_us[start:stop],
+                    None if changed is None else changed[start:stop],
                 )
                 # The commands are back to back in the array's data buffer: send that span.
                 buffers = commands.buffers()
@@ -894,20 +950,36 @@ class OnlineFeatureWriter:
             self._store.redis_pipeline(chunks())
 
     def _hset_commands(
-        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array, event_us: I64Array
+        self,
+        layout: _GroupLayout,
+        rows: pa.Table,
+        entity_keys: pa.Array,
+        event_us: I64Array,
+        changed: npt.NDArray[np.bool_] | None,
     ) -> pa.Array:
-        """One RESP ``HSET`` command per row: every feature and the timestamp."""
-        arguments = 2 + 2 * (len(layout.features) + 1)
+        """One RESP ``HSET`` command per row: the timestamp and every (changed) feature."""
+        features = len(layout.features)
+        if changed is None or changed.all():
+            header: pa.Array | pa.Scalar = _const(_hset_header(features))
+        else:  # each row's argument count, picked from the few possible headers
+            headers = pa.array([_hset_header(k) for k in range(features + 1)], pa.large_binary())
+            header = headers.take(pa.array(changed.sum(axis=1)))
         parts: list[pa.Array | pa.Scalar] = [
-            _const(b"*%d\r\n$4\r\nHSET\r\n" % arguments),
+            header,
             _bulk(_join(entity_keys, _const(self._store.project.encode()))),
             _const(_bulk_const(layout.ts_field)),
             _bulk(_timestamp_protos(event_us)),
         ]
+        position = {name: i for i, name in enumerate(layout.features)}
         for block in _encode_by_type(layout, rows):
             bulk = _EncodedBlock(block.names, _bulk(block.values), rows.num_rows)  # one RESP pass per type
             for name, values in bulk.columns().items():
-                parts += [_const(_bulk_const(layout.hash_fields[name])), values]
+                field = _const(_bulk_const(layout.hash_fields[name]))
+                written = None if changed is None else changed[:, position[name]]
+                if written is None or written.all():
+                    parts += [field, values]
+                elif written.any():
+                    parts.append(pc.if_else(pa.array(written), _join(field, values), _EMPTY))
         return _join(*parts)
 
     def close(self) -> None:

@@ -211,6 +211,13 @@ class StreamSettings(BaseModel):
     retry_initial_s: float = Field(0.2, gt=0, description="First wait before retrying a failed store write.")
     retry_max_s: float = Field(10.0, gt=0, description="Longest wait between store-write retries.")
     session_timeout_ms: int = Field(6_000, ge=1_000)
+    online_writes: Literal["changed_features", "full_rows"] = Field(
+        "changed_features",
+        description="changed_features: each cycle writes an entity's changed features (and its timestamp) "
+        "to the online store, and all of them the first time after a worker starts; most events change a "
+        "few of an entity's features, so the store does a fraction of the work. full_rows: every feature "
+        "every time (use it when the online store may lose keys while workers run, e.g. an evicting Redis).",
+    )
 
 
 class FlinkSettings(BaseModel):

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import arrow_schema
 from features.online import (
+    CHANGED_COLUMN,
     OnlineFeatureReader,
     OnlineFeatureWriter,
     OnlineStoreError,
@@ -202,6 +203,51 @@ def test_overwrite_last_row_wins_even_with_an_older_timestamp(backend: Any) -> N
         want = [feast_expected(v) for v in expect.column(name).to_pylist()]
         assert all(same(a, b) for a, b in zip(from_feast[name], want, strict=True)), name
         assert all(same(a, b) for a, b in zip(ours[name], want, strict=True)), name
+
+
+def with_changed(rows: pa.Table, changed: np.ndarray[Any, Any], timestamp: bool = False) -> pa.Table:
+    """``rows`` with the CHANGED_COLUMN mask: ``changed`` (rows x features), then the timestamp flag."""
+    flags = np.hstack([changed, np.full((len(changed), 1), timestamp)])
+    return rows.append_column(
+        CHANGED_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(flags.ravel()), flags.shape[1])
+    )
+
+
+def test_rows_with_a_changed_mask_write_only_those_features(backend: Any) -> None:
+    """Unmarked features keep their stored values, even where the new row holds others; duplicate
+    keys in one call write what any of their rows marked; a marked timestamp is written."""
+    _settings, store, writer, reader = backend
+    keys = unique_keys("c")[:4]
+    names = [f.name for f in USER.features()]
+    first = rows_for(USER, keys, T0)
+    writer.write(USER, first)
+    rng = np.random.default_rng(3)
+    changed = rng.random((len(keys), len(names))) < 0.3
+    changed[1] = False
+    changed[2] = True
+    second = rows_for(USER, keys, T0, shift=4)
+    extra = np.zeros((1, len(names)), dtype=bool)
+    extra[0, 0] = True  # keys[3] again (this row's values win): its first feature too
+    later = rows_for(USER, keys[3:], T0, shift=4)
+    assert (
+        writer.write(USER, pa.concat_tables([with_changed(second, changed), with_changed(later, extra)])) == 4
+    )
+    changed[3, 0] = True
+    from_feast = feast_read(store, USER, keys, names)
+    ours = reader.read(USER, keys).to_pydict()
+    for j, name in enumerate(names):
+        for i in range(len(keys)):
+            source, row = (first, i) if not changed[i, j] else (later, 0) if i == 3 else (second, i)
+            want = feast_expected(source.column(name)[row].as_py())
+            assert same(from_feast[name][i], want), (name, i, from_feast[name][i], want)
+            assert same(ours[name][i], want), (name, i, ours[name][i], want)
+
+    moved = rows_for(USER, keys[1:2], T0 + timedelta(minutes=5), shift=4)
+    writer.write(USER, with_changed(moved, np.zeros((1, len(names)), dtype=bool), timestamp=True))
+    stamp = reader.read(USER, keys[1:2], ["ctr_1h"], with_event_timestamp=True).column("event_timestamp")[0]
+    assert stamp.as_py().replace(microsecond=0) == (T0 + timedelta(minutes=5)).replace(microsecond=0)
+    with pytest.raises(ValueError, match="fixed-size list"):
+        writer.write(USER, with_changed(second, changed[:, :3]))
 
 
 def test_redis_writes_in_pipelined_chunks_and_an_error_reply_leaves_the_connection_in_step(

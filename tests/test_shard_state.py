@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from features.definitions import FEATURE_GROUPS
+from features.online import CHANGED_COLUMN
 from features.reference import reference_features
 from streams.engine import runs as runs_module
 from streams.engine import state as state_module
@@ -64,12 +65,17 @@ def fold(
 ) -> dict[str, dict]:
     """Apply batches, restarting from the checkpoint and compacting now and then; the last rows per key."""
     latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}  # only what the changed flags say
     state = ShardState(state_path, 0, checkpoint_interval_s=0)
     for index, rows in enumerate(batches):
         for name, table in state.apply(rows, index + 1).items():
-            key = next(g.key for g in FEATURE_GROUPS if g.name == name)
+            group = next(g for g in FEATURE_GROUPS if g.name == name)
+            fields = [f.name for f in group.features()] + ["event_timestamp"]
             for row in table.to_pylist():
-                latest[name][row[key]] = row
+                flags = row.pop(CHANGED_COLUMN)
+                latest[name][row[group.key]] = row
+                kept = stored[name].setdefault(row[group.key], {})
+                kept.update({field: row[field] for field, flag in zip(fields, flags, strict=True) if flag})
         if index % compact_every == compact_every - 1:
             state.compact(RETENTION_MS)
         assert state.commit()
@@ -77,6 +83,10 @@ def fold(
             state.close()
             state = ShardState(state_path, 0, checkpoint_interval_s=0)
             assert state.next_offset == index + 1
+    for group in FEATURE_GROUPS:  # a store given only the changed features holds the latest rows
+        for key, row in latest[group.name].items():
+            want = {k: v for k, v in row.items() if k != group.key}
+            assert stored[group.name][key] == want, (group.name, key)
     return latest
 
 

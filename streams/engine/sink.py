@@ -29,7 +29,7 @@ import pyarrow as pa
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
 from features.offline import compact_offline, last_row_per_key_and_time
-from features.online import OnlineFeatureWriter, OnlineStoreUnavailableError
+from features.online import CHANGED_COLUMN, OnlineFeatureWriter, OnlineStoreUnavailableError
 from infra.settings import Settings
 
 # Buffered offline rows are written early once this many are waiting (bounds memory).
@@ -47,6 +47,7 @@ class FeatureSink:
         self.groups = {group.name: group for group in groups}
         self._data_dir = settings.feature_repo_dir / "data"
         self._online = OnlineFeatureWriter(settings, tuple(groups))
+        self._changed_only = settings.stream.online_writes == "changed_features"
         self.rows_written = 0
         self.writer_id = f"w{uuid.uuid4().hex[:8]}"  # this sink's offline part files carry it
         self._offline: dict[str, list[pa.Table]] = {}  # written online, not yet offline
@@ -60,9 +61,14 @@ class FeatureSink:
         prepared: dict[str, pa.Table] = {}
         for name, rows in changed.items():
             group = self.groups[name]
-            rows = rows.select(arrow_schema(group).names).cast(arrow_schema(group))
+            schema = arrow_schema(group)
+            mask = rows.column(CHANGED_COLUMN) if CHANGED_COLUMN in rows.column_names else None
+            rows = rows.select(schema.names).cast(schema)  # what the offline store holds
+            online = (
+                rows.append_column(CHANGED_COLUMN, mask) if mask is not None and self._changed_only else rows
+            )
             try:
-                self._online.write(group, rows)
+                self._online.write(group, online)
             except OnlineStoreUnavailableError as exc:
                 raise StoreUnavailableError(str(exc)) from exc
             prepared[name] = rows

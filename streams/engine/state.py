@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
+from features.online import CHANGED_COLUMN
 from streams.engine.keys import KeyIndex
 from streams.engine.router import MASK_COLUMN, key_column
 from streams.engine.runs import SortedRuns
@@ -233,6 +234,9 @@ class GroupState:
         # Per entity id: each window's tile-column sums as of the end of its latest tile
         # (entity, window, column); see _advance_windows.
         self.running = np.zeros((0, len(group.windows), len(self.columns)))
+        # Per entity id: whether this state has emitted its features since it was built or
+        # loaded (until then every feature counts as changed; see features()).
+        self.emitted = np.zeros(0, dtype=bool)
         # Per sum, a count of the same event types: where it is 0 the sum is exactly 0.
         counts = {a.event_types: self.columns.index(a.name) for a in self.additive if a.kind == "count"}
         self._support = {
@@ -252,7 +256,9 @@ class GroupState:
         if batch is None:
             return None
         self.latest = _grow(self.latest, len(self.entities), _NO_TIME)
+        self.running = _grow(self.running, len(self.entities), 0.0)
         previous_latest = self.latest[batch.changed_ids]
+        previous_sums = self.running[batch.changed_ids]  # (a copy: fancy indexing)
         np.maximum.at(self.latest, batch.ids, batch.times)
         codes = [(batch.ids << TILE_BITS) | (batch.times // TILE_MS)]
         deltas = [self._additive_deltas(batch)]
@@ -263,11 +269,13 @@ class GroupState:
         tile_codes, tile_deltas = _summed_by_code(np.concatenate(codes), np.concatenate(deltas, axis=1))
         self.tiles.add(tile_codes, tile_deltas)
         self._advance_windows(batch.changed_ids, previous_latest, tile_codes, tile_deltas)
+        listed: dict[str, _I64] = {}  # per list feature: the entities given a new element
         for aggregation in self.last_n:
             mask = self._mask(aggregation, batch) & batch.table.column(
                 aggregation.column or ""
             ).is_valid().to_numpy(zero_copy_only=False)
             picked = batch.table.filter(pa.array(mask))
+            listed[aggregation.name] = batch.ids[mask]
             self.lasts[aggregation.name].update(
                 batch.ids[mask],
                 batch.times[mask],
@@ -277,7 +285,53 @@ class GroupState:
                     dtype=object,
                 ),
             )
-        return self.features(batch.changed_ids, batch.changed_keys)
+        features = self.features(batch.changed_ids, batch.changed_keys)
+        changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed)
+        return features.append_column(CHANGED_COLUMN, changed)
+
+    def _changed_features(
+        self, ids: _I64, previous_latest: _I64, previous_sums: _F64, listed: Mapping[str, _I64]
+    ) -> pa.FixedSizeListArray:
+        """Per entity of ``ids``: which features (``group.features()`` order), then whether the
+        event timestamp, differ from those last emitted (the layout of ``CHANGED_COLUMN``).
+
+        Why: an event changes a few of an entity's features (an impression moves its
+        impression counts and spend, not its clicks or conversion rates), and the online
+        store's cost is per stored feature, so the writer stores only these. A window sum
+        changed where its running sums did (they are the features' only inputs); a rate
+        where its value did; a list where an element arrived or the window's start moved
+        past one. An entity not emitted since this state was built or loaded gets all of
+        them: what is in the store then is unknown.
+        """
+        group = self.group
+        after = self.running[ids]
+        moved = previous_latest // TILE_MS != self.latest[ids] // TILE_MS  # the windows' end moved
+        self.emitted = _grow(self.emitted, len(self.entities), False)
+        fresh = ~self.emitted[ids]
+        self.emitted[ids] = True
+        differs = after != previous_sums  # (entity, window, column)
+        changed: dict[str, NDArray[np.bool_]] = {}
+        for aggregation in group.aggregations:
+            if aggregation.kind == "last_n":
+                changed[aggregation.name] = moved | np.isin(ids, listed[aggregation.name])
+                continue
+            column = self.columns.index(aggregation.name)
+            support = self._support.get(aggregation.name, column)
+            for w, window in enumerate(group.windows):
+                changed[f"{aggregation.name}_{window.name}"] = differs[:, w, column] | differs[:, w, support]
+        for ratio in group.ratios:
+            numerator = self.columns.index(ratio.numerator)
+            denominator = self.columns.index(ratio.denominator)
+            for w, window in enumerate(group.windows):
+                rates = [
+                    np.divide(sums[:, w, numerator], sums[:, w, denominator], out=np.zeros(len(ids)),
+                              where=sums[:, w, denominator] > 0)
+                    for sums in (previous_sums, after)
+                ]  # fmt: skip
+                changed[f"{ratio.name}_{window.name}"] = rates[0] != rates[1]
+        flags = [changed[feature.name] for feature in group.features()] + [moved]  # the timestamp last
+        matrix = np.stack(flags, axis=1) | fresh[:, None]
+        return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
 
     def _select(self, rows: pa.Table) -> _Batch | None:
         # The router sets this group's bit only on rows of the event types the group counts.
@@ -473,6 +527,7 @@ class GroupState:
         live = self.latest[: len(self.entities)] >= horizon_ms
         self._forget_minute_tiles_before(horizon_tile, live)
         self.running = self.running[: len(live)][live].copy()
+        self.emitted = _grow(self.emitted, len(live), False)[: len(live)][live].copy()
         remap = self.entities.keep(live)
         self.latest = self.latest[: len(live)][live].copy()
         tile_codes, tile_values = self.tiles.consolidate()
@@ -510,6 +565,10 @@ class GroupState:
                 continue
             entity, tile = entity[old], codes[old] & _TILE_MASK
             self._add_inside_windows(entity, tile, _end_tile(self.latest[entity]), -values[:, old])
+            # Their stored features still count these tiles: the next emission compares
+            # against sums the store never saw, so it must write everything.
+            self.emitted = _grow(self.emitted, len(self.entities), False)
+            self.emitted[entity] = False
 
     def to_arrays(self) -> dict[str, Any]:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
