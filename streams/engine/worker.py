@@ -10,7 +10,9 @@ One worker process is one member of a Kafka consumer group reading two topics:
    changed entities' features are written to Feast (:mod:`~streams.engine.sink`).
 
 Every ``flush_interval_ms`` (``backlog_flush_interval_ms`` while it is catching up on a
-backlog) the worker makes a cycle durable, in this order: routed
+backlog) the worker first reads back what it routed to its own shards (so a cycle
+stores the features of the events it read, instead of the next cycle doing so: that
+halves event-to-feature latency), then makes the cycle durable, in this order: routed
 records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
 features stored online (retried with backoff while a store is down, with consumption
 paused and nothing committed); when a shard checkpoint is due, the buffered offline
@@ -36,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -161,9 +164,12 @@ class StreamWorker:
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
         self._pending_rows = 0
+        self._newest_event_ms: int | None = None  # Kafka timestamp of the last event read
+        self._shipped: dict[int, int] = {}  # per shard: the highest offset Kafka acknowledged for this worker
         self._stopping = False
         self._failed = False
         self._assigned = False  # no partitions yet: the group join has not finished
+        self._assignment_generation = 0  # changes with every assignment and revocation
         self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
         self._last_compact = time.monotonic()
         self._last_offline_compact = time.monotonic()
@@ -184,7 +190,6 @@ class StreamWorker:
                 "compression.type": "lz4",
                 "message.max.bytes": 2_000_000,
                 "on_delivery": self._on_delivery,
-                "delivery.report.only.error": True,
             }
         )
         self._dead_letters = EventProducer(settings, on_invalid="dead_letter")
@@ -227,17 +232,19 @@ class StreamWorker:
         try:
             while not self._stopping:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
-                behind = len(messages) >= config.batch_max_events
                 if messages:
                     self.stats.last_message = time.monotonic()
                     if self.stats.first_message is None:
                         self.stats.first_message = self.stats.last_message
                     self._handle(messages)
+                full = len(messages) >= config.batch_max_events
+                behind = full and self._reading_behind(backlog_flush_every)
                 now = time.monotonic()
                 if (
                     now - last_flush >= (backlog_flush_every if behind else flush_every)
                     or self._pending_rows >= _MAX_PENDING_ROWS
                 ):
+                    self._read_own_shipments(timeout_s=flush_every)
                     self.checkpoint()
                     last_flush = now
                 if deadline is not None and now >= deadline:
@@ -256,6 +263,19 @@ class StreamWorker:
             gc.unfreeze()
             self.close()
         return self.stats
+
+    def _reading_behind(self, by_s: float) -> bool:
+        """Whether the newest event read was appended to Kafka more than ``by_s`` seconds ago.
+
+        A full micro-batch alone does not mean a backlog: live traffic fills one too at a
+        high rate, and switching to long cycles then costs freshness for nothing. Events
+        that are already this old cannot be fresh any more, so catching up comes first.
+        (Kafka's timestamps come from the producers' clocks, or the broker's with
+        ``message.timestamp.type=LogAppendTime``; without one, a full batch decides.)
+        """
+        if self._newest_event_ms is None:
+            return True
+        return time.time() * 1000 - self._newest_event_ms > by_s * 1000
 
     def _handle(self, messages: list[Message]) -> None:
         events: list[Message] = []
@@ -276,6 +296,8 @@ class StreamWorker:
                     self._pending_rows += rows.num_rows
                 self._pending_next[partition] = message.offset() + 1
         if events:
+            kind, timestamp_ms = events[-1].timestamp()
+            self._newest_event_ms = timestamp_ms if kind != TIMESTAMP_NOT_AVAILABLE else None
             self._route(events)
 
     def _route(self, messages: list[Message]) -> None:
@@ -313,6 +335,44 @@ class StreamWorker:
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
+    def _read_own_shipments(self, *, timeout_s: float) -> None:
+        """Consume until the rows this worker shipped to its own shards are read back (or ``timeout_s``).
+
+        Without this, rows routed in one cycle reach their shard's state in the next: a
+        whole extra cycle between an event and its features. Everything still goes through
+        the repartition topic (the log a restart replays), in its order; this only reads
+        it before storing. Messages of the events topic that arrive meanwhile are routed
+        as usual (their rows are stored by the next cycle). Runs outside
+        :meth:`checkpoint`, where the run loop's own reads run, so a rebalance
+        triggered here is handled exactly as there; it ends the wait.
+        """
+        self._flush_producers()
+        targets = {shard: offset + 1 for shard, offset in self._shipped.items() if shard in self._shards}
+        self._shipped.clear()
+        deadline = time.monotonic() + timeout_s
+        batch = self.settings.stream.batch_max_events
+        assignment = self._assignment_generation
+        while targets and not self._stopping and assignment == self._assignment_generation:
+            targets = {
+                shard: target
+                for shard, target in targets.items()
+                if shard in self._shards and self._read_up_to(shard) < target
+            }
+            remaining = deadline - time.monotonic()
+            if not targets or remaining <= 0:
+                break
+            messages = self._consumer.consume(batch, remaining)
+            if messages:
+                self.stats.last_message = time.monotonic()
+                self._handle(messages)
+
+    def _read_up_to(self, shard: int) -> int:
+        """The next repartition offset of ``shard`` this worker has not read yet (-1: none read)."""
+        if shard in self._pending_next:
+            return self._pending_next[shard]
+        state = self._shards[shard]
+        return state.next_offset if state.next_offset is not None else -1
+
     def _dead_letter(self, message: Message, reason: str, error_class: str) -> None:
         source = f"{message.topic()}[{message.partition()}]@{message.offset()}"
         self._dead_letters.dead_letter(message.value() or b"", reason, error_class=error_class, source=source)
@@ -321,6 +381,11 @@ class StreamWorker:
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is not None:
             self._failed_records.append(f"{message.topic()}[{message.partition()}]: {error}")
+            return
+        offset = message.offset()
+        partition = message.partition()
+        if offset is not None and partition is not None and offset > self._shipped.get(partition, -1):
+            self._shipped[partition] = offset
 
     # -- durability ------------------------------------------------------------------------
 
@@ -454,6 +519,7 @@ class StreamWorker:
                     self._shards[tp.partition] = state
                 tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
         self._assigned = True
+        self._assignment_generation += 1
         self._start_offsets = {(tp.topic, tp.partition): tp.offset for tp in partitions}
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
         consumer.assign(partitions)
@@ -462,6 +528,7 @@ class StreamWorker:
         if not self._failed:
             self.checkpoint(final=True)
         self._assigned = False  # until the next assignment: "caught up" means nothing while unassigned
+        self._assignment_generation += 1
         for tp in partitions:
             if tp.topic == self._events_topic:
                 self._watermarks.pop(tp.partition, None)
