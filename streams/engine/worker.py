@@ -38,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -164,7 +163,7 @@ class StreamWorker:
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
         self._pending_rows = 0
-        self._newest_event_ms: int | None = None  # Kafka timestamp of the last event read
+        self._newest_event_ms: int | None = None  # the highest watermark (event time) read
         self._shipped: dict[int, int] = {}  # per shard: the highest offset Kafka acknowledged for this worker
         self._stopping = False
         self._failed = False
@@ -265,13 +264,13 @@ class StreamWorker:
         return self.stats
 
     def _reading_behind(self, by_s: float) -> bool:
-        """Whether the newest event read was appended to Kafka more than ``by_s`` seconds ago.
+        """Whether the newest event time read so far (the highest partition watermark) is ``by_s`` old.
 
         A full micro-batch alone does not mean a backlog: live traffic fills one too at a
         high rate, and switching to long cycles then costs freshness for nothing. Events
         that are already this old cannot be fresh any more, so catching up comes first.
-        (Kafka's timestamps come from the producers' clocks, or the broker's with
-        ``message.timestamp.type=LogAppendTime``; without one, a full batch decides.)
+        (Event times come from the producers' clocks: a producer clock running behind
+        by more than ``by_s`` makes live traffic look like a backlog.)
         """
         if self._newest_event_ms is None:
             return True
@@ -296,8 +295,6 @@ class StreamWorker:
                     self._pending_rows += rows.num_rows
                 self._pending_next[partition] = message.offset() + 1
         if events:
-            kind, timestamp_ms = events[-1].timestamp()
-            self._newest_event_ms = timestamp_ms if kind != TIMESTAMP_NOT_AVAILABLE else None
             self._route(events)
 
     def _route(self, messages: list[Message]) -> None:
@@ -315,6 +312,7 @@ class StreamWorker:
             self._dead_letter(messages[int(batch.positions[row])], reason, "LateEventError")
         self.stats.late += len(routed.late)
         self._watermarks = routed.watermarks
+        self._newest_event_ms = max(self._watermarks.values(), default=None)
         for shard, rows in routed.shards.items():
             for start in range(0, rows.num_rows, _MAX_SHIP_ROWS):
                 self._ship(shard, rows.slice(start, _MAX_SHIP_ROWS))
@@ -351,6 +349,7 @@ class StreamWorker:
         self._shipped.clear()
         deadline = time.monotonic() + timeout_s
         batch = self.settings.stream.batch_max_events
+        read_timeout_s = self.settings.stream.batch_timeout_ms / 1000
         assignment = self._assignment_generation
         while targets and not self._stopping and assignment == self._assignment_generation:
             targets = {
@@ -361,7 +360,8 @@ class StreamWorker:
             remaining = deadline - time.monotonic()
             if not targets or remaining <= 0:
                 break
-            messages = self._consumer.consume(batch, remaining)
+            # consume() returns early only once ``batch`` messages are in: wait in short reads
+            messages = self._consumer.consume(batch, min(remaining, read_timeout_s))
             if messages:
                 self.stats.last_message = time.monotonic()
                 self._handle(messages)
