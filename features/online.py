@@ -507,19 +507,29 @@ class _GroupLayout:
     arrow_types: dict[str, pa.DataType]
     hash_fields: dict[str, bytes]  # Redis hash field of each feature
     ts_field: bytes  # Redis field holding the event timestamp
+    field_bulks: dict[str, U8Array]  # each hash field as a RESP bulk string (all of one length)
+    names_by_type: dict[FeatureType, tuple[str, ...]]  # the features of each type, in order
 
     @classmethod
     def of(cls, project: str, group: FeatureGroup) -> _GroupLayout:
         schema = arrow_schema(group)
         features = tuple(f.name for f in group.features())
+        hash_fields = {name: _feast_hash_field(group.name, name) for name in features}  # 4 bytes each
         return cls(
             group=group,
             table=f"{project}_{group.name}",
             features=features,
             types={f.name: f.type for f in group.features()},
             arrow_types={name: schema.field(name).type for name in features},
-            hash_fields={name: _feast_hash_field(group.name, name) for name in features},
+            hash_fields=hash_fields,
             ts_field=f"_ts:{group.name}".encode(),
+            field_bulks={
+                name: np.frombuffer(_bulk_const(field), np.uint8) for name, field in hash_fields.items()
+            },
+            names_by_type={
+                kind: tuple(f.name for f in group.features() if f.type == kind)
+                for kind in dict.fromkeys(f.type for f in group.features())
+            },
         )
 
 
@@ -719,6 +729,66 @@ class _Store:
         finally:
             pool.release(connection)
 
+    def redis_write_pipeline(self, chunks: Iterable[tuple[list[bytes | memoryview], int]]) -> None:
+        """:meth:`redis_pipeline` for commands whose replies are one line each (``HSET``: ``:<n>``).
+
+        Such replies need no parser: they are counted in the raw bytes, a chunk's worth of
+        line ends at a time, instead of one parser call per reply (several microseconds
+        each, a quarter of a large write). Error replies (``-<message>``) are collected and
+        the first is raised once every reply is read, so the connection stays in step. A
+        connection without a plain socket (not redis-py 5's) falls back to the parser.
+        """
+        import redis
+
+        client = self.redis()
+        pool = client.connection_pool
+        try:
+            connection = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name
+            connection = pool.get_connection("PIPELINE")
+        if getattr(connection, "_sock", None) is None:
+            connection.connect()
+        sock = getattr(connection, "_sock", None)
+        if sock is None or not hasattr(sock, "recv"):
+            pool.release(connection)
+            self.redis_pipeline(chunks)
+            return
+        pending = b""  # bytes received past the replies counted so far
+        errors: list[bytes] = []
+
+        def read(replies: int) -> None:
+            nonlocal pending
+            while replies:
+                data = np.frombuffer(pending, np.uint8)
+                ends = np.flatnonzero((data[:-1] == 13) & (data[1:] == 10)) if len(data) > 1 else data[:0]
+                if len(ends) >= replies:
+                    cut = int(ends[replies - 1]) + 2
+                    lines, pending = pending[:cut], pending[cut:]
+                    if lines.startswith(b"-") or b"\r\n-" in lines:
+                        errors.extend(line[1:] for line in lines.split(b"\r\n") if line.startswith(b"-"))
+                    return
+                received = sock.recv(65_536)
+                if not received:
+                    raise redis.exceptions.ConnectionError("Redis closed the connection while replying")
+                pending += received
+
+        try:
+            unread = 0
+            for packed, replies in chunks:
+                connection.send_packed_command(packed)
+                read(unread)
+                unread = replies
+            read(unread)
+            if pending:
+                raise redis.exceptions.ResponseError(f"unexpected bytes after the replies: {pending[:80]!r}")
+            if errors:
+                raise redis.exceptions.ResponseError(errors[0].decode(errors="replace"))
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+
     def close(self) -> None:
         with self._lock:
             self.close_sqlite()
@@ -729,8 +799,12 @@ class _Store:
                     self._redis = None
 
 
-def _bulk(values: pa.Array) -> pa.Array:
-    """RESP bulk strings: ``$<len>\\r\\n<bytes>\\r\\n`` for each value."""
+def _bulk(values: pa.Array, prefixes: U8Array | None = None) -> pa.Array:
+    """RESP bulk strings: ``$<len>\\r\\n<bytes>\\r\\n`` for each value, after ``prefixes[i]`` if given.
+
+    ``prefixes`` is a (values, k) byte matrix: row ``i`` goes before value ``i`` (the
+    writer puts each value's hash field there, itself a bulk string, in the same pass).
+    """
     lengths = np.asarray(pc.binary_length(values).to_numpy(zero_copy_only=False), np.int64)
     digits = np.ones(len(lengths), np.int64)
     longest = int(lengths.max(initial=0))
@@ -739,15 +813,18 @@ def _bulk(values: pa.Array) -> pa.Array:
             break
         digits += lengths >= 10**power
     width = int(digits.max(initial=1))
-    matrix = np.empty((len(lengths), width + 3), np.uint8)
-    matrix[:, 0] = ord("$")
+    skip = 0 if prefixes is None else prefixes.shape[1]
+    matrix = np.empty((len(lengths), skip + width + 3), np.uint8)
+    if prefixes is not None:
+        matrix[:, :skip] = prefixes
+    matrix[:, skip] = ord("$")
     for column in range(width):
         place = digits - 1 - column  # decimal place written in this column (negative: past the end)
-        matrix[:, column + 1] = (lengths // 10 ** np.maximum(place, 0)) % 10 + ord("0")
+        matrix[:, skip + column + 1] = (lengths // 10 ** np.maximum(place, 0)) % 10 + ord("0")
     rows = np.arange(len(lengths))
-    matrix[rows, digits + 1] = ord("\r")
-    matrix[rows, digits + 2] = ord("\n")
-    return _join(_prefix_rows(matrix, digits + 3), values, _const(b"\r\n"))
+    matrix[rows, skip + digits + 1] = ord("\r")
+    matrix[rows, skip + digits + 2] = ord("\n")
+    return _join(_prefix_rows(matrix, skip + digits + 3), values, _const(b"\r\n"))
 
 
 def _hset_header(features: int) -> bytes:
@@ -947,7 +1024,7 @@ class OnlineFeatureWriter:
                 yield [memoryview(buffers[2])[bounds[0] : bounds[-1]]], stop - start
 
         with self._store.redis_errors(f"writing {n} {layout.group.name} rows"):
-            self._store.redis_pipeline(chunks())
+            self._store.redis_write_pipeline(chunks())
 
     def _hset_commands(
         self,
@@ -957,29 +1034,68 @@ class OnlineFeatureWriter:
         event_us: I64Array,
         changed: npt.NDArray[np.bool_] | None,
     ) -> pa.Array:
-        """One RESP ``HSET`` command per row: the timestamp and every (changed) feature."""
-        features = len(layout.features)
+        """One RESP ``HSET`` command per row: the timestamp and every (changed) feature.
+
+        Built as pieces, then put in order by one ``take``: each row's head (command,
+        key, timestamp), then the ``field value`` pairs of its changed features. Only those
+        values are encoded (one pass per feature type over all rows, feature-major), and
+        Redis does not care about the order of a command's fields, so each row's pieces
+        just need to be contiguous, head first.
+        """
+        n, features = rows.num_rows, len(layout.features)
         if changed is None or changed.all():
-            header: pa.Array | pa.Scalar = _const(_hset_header(features))
-        else:  # each row's argument count, picked from the few possible headers
-            headers = pa.array([_hset_header(k) for k in range(features + 1)], pa.large_binary())
-            header = headers.take(pa.array(changed.sum(axis=1)))
+            return self._full_hset_commands(layout, rows, entity_keys, event_us)
+        written = changed
+        counts = written.sum(axis=1)
+        headers = pa.array([_hset_header(k) for k in range(features + 1)], pa.large_binary())
+        pieces = [
+            _join(
+                headers.take(pa.array(counts)),
+                _bulk(_join(entity_keys, _const(self._store.project.encode()))),
+                _const(_bulk_const(layout.ts_field)),
+                _bulk(_timestamp_protos(event_us)),
+            )
+        ]
+        # Where each piece goes: row r's pieces start at starts[r]; its changed feature j
+        # comes ranks[r, j] places after the head.
+        starts = np.r_[0, np.cumsum(counts + 1)[:-1]]
+        ranks = np.cumsum(written, axis=1)
+        destinations = [starts]
+        position = {name: j for j, name in enumerate(layout.features)}
+        for feature_type, names in layout.names_by_type.items():
+            columns = [position[name] for name in names]
+            picked = written[:, columns].T.ravel()  # feature-major, as the values are concatenated
+            if not picked.any():
+                continue
+            values = pa.concat_arrays([_column(rows, name, layout.arrow_types[name]) for name in names])
+            if not picked.all():
+                values = values.filter(pa.array(picked))
+            fields = np.repeat(np.stack([layout.field_bulks[name] for name in names]), n, axis=0)[picked]
+            pieces.append(_bulk(_ENCODERS[feature_type](values), fields))
+            entry = np.flatnonzero(picked)
+            row, column = entry % n, np.asarray(columns)[entry // n]
+            destinations.append(starts[row] + ranks[row, column])
+        order = np.empty(int(counts.sum()) + n, np.int64)
+        order[np.concatenate(destinations)] = np.arange(len(order))
+        taken = pa.concat_arrays(pieces).take(pa.array(order))
+        ends = np.frombuffer(taken.buffers()[1], np.int64, len(taken) + 1, taken.offset * 8)
+        return _binary(taken.buffers()[2], ends[np.r_[starts, len(order)]])
+
+    def _full_hset_commands(
+        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array, event_us: I64Array
+    ) -> pa.Array:
+        """:meth:`_hset_commands` of rows that write every feature: one row-wise join of all the
+        pieces (about a third faster than placing them, when nothing is left out)."""
         parts: list[pa.Array | pa.Scalar] = [
-            header,
+            _const(_hset_header(len(layout.features))),
             _bulk(_join(entity_keys, _const(self._store.project.encode()))),
             _const(_bulk_const(layout.ts_field)),
             _bulk(_timestamp_protos(event_us)),
         ]
-        position = {name: i for i, name in enumerate(layout.features)}
         for block in _encode_by_type(layout, rows):
             bulk = _EncodedBlock(block.names, _bulk(block.values), rows.num_rows)  # one RESP pass per type
             for name, values in bulk.columns().items():
-                field = _const(_bulk_const(layout.hash_fields[name]))
-                written = None if changed is None else changed[:, position[name]]
-                if written is None or written.all():
-                    parts += [field, values]
-                elif written.any():
-                    parts.append(pc.if_else(pa.array(written), _join(field, values), _EMPTY))
+                parts += [_const(_bulk_const(layout.hash_fields[name])), values]
         return _join(*parts)
 
     def close(self) -> None:
