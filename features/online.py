@@ -52,7 +52,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -695,39 +695,24 @@ class _Store:
         """
         import redis
 
-        client = self.redis()
-        pool = client.connection_pool
-        try:
-            connection = pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants a command name
-            connection = pool.get_connection("PIPELINE")
+        connection = self._pooled_connection()
         out: list[Any] = []
-        error: redis.exceptions.ResponseError | None = None
+        errors: list[redis.exceptions.ResponseError] = []
 
         def read(replies: int) -> None:
-            nonlocal error
             for _ in range(replies):
                 try:
                     out.append(connection.read_response())
                 except redis.exceptions.ResponseError as exc:
-                    error = error or exc
+                    errors.append(exc)
                     out.append(None)
 
-        try:
-            unread = 0
-            for packed, replies in chunks:
-                connection.send_packed_command(packed)
-                read(unread)
-                unread = replies
-            read(unread)
-            if error is not None:
-                raise error
-            return out
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
+        def finish() -> None:
+            if errors:
+                raise errors[0]
+
+        self._one_chunk_ahead(connection, chunks, read, finish)
+        return out
 
     def redis_write_pipeline(self, chunks: Iterable[tuple[list[bytes | memoryview], int]]) -> None:
         """:meth:`redis_pipeline` for commands whose replies are one line each (``HSET``: ``:<n>``).
@@ -740,17 +725,12 @@ class _Store:
         """
         import redis
 
-        client = self.redis()
-        pool = client.connection_pool
-        try:
-            connection = pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants a command name
-            connection = pool.get_connection("PIPELINE")
+        connection = self._pooled_connection()
         if getattr(connection, "_sock", None) is None:
             connection.connect()
         sock = getattr(connection, "_sock", None)
         if sock is None or not hasattr(sock, "recv"):
-            pool.release(connection)
+            self.redis().connection_pool.release(connection)
             self.redis_pipeline(chunks)
             return
         pending = b""  # bytes received past the replies counted so far
@@ -772,6 +752,32 @@ class _Store:
                     raise redis.exceptions.ConnectionError("Redis closed the connection while replying")
                 pending += received
 
+        def finish() -> None:
+            if pending:
+                raise redis.exceptions.ResponseError(f"unexpected bytes after the replies: {pending[:80]!r}")
+            if errors:
+                raise redis.exceptions.ResponseError(errors[0].decode(errors="replace"))
+
+        self._one_chunk_ahead(connection, chunks, read, finish)
+
+    def _pooled_connection(self) -> Any:
+        pool = self.redis().connection_pool
+        try:
+            return pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name
+            return pool.get_connection("PIPELINE")
+
+    def _one_chunk_ahead(
+        self,
+        connection: Any,
+        chunks: Iterable[tuple[list[bytes | memoryview], int]],
+        read: Callable[[int], None],
+        finish: Callable[[], None],
+    ) -> None:
+        """Send each chunk, then ``read`` the previous one's replies; ``finish`` raises what was refused.
+
+        Any failure drops the connection (it may be out of step); it goes back to the pool.
+        """
         try:
             unread = 0
             for packed, replies in chunks:
@@ -779,15 +785,12 @@ class _Store:
                 read(unread)
                 unread = replies
             read(unread)
-            if pending:
-                raise redis.exceptions.ResponseError(f"unexpected bytes after the replies: {pending[:80]!r}")
-            if errors:
-                raise redis.exceptions.ResponseError(errors[0].decode(errors="replace"))
+            finish()
         except BaseException:
             connection.disconnect()
             raise
         finally:
-            pool.release(connection)
+            self.redis().connection_pool.release(connection)
 
     def close(self) -> None:
         with self._lock:
