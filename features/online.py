@@ -80,7 +80,8 @@ CHANGED_COLUMN: Final = "_changed_features"
 in ``group.features()`` order and one more for the event timestamp, true where the value may
 differ from the stored one. Only those features are written; a table without it writes every
 feature. Redis keeps one timestamp per entity and view (always written); SQLite keeps one
-per stored feature, so there a row whose timestamp changed is written in full. The stream
+per stored feature, so there a row whose timestamp changed also re-stamps its other
+features (one ``UPDATE`` per entity). The stream
 engine sets it (:mod:`streams.engine.state`): most events change a few of an entity's
 features, and the stores' cost is per written feature."""
 
@@ -914,8 +915,10 @@ class OnlineFeatureWriter:
             created_us = self._micros(rows, CREATED_COLUMN)
         else:
             created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
-        if self._store.kind == "redis":
-            self._write_redis(layout, rows, sorted_keys, event_us, changed)
+        if self._store.kind == "redis":  # Redis's timestamp field is written with every row anyway
+            self._write_redis(
+                layout, rows, sorted_keys, event_us, None if changed is None else changed[:, :-1]
+            )
         else:
             blocks = _encode_by_type(layout, rows)
             values = {name: value for block in blocks for name, value in block.columns().items()}
@@ -923,7 +926,7 @@ class OnlineFeatureWriter:
         return int(rows.num_rows)
 
     def _changed(self, layout: _GroupLayout, rows: pa.Table, order: pa.Array) -> npt.NDArray[np.bool_] | None:
-        """The rows' :data:`CHANGED_COLUMN` as a (rows, features) matrix in ``order``; None: write all."""
+        """The rows' :data:`CHANGED_COLUMN` as a (rows, features + 1) matrix in ``order``; None: write all."""
         if CHANGED_COLUMN not in rows.column_names:
             return None
         column = rows.column(CHANGED_COLUMN).combine_chunks()
@@ -934,9 +937,8 @@ class OnlineFeatureWriter:
                 "per row (one per feature, then the timestamp)"
             )
         flat = column.flatten().fill_null(True).to_numpy(zero_copy_only=False)
-        matrix = np.asarray(flat, dtype=bool).reshape(len(column), width)[order.to_numpy()]
-        features, timestamp = matrix[:, :-1], matrix[:, -1:]
-        return np.asarray(features | timestamp if self._store.kind == "sqlite" else features, dtype=bool)
+        matrix = np.asarray(flat, dtype=bool).reshape(len(column), width)
+        return np.asarray(matrix[np.asarray(order.to_numpy(), np.int64)], dtype=bool)
 
     @staticmethod
     def _micros(rows: pa.Table, name: str) -> I64Array:
@@ -959,23 +961,35 @@ class OnlineFeatureWriter:
     ) -> None:
         names = sorted(layout.features)  # rows go in (entity_key, feature_name) order
         n, width = rows.num_rows, len(names)
+        position = {name: i for i, name in enumerate(layout.features)}
+        if changed is None:
+            written, moved = np.ones((n, width), bool), np.zeros(n, bool)
+        else:  # (in names order; a row whose timestamp moved re-stamps its other features below)
+            written, moved = changed[:, [position[name] for name in names]], changed[:, -1]
+            moved = moved & ~written.all(axis=1)
+        entity, feature = np.nonzero(written)  # entity-major, as the primary key
         # Feature-major concatenation, then taken entity-major.
         flat = pa.concat_arrays([values[name] for name in names])
-        entity_major = (np.arange(n)[:, None] + np.arange(width)[None, :] * n).ravel()
-        value_bytes = _to_bytes_list(flat.take(pa.array(entity_major)))
+        value_bytes = _to_bytes_list(flat.take(pa.array(feature * n + entity)))
         texts = np.empty((n, width), dtype=object)
         for j, name in enumerate(names):
-            texts[:, j] = _value_texts(layout.types[name], _column(rows, name, layout.arrow_types[name]))
-        key_bytes = np.repeat(np.asarray(_to_bytes_list(entity_keys), dtype=object), width).tolist()
-        event = np.repeat(_local_epoch_seconds(event_us), width).tolist()
-        created = np.repeat(_local_epoch_seconds(created_us), width).tolist()
-        columns = [key_bytes, names * n, value_bytes, texts.ravel().tolist(), event, created]
-        if changed is not None:
-            position = {name: i for i, name in enumerate(layout.features)}
-            keep = changed[:, [position[name] for name in names]].ravel()  # entity-major, as the params
-            if not keep.all():
-                columns = [np.asarray(column, dtype=object)[keep].tolist() for column in columns]
-        params = zip(*columns, strict=True)
+            picked = written[:, j]
+            if picked.any():
+                column = _column(rows, name, layout.arrow_types[name])
+                texts[picked, j] = _value_texts(layout.types[name], column.filter(pa.array(picked)))
+        key_bytes = np.asarray(_to_bytes_list(entity_keys), dtype=object)
+        event = _local_epoch_seconds(event_us)
+        created = _local_epoch_seconds(created_us)
+        params = zip(
+            key_bytes[entity].tolist(),
+            np.asarray(names, dtype=object)[feature].tolist(),
+            value_bytes,
+            texts[written].tolist(),
+            event[entity].tolist(),
+            created[entity].tolist(),
+            strict=True,
+        )
+        restamp = zip(event[moved].tolist(), created[moved].tolist(), key_bytes[moved].tolist(), strict=True)
         sql = (
             f'INSERT INTO "{layout.table}" '
             "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
@@ -983,6 +997,9 @@ class OnlineFeatureWriter:
             "value = excluded.value, value_text = excluded.value_text, "
             "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
         )
+        # SQLite keeps a timestamp per stored feature and Feast reports one of them: keep the
+        # unchanged features' in step, one statement per entity.
+        restamp_sql = f'UPDATE "{layout.table}" SET event_ts = ?, created_ts = ? WHERE entity_key = ?'
         with self._store.sqlite_errors(f"writing {n} {layout.group.name} rows"):
             connection = self._store.sqlite()
             if self._sqlite_wal and not self._wal_checked:
@@ -991,6 +1008,8 @@ class OnlineFeatureWriter:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.executemany(sql, params)
+                if moved.any():
+                    connection.executemany(restamp_sql, restamp)
                 connection.execute("COMMIT")
             except BaseException:
                 if connection.in_transaction:

@@ -242,10 +242,32 @@ def test_rows_with_a_changed_mask_write_only_those_features(backend: Any) -> Non
             assert same(from_feast[name][i], want), (name, i, from_feast[name][i], want)
             assert same(ours[name][i], want), (name, i, ours[name][i], want)
 
-    moved = rows_for(USER, keys[1:2], T0 + timedelta(minutes=5), shift=4)
-    writer.write(USER, with_changed(moved, np.zeros((1, len(names)), dtype=bool), timestamp=True))
-    stamp = reader.read(USER, keys[1:2], ["ctr_1h"], with_event_timestamp=True).column("event_timestamp")[0]
-    assert stamp.as_py().replace(microsecond=0) == (T0 + timedelta(minutes=5)).replace(microsecond=0)
+    # A later timestamp with one changed feature: that feature and the timestamp are new; the
+    # rest keep their values (SQLite, which stamps each feature, re-stamps them all).
+    moved = rows_for(USER, keys[1:2], T0 + timedelta(minutes=5), shift=9)
+    one = np.zeros((1, len(names)), dtype=bool)
+    one[0, 5] = True
+    writer.write(USER, with_changed(moved, one, timestamp=True))
+    from_feast = feast_read(store, USER, keys[1:2], names)
+    ours = reader.read(USER, keys[1:2], with_event_timestamp=True).to_pydict()
+    for j, name in enumerate(names):
+        want = feast_expected((moved if j == 5 else first).column(name)[0 if j == 5 else 1].as_py())
+        assert same(from_feast[name][0], want) and same(ours[name][0], want), (
+            name,
+            from_feast[name][0],
+            want,
+        )
+    assert ours["event_timestamp"][0].replace(microsecond=0) == (T0 + timedelta(minutes=5)).replace(
+        microsecond=0
+    )
+    if backend[0].features.online_store == "sqlite":
+        with sqlite3.connect(backend[0].feature_repo_dir / "online.db") as db:
+            table = f"{backend[0].features.project}_{USER.name}"
+            stamps = db.execute(
+                f'SELECT DISTINCT event_ts FROM "{table}" WHERE entity_key = ?',
+                (serialize_entity_key(USER, keys[1]),),
+            ).fetchall()
+        assert len(stamps) == 1, "every stored feature of the entity carries the new timestamp"
     with pytest.raises(ValueError, match="fixed-size list"):
         writer.write(USER, with_changed(second, changed[:, :3]))
 
