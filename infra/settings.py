@@ -190,10 +190,14 @@ class StreamSettings(BaseModel):
     backlog_flush_interval_ms: int = Field(
         3_000,
         gt=0,
-        description="While the worker is behind (its last read filled a whole micro-batch), changed features "
-        "are stored this often instead: features computed mid-backlog are outdated a cycle later anyway, and "
-        "each store costs per changed entity, so longer cycles catch up faster (like Kafka Streams' record "
-        "cache). Back to flush_interval_ms as soon as a read comes back short.",
+        description=(
+            "While the worker is behind (its last read filled a whole micro-batch and the newest event time "
+            "read is older than this), changed features are stored this often instead: features computed "
+            "mid-backlog are outdated a cycle later anyway, and each store costs per changed entity, so "
+            "longer cycles catch up faster (like Kafka Streams' record cache). Back to flush_interval_ms as "
+            "soon as a read comes back short or reaches recent events (live traffic at a high rate fills "
+            "whole reads too)."
+        ),
     )
     checkpoint_interval_s: float = Field(
         10.0,

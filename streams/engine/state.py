@@ -179,6 +179,11 @@ def _end_tile(latest_ms: _I64) -> _I64:
     return latest_ms // TILE_MS + 1
 
 
+def _rate(numerator: _F64, denominator: _F64) -> _F64:
+    """``numerator / denominator``, and 0 where the denominator is not positive (an empty window)."""
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code."""
     order = np.argsort(codes, kind="stable")
@@ -235,7 +240,7 @@ class GroupState:
         # (entity, window, column); see _advance_windows.
         self.running = np.zeros((0, len(group.windows), len(self.columns)))
         # Per entity id: whether this state has emitted its features since it was built or
-        # loaded (until then every feature counts as changed; see features()).
+        # loaded (until then every feature counts as changed; see _changed_features()).
         self.emitted = np.zeros(0, dtype=bool)
         # Per sum, a count of the same event types: where it is 0 the sum is exactly 0.
         counts = {a.event_types: self.columns.index(a.name) for a in self.additive if a.kind == "count"}
@@ -323,12 +328,9 @@ class GroupState:
             numerator = self.columns.index(ratio.numerator)
             denominator = self.columns.index(ratio.denominator)
             for w, window in enumerate(group.windows):
-                rates = [
-                    np.divide(sums[:, w, numerator], sums[:, w, denominator], out=np.zeros(len(ids)),
-                              where=sums[:, w, denominator] > 0)
-                    for sums in (previous_sums, after)
-                ]  # fmt: skip
-                changed[f"{ratio.name}_{window.name}"] = rates[0] != rates[1]
+                before = _rate(previous_sums[:, w, numerator], previous_sums[:, w, denominator])
+                now = _rate(after[:, w, numerator], after[:, w, denominator])
+                changed[f"{ratio.name}_{window.name}"] = before != now
         flags = [changed[feature.name] for feature in group.features()] + [moved]  # the timestamp last
         matrix = np.stack(flags, axis=1) | fresh[:, None]
         return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
@@ -486,8 +488,7 @@ class GroupState:
             numerator = self.columns.index(ratio.numerator)
             denominator = self.columns.index(ratio.denominator)
             for w, window in enumerate(group.windows):
-                num, den = window_sums[:, w, numerator], window_sums[:, w, denominator]
-                rate = np.divide(num, den, out=np.zeros(len(ids)), where=den > 0)
+                rate = _rate(window_sums[:, w, numerator], window_sums[:, w, denominator])
                 columns[f"{ratio.name}_{window.name}"] = pa.array(rate, pa.float64())
         return pa.table(columns)
 

@@ -264,7 +264,7 @@ class StreamWorker:
         return self.stats
 
     def _reading_behind(self, by_s: float) -> bool:
-        """Whether the newest event time read so far (the highest partition watermark) is ``by_s`` old.
+        """Whether the newest event time read so far (the highest partition watermark) is over ``by_s`` old.
 
         A full micro-batch alone does not mean a backlog: live traffic fills one too at a
         high rate, and switching to long cycles then costs freshness for nothing. Events
