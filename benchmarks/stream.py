@@ -102,13 +102,20 @@ def bench_core(payloads: list[bytes], batch: int) -> dict[str, Any]:
     }
 
 
+def _redis(settings: Settings) -> Any:
+    """A client of the Redis server the settings' online store uses (host:port part)."""
+    import redis
+
+    host, _, port = settings.features.redis_connection.split(",")[0].partition(":")
+    return redis.Redis(host=host, port=int(port or 6379))
+
+
 def _redis_cpu_s(settings: Settings) -> float | None:
     """CPU seconds the Redis server has used so far (its INFO), or None if unreachable."""
     import redis
 
-    host, _, port = settings.features.redis_connection.split(",")[0].partition(":")
     try:
-        info: Any = redis.Redis(host=host, port=int(port or 6379)).info("cpu")
+        info: Any = _redis(settings).info("cpu")
     except redis.RedisError:
         return None
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -116,10 +123,7 @@ def _redis_cpu_s(settings: Settings) -> float | None:
 
 def _drop_redis_project(settings: Settings) -> None:
     """Delete a benchmark project's keys from the shared Redis server (each run uses a new project)."""
-    import redis
-
-    host, _, port = settings.features.redis_connection.split(",")[0].partition(":")
-    client = redis.Redis(host=host, port=int(port or 6379))
+    client = _redis(settings)
     keys: list[bytes] = []
     for key in client.scan_iter(match=b"*" + settings.features.project.encode(), count=10_000):
         keys.append(key)

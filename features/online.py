@@ -303,11 +303,8 @@ def _encode_by_type(layout: _GroupLayout, rows: pa.Table) -> list[_EncodedBlock]
     and NumPy calls, so encoding the columns of a type concatenated costs a fixed few
     milliseconds per write instead of one pass per feature (most of a small write).
     """
-    names_by_type: dict[str, list[str]] = {}
-    for name in layout.features:
-        names_by_type.setdefault(layout.types[name], []).append(name)
     blocks = []
-    for feature_type, names in names_by_type.items():
+    for feature_type, names in layout.names_by_type.items():
         columns = [_column(rows, name, layout.arrow_types[name]) for name in names]
         encoded = _ENCODERS[feature_type](pa.concat_arrays(columns) if len(columns) > 1 else columns[0])
         blocks.append(_EncodedBlock(tuple(names), encoded, rows.num_rows))
@@ -1067,26 +1064,20 @@ class OnlineFeatureWriter:
         n, features = rows.num_rows, len(layout.features)
         if changed is None or changed.all():
             return self._full_hset_commands(layout, rows, entity_keys, event_us)
-        written = changed
-        counts = written.sum(axis=1)
+        counts = changed.sum(axis=1)
         headers = pa.array([_hset_header(k) for k in range(features + 1)], pa.large_binary())
         pieces = [
-            _join(
-                headers.take(pa.array(counts)),
-                _bulk(_join(entity_keys, _const(self._store.project.encode()))),
-                _const(_bulk_const(layout.ts_field)),
-                _bulk(_timestamp_protos(event_us)),
-            )
+            _join(headers.take(pa.array(counts)), *self._key_and_timestamp(layout, entity_keys, event_us))
         ]
         # Where each piece goes: row r's pieces start at starts[r]; its changed feature j
         # comes ranks[r, j] places after the head.
         starts = np.r_[0, np.cumsum(counts + 1)[:-1]]
-        ranks = np.cumsum(written, axis=1)
+        ranks = np.cumsum(changed, axis=1)
         destinations = [starts]
         position = {name: j for j, name in enumerate(layout.features)}
         for feature_type, names in layout.names_by_type.items():
             columns = [position[name] for name in names]
-            picked = written[:, columns].T.ravel()  # feature-major, as the values are concatenated
+            picked = changed[:, columns].T.ravel()  # feature-major, as the values are concatenated
             if not picked.any():
                 continue
             values = pa.concat_arrays([_column(rows, name, layout.arrow_types[name]) for name in names])
@@ -1110,15 +1101,23 @@ class OnlineFeatureWriter:
         pieces (about a third faster than placing them, when nothing is left out)."""
         parts: list[pa.Array | pa.Scalar] = [
             _const(_hset_header(len(layout.features))),
-            _bulk(_join(entity_keys, _const(self._store.project.encode()))),
-            _const(_bulk_const(layout.ts_field)),
-            _bulk(_timestamp_protos(event_us)),
+            *self._key_and_timestamp(layout, entity_keys, event_us),
         ]
         for block in _encode_by_type(layout, rows):
             bulk = _EncodedBlock(block.names, _bulk(block.values), rows.num_rows)  # one RESP pass per type
             for name, values in bulk.columns().items():
                 parts += [_const(_bulk_const(layout.hash_fields[name])), values]
         return _join(*parts)
+
+    def _key_and_timestamp(
+        self, layout: _GroupLayout, entity_keys: pa.Array, event_us: I64Array
+    ) -> list[pa.Array | pa.Scalar]:
+        """What every row's ``HSET`` has after its header: the hash's key, then the timestamp field."""
+        return [
+            _bulk(_join(entity_keys, _const(self._store.project.encode()))),
+            _const(_bulk_const(layout.ts_field)),
+            _bulk(_timestamp_protos(event_us)),
+        ]
 
     def close(self) -> None:
         self._store.close()

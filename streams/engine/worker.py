@@ -231,11 +231,7 @@ class StreamWorker:
         try:
             while not self._stopping:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
-                if messages:
-                    self.stats.last_message = time.monotonic()
-                    if self.stats.first_message is None:
-                        self.stats.first_message = self.stats.last_message
-                    self._handle(messages)
+                self._receive(messages)
                 full = len(messages) >= config.batch_max_events
                 behind = full and self._reading_behind(backlog_flush_every)
                 now = time.monotonic()
@@ -275,6 +271,15 @@ class StreamWorker:
         if self._newest_event_ms is None:
             return True
         return time.time() * 1000 - self._newest_event_ms > by_s * 1000
+
+    def _receive(self, messages: list[Message]) -> None:
+        """Note when messages arrived (progress, idle exit) and handle them."""
+        if not messages:
+            return
+        self.stats.last_message = time.monotonic()
+        if self.stats.first_message is None:
+            self.stats.first_message = self.stats.last_message
+        self._handle(messages)
 
     def _handle(self, messages: list[Message]) -> None:
         events: list[Message] = []
@@ -361,10 +366,7 @@ class StreamWorker:
             if not targets or remaining <= 0:
                 break
             # consume() returns early only once ``batch`` messages are in: wait in short reads
-            messages = self._consumer.consume(batch, min(remaining, read_timeout_s))
-            if messages:
-                self.stats.last_message = time.monotonic()
-                self._handle(messages)
+            self._receive(self._consumer.consume(batch, min(remaining, read_timeout_s)))
 
     def _read_up_to(self, shard: int) -> int:
         """The next repartition offset of ``shard`` this worker has not read yet (-1: none read)."""
