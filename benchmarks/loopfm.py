@@ -20,7 +20,16 @@ the transfer ratio of each variant, ``(VM - VM_base) / (FM - VM_base)``
 the embedding row + the VM) vs the FM (its forward pass over the user's L-event history
 and the same stream features; reading that history is not even counted), as wall time
 and FLOPs; a bootstrap of the evaluation impressions for the transfer of mean gains.
-``--quick`` reads every impression of the VM and evaluation periods (no cap).
+Sizes (every size reads every impression of the VM and evaluation periods, no cap):
+
+* full (the default): 3,000 users, 300,000 events, 3 seeds (about an hour here);
+* ``--medium``: 1,000 users, 80,000 events, 3 seeds (about 20 minutes; the size of the
+  documented multi-seed runs, which were made when it was called ``--quick``);
+* ``--quick``: 300 users, 20,000 events, 1 seed (about a minute): a smoke run of the whole
+  pipeline (simulation, Feast backfill, FM, embeddings, four VMs, serving); its world is
+  too small for the comparisons to mean anything.
+
+``--users``, ``--events`` and ``--seeds`` override a size's values.
 
 ``--vertical PLACEMENT`` (LoopFM's own setting): one FM learns from every surface's traffic,
 and each vertical model serves one surface and learns only from its impressions; the VMs
@@ -28,11 +37,12 @@ train and are scored on that placement's impressions only (validation slice and 
 period alike), the FM and its embeddings are unchanged. ``--fm-train-end`` overrides
 ``models.fm_train_end`` (default 0.5); past the validation slice's start the FM has seen the
 slice, so its validation figures are flagged. Results go to ``results/loopfm.json`` only in
-the default mode, else to ``results/loopfm_vertical_<placement>[_fm<end>][_quick].json``.
+the default mode at full size, else to
+``results/loopfm[_vertical_<placement>][_fm<end>][_medium|_quick].json``.
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
-Usage: ``python benchmarks/loopfm.py [--quick] [--seeds N] [--vertical P] [--fm-train-end F]``.
+Usage: ``python benchmarks/loopfm.py [--quick | --medium] [--seeds N] [--vertical P] [--fm-train-end F]``.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +82,24 @@ from training.pipeline import (
 )
 from training.replay import replay_stream_features
 from training.train import VMInputs, fm_batch, fm_predict, vm_predict
+
+
+@dataclass(frozen=True)
+class Size:
+    users: int
+    events: int
+    seeds: int
+
+
+SIZES = {
+    "full": Size(users=3_000, events=300_000, seeds=3),
+    "medium": Size(users=1_000, events=80_000, seeds=3),
+    "quick": Size(users=300, events=20_000, seeds=1),
+}
+
+
+def _size_name(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "medium" if args.medium else "full"
 
 
 def _with_fm(inputs: VMInputs, history: NDArray[Any], length: NDArray[Any]) -> VMInputs:
@@ -148,8 +177,10 @@ def _take(inputs: VMInputs, mask: NDArray[Any]) -> VMInputs:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke run of the pipeline (about a minute)")
+    size.add_argument("--medium", action="store_true", help="1,000 users, 80,000 events (about 20 minutes)")
+    parser.add_argument("--seeds", type=int, help="training seeds (default: 1 with --quick, else 3)")
     parser.add_argument("--users", type=int)
     parser.add_argument("--days", type=float, default=4.0)
     parser.add_argument("--events", type=int)
@@ -165,8 +196,10 @@ def main() -> None:
         "--fm-train-end", type=float, help="models.fm_train_end (fraction of the log; default: the setting's)"
     )
     args = parser.parse_args()
-    users = args.users or (1_000 if args.quick else 3_000)
-    events = args.events or (80_000 if args.quick else 300_000)
+    size = _size_name(args)
+    users = args.users or SIZES[size].users
+    events = args.events or SIZES[size].events
+    seeds = args.seeds or SIZES[size].seeds
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="adreach-loopfm-"))
     timings: dict[str, float] = {}
@@ -209,7 +242,7 @@ def main() -> None:
         per_seed_validation: list[dict[str, Any]] = []
         eval_logits: list[dict[str, NDArray[Any]]] = []
         serving: dict[str, Any] = {}
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             print(f"seed {seed}: training fm ...", flush=True)
             started = time.perf_counter()
             fm, _ = train_foundation(settings, dataset, seed=seed, dense=fm_dense, save=False)
@@ -345,8 +378,12 @@ def dataset_events(scratch: Path) -> Any:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and std over the defined values (NaN: a seed whose ratio is undefined); NaN if none."""
     array = np.asarray(values, np.float64)
-    return float(np.nanmean(array)), float(np.nanstd(array))
+    array = array[~np.isnan(array)]
+    if len(array) == 0:
+        return float("nan"), float("nan")
+    return float(array.mean()), float(array.std())
 
 
 NAMES = ["fm", *(f"vm-{v}" for v in VARIANTS)]
@@ -529,16 +566,18 @@ def report(
         name += f"_vertical_{vertical}"
     if args.fm_train_end is not None:
         name += f"_fm{args.fm_train_end:g}"
-    if name != "loopfm" and args.quick:
-        name += "_quick"  # the new modes keep quick and full runs apart (loopfm.json: whichever ran last)
+    size = _size_name(args)
+    if size != "full":
+        name += f"_{size}"  # smaller runs never overwrite a full run's figures
     path = write_results(
         name,
         {
-            "quick": args.quick,
+            "size": size,
             "seeds": len(per_seed),
             "setting": setting,
             "data": {
-                "users": args.users or "default",
+                "users": args.users or SIZES[size].users,
+                "events": args.events or SIZES[size].events,
                 "days": args.days,
                 "train_examples": train_examples,
                 "fit_examples_before_validation": fit_examples,

@@ -468,7 +468,7 @@ class ModelSettings(BaseModel):
     fm_stream_features: bool = Field(
         False,
         description="The FM also reads the VMs' stream features (a superset of their inputs). Off by "
-        "default: in benchmarks/loopfm.py --quick it lowered the FM's click AUC (features standardized "
+        "default: in benchmarks/loopfm.py --medium it lowered the FM's click AUC (features standardized "
         "on the FM's earlier period drift by evaluation time).",
     )
     fm_profile_weight: float = Field(
