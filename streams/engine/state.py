@@ -236,6 +236,7 @@ class GroupState:
         # Payload column-major, (columns, tiles): reduceat sums along rows fast.
         self.tiles = SortedRuns(len(self.columns), np.float64)
         self.window_tiles = np.array([w.seconds // TILE_SECONDS for w in group.windows], dtype=np.int64)
+        self._windows_by_length = np.argsort(self.window_tiles, kind="stable")
         # Per entity id: each window's tile-column sums as of the end of its latest tile
         # (entity, window, column); see _advance_windows.
         self.running = np.zeros((0, len(group.windows), len(self.columns)))
@@ -444,12 +445,24 @@ class GroupState:
         Each value's window ends at its ``end``. ``entity`` must be sorted (it comes from
         sorted tile codes), so each entity gets one sum.
         """
-        for w, length in enumerate(self.window_tiles):
-            inside = tile >= end - length
-            if inside.any():
-                starts = _segments(entity[inside])
-                sums = np.add.reduceat(values[:, inside], starts, axis=1)
-                self.running[entity[inside][starts], w] += sums.T
+        if len(entity) == 0:
+            return
+        # The windows all end at ``end``, so they are nested: a value inside one is inside
+        # every longer one. Each value is summed once, per entity, at the shortest window
+        # that holds it; a cumulative sum over the windows by length then gives every
+        # window's sum (one pass over the values instead of one per window).
+        windows = len(self.window_tiles)
+        by_length = self._windows_by_length
+        shortest = np.searchsorted(self.window_tiles[by_length], end - tile)  # == windows: in none
+        starts = _segments(entity)
+        local = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(entity)]))
+        cell = local * (windows + 1) + shortest
+        size = len(starts) * (windows + 1)
+        sums = np.stack([np.bincount(cell, weights=row, minlength=size) for row in values])
+        cumulative = np.cumsum(sums.reshape(len(values), len(starts), windows + 1)[:, :, :windows], axis=2)
+        added = np.empty((len(starts), windows, len(values)))
+        added[:, by_length, :] = cumulative.transpose(1, 2, 0)
+        self.running[entity[starts]] += added
 
     def _recompute_windows(self) -> None:
         """Every entity's running window sums, summed afresh from its tiles (after a load)."""
