@@ -28,6 +28,21 @@ def test_hashes_do_not_change_when_longer_strings_grow_the_multiplier_table() ->
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
 
 
+def test_a_string_hashes_the_same_whether_its_column_has_similar_or_varied_lengths() -> None:
+    """Columns of similar lengths take a per-position pass, others a per-byte one: same hashes."""
+    rng = np.random.default_rng(3)
+    ids = [f"user-{i}" for i in rng.integers(0, 10**6, 500)] + ["", "a\0", "ü", "\0"]
+    alone = string_hashes(pa.array(ids))
+    with_free_text = string_hashes(pa.array([*ids, "a much longer free-text query " * 40]))
+    for one, other in zip(alone, with_free_text, strict=True):
+        assert np.array_equal(one, other[: len(ids)])
+    # Definition: sum((byte_i + 1) * M[i]) modulo 2^64, with the table's multipliers.
+    table = keys_module._position_multipliers(8)
+    for key, h in zip(ids[:20], alone[0][:20], strict=True):
+        expected = sum((b + 1) * int(m) for b, m in zip(key.encode(), table[0], strict=False)) % 2**64
+        assert int(h) % 2**64 == expected
+
+
 def _check_index(index: KeyIndex, batches: list[list[str]]) -> None:
     expected: dict[str, int] = {key: i for i, key in enumerate(index.keys.to_pylist())}
     for batch in batches:

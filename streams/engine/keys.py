@@ -47,23 +47,35 @@ def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
     """Two independent 64-bit hashes (as int64) of each string of a non-null string array.
 
     Each hash is ``sum((byte_i + 1) * M[i])`` modulo 2^64 over the string's UTF-8 bytes,
-    with random odd multipliers ``M`` per byte position: one multiply per byte for the
-    whole column, summed per string with ``reduceat``. The ``+ 1`` makes a trailing
-    zero byte count, so ``"a"`` and ``"a\\0"`` differ.
+    with random odd multipliers ``M`` per byte position. The ``+ 1`` makes a trailing
+    zero byte count, so ``"a"`` and ``"a\\0"`` differ. It is computed as
+    ``sum(byte_i * M[i]) + (M[0] + ... + M[len - 1])``, a prefix sum looked up by length.
     """
     n = len(strings)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bounds, data = string_buffers(strings)
     first, lengths = bounds[:-1], np.diff(bounds)
+    longest = int(lengths.max())
+    multipliers = _position_multipliers(longest)
+    prefix = np.zeros((2, longest + 1), dtype=np.uint64)
+    np.cumsum(multipliers[:, :longest], axis=1, out=prefix[:, 1:])
+    hashes = prefix[:, lengths]  # the "+ 1" part
     size = int(bounds[-1] - bounds[0])
-    positions = np.arange(size, dtype=np.int64) - np.repeat(first - bounds[0], lengths)
-    weights = _position_multipliers(int(lengths.max()))[:, positions]
-    weighted = weights * (data[bounds[0] : bounds[-1]].astype(np.uint64) + np.uint64(1))
-    hashes = np.zeros((2, n), dtype=np.uint64)
-    filled = lengths > 0
-    if size:
-        hashes[:, filled] = np.add.reduceat(weighted, (first - bounds[0])[filled], axis=1)
+    if longest * n <= 2 * size:
+        # Keys of similar lengths (ids): one pass per byte position over all strings,
+        # reading a zero past each string's end. About 5x faster than the general case.
+        last = max(int(bounds[-1]) - 1, 0)
+        for i in range(longest):
+            byte = np.where(lengths > i, data[np.minimum(first + i, last)], 0).astype(np.uint64)
+            hashes += multipliers[:, i : i + 1] * byte
+    elif size:
+        # Lengths vary widely (free text): one multiply per byte of the whole column,
+        # summed per string with reduceat.
+        positions = np.arange(size, dtype=np.int64) - np.repeat(first - bounds[0], lengths)
+        weighted = multipliers[:, positions] * data[bounds[0] : bounds[-1]].astype(np.uint64)
+        filled = lengths > 0
+        hashes[:, filled] += np.add.reduceat(weighted, (first - bounds[0])[filled], axis=1)
     return hashes[0].view(np.int64), hashes[1].view(np.int64)
 
 
