@@ -141,7 +141,7 @@ class Router:
         bits = np.concatenate(bit_parts)
         # One shipped row per (event, shard), with the OR of the bits of the groups routed there.
         pair = shard * len(events) + rows
-        order = np.argsort(pair, kind="stable")
+        order = np.argsort(pair)  # ties: any order (an OR per pair)
         pair, bits = pair[order], bits[order]
         starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
         unique_pairs = pair[starts]

@@ -186,7 +186,7 @@ def _rate(numerator: _F64, denominator: _F64) -> _F64:
 
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code."""
-    order = np.argsort(codes, kind="stable")
+    order = np.argsort(codes)  # ties: any order (sums run in input order)
     sorted_codes = codes[order]
     first = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
     group = np.empty(len(codes), dtype=np.int64)
@@ -386,7 +386,7 @@ class GroupState:
             raise StateError(f"group {self.group.name}: too many distinct {aggregation.column} values")
         pairs = (batch.ids[mask] << _VALUE_BITS) | value_ids
         tiles = batch.times[mask] // TILE_MS
-        order = np.argsort(pairs, kind="stable")
+        order = np.argsort(pairs)  # ties: any order (a max per pair)
         starts = _segments(pairs[order])
         pairs = pairs[order][starts]
         tiles = np.maximum.reduceat(tiles[order], starts)
