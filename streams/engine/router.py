@@ -119,9 +119,11 @@ class Router:
         events = events.append_column(SOURCE_PARTITION, pa.array(partitions.astype(np.int32)))
         events = events.append_column(SOURCE_OFFSET, pa.array(offsets.astype(np.int64)))
 
-        rows_parts: list[NDArray[Any]] = []
-        shard_parts: list[NDArray[Any]] = []
-        bit_parts: list[NDArray[Any]] = []
+        # One shipped row per (event, shard), with the OR of the bits of the groups routed
+        # there: a mask per (shard, event) cell, set group by group (a group routes an
+        # event to one shard), read back in (shard, event) order.
+        n = len(events)
+        cells = np.zeros(self.shards * n, dtype=np.int64)
         types = events.column("type")
         for bit, group in enumerate(self.groups):
             group_types = sorted({t for a in group.aggregations for t in a.event_types})
@@ -129,25 +131,14 @@ class Router:
                 zero_copy_only=False
             )
             shard = shard_of(events.column(key_column(group)), self.shards)
-            take = relevant & on_time & (shard >= 0)
-            rows = np.flatnonzero(take)
-            rows_parts.append(rows)
-            shard_parts.append(shard[rows])
-            bit_parts.append(np.full(len(rows), 1 << bit, dtype=np.int64))
-        if not rows_parts or not sum(len(r) for r in rows_parts):
+            rows = np.flatnonzero(relevant & on_time & (shard >= 0))
+            cells[shard[rows] * n + rows] |= 1 << bit
+        unique_pairs = np.flatnonzero(cells)
+        if len(unique_pairs) == 0:
             return RoutedBatch({}, late, new_watermarks)
-        rows = np.concatenate(rows_parts)
-        shard = np.concatenate(shard_parts)
-        bits = np.concatenate(bit_parts)
-        # One shipped row per (event, shard), with the OR of the bits of the groups routed there.
-        pair = shard * len(events) + rows
-        order = np.argsort(pair)  # ties: any order (an OR per pair)
-        pair, bits = pair[order], bits[order]
-        starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
-        unique_pairs = pair[starts]
-        masks = np.bitwise_or.reduceat(bits, starts)
-        pair_shard = unique_pairs // len(events)
-        pair_row = unique_pairs % len(events)
+        masks = cells[unique_pairs]
+        pair_shard = unique_pairs // n
+        pair_row = unique_pairs % n
         shipped = events.take(pa.array(pair_row)).append_column(MASK_COLUMN, pa.array(masks))
         boundaries = np.flatnonzero(np.r_[True, pair_shard[1:] != pair_shard[:-1], True])
         shards = {
