@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from common import print_table, versions, write_results
 
+from features.online import parse_redis_connection
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
 from streams.engine.replay import replay
@@ -103,11 +104,10 @@ def bench_core(payloads: list[bytes], batch: int) -> dict[str, Any]:
 
 
 def _redis(settings: Settings) -> Any:
-    """A client of the Redis server the settings' online store uses (host:port part)."""
+    """A client of the Redis server the settings' online store uses (its whole connection string)."""
     import redis
 
-    host, _, port = settings.features.redis_connection.split(",")[0].partition(":")
-    return redis.Redis(host=host, port=int(port or 6379))
+    return redis.Redis(**parse_redis_connection(settings.features.redis_connection))
 
 
 def _redis_cpu_s(settings: Settings) -> float | None:

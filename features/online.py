@@ -536,7 +536,7 @@ def _feast_hash_field(view: str, feature: str) -> bytes:
     return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
 
 
-def _parse_redis_connection(connection: str) -> dict[str, Any]:
+def parse_redis_connection(connection: str) -> dict[str, Any]:
     """Feast's ``host:port[,key=value...]`` connection string as ``redis.Redis`` keyword arguments.
 
     Values are JSON-decoded when they parse (``db=1``, ``ssl=true``), like Feast does.
@@ -651,7 +651,7 @@ class _Store:
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis(**_parse_redis_connection(self.redis_connection))
+            self._redis = redis.Redis(**parse_redis_connection(self.redis_connection))
         return self._redis
 
     @contextmanager
