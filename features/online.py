@@ -41,9 +41,10 @@ that failed half-way can simply be repeated.
 
 Rows may say which of their features changed (:data:`CHANGED_COLUMN`); only those are
 written, so an entity's stored row is then only complete if it was written in full once
-(the stream engine writes each entity in full the first time after it starts). After an
-online store lost its data, restart the stream workers, or set ``stream.online_writes``
-to ``full_rows``.
+(the stream engine writes each entity in full the first time after it starts, and again
+every ``stream.full_rewrite_interval_s``). After an online store lost its data, rows heal
+within that interval; restart the stream workers to heal them at once, or set
+``stream.online_writes`` to ``full_rows``.
 """
 
 from __future__ import annotations

@@ -132,6 +132,11 @@ class ShardState:
             return False
         return force or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
 
+    def rewrite_all(self) -> None:
+        """Every group's next emission of each entity flags all its features (see GroupState.rewrite_all)."""
+        for state in self.groups:
+            state.rewrite_all()
+
     def compact(self, retention_ms: int) -> None:
         """Drop state older than ``retention_ms`` before the newest event, and idle entities."""
         horizon = self._max_time - retention_ms

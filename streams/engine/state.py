@@ -295,6 +295,14 @@ class GroupState:
         changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed)
         return features.append_column(CHANGED_COLUMN, changed)
 
+    def rewrite_all(self) -> None:
+        """Flag every feature of each entity's next emission, as after a start (see ``_changed_features``).
+
+        Why: a store fed only changed features keeps a partial row for an entity whose row it
+        lost (eviction, a restart without persistence) until that entity is written in full.
+        """
+        self.emitted[:] = False
+
     def _changed_features(
         self, ids: _I64, previous_latest: _I64, previous_sums: _F64, listed: Mapping[str, _I64]
     ) -> pa.FixedSizeListArray:

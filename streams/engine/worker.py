@@ -171,6 +171,7 @@ class StreamWorker:
         self._assignment_generation = 0  # changes with every assignment and revocation
         self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
         self._last_compact = time.monotonic()
+        self._last_full_rewrite = time.monotonic()
         self._last_offline_compact = time.monotonic()
         self._failed_records: list[str] = []
 
@@ -391,6 +392,15 @@ class StreamWorker:
 
     # -- durability ------------------------------------------------------------------------
 
+    def _rewrite_all_if_due(self) -> None:
+        """Every ``stream.full_rewrite_interval_s``, have each entity's next write store all its features."""
+        interval = self.settings.stream.full_rewrite_interval_s
+        if interval is None or time.monotonic() - self._last_full_rewrite < interval:
+            return
+        for state in self._shards.values():
+            state.rewrite_all()
+        self._last_full_rewrite = time.monotonic()
+
     def checkpoint(self, *, final: bool = False) -> None:
         """Make everything consumed so far durable (see the module docstring for the order).
 
@@ -405,6 +415,7 @@ class StreamWorker:
             commits.append(TopicPartition(self._events_topic, partition, next_offset))
         self._router_next.clear()
 
+        self._rewrite_all_if_due()
         changed: dict[str, list[pa.Table]] = {}
         event_times: list[NDArray[Any]] = []
         for shard, next_offset in self._pending_next.items():
