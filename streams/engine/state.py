@@ -146,14 +146,16 @@ class _LastN:
         """Each entity's values at or after its ``since_ms``, newest first."""
         self.slot_of = _grow(self.slot_of, int(ids.max()) + 1 if len(ids) else 0, -1)
         slot = self.slot_of[ids]
-        has = slot >= 0
-        times = np.full((len(ids), self.n), _NO_TIME, dtype=np.int64)
-        values = np.full((len(ids), self.n), None, dtype=object)
-        times[has] = self.times[slot[has]]
-        values[has] = self.values[slot[has]]
-        mask = (times != _NO_TIME) & (times >= since_ms[:, None])
-        offsets = np.r_[0, np.cumsum(mask.sum(axis=1))].astype(np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[mask], pa.string()))
+        rows = np.flatnonzero(slot >= 0)  # entities holding any entry (often few: lists of clicks)
+        times = self.times[slot[rows]]
+        mask = (times != _NO_TIME) & (times >= since_ms[rows, None])
+        counts = np.zeros(len(ids), dtype=np.int64)
+        counts[rows] = mask.sum(axis=1)
+        # Only the kept entries' values, gathered from the flat matrix (no row copies of objects).
+        cells = (slot[rows, None] * self.n + np.arange(self.n))[mask]
+        values = self.values.reshape(-1)[cells]
+        offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.string()))
 
     def drop_before(self, horizon_ms: int, remap: _I64) -> None:
         """Forget entries older than ``horizon_ms`` and renumber entities by ``remap``."""
