@@ -68,7 +68,7 @@ from infra.settings import Settings, load_settings
 from models.vm import VARIANTS
 from streams.simulation import ParquetSink, SimulationConfig, simulate
 from training.datasets import embedding_history_inputs, vm_inputs
-from training.events import PLACEMENTS
+from training.events import PLACEMENTS, Buckets
 from training.metrics import auc
 from training.pipeline import (
     evaluate_predictions,
@@ -218,7 +218,9 @@ def main() -> None:
         )
         store = open_store(settings)
         queries = settings.queries if settings.models.search_topics else None
-        dataset = load_dataset(scratch / "sim" / "events", queries=queries)
+        dataset = load_dataset(
+            scratch / "sim" / "events", queries=queries, buckets=Buckets.for_models(settings.models)
+        )
         started = time.perf_counter()
         replay_stream_features(settings, dataset_events(scratch), flush_s=settings.models.replay_flush_s)
         timings["stream feature backfill s"] = time.perf_counter() - started

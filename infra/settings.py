@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -428,6 +428,10 @@ class QueryFeatureSettings(BaseModel):
     )
 
 
+DEFAULT_PLACEMENTS = ("feed", "search_top", "sidebar", "video")  # the simulator's ad surfaces
+DEFAULT_DEVICES = ("mobile", "desktop", "tablet", "ctv")
+
+
 class ModelSettings(BaseModel):
     """Foundation model, LoopFM embeddings and vertical models (``adreach train`` / ``evaluate``).
 
@@ -466,11 +470,24 @@ class ModelSettings(BaseModel):
         "([vm_train_end - vm_validation, vm_train_end)). Options and epochs are chosen by fitting VMs on the "
         "VM period before it and scoring them on it, never on the evaluation period; 0: none.",
     )
-    vm_vertical: Literal["feed", "search_top", "sidebar", "video"] | None = Field(
+    placements: tuple[str, ...] = Field(
+        DEFAULT_PLACEMENTS,
+        min_length=1,
+        max_length=1_000,
+        description="The impression placements (ad surfaces) models tell apart: one embedding each, and one "
+        "shared by every other value. Saved with each model; a model only works with the same list.",
+    )
+    devices: tuple[str, ...] = Field(
+        DEFAULT_DEVICES,
+        min_length=1,
+        max_length=1_000,
+        description="The device types models tell apart (as placements).",
+    )
+    vm_vertical: str | None = Field(
         None,
         description="Vertical setting (LoopFM paper): VMs train and are evaluated only on impressions of "
-        "this placement (one surface each), while the FM still trains on every placement's impressions and "
-        "every event. None: VMs see every placement (the default benchmark).",
+        "this placement (one of models.placements; one surface each), while the FM still trains on every "
+        "placement's impressions and every event. None: VMs see every placement (the default benchmark).",
     )
     fm_stream_features: bool = Field(
         False,
@@ -511,6 +528,19 @@ class ModelSettings(BaseModel):
     )
     threads: int = Field(1, ge=1, description="torch intra-op threads (CPU); more only helps on idle cores.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_categories(self) -> ModelSettings:
+        for name in ("placements", "devices"):
+            values: tuple[str, ...] = getattr(self, name)
+            if len(set(values)) != len(values) or not all(values):
+                raise ValueError(f"models.{name} must be distinct, non-empty names; got {list(values)}")
+        if self.vm_vertical is not None and self.vm_vertical not in self.placements:
+            raise ValueError(
+                f"models.vm_vertical {self.vm_vertical!r} is not one of models.placements "
+                f"({', '.join(self.placements)}); add it there or pick one of those"
+            )
+        return self
 
 
 class Settings(BaseSettings):

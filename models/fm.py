@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import SlidingWindowBlock, masked_attention_pool
-from training.events import DEVICES, EVENT_TYPES, GAP_BUCKETS, PLACEMENTS, Buckets
+from training.events import EVENT_TYPES, GAP_BUCKETS, Buckets
 
 HISTORY_FIELDS = ("kind", "ad", "campaign", "advertiser", "topic", "query", "gap")
 CANDIDATE_FIELDS = ("ad", "campaign", "advertiser", "topic", "position", "placement", "device", "hour")
@@ -53,7 +53,7 @@ class FMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FMConfig:
-        values = {**raw, "buckets": Buckets(**raw["buckets"])}
+        values = {**raw, "buckets": Buckets.from_dict(raw["buckets"])}
         for name in ("dense_features", "dense_mean", "dense_std"):
             values[name] = tuple(values.get(name, ()))
         return cls(**values)
@@ -71,8 +71,8 @@ class CandidateEmbedding(nn.Module):
                 "advertiser": nn.Embedding(buckets.advertisers, dim),
                 "topic": nn.Embedding(buckets.topics, dim),
                 "position": nn.Embedding(MAX_POSITION + 1, dim),
-                "placement": nn.Embedding(len(PLACEMENTS) + 1, dim),
-                "device": nn.Embedding(len(DEVICES) + 1, dim),
+                "placement": nn.Embedding(len(buckets.placements) + 1, dim),
+                "device": nn.Embedding(len(buckets.devices) + 1, dim),
                 "hour": nn.Embedding(24, dim),
             }
         )

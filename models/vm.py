@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from models.fm import MAX_POSITION, FoundationModel
-from training.events import DEVICES, PLACEMENTS, Buckets
+from training.events import Buckets
 
 VARIANTS = ("base", "kd", "loopfm", "kd+loopfm")
 
@@ -72,7 +72,7 @@ class VMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VMConfig:
-        values = {**raw, "buckets": Buckets(**raw["buckets"])}
+        values = {**raw, "buckets": Buckets.from_dict(raw["buckets"])}
         values.setdefault("fm_raw_inputs", True)  # saved before the profile scores: raw inputs only
         for name in ("dense_features", "hidden", "dense_mean", "dense_std"):
             values[name] = tuple(values[name])
@@ -92,8 +92,8 @@ class VerticalModel(nn.Module):
                 "advertiser": nn.Embedding(b.advertisers, e),
                 "topic": nn.Embedding(b.topics, e),
                 "position": nn.Embedding(MAX_POSITION + 1, e),
-                "placement": nn.Embedding(len(PLACEMENTS) + 1, e),
-                "device": nn.Embedding(len(DEVICES) + 1, e),
+                "placement": nn.Embedding(len(b.placements) + 1, e),
+                "device": nn.Embedding(len(b.devices) + 1, e),
                 "hour": nn.Embedding(24, e),
             }
         )
@@ -206,7 +206,7 @@ class StudentAdapter(nn.Module):
             {
                 "topic": nn.Embedding(buckets.topics, dim),
                 "hour": nn.Embedding(24, dim),
-                "device": nn.Embedding(len(DEVICES) + 1, dim),
+                "device": nn.Embedding(len(buckets.devices) + 1, dim),
                 "position": nn.Embedding(MAX_POSITION + 1, dim),
             }
         )

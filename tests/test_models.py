@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 import torch
 from feast import FeatureStore
@@ -26,7 +27,7 @@ from feast import FeatureStore
 from features.embeddings import FM_EMBEDDING, FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
 from features.online import OnlineFeatureReader, encode_values
 from features.store import open_store
-from infra.settings import Settings, load_settings
+from infra.settings import ModelSettings, Settings, load_settings
 from models.attention import sliding_window_attention
 from models.fm import FMConfig, FoundationModel
 from models.registry import ModelRegistry, RegistryError
@@ -38,6 +39,7 @@ from training.examples import Examples
 from training.metrics import auc
 from training.pipeline import (
     Dataset,
+    ModelMismatchError,
     load_dataset,
     load_foundation,
     load_vertical,
@@ -286,10 +288,10 @@ def test_registry_versions_and_errors(tmp_path: Path) -> None:
     assert json.loads((first.path / "metadata.json").read_text())["version"] == 1
 
 
-def _cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(world: World, *args: str, models: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADREACH_")}
     env.update({"ADREACH_STATE_DIR": str(world.settings.state_dir), "COLUMNS": "200"})
-    env.update({f"ADREACH_MODELS__{k.upper()}": str(v) for k, v in TINY_MODELS.items()})
+    env.update({f"ADREACH_MODELS__{k.upper()}": str(v) for k, v in {**TINY_MODELS, **(models or {})}.items()})
     return subprocess.run(
         [sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -334,6 +336,36 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
 
 
 SEARCH = EVENT_TYPES.index("search") + 1
+
+
+def test_placement_and_device_lists_come_from_the_settings(world: World) -> None:
+    """Another platform's surfaces: models.placements names them; saved models refuse other lists."""
+    models = ModelSettings.model_validate(
+        {**world.settings.models.model_dump(), "placements": ["video", "feed", "app_banner"]}
+    )
+    dataset = load_dataset(
+        world.events_dir, queries=world.settings.queries, buckets=Buckets.for_models(models)
+    )
+    default = world.dataset.examples.placement  # feed 1, search_top 2, sidebar 3, video 4
+    assert np.array_equal(dataset.examples.placement, np.select([default == 4, default == 1], [1, 2], 0))
+    assert np.array_equal(dataset.examples.device, world.dataset.examples.device)
+    # A listed surface without traffic here: empty VM parts, the FM's part unchanged.
+    parts = split(dataset, models.model_copy(update={"vm_vertical": "app_banner"}))
+    assert len(parts.vm_train) == 0 and len(parts.evaluation) == 0
+    assert np.array_equal(
+        parts.fm_train.example_id, split(world.dataset, world.settings.models).fm_train.example_id
+    )
+    with pytest.raises(ValueError, match="another list than models.placements"):
+        split(world.dataset, models)
+    with pytest.raises(pydantic.ValidationError, match="not one of models.placements"):
+        ModelSettings.model_validate({"placements": ["video"], "vm_vertical": "feed"})
+    # The saved FM was trained with the default lists: its codes would mean other surfaces now.
+    with pytest.raises(ModelMismatchError, match="models.placements"):
+        load_foundation(world.settings.model_copy(update={"models": models}))
+    refused = _cli(
+        world, "features", "fm-embeddings", "--events", str(world.events_dir), models={"devices": '["tv"]'}
+    )
+    assert refused.returncode == 2 and "trained with models.devices" in refused.stderr, refused.stderr
 
 
 def test_search_events_carry_their_query_topic(world: World) -> None:

@@ -34,8 +34,9 @@ VerticalOption = Annotated[
     str | None,
     typer.Option(
         "--vertical",
-        help="Only this placement's impressions (feed, search_top, sidebar, video): one vertical model "
-        "per surface, as in LoopFM's setting (default: models.vm_vertical; the FM is never restricted).",
+        help="Only this placement's impressions (one of models.placements; by default the simulator's feed, "
+        "search_top, sidebar, video): one vertical model per surface, as in LoopFM's setting (default: "
+        "models.vm_vertical; the FM is never restricted).",
     ),
 ]
 
@@ -79,7 +80,7 @@ def train_vm_command(
     from models.registry import RegistryError
     from models.vm import VariantError, parse_variant
     from training.datasets import vm_inputs
-    from training.pipeline import load_foundation, split, train_vertical
+    from training.pipeline import ModelMismatchError, load_foundation, split, train_vertical
 
     try:
         _, loopfm = parse_variant(variant)
@@ -90,7 +91,7 @@ def train_vm_command(
     )
     try:
         fm, _ = load_foundation(settings)
-    except RegistryError as exc:
+    except (RegistryError, ModelMismatchError) as exc:
         fail(str(exc), exit_usage())
     dataset = load_data(events, settings)
     train = split(dataset, settings.models).vm_train
@@ -137,6 +138,7 @@ def evaluate_command(
     from models.vm import VARIANTS
     from training.datasets import vm_inputs
     from training.pipeline import (
+        ModelMismatchError,
         evaluate_predictions,
         load_foundation,
         load_vertical,
@@ -148,7 +150,7 @@ def evaluate_command(
     settings = model_settings(ctx, max_examples=max_examples, vm_vertical=vertical)
     try:
         fm, fm_saved = load_foundation(settings)
-    except RegistryError as exc:
+    except (RegistryError, ModelMismatchError) as exc:
         fail(str(exc), exit_usage())
     dataset = load_data(events, settings)
     evaluation = split(dataset, settings.models).evaluation
@@ -162,6 +164,8 @@ def evaluate_command(
             available.append((variant, load_vertical(settings, variant)[0]))
         except RegistryError:
             continue
+        except ModelMismatchError as exc:
+            fail(str(exc), exit_usage())
     loopfm = any(model.config.loopfm for _, model in available)
     inputs = None
     if available or fm.config.dense_features:

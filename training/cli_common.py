@@ -45,11 +45,15 @@ def model_settings(ctx: typer.Context, **overrides: Any) -> Settings:
 
 def load_data(events: Path, settings: Settings) -> Any:
     """The dataset behind ``--events``, with usage errors for missing or unreadable logs."""
-    from training.events import EventLogError
+    from training.events import Buckets, EventLogError
     from training.pipeline import load_dataset
 
     try:
-        return load_dataset(events, queries=settings.queries if settings.models.search_topics else None)
+        return load_dataset(
+            events,
+            queries=settings.queries if settings.models.search_topics else None,
+            buckets=Buckets.for_models(settings.models),
+        )
     except EventLogError as exc:
         fail(str(exc), exit_usage())
 

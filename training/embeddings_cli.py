@@ -41,12 +41,12 @@ def fm_embeddings_command(
     from features.store import open_store
     from models.registry import RegistryError
     from training.embeddings import run_times
-    from training.pipeline import load_foundation, materialize_embeddings
+    from training.pipeline import ModelMismatchError, load_foundation, materialize_embeddings
 
     settings = model_settings(ctx, embedding_every_s=every)
     try:
         fm, saved = load_foundation(settings)
-    except RegistryError as exc:
+    except (RegistryError, ModelMismatchError) as exc:
         fail(str(exc), exit_usage())
     at_ms: int | None = None
     if at is not None:

@@ -29,25 +29,45 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
 from streams.engine.router import normalize_queries
 
 EVENT_TYPES = ("impression", "click", "conversion", "search")
 """Token types; 0 is padding, so type ``i`` is code ``i + 1``."""
-PLACEMENTS = ("feed", "search_top", "sidebar", "video")
-DEVICES = ("mobile", "desktop", "tablet", "ctv")
+PLACEMENTS = DEFAULT_PLACEMENTS
+"""Default placements (``models.placements``): the simulator's; code ``i + 1``, 0 for any other value."""
+DEVICES = DEFAULT_DEVICES
 GAP_BUCKETS = 24
 """Time-gap buckets: ``1 + floor(log2(1 + seconds))``, capped (2**23 s is about 97 days)."""
 
 
 @dataclass(frozen=True)
 class Buckets:
-    """How many hash buckets each identifier gets (index 0 is reserved for "none")."""
+    """How identifiers become embedding rows: hash buckets per id kind, and the named placements
+    and devices (index 0 is reserved for "none" or "unknown"). Saved with each model."""
 
     ads: int = 2_048
     campaigns: int = 512
     advertisers: int = 128
     queries: int = 4_096
     topics: int = 64
+    placements: tuple[str, ...] = PLACEMENTS
+    devices: tuple[str, ...] = DEVICES
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Buckets:
+        """From ``asdict`` output read back from JSON (lists for tuples; models saved before the
+        placement and device lists existed get the defaults they were trained with)."""
+        values = dict(raw)
+        for name in ("placements", "devices"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def for_models(cls, models: ModelSettings) -> Buckets:
+        """The buckets models trained with these settings use."""
+        return cls(placements=tuple(models.placements), devices=tuple(models.devices))
 
 
 class EventLogError(ValueError):
@@ -72,8 +92,13 @@ def stable_bucket(values: pa.Array | pa.ChunkedArray, buckets: int) -> NDArray[n
 
 def category_codes(values: pa.ChunkedArray, categories: tuple[str, ...]) -> NDArray[np.int64]:
     """Index of each value in ``categories`` plus one (0: null or unknown)."""
-    index = pc.index_in(values, value_set=pa.array(categories))
+    index = pc.index_in(values, value_set=pa.array(categories, pa.string()))
     return np.asarray(index.fill_null(-1).to_numpy(zero_copy_only=False), np.int64) + 1
+
+
+def category_code(value: str, categories: tuple[str, ...]) -> int:
+    """The code :func:`category_codes` gives ``value``."""
+    return categories.index(value) + 1 if value in categories else 0
 
 
 def read_events(path: Path) -> pa.Table:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from training.events import DEVICES, PLACEMENTS, EventLog, category_codes, stable_bucket, topic_codes
+from training.events import EventLog, category_codes, stable_bucket, topic_codes
 
 DAY_MS = 86_400_000
 
@@ -95,8 +95,8 @@ def build_examples(events: pa.Table, log: EventLog, truth_impressions: Path | No
         advertiser=stable_bucket(impressions.column("advertiser_id"), log.buckets.advertisers),
         topic=topic_codes(ad_column, log.ad_topics, log.topics),
         position=np.clip(np.asarray(impressions.column("position").fill_null(1).to_numpy(), np.int64), 1, 5),
-        placement=category_codes(impressions.column("placement"), PLACEMENTS),
-        device=category_codes(impressions.column("device"), DEVICES),
+        placement=category_codes(impressions.column("placement"), log.buckets.placements),
+        device=category_codes(impressions.column("device"), log.buckets.devices),
         hour=(time_ms % DAY_MS) // 3_600_000,
         click=np.asarray(click.to_numpy(zero_copy_only=False), np.float32),
         conversion=np.asarray(conversion.to_numpy(zero_copy_only=False), np.float32),

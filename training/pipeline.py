@@ -34,6 +34,7 @@ from training.events import (
     Buckets,
     EventLog,
     build_event_log,
+    category_code,
     read_events,
     read_topics,
     search_queries,
@@ -98,18 +99,21 @@ def load_dataset(
     truth: Path | None = None,
     *,
     queries: QueryFeatureSettings | None = None,
+    buckets: Buckets | None = None,
 ) -> Dataset:
     """Events (+ the ad catalog and ground truth next to them, ``../truth``, when present).
 
     ``queries``: categorize the search queries with the platform's query-feature backend
     so search events carry a topic (what the FM's taste profile learns from).
+    ``buckets``: how ids, placements and devices are coded (default: the defaults; use
+    ``Buckets.for_models(settings.models)`` for the configured placements and devices).
     """
     truth_dir = events_path.parent / "truth"
     catalog = catalog if catalog is not None else truth_dir / "ads.parquet"
     truth = truth if truth is not None else truth_dir / "impressions.parquet"
     events = read_events(events_path)
     query_topics = categorize_queries(search_queries(events), queries) if queries is not None else None
-    log = build_event_log(events, read_topics(catalog), Buckets(), query_topics)
+    log = build_event_log(events, read_topics(catalog), buckets or Buckets(), query_topics)
     examples = build_examples(events, log, truth)
     start, end = log.time_range_ms
     return Dataset(events_path, log, examples, start, end)
@@ -145,7 +149,12 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
     validation = dataset.at(models.vm_train_end - models.vm_validation) if models.vm_validation else vm_end
     t = dataset.examples.time_ms
-    vertical = vertical_mask(dataset.examples, models.vm_vertical)
+    if dataset.log is not None and dataset.log.buckets.placements != tuple(models.placements):
+        raise ValueError(
+            "the dataset codes placements by another list than models.placements: load it with "
+            "buckets=Buckets.for_models(settings.models)"
+        )
+    vertical = vertical_mask(dataset.examples, models.vm_vertical, tuple(models.placements))
     rng = np.random.default_rng(models.seed)
 
     def part(mask: NDArray[np.bool_], cap: bool = True) -> Examples:
@@ -164,18 +173,21 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     )
 
 
-def vertical_mask(examples: Examples, placement: str | None) -> NDArray[np.bool_]:
+def vertical_mask(
+    examples: Examples, placement: str | None, placements: tuple[str, ...] = PLACEMENTS
+) -> NDArray[np.bool_]:
     """The impressions a vertical model serves: those of ``placement`` (all when None).
 
+    ``placements`` is the list ``examples`` were coded with (:func:`category_codes`).
     The FM is not restricted: in LoopFM's setting one FM learns from every surface's
     traffic and each VM from its own surface's, so the FM's embeddings can carry what the
     other surfaces taught it about a user.
     """
     if placement is None:
         return np.ones(len(examples), bool)
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
-    return np.asarray(examples.placement == PLACEMENTS.index(placement) + 1, bool)
+    if placement not in placements:
+        raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(placements)}")
+    return np.asarray(examples.placement == category_code(placement, placements), bool)
 
 
 def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -> FMConfig:
@@ -188,7 +200,7 @@ def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -
             "dense_std": tuple(float(x) for x in np.maximum(dense.std(axis=0), 0.05)),
         }
     return FMConfig(
-        buckets=Buckets(),
+        buckets=Buckets.for_models(models),
         history_len=models.history_len,
         window=models.window,
         dim=models.dim,
@@ -273,10 +285,28 @@ def train_foundation(
 
 def load_foundation(settings: Settings, version: int | None = None) -> tuple[FoundationModel, SavedModel]:
     saved = ModelRegistry(settings.model_registry_dir).load(FM_NAME, version)
-    model = FoundationModel(FMConfig.from_dict(saved.metadata["config"]))
+    config = FMConfig.from_dict(saved.metadata["config"])
+    _check_categories(saved, config.buckets, settings.models)
+    model = FoundationModel(config)
     model.load_state_dict(saved.weights["model"])
     model.eval()
     return model, saved
+
+
+class ModelMismatchError(ValueError):
+    """A saved model codes placements or devices by other lists than the settings name."""
+
+
+def _check_categories(saved: SavedModel, buckets: Buckets, models: ModelSettings) -> None:
+    """Refuse a model whose placement/device codes would mean other names under these settings."""
+    for name in ("placements", "devices"):
+        trained, configured = getattr(buckets, name), tuple(getattr(models, name))
+        if trained != configured:
+            raise ModelMismatchError(
+                f"{saved.name} v{saved.version} was trained with models.{name} = {list(trained)}, but the "
+                f"settings say {list(configured)}: set models.{name} to the model's list (its embedding "
+                "rows follow that order), or retrain the model"
+            )
 
 
 def materialize_embeddings(
@@ -450,7 +480,9 @@ def load_vertical(
     settings: Settings, variant: str, version: int | None = None
 ) -> tuple[VerticalModel, SavedModel]:
     saved = ModelRegistry(settings.model_registry_dir).load(vm_name(variant), version)
-    model = VerticalModel(VMConfig.from_dict(saved.metadata["config"]))
+    config = VMConfig.from_dict(saved.metadata["config"])
+    _check_categories(saved, config.buckets, settings.models)
+    model = VerticalModel(config)
     model.load_state_dict(saved.weights["model"])
     model.eval()
     return model, saved
