@@ -89,6 +89,9 @@ class Router:
         self.shards = shards
         self.allowed_lateness_ms = allowed_lateness_ms
         self.groups = tuple(groups)
+        self._cell_type = next(
+            t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= len(groups)
+        )
 
     def route(
         self,
@@ -121,9 +124,10 @@ class Router:
 
         # One shipped row per (event, shard), with the OR of the bits of the groups routed
         # there: a mask per (shard, event) cell, set group by group (a group routes an
-        # event to one shard), read back in (shard, event) order.
+        # event to one shard), read back in (shard, event) order. Cells are as narrow as
+        # the group count allows (one byte for up to 8 groups: 1.3 MB for 64 shards x 20k).
         n = len(events)
-        cells = np.zeros(self.shards * n, dtype=np.int64)
+        cells = np.zeros(self.shards * n, dtype=self._cell_type)
         types = events.column("type")
         for bit, group in enumerate(self.groups):
             group_types = sorted({t for a in group.aggregations for t in a.event_types})
@@ -136,7 +140,7 @@ class Router:
         unique_pairs = np.flatnonzero(cells)
         if len(unique_pairs) == 0:
             return RoutedBatch({}, late, new_watermarks)
-        masks = cells[unique_pairs]
+        masks = cells[unique_pairs].astype(np.int64)
         pair_shard = unique_pairs // n
         pair_row = unique_pairs % n
         shipped = events.take(pa.array(pair_row)).append_column(MASK_COLUMN, pa.array(masks))
