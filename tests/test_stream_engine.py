@@ -54,6 +54,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "ADREACH_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
             "ADREACH_STREAM__RETRY_INITIAL_S": str(stream.retry_initial_s),
             "ADREACH_STREAM__RETRY_MAX_S": str(stream.retry_max_s),
+            "ADREACH_STREAM__FULL_REWRITE_INTERVAL_S": json.dumps(stream.full_rewrite_interval_s),
             "ADREACH_FEATURES__ONLINE_STORE": settings.features.online_store,
             "ADREACH_FEATURES__REDIS_CONNECTION": settings.features.redis_connection,
             "ADREACH_FEATURES__PROJECT": settings.features.project,
@@ -287,3 +288,66 @@ def test_two_workers_in_one_group_give_the_features_of_one(stream: Settings) -> 
     records = consume(stream, stream.kafka.topics.events, len(payloads))
     events, _ = expected_events(stream, records)
     assert_features_match(stream, events)
+
+
+def test_rows_the_online_store_lost_are_whole_again_after_the_rewrite_interval(stream: Settings) -> None:
+    """The online store loses a group's rows while the worker runs (as an evicting or restarted
+    Redis would); with changed-feature writes, the next events of those entities after
+    ``stream.full_rewrite_interval_s`` write them in full again, without a restart."""
+    import sqlite3
+
+    settings = stream.model_copy(
+        update={"stream": stream.stream.model_copy(update={"full_rewrite_interval_s": 2.0})}, deep=True
+    )
+    payloads = simulated_payloads(users=300, events=8_000, seed=14)
+    first, rest = payloads[:4_000], payloads[4_000:]
+    produce(settings, first)
+    engine = start_engine(settings)
+    online = settings.feature_repo_dir / "online.db"
+
+    def user_table_settled() -> tuple[str, int]:
+        """The user group's SQLite table and its row count once it stops changing (the worker caught up)."""
+        counts: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            assert engine.poll() is None, engine.communicate()[1]
+            if not online.is_file():
+                continue
+            with sqlite3.connect(online) as db:
+                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+                table = next((t for t in tables if t.endswith("_user_activity")), "")
+                counts.append(db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] if table else 0)
+            if counts[-1] and counts[-3:] == [counts[-1]] * 3:
+                return table, counts[-1]
+        raise AssertionError(f"the worker did not settle: user rows {counts[-5:]}")
+
+    try:
+        table, _ = user_table_settled()
+        with sqlite3.connect(online) as db:  # the store loses every user row
+            db.execute(f'DELETE FROM "{table}"')
+        time.sleep(5.0)  # a rewrite falls between the loss and the next events (interval 2 s)
+        produce(settings, rest)
+        user_table_settled()
+    finally:
+        engine.send_signal(signal.SIGINT)
+        engine.communicate(timeout=60)
+    records = consume(settings, settings.kafka.topics.events, len(payloads))
+    events, _ = expected_events(settings, records)
+    group = next(g for g in FEATURE_GROUPS if g.name == "user_activity")
+    counted = {t for a in group.aggregations for t in a.event_types}  # what re-emits a user
+    rest_users = {e["user_id"] for e in map(json.loads, rest) if e["type"] in counted}
+    expected = [row for row in reference_features(events, group).to_pylist() if row["user_id"] in rest_users]
+    assert len(expected) > 100
+    actual = online_features(settings, group, [row["user_id"] for row in expected])
+    mismatches = [
+        (want["user_id"], feature.name, want[feature.name], got[feature.name])
+        for want, got in zip(expected, actual, strict=True)
+        for feature in group.features()
+        if not (
+            math.isclose(want[feature.name], got[feature.name], rel_tol=1e-9, abs_tol=1e-9)
+            if isinstance(want[feature.name], float) and got[feature.name] is not None
+            else want[feature.name] == got[feature.name]
+        )
+    ]
+    assert not mismatches, f"{len(mismatches)} mismatches, e.g. {mismatches[:5]}"
