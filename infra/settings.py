@@ -222,12 +222,12 @@ class StreamSettings(BaseModel):
         "few of an entity's features, so the store does a fraction of the work. full_rows: every feature "
         "every time (use it when the online store may lose keys while workers run, e.g. an evicting Redis).",
     )
-    full_rewrite_interval_s: float | None = Field(
+    full_rewrite_interval_s: float = Field(
         3600.0,
-        gt=0,
+        ge=0,
         description="With online_writes=changed_features: this often, each entity's next write stores all "
         "its features again, so a row the online store lost (eviction, a restart without persistence, a TTL) "
-        "is whole again within this interval plus the entity's next event. None: only when a worker starts.",
+        "is whole again within this interval plus the entity's next event. 0: only when a worker starts.",
     )
 
 

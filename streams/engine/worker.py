@@ -395,7 +395,7 @@ class StreamWorker:
     def _rewrite_all_if_due(self) -> None:
         """Every ``stream.full_rewrite_interval_s``, have each entity's next write store all its features."""
         interval = self.settings.stream.full_rewrite_interval_s
-        if interval is None or time.monotonic() - self._last_full_rewrite < interval:
+        if interval <= 0 or time.monotonic() - self._last_full_rewrite < interval:
             return
         for state in self._shards.values():
             state.rewrite_all()
