@@ -294,7 +294,7 @@ class GroupState:
                 ),
             )
         features = self.features(batch.changed_ids, batch.changed_keys)
-        changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed)
+        changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed, features)
         return features.append_column(CHANGED_COLUMN, changed)
 
     def rewrite_all(self) -> None:
@@ -306,7 +306,12 @@ class GroupState:
         self.emitted[:] = False
 
     def _changed_features(
-        self, ids: _I64, previous_latest: _I64, previous_sums: _F64, listed: Mapping[str, _I64]
+        self,
+        ids: _I64,
+        previous_latest: _I64,
+        previous_sums: _F64,
+        listed: Mapping[str, _I64],
+        emitted: pa.Table,
     ) -> pa.FixedSizeListArray:
         """Per entity of ``ids``: which features (``group.features()`` order), then whether the
         event timestamp, differ from those last emitted (the layout of ``CHANGED_COLUMN``).
@@ -317,7 +322,8 @@ class GroupState:
         changed where its running sums did (they are the features' only inputs); a rate
         where its value did; a list where an element arrived or the window's start moved
         past one. An entity not emitted since this state was built or loaded gets all of
-        them: what is in the store then is unknown.
+        them: what is in the store then is unknown. ``emitted`` is :meth:`features` of ``ids``
+        (its rates are the new values).
         """
         group = self.group
         after = self.running[ids]
@@ -340,7 +346,7 @@ class GroupState:
             denominator = self.columns.index(ratio.denominator)
             for w, window in enumerate(group.windows):
                 before = _rate(previous_sums[:, w, numerator], previous_sums[:, w, denominator])
-                now = _rate(after[:, w, numerator], after[:, w, denominator])
+                now = emitted.column(f"{ratio.name}_{window.name}").to_numpy()
                 changed[f"{ratio.name}_{window.name}"] = before != now
         flags = [changed[feature.name] for feature in group.features()] + [moved]  # the timestamp last
         matrix = np.stack(flags, axis=1) | fresh[:, None]
