@@ -149,12 +149,13 @@ def split(dataset: Dataset, models: ModelSettings) -> Split:
     fm_end, vm_end = dataset.at(models.fm_train_end), dataset.at(models.vm_train_end)
     validation = dataset.at(models.vm_train_end - models.vm_validation) if models.vm_validation else vm_end
     t = dataset.examples.time_ms
-    if dataset.log is not None and dataset.log.buckets.placements != tuple(models.placements):
+    mismatched = None if dataset.log is None else _mismatched_category(dataset.log.buckets, models)
+    if mismatched is not None:
         raise ValueError(
-            "the dataset codes placements by another list than models.placements: load it with "
+            f"the dataset codes {mismatched} by another list than models.{mismatched}: load it with "
             "buckets=Buckets.for_models(settings.models)"
         )
-    vertical = vertical_mask(dataset.examples, models.vm_vertical, tuple(models.placements))
+    vertical = vertical_mask(dataset.examples, models.vm_vertical, models.placements)
     rng = np.random.default_rng(models.seed)
 
     def part(mask: NDArray[np.bool_], cap: bool = True) -> Examples:
@@ -297,16 +298,27 @@ class ModelMismatchError(ValueError):
     """A saved model codes placements or devices by other lists than the settings name."""
 
 
+def _mismatched_category(buckets: Buckets, models: ModelSettings) -> str | None:
+    """``"placements"`` or ``"devices"`` if ``buckets`` code it by another list than ``models``; else None."""
+    return next(
+        (
+            name
+            for name in ("placements", "devices")
+            if getattr(buckets, name) != tuple(getattr(models, name))
+        ),
+        None,
+    )
+
+
 def _check_categories(saved: SavedModel, buckets: Buckets, models: ModelSettings) -> None:
     """Refuse a model whose placement/device codes would mean other names under these settings."""
-    for name in ("placements", "devices"):
-        trained, configured = getattr(buckets, name), tuple(getattr(models, name))
-        if trained != configured:
-            raise ModelMismatchError(
-                f"{saved.name} v{saved.version} was trained with models.{name} = {list(trained)}, but the "
-                f"settings say {list(configured)}: set models.{name} to the model's list (its embedding "
-                "rows follow that order), or retrain the model"
-            )
+    name = _mismatched_category(buckets, models)
+    if name is not None:
+        raise ModelMismatchError(
+            f"{saved.name} v{saved.version} was trained with models.{name} = {list(getattr(buckets, name))}, "
+            f"but the settings say {list(getattr(models, name))}: set models.{name} to the model's list (its "
+            "embedding rows follow that order), or retrain the model"
+        )
 
 
 def materialize_embeddings(
