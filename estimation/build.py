@@ -31,6 +31,7 @@ from estimation.hashing import hash_user_ids, uniform
 from estimation.schema import FieldKind, PopulationError, field_kind, infer_schema, normalize_column
 from estimation.store import write_sample
 from estimation.strata import allocate, choose_strata, keys_from_codes, normalized_columns
+from infra.arrow_times import epoch_ms
 from infra.settings import ReachSettings
 
 
@@ -201,7 +202,7 @@ def _deleted_ms(table: pa.Table, name: str | None, deleted: np.ndarray[Any, np.d
         return np.zeros(int(deleted.sum()), dtype=np.int64)
     column = table.column(name).filter(pa.array(deleted))
     if pa.types.is_timestamp(column.type):
-        column = column.cast(pa.timestamp("ms", column.type.tz)).cast(pa.int64())
+        column = epoch_ms(column)
     elif not pa.types.is_integer(column.type):
         return np.zeros(int(deleted.sum()), dtype=np.int64)
     return column.to_numpy().astype(np.int64)
@@ -214,11 +215,7 @@ def _activity(
         joined = None
         if "joined_at" in table.column_names and pa.types.is_timestamp(table.schema.field("joined_at").type):
             column = table.column("joined_at")
-            joined = (
-                column.cast(pa.timestamp("ms", column.type.tz))
-                .cast(pa.int64())
-                .to_numpy(zero_copy_only=False)
-            )
+            joined = epoch_ms(column).to_numpy(zero_copy_only=False)
             joined = np.nan_to_num(joined.astype(np.float64), nan=0.0).astype(np.int64)
         return learn_from_events(events, table.column("user_id"), settings.seed, joined)
     name = settings.activity_field

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from streams.engine.decode import EventDecoder
 from streams.events import MalformedJSONError, SchemaViolationError
 
@@ -56,3 +58,71 @@ def test_bad_messages_are_isolated_with_their_reasons_and_the_rest_decoded() -> 
         assert isinstance(rejected[index], kind), (index, rejected[index])
         assert fragment.lower() in str(rejected[index]).lower(), (index, rejected[index])
     assert isinstance(rejected[3 + len(BAD)], MalformedJSONError)  # the empty message
+
+
+# Forms of one instant (2026-01-05T10:00:00.250Z, to the millisecond) the SDK accepts.
+SDK_TIMES = [
+    "2026-01-05T10:00:00.250Z",
+    "2026-01-05T10:00:00.250123Z",  # microseconds: Python's isoformat() and the SDK's own encoder
+    "2026-01-05T10:00:00.250999999Z",  # nanoseconds (Java's Instant): truncated (the SDK rounds to µs)
+    "2026-01-05T11:30:00.25+01:30",
+    "2026-01-05t10:00:00.2501z",  # RFC 3339 allows lowercase t and z
+    "2026-01-05 10:00:00.250-00:00",  # and a space for the T
+    "2026-01-05T09:00:00.250-0100",  # not RFC 3339 (no colon), but the SDK's parser takes it
+]
+# Forms Arrow's parser would take but the SDK refuses: the engines must refuse them too.
+NOT_RFC3339 = ["2026-01-05T10:00Z", "2026-01-05T10:00:00+01", "2026-01-05T10:00:00", "2026-01-05Z"]
+
+
+def test_event_times_are_read_in_every_form_the_sdk_accepts_and_only_those() -> None:
+    from datetime import UTC, datetime
+
+    from streams.events import Impression, encode, event_time_ms, validate_json
+
+    sdk_encoded = encode(
+        Impression(
+            event_id="sdk",
+            event_time=datetime(2026, 1, 5, 10, 0, 0, 250_123, tzinfo=UTC),
+            user_id="u1",
+            ad_id="ad7",
+            campaign_id="c3",
+            advertiser_id="adv1",
+        )
+    )
+
+    def sdk_impression(event_id: str, event_time: str) -> bytes:  # no field the SDK does not know
+        event = json.loads(impression(event_id, event_time=event_time))
+        del event["attributes"]
+        return json.dumps(event).encode()
+
+    accepted = [sdk_impression(f"t{i}", text) for i, text in enumerate(SDK_TIMES)] + [sdk_encoded]
+    refused = [sdk_impression(f"r{i}", text) for i, text in enumerate(NOT_RFC3339)]
+    for payload in accepted:
+        assert event_time_ms(validate_json(payload)) in (1_767_607_200_250, 1_767_607_200_251), payload
+    for payload in refused:
+        with pytest.raises(SchemaViolationError):
+            validate_json(payload)
+
+    batch = EventDecoder().decode([*accepted, *refused])
+
+    assert batch.events.column("event_time_ms").to_pylist() == [1_767_607_200_250] * len(accepted)
+    assert [index for index, _ in batch.rejected] == list(range(len(accepted), len(accepted) + len(refused)))
+    for _, error in batch.rejected:
+        assert isinstance(error, SchemaViolationError) and "RFC 3339" in str(error), error
+
+
+def test_time_columns_of_any_unit_read_as_truncated_milliseconds() -> None:
+    import pyarrow as pa
+
+    from infra.arrow_times import EventTimeError, epoch_ms
+
+    nanos = [1_767_607_200_250_999_999, None]
+    for unit, scale in (("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1)):
+        for zone in (None, "UTC", "Europe/Paris"):
+            column = pa.array([n // scale if n else None for n in nanos], pa.timestamp(unit, zone))
+            want = nanos[0] // 10**9 * 1000 if unit == "s" else 1_767_607_200_250
+            assert epoch_ms(column).to_pylist() == [want, None], (unit, zone)
+    with pytest.raises(EventTimeError, match="texts or timestamps"):
+        epoch_ms(pa.array([1.5]))
+    with pytest.raises(EventTimeError):
+        epoch_ms(pa.array(["2026-02-30T10:00:00Z"]))

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from infra.arrow_times import epoch_ms
 from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
 from streams.engine.router import normalize_queries
 
@@ -217,9 +218,7 @@ def build_event_log(
     user_codes = pc.dictionary_encode(events.column("user_id").combine_chunks())
     user_ids = user_codes.dictionary.to_numpy(zero_copy_only=False).astype(object)
     user = np.asarray(user_codes.indices.to_numpy(zero_copy_only=False), np.int64)
-    time_ms = np.asarray(
-        events.column("event_time").cast(pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy(), np.int64
-    )
+    time_ms = np.asarray(epoch_ms(events.column("event_time")).to_numpy(), np.int64)
     topic_names = tuple(sorted(set(topics.values())))
     if len(topic_names) >= buckets.topics:
         raise EventLogError(f"{len(topic_names)} topics do not fit in {buckets.topics - 1} topic codes")

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from infra.arrow_times import epoch_ms
 from training.events import EventLog, category_codes, stable_bucket, topic_codes
 
 DAY_MS = 86_400_000
@@ -68,9 +69,7 @@ def build_examples(events: pa.Table, log: EventLog, truth_impressions: Path | No
     event_id = impressions.column("event_id").combine_chunks()
     click = pc.is_in(event_id, value_set=clicks.column("impression_id").combine_chunks())
     conversion = pc.is_in(event_id, value_set=converted_impressions)
-    time_ms = np.asarray(
-        impressions.column("event_time").cast(pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy(), np.int64
-    )
+    time_ms = np.asarray(epoch_ms(impressions.column("event_time")).to_numpy(), np.int64)
     index = log.user_index
     user_id = impressions.column("user_id").to_numpy(zero_copy_only=False).astype(object)
     user = np.fromiter((index.get(u, -1) for u in user_id), np.int64, len(user_id))

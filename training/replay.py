@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
 from features.offline import last_row_per_key_and_time
+from infra.arrow_times import epoch_ms
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder
 from streams.engine.replay import InProcessEngine
@@ -48,7 +49,7 @@ def decoded_columns(events: pa.Table, groups: tuple[FeatureGroup, ...] = FEATURE
     columns = []
     for field in schema:
         if field.name == "event_time_ms":
-            columns.append(events.column("event_time").cast(pa.timestamp("ms", "UTC")).cast(pa.int64()))
+            columns.append(epoch_ms(events.column("event_time")))
         else:
             columns.append(events.column(field.name).cast(field.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -70,7 +71,7 @@ def replay_stream_features(
     if flush_s <= 0:
         raise ValueError("flush_s must be positive")
     order_column = "arrival_time" if "arrival_time" in events.column_names else "event_time"
-    arrival = events.column(order_column).cast(pa.timestamp("ms", "UTC")).cast(pa.int64()).to_numpy()
+    arrival = epoch_ms(events.column(order_column)).to_numpy()
     order = np.argsort(arrival, kind="stable")
     events = events.take(pa.array(order))
     arrival = arrival[order]

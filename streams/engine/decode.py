@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
+from infra.arrow_times import EventTimeError, epoch_ms, malformed_times
 from streams.events import (
     EVENT_TYPE_NAMES,
     EVENT_TYPES,
@@ -194,11 +195,13 @@ class EventDecoder:
             name: pa.array(list(map(operator.attrgetter(name), events)), _FIELD_TYPES[name])
             for name in self.columns
         }
+        texts = columns.pop("event_time")
         try:
-            times = pc.cast(columns.pop("event_time"), pa.timestamp("ms", "UTC"))
-        except pa.ArrowInvalid as exc:
+            if malformed_times(texts).any():
+                raise EventTimeError("not in the form 2026-01-05T10:00:00.250Z (a zone is required)")
+            columns["event_time_ms"] = epoch_ms(texts)
+        except EventTimeError as exc:
             raise _BatchError(SchemaViolationError(f"event_time is not an RFC 3339 instant: {exc}")) from exc
-        columns["event_time_ms"] = times.cast(pa.int64())
         return pa.table(columns)
 
     def _check(self, table: pa.Table) -> tuple[NDArray[Any], list[tuple[int, str]]]:

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from features.definitions import FEATURE_GROUPS, TILE_SECONDS, Aggregation, FeatureGroup
+from infra.arrow_times import RFC3339_PATTERN
 from streams.engine.decode import (
     ALWAYS_PRESENT,
     EARLIEST_MS,
@@ -72,10 +73,6 @@ _SEP1 = "U&'\\0001'"  # inside a last-N item: time, event id, value
 _SEP2 = "U&'\\0002'"  # between items while the sort keys are cut off
 _ITEM_PREFIX = r"[0-9]{13}\x01[^\x01]*\x01"
 _MAX_INTERVAL_DAYS = 99  # Flink's DAY TO SECOND literals take two day digits
-# An event time the decoder accepts: RFC 3339, at most milliseconds, a UTC offset (``Z``, ``+hh:mm``).
-_TIME_PATTERN = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?(Z|[+-][0-9]{2}:[0-9]{2})$"
-)
 
 
 class FlinkSqlError(ValueError):
@@ -109,18 +106,24 @@ def event_time_ms_sql(column: str = "event_time") -> str:
 
     Written with integer arithmetic (``UNIX_TIMESTAMP`` of the seconds, in the job's UTC
     session zone, plus the milliseconds, minus the offset) because Flink's
-    ``TO_TIMESTAMP_LTZ(text, format)`` ignores the offset.
+    ``TO_TIMESTAMP_LTZ(text, format)`` ignores the offset. Reads what the embedded
+    decoder reads (:mod:`infra.arrow_times`): ``T``, ``t`` or a space between date and
+    time, a lowercase ``z``, and fractions finer than a millisecond, truncated.
     """
     text = q(column)
-    seconds = f"UNIX_TIMESTAMP(SUBSTRING({text} FROM 1 FOR 19), 'yyyy-MM-dd''T''HH:mm:ss')"
+    date_time = f"CONCAT(SUBSTRING({text} FROM 1 FOR 10), ' ', SUBSTRING({text} FROM 12 FOR 8))"
+    seconds = f"UNIX_TIMESTAMP({date_time}, 'yyyy-MM-dd HH:mm:ss')"
     fraction = f"REGEXP_EXTRACT({text}, '\\.([0-9]+)', 1)"
+    # RPAD both pads and cuts: "5" -> "500", "123456" -> "123" (truncated, as the decoder does)
     millis = f"CAST(RPAD(COALESCE({fraction}, ''), 3, '0') AS BIGINT)"
-    sign = f"CASE WHEN SUBSTRING({text} FROM CHAR_LENGTH({text}) - 5 FOR 1) = '-' THEN -1 ELSE 1 END"
-    hours = f"CAST(SUBSTRING({text} FROM CHAR_LENGTH({text}) - 4 FOR 2) AS BIGINT)"
-    minutes = f"CAST(SUBSTRING({text} FROM CHAR_LENGTH({text}) - 1 FOR 2) AS BIGINT)"
-    offset = f"CASE WHEN {text} LIKE '%Z' THEN 0 ELSE {sign} * ({hours} * 3600000 + {minutes} * 60000) END"
+    zone = "'([+-])([0-9]{2}):?([0-9]{2})$'"
+    sign = f"CASE WHEN REGEXP_EXTRACT({text}, {zone}, 1) = '-' THEN -1 ELSE 1 END"
+    hours = f"CAST(REGEXP_EXTRACT({text}, {zone}, 2) AS BIGINT)"
+    minutes = f"CAST(REGEXP_EXTRACT({text}, {zone}, 3) AS BIGINT)"
+    offset_ms = f"{sign} * ({hours} * 3600000 + {minutes} * 60000)"
+    offset = f"CASE WHEN UPPER({text}) LIKE '%Z' THEN 0 ELSE {offset_ms} END"
     return (
-        f"CASE WHEN REGEXP({text}, {literal(_TIME_PATTERN)}) "
+        f"CASE WHEN REGEXP({text}, {literal(RFC3339_PATTERN)}) "
         f"THEN {seconds} * 1000 + {millis} - {offset} ELSE CAST(NULL AS BIGINT) END"
     )
 
