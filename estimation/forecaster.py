@@ -429,5 +429,5 @@ def _event_ms(value: Any) -> int:
 
     if isinstance(value, datetime):
         return int(value.timestamp() * 1000)
-    text = str(value).replace("Z", "+00:00")
+    text = str(value).upper().replace("Z", "+00:00")  # RFC 3339 allows a lowercase t and z
     return int(datetime.fromisoformat(text).timestamp() * 1000)
