@@ -360,3 +360,37 @@ def test_rows_the_online_store_lost_are_whole_again_after_the_rewrite_interval(s
         )
     ]
     assert not mismatches, f"{len(mismatches)} mismatches, e.g. {mismatches[:5]}"
+
+
+def test_sdk_events_with_microsecond_times_and_long_queries_are_all_counted(stream: Settings) -> None:
+    """What the typed SDK sends from ``datetime.now(UTC)`` (microseconds) and queries near the SDK's
+    1,024-character limit (a shard's micro-batch of them is several MB: shipped in records under
+    Kafka's 1 MB limit): every event counts, none is dead-lettered."""
+    from random import Random
+
+    from streams.events import Impression, Search
+
+    rng = Random(5)
+    start = datetime(2026, 1, 5, 10, 0, 0, 123_456, tzinfo=UTC)
+    events: list[Impression | Search] = []
+    for i in range(6_000):
+        common = {
+            "event_id": f"e{i}",
+            "event_time": start + timedelta(milliseconds=97 * i),
+            "user_id": f"u{i % 5}",
+        }
+        if i % 6:
+            query = "".join(rng.choice("abcdefgh ") for _ in range(1_000)) + f" q{i}"
+            events.append(Search(query=query, **common))
+        else:
+            events.append(Impression(ad_id=f"ad{i % 7}", campaign_id="c1", advertiser_id="adv1", **common))
+    with EventProducer(stream) as producer:
+        for event in events:
+            producer.send(event)
+    output = run_engine(stream)
+    assert "; 0 dead-lettered" in output, output[-2000:]
+
+    records = consume(stream, stream.kafka.topics.events, len(events))
+    expected, late = expected_events(stream, records)
+    assert expected.num_rows == len(events) and not late
+    assert_features_match(stream, expected)

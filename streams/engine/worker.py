@@ -58,7 +58,11 @@ from streams.topics import TopicSpec, default_topics, ensure_topics
 
 log = logging.getLogger("adreach.stream")
 
-_MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.5 MB), under Kafka's default 1 MB limit
+_MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.4 MB of ids and amounts)
+# Bytes per repartition record at most: under Kafka's default 1 MB record-batch limit (brokers'
+# message.max.bytes, topics' max.message.bytes) with room for the batch's own header. Rows
+# with long texts (queries up to 1,024 characters) make records of fewer rows.
+_MAX_SHIP_BYTES = 900_000
 _MAX_PENDING_ROWS = 1_000_000  # shipped rows held for the next cycle (a backlog cycle ends here)
 _COMPACT_EVERY_S = 30.0
 _FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
@@ -327,9 +331,15 @@ class StreamWorker:
         self.stats.events += len(messages)
 
     def _ship(self, shard: int, rows: pa.Table) -> None:
+        """Send ``rows`` to ``shard`` as Arrow IPC records of at most :data:`_MAX_SHIP_BYTES`, in order."""
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as writer:
             writer.write_table(rows)
+        if sink.tell() > _MAX_SHIP_BYTES and rows.num_rows > 1:  # rare: long texts; halves keep the order
+            half = rows.num_rows // 2
+            self._ship(shard, rows.slice(0, half))
+            self._ship(shard, rows.slice(half))
+            return
         payload = sink.getvalue().to_pybytes()
         while True:
             try:
