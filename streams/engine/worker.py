@@ -191,7 +191,7 @@ class StreamWorker:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
-                "compression.type": "lz4",
+                "compression.type": settings.stream.repartition_compression,
                 "message.max.bytes": 2_000_000,
                 "on_delivery": self._on_delivery,
             }
