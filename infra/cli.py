@@ -406,7 +406,8 @@ def _run_stream(
         last_report[:] = [now, stats.events]
         stderr.print(
             f"stream: {stats.events:,} events ({rate:,.0f}/s), {stats.feature_rows:,} feature rows written, "
-            f"{stats.dead_lettered:,} dead-lettered ({stats.late:,} late), lag {worker.lag():,}",
+            f"{stats.dead_lettered:,} dead-lettered ({stats.late:,} late, {stats.future:,} future), "
+            f"lag {worker.lag():,}",
             highlight=False,
         )
 
@@ -437,7 +438,8 @@ def _run_stream(
     return (
         f"stream: {stats.events:,} events in {elapsed:.1f} s ({stats.events_per_second:,.0f}/s); "
         f"{stats.feature_rows:,} feature rows written; {stats.dead_lettered:,} dead-lettered "
-        f"({stats.malformed:,} malformed, {stats.late:,} late); {stats.store_retries} store retries"
+        f"({stats.malformed:,} malformed, {stats.late:,} late, {stats.future:,} future); "
+        f"{stats.store_retries} store retries"
     )
 
 

@@ -180,6 +180,13 @@ class StreamSettings(BaseModel):
         ge=0,
         description="Events older than their partition's watermark minus this are dead-lettered.",
     )
+    max_future_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="Events whose time is more than this ahead of the worker's clock are dead-lettered "
+        "(FutureEventError) instead of counted: one event from a clock running years ahead would otherwise "
+        "raise its partition's watermark so far that every later event is too late. 0: no such check.",
+    )
     batch_max_events: int = Field(20_000, gt=0, description="Most messages read per micro-batch.")
     batch_timeout_ms: int = Field(100, gt=0, description="Longest wait for a micro-batch to fill.")
     fetch_wait_max_ms: int = Field(

@@ -238,3 +238,36 @@ def test_a_corrupt_checkpoint_is_reported_with_its_path(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="shard.npz"):
         ShardState(path, 0)
+
+
+def test_an_event_from_a_clock_far_ahead_is_dropped_without_making_later_events_late() -> None:
+    """One device clock years ahead must not raise its partition's watermark (every later event
+    would be "too late"); with the rule off, that is exactly what happens."""
+    import json
+
+    from streams.engine.decode import EventDecoder
+
+    def search(i: int, when: str) -> bytes:
+        return json.dumps(
+            {"type": "search", "event_id": f"e{i}", "event_time": when, "user_id": "u1", "query": "shoes"}
+        ).encode()
+
+    now_ms = 1_767_607_260_000  # 2026-01-05T10:01:00Z
+    lines = [search(0, "2026-01-05T10:00:00Z"), search(1, "2031-01-05T10:00:00Z")]
+    lines += [search(i, f"2026-01-05T10:00:{i:02d}Z") for i in range(2, 40)]
+    events = EventDecoder().decode(lines).events
+    partitions, offsets = np.zeros(len(lines), np.int64), np.arange(len(lines))
+
+    guarded = Router(3, LATENESS_MS, max_future_ms=86_400_000)
+    first = guarded.route(events.slice(0, 10), partitions[:10], offsets[:10], {}, now_ms=now_ms)
+    rest = guarded.route(events.slice(10), partitions[10:], offsets[10:], first.watermarks, now_ms=now_ms)
+    assert [row for row, _ in first.future] == [1] and "ahead of the worker's clock" in first.future[0][1]
+    assert not first.late and not rest.late and not rest.future
+    assert rest.watermarks[0] == 1_767_607_239_000  # 10:00:39, the newest on-time event
+    shipped = {
+        i for t in [*first.shards.values(), *rest.shards.values()] for i in t.column("event_id").to_pylist()
+    }
+    assert shipped == {f"e{i}" for i in range(40)} - {"e1"}  # every other event is counted
+
+    unguarded = Router(3, LATENESS_MS).route(events, partitions, offsets, {}, now_ms=now_ms)
+    assert len(unguarded.late) == 38 and not unguarded.future

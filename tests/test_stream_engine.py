@@ -36,6 +36,7 @@ COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "val
 # The SDK's event-time forms, restated for the reference: RFC 3339 (t/T/space, z/Z, any fraction).
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:?\d\d)")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+FUTURE_TIME = "2031-01-05T10:00:00Z"  # more than stream.max_future_s (a day) ahead of any test run
 
 
 def engine_env(settings: Settings) -> dict[str, str]:
@@ -126,6 +127,9 @@ def bad_events(user: str, late_time: str) -> list[tuple[bytes, bytes]]:
             b'{"type": "search", "event_id": "s1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u"}',
         ),
         (user.encode(), json.dumps(late).encode()),
+        # A device clock years ahead: dead-lettered, and it must not make its partition's
+        # later events "too late" (tests produce simulated events after these).
+        (user.encode(), json.dumps({**late, "event_id": "future-1", "event_time": FUTURE_TIME}).encode()),
     ]
 
 
@@ -134,7 +138,9 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
 
     Lateness restated independently of the engine: per partition, in offset order, an event
     is late when its time is more than the allowed lateness behind the maximum before it.
+    Events more than ``stream.max_future_s`` ahead of now are left out and move no maximum.
     """
+    now_ms = time.time() * 1000
     rows: list[dict[str, object]] = []
     late: set[str] = set()
     watermark: dict[int, int] = {}
@@ -153,6 +159,8 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
         # Python reads at most microseconds; the engines truncate finer fractions to milliseconds.
         when = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text.upper()))
         millis = (when - EPOCH) // timedelta(milliseconds=1)
+        if millis > now_ms + settings.stream.max_future_s * 1000:
+            continue
         before = watermark.get(record.partition)
         if before is not None and millis < before - settings.stream.allowed_lateness_s * 1000:
             late.add(event["event_id"])
@@ -231,8 +239,10 @@ def test_reference_query_key_matches_definitions() -> None:
 
 def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:
     payloads = simulated_payloads(users=1_500, events=15_000, seed=11)
-    produce(stream, payloads)
-    produce_raw(stream, bad_events("u0000001", "2025-12-01T00:00:00Z"))
+    bad = bad_events("u0000001", "2025-12-01T00:00:00Z")
+    produce(stream, payloads[:7_000])
+    produce_raw(stream, bad)
+    produce(stream, payloads[7_000:])
     output = run_engine(stream)
     assert "dead-lettered" in output
     for group in FEATURE_GROUPS:  # the worker merged its per-cycle part files when it stopped
@@ -240,17 +250,18 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
         with_rows = [p for p in parts if pq.ParquetFile(p).metadata.num_rows]  # + Feast's empty schema file
         assert len(with_rows) == 1 and len(parts) == 2, parts
 
-    records = consume(stream, stream.kafka.topics.events, len(payloads) + 4)
+    records = consume(stream, stream.kafka.topics.events, len(payloads) + len(bad))
     events, late = expected_events(stream, records)
     assert "late-click-1" in late
     assert_features_match(stream, events)
 
-    dead = consume(stream, stream.kafka.topics.dead_letter, 3 + len(late))
+    dead = consume(stream, stream.kafka.topics.dead_letter, 4 + len(late))
     reasons = {
         r.headers["adreach.error.class"].decode(): r.headers["adreach.error.reason"].decode() for r in dead
     }
     assert "MalformedJSONError" in reasons
     assert "LateEventError" in reasons and "allowed lateness" in reasons["LateEventError"]
+    assert "ahead of the worker's clock" in reasons["FutureEventError"]
     assert "search needs query" in " ".join(r.headers["adreach.error.reason"].decode() for r in dead)
     late_ids = {
         json.loads(r.value)["event_id"] for r in dead if r.headers["adreach.error.class"] == b"LateEventError"

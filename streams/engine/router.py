@@ -13,6 +13,13 @@ in its partition (the partition's watermark). The decision depends only on the
 partition's contents and the checkpointed watermark, never on how messages were batched
 or which worker read them, so replays and rebalances reproduce it exactly.
 
+An event time too far ahead of the reading worker's clock (more than ``max_future_ms``,
+``stream.max_future_s``) is dropped too, before lateness is judged: one event from a
+device whose clock runs years ahead would otherwise raise its partition's watermark so
+far that every later event of the partition is "too late". This one rule reads the
+wall clock, so a replay can decide differently only for an event whose time has come
+between the first read and the replay.
+
 Every shipped row carries its source partition and offset; shards use them to skip rows
 they already applied when a router replays after a crash (exactly-once state).
 """
@@ -20,7 +27,7 @@ they already applied when a router replays after a crash (exactly-once state).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,23 +78,32 @@ def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
 class RoutedBatch:
     """What routing one micro-batch produced.
 
-    ``shards`` maps a shard to its rows; ``late`` lists (row, reason) for dropped events;
-    ``watermarks`` holds the updated watermark of every source partition in the batch.
+    ``shards`` maps a shard to its rows; ``late`` and ``future`` list (row, reason) for
+    events dropped as too late or too far ahead of the clock; ``watermarks`` holds the
+    updated watermark of every source partition in the batch.
     """
 
     shards: dict[int, pa.Table]
     late: list[tuple[int, str]]
     watermarks: dict[int, int]
+    future: list[tuple[int, str]] = field(default_factory=list)
 
 
 class Router:
     def __init__(
-        self, shards: int, allowed_lateness_ms: int, groups: Sequence[FeatureGroup] = FEATURE_GROUPS
+        self,
+        shards: int,
+        allowed_lateness_ms: int,
+        groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
+        *,
+        max_future_ms: int = 0,
     ) -> None:
+        """``max_future_ms``: events more than this ahead of ``route``'s ``now_ms`` are dropped (0: never)."""
         if len(groups) > 63:
             raise ValueError("at most 63 feature groups can share one engine")
         self.shards = shards
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.max_future_ms = max_future_ms
         self.groups = tuple(groups)
         self._cell_type = next(
             t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= len(groups)
@@ -99,14 +115,29 @@ class Router:
         partitions: NDArray[Any],
         offsets: NDArray[Any],
         watermarks: dict[int, int],
+        now_ms: int | None = None,
     ) -> RoutedBatch:
         """Route decoded ``events`` read from ``partitions``/``offsets`` (in offset order per partition).
 
         ``watermarks`` are the source partitions' watermarks before this batch (missing:
-        none yet); the result carries the new ones.
+        none yet); the result carries the new ones. ``now_ms``: the reading worker's
+        clock, for the ``max_future_ms`` rule (None: no such rule, as in replays).
         """
         times = events.column("event_time_ms").to_numpy()
-        late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks)
+        future_mask = np.zeros(len(times), dtype=bool)
+        if self.max_future_ms > 0 and now_ms is not None:
+            future_mask = times > now_ms + self.max_future_ms
+        future = [
+            (
+                int(row),
+                f"event time is {(times[row] - now_ms) / 3_600_000:,.1f} h ahead of the worker's clock, "
+                f"more than stream.max_future_s = {self.max_future_ms / 1000:g} s (a producer clock running "
+                "ahead?); not counted in stream features",
+            )
+            for row in np.flatnonzero(future_mask)
+            if now_ms is not None
+        ]
+        late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks, future_mask)
         late = [
             (
                 int(row),
@@ -116,7 +147,7 @@ class Router:
             )
             for row in np.flatnonzero(late_mask)
         ]
-        on_time = ~late_mask
+        on_time = ~(late_mask | future_mask)
         if "query" in events.column_names:
             events = events.append_column(QUERY_KEY_COLUMN, normalize_queries(events.column("query")))
         events = events.append_column(SOURCE_PARTITION, pa.array(partitions.astype(np.int32)))
@@ -139,7 +170,7 @@ class Router:
             cells[shard[rows] * n + rows] |= 1 << bit
         unique_pairs = np.flatnonzero(cells)
         if len(unique_pairs) == 0:
-            return RoutedBatch({}, late, new_watermarks)
+            return RoutedBatch({}, late, new_watermarks, future)
         masks = cells[unique_pairs].astype(np.int64)
         pair_shard = unique_pairs // n
         pair_row = unique_pairs % n
@@ -149,20 +180,29 @@ class Router:
             int(pair_shard[start]): shipped.slice(start, end - start)
             for start, end in zip(boundaries[:-1], boundaries[1:], strict=True)
         }
-        return RoutedBatch(shards, late, new_watermarks)
+        return RoutedBatch(shards, late, new_watermarks, future)
 
     def _late(
-        self, times: NDArray[Any], partitions: NDArray[Any], watermarks: dict[int, int]
+        self,
+        times: NDArray[Any],
+        partitions: NDArray[Any],
+        watermarks: dict[int, int],
+        ignored: NDArray[np.bool_],
     ) -> tuple[NDArray[Any], NDArray[Any], dict[int, int]]:
-        """Per event: too late?, the watermark it was judged against; and the new watermarks."""
+        """Per event: too late?, the watermark it was judged against; and the new watermarks.
+
+        ``ignored`` events (already dropped) neither move a watermark nor count as late.
+        """
         late = np.zeros(len(times), dtype=bool)
         watermark_at = np.zeros(len(times), dtype=np.int64)
         updated = dict(watermarks)
+        no_time = np.iinfo(np.int64).min + self.allowed_lateness_ms
         for partition in np.unique(partitions):
             rows = np.flatnonzero(partitions == partition)
-            start = watermarks.get(int(partition), np.iinfo(np.int64).min + self.allowed_lateness_ms)
-            seen = np.maximum.accumulate(np.r_[start, times[rows]])[:-1]  # watermark before each event
-            late[rows] = times[rows] < seen - self.allowed_lateness_ms
+            start = watermarks.get(int(partition), no_time)
+            counted = np.where(ignored[rows], no_time, times[rows])
+            seen = np.maximum.accumulate(np.r_[start, counted])[:-1]  # watermark before each event
+            late[rows] = (times[rows] < seen - self.allowed_lateness_ms) & ~ignored[rows]
             watermark_at[rows] = seen
-            updated[int(partition)] = int(max(start, times[rows].max()))
+            updated[int(partition)] = int(max(start, counted.max()))  # (no_time while all were ignored)
         return late, watermark_at, updated

@@ -80,6 +80,8 @@ class StreamStats:
     events: int = 0
     dead_lettered: int = 0
     late: int = 0
+    future: int = 0
+    """Events dropped as too far ahead of the worker's clock (``stream.max_future_s``)."""
     malformed: int = 0
     feature_rows: int = 0
     cycles: int = 0
@@ -159,7 +161,12 @@ class StreamWorker:
         self._shard_topic = config.repartition_topic
         self._state_dir = settings.stream_state_dir
         self._decoder = EventDecoder(self.groups)
-        self._router = Router(config.repartition_partitions, config.allowed_lateness_s * 1000, self.groups)
+        self._router = Router(
+            config.repartition_partitions,
+            config.allowed_lateness_s * 1000,
+            self.groups,
+            max_future_ms=round(config.max_future_s * 1000),
+        )
         self._router_checkpoints = _RouterCheckpoints(self._state_dir / "routers")
         self._watermarks: dict[int, int] = {}
         self._router_next: dict[int, int] = {}  # routed but not yet checkpointed
@@ -316,11 +323,18 @@ class StreamWorker:
             self._dead_letter(messages[index], str(error), type(error).__name__)
         self.stats.malformed += len(batch.rejected)
         routed = self._router.route(
-            batch.events, partitions[batch.positions], offsets[batch.positions], self._watermarks
+            batch.events,
+            partitions[batch.positions],
+            offsets[batch.positions],
+            self._watermarks,
+            now_ms=int(time.time() * 1000),
         )
         for row, reason in routed.late:
             self._dead_letter(messages[int(batch.positions[row])], reason, "LateEventError")
+        for row, reason in routed.future:
+            self._dead_letter(messages[int(batch.positions[row])], reason, "FutureEventError")
         self.stats.late += len(routed.late)
+        self.stats.future += len(routed.future)
         self._watermarks = routed.watermarks
         self._newest_event_ms = max(self._watermarks.values(), default=None)
         for shard, rows in routed.shards.items():

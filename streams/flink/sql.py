@@ -101,8 +101,13 @@ def interval(ms: int) -> str:
     return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}' DAY TO SECOND(3)"
 
 
-def event_time_ms_sql(column: str = "event_time") -> str:
+def event_time_ms_sql(column: str = "event_time", *, max_future_ms: int = 0) -> str:
     """Epoch milliseconds of an RFC 3339 text with offset, NULL when it is not one.
+
+    With ``max_future_ms`` > 0, also NULL when the time is more than that ahead of the
+    job's clock (``stream.max_future_s``, the embedded router's rule): such an event is
+    then invalid, and it moves no watermark, which one event from a clock running years
+    ahead would otherwise push past every later event.
 
     Written with integer arithmetic (``UNIX_TIMESTAMP`` of the seconds, in the job's UTC
     session zone, plus the milliseconds, minus the offset) because Flink's
@@ -122,13 +127,17 @@ def event_time_ms_sql(column: str = "event_time") -> str:
     minutes = f"CAST(REGEXP_EXTRACT({text}, {zone}, 3) AS BIGINT)"
     offset_ms = f"{sign} * ({hours} * 3600000 + {minutes} * 60000)"
     offset = f"CASE WHEN UPPER({text}) LIKE '%Z' THEN 0 ELSE {offset_ms} END"
-    return (
+    parsed = (
         f"CASE WHEN REGEXP({text}, {literal(RFC3339_PATTERN)}) "
         f"THEN {seconds} * 1000 + {millis} - {offset} ELSE CAST(NULL AS BIGINT) END"
     )
+    if max_future_ms <= 0:
+        return parsed
+    ahead = f"({parsed}) > UNIX_TIMESTAMP() * 1000 + {max_future_ms}"
+    return f"CASE WHEN {ahead} THEN CAST(NULL AS BIGINT) ELSE {parsed} END"
 
 
-def watermark_sql(delay_ms: int | None) -> str:
+def watermark_sql(delay_ms: int | None, max_future_ms: int = 0) -> str:
     """The watermark expression: the event time minus ``delay_ms`` (``None``: held until the end).
 
     Lateness is decided exactly by the per-partition rule above; the watermark only has to
@@ -141,20 +150,20 @@ def watermark_sql(delay_ms: int | None) -> str:
     """
     held = delay_ms is None
     delay = 200 * 365 * 86_400_000 if held else delay_ms
-    return f"TO_TIMESTAMP_LTZ(COALESCE({event_time_ms_sql()}, 0) - {delay}, 3)"
+    return f"TO_TIMESTAMP_LTZ(COALESCE({event_time_ms_sql(max_future_ms=max_future_ms)}, 0) - {delay}, 3)"
 
 
 def _physical_columns(groups: Sequence[FeatureGroup]) -> list[str]:
     return [f"{q(name)} {_FLINK_TYPES[str(FIELD_TYPES[name])]}" for name in needed_columns(groups)]
 
 
-def _computed_columns(delay_ms: int | None) -> list[str]:
-    ms = event_time_ms_sql()
+def _computed_columns(delay_ms: int | None, max_future_ms: int) -> list[str]:
+    ms = event_time_ms_sql(max_future_ms=max_future_ms)
     return [
         f"{q(PROCTIME)} AS PROCTIME()",
         f"{q(EVENT_TIME_MS)} AS {ms}",
         f"{q(ROWTIME)} AS TO_TIMESTAMP_LTZ(COALESCE({ms}, 0), 3)",
-        f"WATERMARK FOR {q(ROWTIME)} AS {watermark_sql(delay_ms)}",
+        f"WATERMARK FOR {q(ROWTIME)} AS {watermark_sql(delay_ms, max_future_ms)}",
     ]
 
 
@@ -171,6 +180,7 @@ def files_source_ddl(
     delay_ms: int | None,
     monitor_interval_s: float | None = None,
     groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
+    max_future_ms: int = 0,
 ) -> str:
     """The filesystem source over JSON Lines files; each file is one source partition.
 
@@ -182,7 +192,7 @@ def files_source_ddl(
     columns = [
         *_physical_columns(groups),
         f"{q(PARTITION_COLUMN)} STRING NOT NULL METADATA FROM 'file.path' VIRTUAL",
-        *_computed_columns(delay_ms),
+        *_computed_columns(delay_ms, max_future_ms),
     ]
     options = {"connector": "filesystem", "path": path, **_JSON_SOURCE}
     if monitor_interval_s is not None:
@@ -202,7 +212,11 @@ class KafkaSource:
 
 
 def kafka_source_ddl(
-    source: KafkaSource, *, delay_ms: int | None, groups: Sequence[FeatureGroup] = FEATURE_GROUPS
+    source: KafkaSource,
+    *,
+    delay_ms: int | None,
+    groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
+    max_future_ms: int = 0,
 ) -> str:
     """The events topic through the Flink Kafka SQL connector, partition number as the source partition.
 
@@ -215,7 +229,7 @@ def kafka_source_ddl(
     columns = [
         *_physical_columns(groups),
         f"{q(PARTITION_COLUMN + '_id')} INT NOT NULL METADATA FROM 'partition' VIRTUAL",
-        *_computed_columns(delay_ms),
+        *_computed_columns(delay_ms, max_future_ms),
     ]
     options = {
         "connector": "kafka",
