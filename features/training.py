@@ -29,6 +29,10 @@ from typing import Any
 import pandas as pd
 
 _ROW = "__adreach_example_row"
+EXAMPLES_PER_READ = 25_000
+"""Examples per ``get_historical_features`` call. Feast's file store pairs every example with
+every feature row of its entity before filtering by time (10.8 GB at 100,000 examples of the
+LoopFM benchmark's world); reads of this size keep that to a few GB, at the same speed."""
 
 
 class TrainingSetError(ValueError):
@@ -51,10 +55,13 @@ def historical_features(
     _compact_views(store, views)
     examples = entity_df.reset_index(drop=True).copy()
     examples[_ROW] = range(len(examples))
-    with _object_pandas_tokens():
-        result = store.get_historical_features(entity_df=examples, features=list(features)).to_df()
-    feature_columns = [c for c in result.columns if c not in examples.columns]
-    kept = result[[_ROW, *feature_columns]]
+    parts = []
+    for start in range(0, max(len(examples), 1), EXAMPLES_PER_READ):  # (no examples: one call all the same)
+        chunk = examples.iloc[start : start + EXAMPLES_PER_READ]
+        with _object_pandas_tokens():
+            result = store.get_historical_features(entity_df=chunk, features=list(features)).to_df()
+        parts.append(result[[_ROW, *(c for c in result.columns if c not in examples.columns)]])
+    kept = pd.concat(parts, ignore_index=True)
     merged = examples.merge(kept, on=_ROW, how="left", validate="one_to_one")
     return merged.sort_values(_ROW).drop(columns=[_ROW]).reset_index(drop=True)
 
@@ -87,7 +94,9 @@ def _object_pandas_tokens() -> Iterator[None]:
     never needed here. Not thread-safe: dask's registry is global, and the previous
     normalizers are put back on exit.
     """
-    from dask.base import normalize_token
+    from dask import base
+
+    normalize_token: Any = base.normalize_token  # (dask's dispatch is untyped)
 
     kinds = (pd.DataFrame, pd.Series, pd.Index)
     saved = {kind: normalize_token.dispatch(kind) for kind in kinds}
