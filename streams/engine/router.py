@@ -125,18 +125,18 @@ class Router:
         """
         times = events.column("event_time_ms").to_numpy()
         future_mask = np.zeros(len(times), dtype=bool)
+        future: list[tuple[int, str]] = []
         if self.max_future_ms > 0 and now_ms is not None:
             future_mask = times > now_ms + self.max_future_ms
-        future = [
-            (
-                int(row),
-                f"event time is {(times[row] - now_ms) / 3_600_000:,.1f} h ahead of the worker's clock, "
-                f"more than stream.max_future_s = {self.max_future_ms / 1000:g} s (a producer clock running "
-                "ahead?); not counted in stream features",
-            )
-            for row in np.flatnonzero(future_mask)
-            if now_ms is not None
-        ]
+            future = [
+                (
+                    int(row),
+                    f"event time is {(times[row] - now_ms) / 3_600_000:,.1f} h ahead of the worker's clock, "
+                    f"more than stream.max_future_s = {self.max_future_ms / 1000:g} s (a producer clock "
+                    "running ahead?); not counted in stream features",
+                )
+                for row in np.flatnonzero(future_mask)
+            ]
         late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks, future_mask)
         late = [
             (
