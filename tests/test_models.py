@@ -422,3 +422,27 @@ def test_profile_loss_and_the_vms_profile_scores() -> None:
     assert (scores[2] == 0).all(), "no embedding yet: no score"
     with pytest.raises(ValueError, match="fm_profile_topics > 0 or fm_raw_inputs"):
         VerticalModel(VMConfig(variant="loopfm", dense_features=(), embedding_dim=4))
+
+
+def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: World, tmp_path: Path) -> None:
+    """Another producer's log: pandas' nanosecond timestamps without a zone, no optional columns."""
+    from training.events import OPTIONAL_COLUMNS, EventLogError
+
+    table = pq.read_table(world.events_dir)
+    nanos = table.column("event_time").cast(pa.int64()).to_numpy() * 1_000_000 + 999_999
+    foreign = table.drop_columns([c for c in OPTIONAL_COLUMNS if c not in ("impression_id", "click_id")])
+    foreign = foreign.set_column(
+        foreign.schema.get_field_index("event_time"), "event_time", pa.array(nanos, pa.timestamp("ns"))
+    )
+    (tmp_path / "foreign" / "events").mkdir(parents=True)
+    pq.write_table(foreign, tmp_path / "foreign" / "events" / "part.parquet")
+
+    dataset = load_dataset(tmp_path / "foreign" / "events")
+
+    ours = world.dataset.examples
+    assert np.array_equal(dataset.examples.time_ms, ours.time_ms)  # truncated to the same milliseconds
+    assert np.array_equal(dataset.examples.click, ours.click)
+    assert (dataset.examples.position == 1).all() and (dataset.examples.device == 0).all()
+    pq.write_table(foreign.drop_columns(["campaign_id"]), tmp_path / "foreign" / "events" / "part.parquet")
+    with pytest.raises(EventLogError, match="no 'campaign_id' column"):
+        load_dataset(tmp_path / "foreign" / "events")

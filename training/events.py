@@ -102,16 +102,43 @@ def category_code(value: str, categories: tuple[str, ...]) -> int:
     return categories.index(value) + 1 if value in categories else 0
 
 
+REQUIRED_COLUMNS = ("type", "event_id", "event_time", "user_id", "ad_id", "campaign_id", "advertiser_id")
+"""What every event log must have: the events' identity, time and the ad they are about."""
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "impression_id": pa.string(),  # clicks name their impression: the click labels
+    "click_id": pa.string(),  # conversions name their click: the conversion labels
+    "query": pa.string(),
+    "placement": pa.string(),
+    "device": pa.string(),
+    "position": pa.int64(),
+    "cost_micros": pa.int64(),
+    "value": pa.float64(),
+}
+"""Columns a log may lack (its producers never send them): read as all null."""
+
+
 def read_events(path: Path) -> pa.Table:
-    """Events from a Parquet file or directory (``adreach simulate --format parquet`` output)."""
+    """Events from a Parquet file or directory (``adreach simulate --format parquet`` output, or any
+    log with the SDK's field names: :data:`REQUIRED_COLUMNS`, and the :data:`OPTIONAL_COLUMNS`
+    it has; missing optional ones are added as nulls)."""
     if not path.exists():
         raise EventLogError(
             f"{path}: no such event file or directory (run `adreach simulate --format parquet`)"
         )
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise EventLogError(
+            f"{path}: the event log has no {', '.join(map(repr, missing))} column(s); every log needs "
+            f"{', '.join(REQUIRED_COLUMNS)} (the producer SDK's field names)"
+        )
+    for name, kind in OPTIONAL_COLUMNS.items():
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
+    return table
 
 
 def read_topics(catalog: Path | None) -> dict[str, str]:
