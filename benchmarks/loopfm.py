@@ -22,7 +22,7 @@ and the same stream features; reading that history is not even counted), as wall
 and FLOPs; a bootstrap of the evaluation impressions for the transfer of mean gains.
 Sizes (every size reads every impression of the VM and evaluation periods, no cap):
 
-* full (the default): 3,000 users, 300,000 events, 3 seeds (about an hour here);
+* full (the default): 3,000 users, 300,000 events, 3 seeds (about 36 minutes here);
 * ``--medium``: 1,000 users, 80,000 events, 3 seeds (about 20 minutes; the size of the
   documented multi-seed runs, which were made when it was called ``--quick``);
 * ``--quick``: 300 users, 20,000 events, 1 seed (about a minute): a smoke run of the whole
