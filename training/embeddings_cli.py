@@ -6,7 +6,6 @@ several places without their code meeting in one file.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +37,10 @@ def fm_embeddings_command(
     Each run at time T embeds the users active in the last interval from their events
     before T, stamped T: offline rows for point-in-time training sets, online rows for serving.
     """
+    import pyarrow as pa
+
     from features.store import open_store
+    from infra.arrow_times import EventTimeError, epoch_ms, malformed_times
     from models.registry import RegistryError
     from training.embeddings import run_times
     from training.pipeline import ModelMismatchError, load_foundation, materialize_embeddings
@@ -50,9 +52,12 @@ def fm_embeddings_command(
         fail(str(exc), exit_usage())
     at_ms: int | None = None
     if at is not None:
+        texts = pa.array([at], pa.string())
         try:
-            at_ms = int(datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
+            if malformed_times(texts).any():
+                raise EventTimeError("a zone is required")
+            at_ms = int(epoch_ms(texts)[0].as_py())
+        except EventTimeError:
             fail(f"--at {at!r}: not an RFC 3339 time such as 2026-01-08T12:00:00Z", exit_usage())
     dataset = load_data(events, settings)
     open_store(settings)
