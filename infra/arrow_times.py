@@ -68,3 +68,14 @@ def epoch_ms(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         return pc.cast(normalized, utc_ms).cast(pa.int64())
     except pa.ArrowInvalid as exc:
         raise EventTimeError(str(exc)) from exc
+
+
+def rfc3339_epoch_ms(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """:func:`epoch_ms` of texts that must all be RFC 3339 instants, as the SDK writes them (nulls kept).
+
+    Raises :class:`EventTimeError` when one is not: in a looser form Arrow would read
+    (see :func:`malformed_times`) or not an instant at all.
+    """
+    if malformed_times(texts).any():
+        raise EventTimeError("not in the form 2026-01-05T10:00:00.250Z (a zone is required)")
+    return epoch_ms(texts)

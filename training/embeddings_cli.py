@@ -40,7 +40,7 @@ def fm_embeddings_command(
     import pyarrow as pa
 
     from features.store import open_store
-    from infra.arrow_times import EventTimeError, epoch_ms, malformed_times
+    from infra.arrow_times import EventTimeError, rfc3339_epoch_ms
     from models.registry import RegistryError
     from training.embeddings import run_times
     from training.pipeline import ModelMismatchError, load_foundation, materialize_embeddings
@@ -52,11 +52,8 @@ def fm_embeddings_command(
         fail(str(exc), exit_usage())
     at_ms: int | None = None
     if at is not None:
-        texts = pa.array([at], pa.string())
         try:
-            if malformed_times(texts).any():
-                raise EventTimeError("a zone is required")
-            at_ms = int(epoch_ms(texts)[0].as_py())
+            at_ms = int(rfc3339_epoch_ms(pa.array([at], pa.string()))[0].as_py())
         except EventTimeError:
             fail(f"--at {at!r}: not an RFC 3339 time such as 2026-01-08T12:00:00Z", exit_usage())
     dataset = load_data(events, settings)
