@@ -243,6 +243,11 @@ class StreamSettings(BaseModel):
         "is whole again within this interval plus the entity's next event. 0: only when a worker starts.",
     )
 
+    @property
+    def max_future_ms(self) -> int:
+        """``max_future_s`` in whole milliseconds, as the router and the Flink job compare event times."""
+        return round(self.max_future_s * 1000)
+
 
 class FlinkSettings(BaseModel):
     """The Flink job computing the stream features (``adreach stream flink``); see :mod:`streams.flink`.

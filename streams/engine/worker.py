@@ -165,7 +165,7 @@ class StreamWorker:
             config.repartition_partitions,
             config.allowed_lateness_s * 1000,
             self.groups,
-            max_future_ms=round(config.max_future_s * 1000),
+            max_future_ms=config.max_future_ms,
         )
         self._router_checkpoints = _RouterCheckpoints(self._state_dir / "routers")
         self._watermarks: dict[int, int] = {}

@@ -105,7 +105,7 @@ def source_ddl(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROU
             delay_ms=_delay_ms(delay_s),
             monitor_interval_s=flink.monitor_interval_s,
             groups=groups,
-            max_future_ms=round(settings.stream.max_future_s * 1000),
+            max_future_ms=settings.stream.max_future_ms,
         )
     delay_s = flink.watermark_delay_s
     if delay_s is None:
@@ -117,8 +117,9 @@ def source_ddl(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROU
         startup_mode=flink.startup_mode,
         properties=flink.kafka_properties,
     )
-    max_future_ms = round(settings.stream.max_future_s * 1000)
-    return kafka_source_ddl(source, delay_ms=delay_s * 1000, groups=groups, max_future_ms=max_future_ms)
+    return kafka_source_ddl(
+        source, delay_ms=delay_s * 1000, groups=groups, max_future_ms=settings.stream.max_future_ms
+    )
 
 
 def features_topic(settings: Settings, group: FeatureGroup) -> str:
