@@ -50,6 +50,7 @@ from estimation.targeting import (
     parse_targeting,
     unknown_value_warnings,
 )
+from infra.arrow_times import EventTimeError, malformed_times, rfc3339_epoch_ms
 from infra.settings import ReachSettings
 
 
@@ -347,16 +348,16 @@ def profiles_to_changes(events: Iterable[Any], meta: SampleMeta, settings: Reach
     """
     schema = meta.schema
     up_ids: list[str] = []
-    up_ms: list[int] = []
+    up_ms: list[Any] = []  # event times as given; read by _event_ms
     values: dict[str, list[Any]] = {name: [] for name in schema.names()}
     del_ids: list[str] = []
-    del_ms: list[int] = []
+    del_ms: list[Any] = []
     interests, labels = settings.interests_field, settings.provider_labels_field
     for event in events:
         data = _as_dict(event)
         if data.get("type", "user_profile") != "user_profile":
             continue
-        when = _event_ms(data.get("event_time"))
+        when = data.get("event_time")
         if data.get("action", "upsert") == "delete":
             del_ids.append(str(data["user_id"]))
             del_ms.append(when)
@@ -379,13 +380,15 @@ def profiles_to_changes(events: Iterable[Any], meta: SampleMeta, settings: Reach
                 column.append(attributes.get(name))
     columns: dict[str, pa.Array] = {
         "user_id": pa.array(up_ids, pa.string()),
-        "event_ms": pa.array(up_ms, pa.int64()),
+        "event_ms": pa.array(_event_ms(up_ms), pa.int64()),
     }
     for name, column in values.items():
         columns[name] = _typed(column, schema[name].kind)
     return ProfileChanges(
         pa.table(columns),
-        pa.table({"user_id": pa.array(del_ids, pa.string()), "event_ms": pa.array(del_ms, pa.int64())}),
+        pa.table(
+            {"user_id": pa.array(del_ids, pa.string()), "event_ms": pa.array(_event_ms(del_ms), pa.int64())}
+        ),
     )
 
 
@@ -420,14 +423,40 @@ def _as_dict(event: Any) -> dict[str, Any]:
     return data
 
 
-def _event_ms(value: Any) -> int:
-    if value is None:
-        return int(time.time() * 1000)
-    if isinstance(value, int | float):
-        return int(value)
+def _event_ms(values: Sequence[Any]) -> list[int]:
+    """Profile event times as epoch ms: the SDK's reading (RFC 3339 with a zone), never local time.
+
+    A time without a zone would be read in this machine's zone, so the same events could
+    order differently on another server; it is refused, as the SDK refuses it. Texts (what
+    events from Kafka carry) are read in one vector call; a missing time is "now".
+    """
     from datetime import datetime
 
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
-    text = str(value).upper().replace("Z", "+00:00")  # RFC 3339 allows a lowercase t and z
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
+    now = int(time.time() * 1000)
+    out: list[int] = []
+    texts: dict[int, str] = {}
+    for i, value in enumerate(values):
+        if value is None:
+            out.append(now)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(int(value))
+        elif isinstance(value, datetime):
+            if value.utcoffset() is None:
+                raise EventTimeError(f"profile event_time {value.isoformat()} has no time zone; give it one")
+            out.append(int(value.timestamp() * 1000))
+        elif isinstance(value, str):
+            texts[i] = value
+            out.append(0)
+        else:
+            raise EventTimeError(f"profile event_time is not RFC 3339 text, a datetime or epoch ms {value!r}")
+    if texts:
+        column = pa.array(list(texts.values()), pa.string())
+        try:
+            read = rfc3339_epoch_ms(column).to_pylist()
+        except EventTimeError as exc:
+            given = list(texts.values())
+            bad = [given[i] for i in np.flatnonzero(malformed_times(column))] or given
+            raise EventTimeError(f"profile event_time {bad[0]!r}: {exc}") from exc
+        for i, ms in zip(texts, read, strict=True):
+            out[i] = ms
+    return out

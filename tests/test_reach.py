@@ -262,6 +262,40 @@ def test_new_users_and_attribute_changes_are_counted(sample_dir: Path) -> None:
     assert new_tag.ci95[0] <= 300 <= new_tag.ci95[1]  # the 100 moved users were re-profiled without it
 
 
+def test_profile_event_times_are_read_as_the_sdk_reads_them(sample_dir: Path) -> None:
+    """Dict events from the Python API: every RFC 3339 form the SDK takes; a zone-less time is refused.
+
+    (A zone-less time used to be read in the server's local zone.)
+    """
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from estimation.forecaster import profiles_to_changes
+    from infra.arrow_times import EventTimeError
+
+    instant = datetime(2026, 1, 5, 10, 0, 0, 250_000, tzinfo=UTC)
+    expected = int(instant.timestamp() * 1000)
+    forms = [
+        "2026-01-05T10:00:00.250Z",
+        "2026-01-05t10:00:00.250999z",  # lowercase, microseconds (truncated to the ms)
+        "2026-01-05 11:00:00.25+01:00",
+        "2026-01-05T05:00:00.250-0500",
+        instant.astimezone(timezone(timedelta(hours=9))),  # an aware datetime in another zone
+        expected,  # epoch ms
+    ]
+    with ReachForecaster.open(sample_dir) as reach:
+        events = [
+            {"type": "user_profile", "user_id": f"u{i}", "event_time": when, "attributes": {"plan": "pro"}}
+            for i, when in enumerate(forms)
+        ]
+        events.append({"type": "user_profile", "user_id": "gone", "action": "delete", "event_time": forms[1]})
+        changes = profiles_to_changes(events, reach.meta, reach.settings)
+        assert changes.upserts.column("event_ms").to_pylist() == [expected] * len(forms)
+        assert changes.deletes.column("event_ms").to_pylist() == [expected]
+        for naive in ("2026-01-05T10:00:00", datetime(2026, 1, 5, 10), "2026-01-05T10Z", 1.5e20j):
+            with pytest.raises(EventTimeError, match="profile event_time"):
+                reach.apply_profiles([{"type": "user_profile", "user_id": "x", "event_time": naive}])
+
+
 # -- targeting language ----------------------------------------------------------------
 
 
