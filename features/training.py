@@ -20,9 +20,10 @@ pandas objects are named by identity instead (:func:`_object_pandas_tokens`).
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +81,65 @@ def _compact_views(store: Any, views: list[str]) -> None:
             compact_offline(source_path.parent, groups[view])
 
 
-@contextmanager
-def _object_pandas_tokens() -> Iterator[None]:
+class _IdentityTokens:
+    """Dask's pandas normalizers swapped for naming by identity while any read needs it (see below).
+
+    Reads may run in several threads (a server building training sets, say): the swap is
+    made by the first one in and undone by the last one out, under a lock, so no read can
+    restore the normalizers under another's feet or leave the identity ones installed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: dict[type, Any] = {}
+        self._named: dict[int, tuple[Any, str]] = {}
+
+    def _by_identity(self, value: Any) -> tuple[str, str]:
+        # setdefault: two threads naming one object at once agree on its name. Named objects
+        # are held, so an id in the table is never another object's.
+        held = self._named.get(id(value)) or self._named.setdefault(id(value), (value, uuid.uuid4().hex))
+        return ("adreach-pandas-object", held[1])
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        from dask import base
+
+        normalize_token: Any = base.normalize_token  # (dask's dispatch is untyped)
+        kinds = (pd.DataFrame, pd.Series, pd.Index)
+        with self._lock:
+            if self._users == 0:
+                self._saved = {kind: normalize_token.dispatch(kind) for kind in kinds}
+                for kind in kinds:
+                    normalize_token.register(kind, self._by_identity)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    for kind, normalizer in self._saved.items():
+                        normalize_token.register(kind, normalizer)
+                    self._named.clear()
+
+
+_IDENTITY_TOKENS = _IdentityTokens()
+
+
+def _object_pandas_tokens() -> AbstractContextManager[None]:
     """Inside the block, dask names each pandas frame and series by its identity, not its content.
 
     Dask names a result by a hash of its inputs; for pandas objects it pickles and hashes
     their whole content, and Feast's point-in-time join hashes its merged frame (every
     example paired with every feature row of its entity: 2 million rows for 20,000
     examples here) at each of its steps: about 70% of a read's time. A name per object is
-    as good for one computation: the same object keeps its name (objects named in the
-    block are held until it ends, so no other object can take their ``id``); equal
-    content in two objects just gets two names, which costs dask a deduplication it
-    never needed here. Not thread-safe: dask's registry is global, and the previous
-    normalizers are put back on exit.
+    as good for one computation: the same object keeps its name (objects named while any
+    block is open are held until the last one ends, so no other object can take their
+    ``id``); equal content in two objects just gets two names, which costs dask a
+    deduplication it never needed here. Dask's registry is global: while a block is open
+    in one thread, dask work in other threads names pandas objects by identity too
+    (correct, as above), and the previous normalizers are put back when the last block
+    ends.
     """
-    from dask import base
-
-    normalize_token: Any = base.normalize_token  # (dask's dispatch is untyped)
-
-    kinds = (pd.DataFrame, pd.Series, pd.Index)
-    saved = {kind: normalize_token.dispatch(kind) for kind in kinds}
-    named: dict[int, tuple[Any, str]] = {}
-
-    def by_identity(value: Any) -> tuple[str, str]:
-        held = named.get(id(value))
-        if held is None or held[0] is not value:
-            held = named[id(value)] = (value, uuid.uuid4().hex)
-        return ("adreach-pandas-object", held[1])
-
-    for kind in kinds:
-        normalize_token.register(kind, by_identity)
-    try:
-        yield
-    finally:
-        for kind, normalizer in saved.items():
-            normalize_token.register(kind, normalizer)
-        named.clear()
+    return _IDENTITY_TOKENS.active()

@@ -125,3 +125,47 @@ def _missing(value: object) -> bool:
     if value is None or value is pd.NA:
         return True
     return isinstance(value, float) and math.isnan(value)
+
+
+def test_identity_naming_holds_while_any_thread_reads_and_is_undone_after() -> None:
+    """Overlapping reads in two threads: naming by identity lasts until the last one ends, then goes.
+
+    (Each read used to save and restore dask's normalizers itself: the first to end put
+    content hashing back under the second, and the second then left identity naming
+    installed for good.)
+    """
+    import threading
+
+    from dask.base import tokenize
+
+    from features.training import _object_pandas_tokens
+
+    frame = pd.DataFrame({"user_id": ["u1", "u2"], "x": [1.0, 2.0]})
+    assert tokenize(frame) == tokenize(frame.copy())  # dask's own: by content
+    first_in, first_out = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def first() -> None:
+        with _object_pandas_tokens():
+            first_in.set()
+            seen["first, by identity"] = tokenize(frame) != tokenize(frame.copy())
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with _object_pandas_tokens():
+            first_out.wait(10)
+            seen["second, after the first ended"] = tokenize(frame) != tokenize(frame.copy())
+            seen["same object, same name"] = tokenize(frame) == tokenize(frame)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {
+        "first, by identity": True,
+        "second, after the first ended": True,
+        "same object, same name": True,
+    }
+    assert tokenize(frame) == tokenize(frame.copy())  # content naming is back
