@@ -209,6 +209,9 @@ class _Parser:
             known = self.schema.names()
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            skipped = self.schema.skipped.get(name)
+            if skipped is not None:  # in the population, but not a targetable column
+                raise UnknownFieldError(f"field {name!r} cannot be targeted: {skipped}", path)
             raise UnknownFieldError(f"unknown field {name!r}{hint}; fields: {', '.join(known)}", path)
         spec = self.schema[name]
         if op not in spec.operators:
@@ -244,7 +247,7 @@ class _Parser:
             if isinstance(value, str):
                 return str(value)  # plain str: values are looked up by exact type
             raise TargetingTypeError(
-                f"{name!r} is a {kind.value} field; values are strings, got {_describe(value)}", path
+                f"{name!r} is {_article(kind.value)} field; values are strings, got {_describe(value)}", path
             )
         if kind is FieldKind.BOOLEAN:
             if isinstance(value, bool):
@@ -254,7 +257,7 @@ class _Parser:
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TargetingTypeError(
-                f"{name!r} is a {kind.value} field; expected a number, got {_describe(value)}", path
+                f"{name!r} is {_article(kind.value)} field; expected a number, got {_describe(value)}", path
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise TargetingTypeError(f"{name!r}: values must be finite numbers", path)
@@ -422,3 +425,8 @@ def unknown_value_warnings(expr: Expr, schema: Schema) -> list[str]:
 
     visit(expr)
     return warnings
+
+
+def _article(word: str) -> str:
+    """``word`` with "a" or "an" (field kinds: "an integer", "a number")."""
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"

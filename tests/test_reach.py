@@ -324,6 +324,17 @@ def test_bad_targeting_is_rejected_with_a_message(
     assert fragment in str(caught.value)
 
 
+def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_path: Path) -> None:
+    """A population column of another type (a timestamp) is reported as such, not as an unknown field."""
+    seen = pa.array(np.full(pop.num_rows, 1_700_000_000_000, "datetime64[ms]"))
+    build_sample(pop.append_column("first_seen", seen), tmp_path / "s", _settings(seed=3))
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        with pytest.raises(UnknownFieldError, match=r"'first_seen' cannot be targeted: type timestamp\[ms\]"):
+            reach.estimate({"field": "first_seen", "eq": "x"})
+        with pytest.raises(TargetingTypeError, match="'level' is an integer field; expected a number"):
+            reach.estimate({"field": "level", "eq": "3"})
+
+
 _leaf = st.one_of(
     st.builds(lambda v: {"field": "market", "eq": v}, st.sampled_from(list(MARKETS))),
     st.builds(lambda vs: {"field": "plan", "in": vs}, st.lists(st.sampled_from(list(PLANS)), min_size=1)),
