@@ -136,7 +136,9 @@ def _follow_kafka(
                 source.commit()
             if now - last_report >= every:
                 last_report = now
-                stderr.print(f"queries: {pipeline.stats.describe()}; lag {source.lag():,}", highlight=False)
+                lag = source.lag()
+                lag_text = f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group)"
+                stderr.print(f"queries: {pipeline.stats.describe()}; {lag_text}", highlight=False)
             if max_seconds is not None and now - started >= max_seconds:
                 break
             idle = until_idle is not None and now - last_event >= until_idle

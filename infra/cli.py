@@ -404,10 +404,11 @@ def _run_stream(
             return
         rate = (stats.events - last_report[1]) / (now - last_report[0])
         last_report[:] = [now, stats.events]
+        lag = worker.lag()
         stderr.print(
             f"stream: {stats.events:,} events ({rate:,.0f}/s), {stats.feature_rows:,} feature rows written, "
             f"{stats.dead_lettered:,} dead-lettered ({stats.late:,} late, {stats.future:,} future), "
-            f"lag {worker.lag():,}",
+            + (f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group, first fetch)"),
             highlight=False,
         )
 

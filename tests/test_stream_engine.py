@@ -405,3 +405,23 @@ def test_sdk_events_with_microsecond_times_and_long_queries_are_all_counted(stre
     expected, late = expected_events(stream, records)
     assert expected.num_rows == len(events) and not late
     assert_features_match(stream, expected)
+
+
+def test_lag_is_not_known_until_the_end_offsets_are_and_is_zero_once_caught_up(stream: Settings) -> None:
+    """Progress lines must not claim "lag 0" before the worker knows where the partitions end.
+
+    (Before the group assigns partitions, and before a fetch reports their end, lag used
+    to read 0: `adreach stream run` printed "0 events ... lag 0" over a full topic.)
+    """
+    from streams.engine.worker import StreamWorker
+
+    payloads = simulated_payloads(users=200, events=3_000, seed=3)
+    produce(stream, payloads)
+    seen: list[tuple[int, int | None]] = []
+    worker = StreamWorker(stream, on_cycle=lambda stats, rows: seen.append((stats.events, worker.lag())))
+    assert worker.lag() is None
+    stats = worker.run(idle_exit_s=2.0)
+    assert stats.events == len(payloads)
+    assert seen[-1] == (len(payloads), 0)
+    unread = [lag for events, lag in seen if events < len(payloads)]
+    assert all(lag is None or lag > 0 for lag in unread), seen

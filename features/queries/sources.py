@@ -193,10 +193,13 @@ class KafkaQuerySource:
         """Whether the group has given this consumer its partitions yet (idle means nothing before)."""
         return bool(self._consumer.assignment())
 
-    def lag(self) -> int:
-        """Messages not yet read in the assigned partitions."""
+    def lag(self) -> int | None:
+        """Messages not yet read in the assigned partitions (None before the group assigned any)."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return None
         total = 0
-        for partition in self._consumer.assignment():
+        for partition in assignment:
             low, high = self._consumer.get_watermark_offsets(partition, timeout=2.0, cached=False)
             position = self._consumer.position([partition])[0].offset
             total += max(high - (position if position >= 0 else low), 0)

@@ -596,15 +596,23 @@ class StreamWorker:
                 return False
         return not self._pending_next and not self._router_next
 
-    def lag(self) -> int:
-        """Events not yet read by this worker on its assigned event partitions."""
-        total = 0
+    def lag(self) -> int | None:
+        """Events not yet read by this worker on its assigned event partitions (None: not known yet).
+
+        Not known before the group has assigned any events partition, or before the first
+        fetch has told the end offsets (they are read from what fetches reported, so this
+        costs no broker request): a 0 then would claim the worker has caught up.
+        """
+        total, assigned = 0, False
         for tp in self._consumer.assignment():
             if tp.topic != self._events_topic:
                 continue
+            assigned = True
             low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                return None
             total += max(0, high - self._position(tp, low))
-        return total
+        return total if assigned else None
 
     def close(self) -> None:
         try:
