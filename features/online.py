@@ -49,6 +49,7 @@ within that interval; restart the stream workers to heal them at once, or set
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import struct
 import threading
@@ -99,6 +100,11 @@ _FLOAT_LIST_TAG: Final = b"\x82\x01"  # Value.float_list_val: field 16, length-d
 _STRING_TYPE: Final = struct.pack("<I", 2)  # feast.types.ValueType.STRING
 _DOUBLE = struct.Struct("<d")
 _SQLITE_MAX_PARAMS: Final = 30_000 if sqlite3.sqlite_version_info >= (3, 32) else 900
+_SQLITE_COLUMNS = ("entity_key", "feature_name", "value", "value_text", "event_ts", "created_ts")
+# Rows per upsert statement: binding and stepping one statement per row cost about a third
+# of a bulk write (6.7 -> 4.6 µs per row at 50-150 rows per statement); 100 x 6 parameters
+# stay under every SQLite build's limit (999 before 3.32).
+_SQLITE_ROWS_PER_UPSERT: Final = 100
 
 U8Array = npt.NDArray[np.uint8]
 I64Array = npt.NDArray[np.int64]
@@ -978,23 +984,17 @@ class OnlineFeatureWriter:
         key_bytes = np.asarray(_to_bytes_list(entity_keys), dtype=object)
         event = _local_epoch_seconds(event_us)
         created = _local_epoch_seconds(created_us)
-        params = zip(
-            key_bytes[entity].tolist(),
-            np.asarray(names, dtype=object)[feature].tolist(),
-            value_bytes,
-            texts[written].tolist(),
-            event[entity].tolist(),
-            created[entity].tolist(),
-            strict=True,
-        )
+        cells = np.empty((len(entity), len(_SQLITE_COLUMNS)), dtype=object)  # one statement row each
+        cells[:, 0] = key_bytes[entity]
+        cells[:, 1] = np.asarray(names, dtype=object)[feature]
+        cells[:, 2] = value_bytes
+        cells[:, 3] = texts[written]
+        cells[:, 4] = event.astype(object)[entity]  # (as Python numbers: sqlite3 binds no NumPy scalars)
+        cells[:, 5] = created.astype(object)[entity]
         restamp = zip(event[moved].tolist(), created[moved].tolist(), key_bytes[moved].tolist(), strict=True)
-        sql = (
-            f'INSERT INTO "{layout.table}" '
-            "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-            "value = excluded.value, value_text = excluded.value_text, "
-            "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
-        )
+        whole = len(cells) - len(cells) % _SQLITE_ROWS_PER_UPSERT
+        blocks = cells[:whole].reshape(-1, _SQLITE_ROWS_PER_UPSERT * len(_SQLITE_COLUMNS)).tolist()
+        singles = cells[whole:].tolist()
         # SQLite keeps a timestamp per stored feature and Feast reports one of them: keep the
         # unchanged features' in step, one statement per entity.
         restamp_sql = f'UPDATE "{layout.table}" SET event_ts = ?, created_ts = ? WHERE entity_key = ?'
@@ -1005,7 +1005,8 @@ class OnlineFeatureWriter:
                 self._wal_checked = True
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.executemany(sql, params)
+                connection.executemany(_sqlite_upsert(layout.table, _SQLITE_ROWS_PER_UPSERT), blocks)
+                connection.executemany(_sqlite_upsert(layout.table, 1), singles)
                 if moved.any():
                     connection.executemany(restamp_sql, restamp)
                 connection.execute("COMMIT")
@@ -1297,3 +1298,15 @@ __all__ = [
     "encode_values",
     "serialize_entity_key",
 ]
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_upsert(table: str, rows: int) -> str:
+    """An upsert of ``rows`` (entity, feature) rows into a Feast SQLite table; later values win."""
+    columns = ", ".join(_SQLITE_COLUMNS)
+    values = ", ".join(["(" + ", ".join("?" * len(_SQLITE_COLUMNS)) + ")"] * rows)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[2:])
+    return (
+        f'INSERT INTO "{table}" ({columns}) VALUES {values} '
+        f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {updates}"
+    )
