@@ -67,14 +67,19 @@ def versions(*packages: str) -> dict[str, str]:
     return found
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``results/NAME.json`` with the machine and the date added."""
+def write_results(name: str, payload: dict[str, Any], *, quick: bool) -> Path:
+    """Write ``results/NAME.json`` (``NAME_quick.json`` for ``--quick``) with the machine and the date added.
+
+    A quick run never overwrites the full run's figures (``make bench`` runs every
+    benchmark quick; the README quotes the full runs).
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    path = RESULTS_DIR / f"{name}{'_quick' if quick else ''}.json"
     document = {
         "benchmark": name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "quick": quick,
     }
     document.update(payload)
     path.write_text(json.dumps(document, indent=2) + "\n")

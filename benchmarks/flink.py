@@ -167,7 +167,7 @@ def main() -> None:
     )
     print("machine: shared 2-core VM with other jobs running; figures vary between runs")
     path = write_results(
-        "flink" + ("_quick" if args.quick else ""),
+        "flink",
         {
             "events": len(payloads),
             "feature_groups": len(FEATURE_GROUPS),
@@ -180,6 +180,7 @@ def main() -> None:
             "versions": versions("apache-flink", "duckdb", "pyarrow", "feast"),
             "note": "shared 2-core VM; Flink source = recorded per-partition files of the same topic",
         },
+        quick=args.quick,
     )
     print(json.dumps({"results": str(path)}))
 

@@ -569,8 +569,8 @@ def report(
     if args.fm_train_end is not None:
         name += f"_fm{args.fm_train_end:g}"
     size = _size_name(args)
-    if size != "full":
-        name += f"_{size}"  # smaller runs never overwrite a full run's figures
+    if size == "medium":
+        name += "_medium"  # smaller runs never overwrite a full run's figures (quick: write_results)
     path = write_results(
         name,
         {
@@ -597,6 +597,7 @@ def report(
             "public_ctr_dataset": "none offline: PyPI criteo* packages are API clients; loaders download",
             "versions": versions("torch", "feast", "numpy"),
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
 

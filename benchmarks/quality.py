@@ -204,7 +204,6 @@ def main() -> None:
     path = write_results(
         "quality",
         {
-            "quick": args.quick,
             "users": users,
             "repetitions": reps,
             "bootstrap_replicates": bootstrap,
@@ -216,6 +215,7 @@ def main() -> None:
             "versions": versions("numpy", "pyarrow"),
             "seconds": time.perf_counter() - started,
         },
+        quick=args.quick,
     )
     print(f"results: {path}")
 

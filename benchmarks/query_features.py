@@ -414,7 +414,7 @@ def main() -> None:
     print_table(["case", "items", "per second", "vs", "notes"], rows)
     payload["versions"] = versions("torch", "feast", "vllm")
     payload["note"] = "CPU figures on a shared 2-core VM (other jobs running); see machine.cpu_calibration."
-    path = write_results("query_features", payload)
+    path = write_results("query_features", payload, quick=args.quick)
     target = figures["target_cpu"]
     print(
         f"CPU embed + category: best {target['best']:,.0f} queries/s (target {TARGET_CPU_QPS:,.0f}: "

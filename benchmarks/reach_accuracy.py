@@ -479,7 +479,7 @@ def report_results(
         "seconds": {"value": round(seconds, 1), "unit": "s"},
         "versions": versions("numpy", "pyarrow", "duckdb", "datasketches"),
     }
-    path = write_results("reach_accuracy" + ("_quick" if args.quick else ""), payload)
+    path = write_results("reach_accuracy", payload, quick=args.quick)
     print(f"\nwrote {path}")
     return payload
 

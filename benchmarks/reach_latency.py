@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
         "targets": [{"target": c, "met": ok, "value": v} for c, ok, v in checks],
         "versions": versions("numpy", "pyarrow", "fastapi", "uvicorn"),
     }
-    path = write_results("reach_latency" + ("_quick" if args.quick else ""), payload)
+    path = write_results("reach_latency", payload, quick=args.quick)
     print(f"\nwrote {path}")
 
 

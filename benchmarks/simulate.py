@@ -79,7 +79,6 @@ def main() -> None:
     path = write_results(
         "simulate",
         {
-            "quick": args.quick,
             "config": {
                 "users": config.users,
                 "events": config.events,
@@ -91,6 +90,7 @@ def main() -> None:
             "results": results,
             "versions": versions("numpy", "pyarrow"),
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
 

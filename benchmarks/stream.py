@@ -402,7 +402,6 @@ def main() -> None:
     path = write_results(
         "stream",
         {
-            "quick": args.quick,
             "engine_core": {**core, "unit": "events/s"},
             "engine": [{**e, "unit": "events/s"} for e in engines],
             "quixstreams": {**quix, "unit": "events/s"},
@@ -421,6 +420,7 @@ def main() -> None:
             "targets": {"events_per_s": 200_000, "ratio": 5.0, "freshness_p99_ms_at_50k": 2_000},
             "versions": versions("numpy", "pyarrow", "quixstreams", "confluent-kafka", "redis"),
         },
+        quick=args.quick,
     )
     print(f"results: {path}")
 
