@@ -446,3 +446,8 @@ def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: Wo
     pq.write_table(foreign.drop_columns(["campaign_id"]), tmp_path / "foreign" / "events" / "part.parquet")
     with pytest.raises(EventLogError, match="no 'campaign_id' column"):
         load_dataset(tmp_path / "foreign" / "events")
+    # An in-memory table goes by the same rule (it used to demand a query column of its own).
+    topics = read_topics(world.events_dir.parent / "truth" / "ads.parquet")
+    in_memory = build_event_log(foreign, topics, Buckets())
+    assert np.array_equal(in_memory.time_ms, world.dataset.log.time_ms)
+    assert (in_memory.query == world.dataset.log.query[world.dataset.log.kind != SEARCH][0]).all()

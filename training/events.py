@@ -129,16 +129,24 @@ def read_events(path: Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
-    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    return with_event_columns(table, source=str(path))
+
+
+def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa.Table:
+    """``events`` checked for :data:`REQUIRED_COLUMNS`, with missing :data:`OPTIONAL_COLUMNS` added as nulls.
+
+    The one column rule of every reader of event logs (files, or tables built in memory).
+    """
+    missing = [name for name in REQUIRED_COLUMNS if name not in events.column_names]
     if missing:
         raise EventLogError(
-            f"{path}: the event log has no {', '.join(map(repr, missing))} column(s); every log needs "
+            f"{source}: the event log has no {', '.join(map(repr, missing))} column(s); every log needs "
             f"{', '.join(REQUIRED_COLUMNS)} (the producer SDK's field names)"
         )
     for name, kind in OPTIONAL_COLUMNS.items():
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, kind))
-    return table
+        if name not in events.column_names:
+            events = events.append_column(name, pa.nulls(events.num_rows, kind))
+    return events
 
 
 def read_topics(catalog: Path | None) -> dict[str, str]:
@@ -231,13 +239,11 @@ def build_event_log(
     buckets: Buckets = Buckets(),
     query_topics: dict[str, str] | None = None,
 ) -> EventLog:
-    """Index ``events`` (simulator layout) by user and time; profile events are left out.
+    """Index ``events`` (columns: :func:`with_event_columns`) by user and time; profile events are left out.
 
     ``query_topics``: normalized query -> topic name, the topic of search events (others: 0).
     """
-    for column in ("type", "user_id", "event_time", "ad_id", "campaign_id", "advertiser_id", "query"):
-        if column not in events.column_names:
-            raise EventLogError(f"the event log has no {column!r} column")
+    events = with_event_columns(events)
     kind_all = category_codes(events.column("type"), EVENT_TYPES)
     keep = kind_all > 0
     events = events.filter(pa.array(keep))
