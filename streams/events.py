@@ -172,6 +172,11 @@ def _classify(exc: msgspec.DecodeError) -> InvalidEventError:
         )
     if message.startswith("Expected `object`"):
         return SchemaViolationError(f"an event must be a JSON object ({message})")
+    if message.endswith("`$.schema_version`"):
+        return SchemaViolationError(
+            f"{message}: this platform reads schema_version {SCHEMA_VERSION} events (omit the field or send "
+            f"{SCHEMA_VERSION}); events of another version need a producer and consumers that speak it"
+        )
     return SchemaViolationError(message)
 
 
