@@ -448,7 +448,7 @@ def _event_ms(values: Sequence[Any]) -> list[int]:
             texts[i] = value
             out.append(0)
         else:
-            raise EventTimeError(f"profile event_time is not RFC 3339 text, a datetime or epoch ms {value!r}")
+            raise EventTimeError(f"profile event_time {value!r} is not RFC 3339 text, a datetime or epoch ms")
     if texts:
         column = pa.array(list(texts.values()), pa.string())
         try:

@@ -1286,6 +1286,18 @@ def _feast_sqlite_micros(seconds: int) -> int:
     return int(local.timestamp()) * 1_000_000
 
 
+@functools.lru_cache(maxsize=64)
+def _sqlite_upsert(table: str, rows: int) -> str:
+    """An upsert of ``rows`` (entity, feature) rows into a Feast SQLite table; later values win."""
+    columns = ", ".join(_SQLITE_COLUMNS)
+    values = ", ".join(["(" + ", ".join("?" * len(_SQLITE_COLUMNS)) + ")"] * rows)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[2:])
+    return (
+        f'INSERT INTO "{table}" ({columns}) VALUES {values} '
+        f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {updates}"
+    )
+
+
 __all__ = [
     "CREATED_COLUMN",
     "OnlineFeatureReader",
@@ -1298,15 +1310,3 @@ __all__ = [
     "encode_values",
     "serialize_entity_key",
 ]
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_upsert(table: str, rows: int) -> str:
-    """An upsert of ``rows`` (entity, feature) rows into a Feast SQLite table; later values win."""
-    columns = ", ".join(_SQLITE_COLUMNS)
-    values = ", ".join(["(" + ", ".join("?" * len(_SQLITE_COLUMNS)) + ")"] * rows)
-    updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[2:])
-    return (
-        f'INSERT INTO "{table}" ({columns}) VALUES {values} '
-        f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {updates}"
-    )
