@@ -114,7 +114,7 @@ def _follow_kafka(
 
     from features.queries.sources import KafkaQuerySource
     from infra.cli import EXIT_OPERATIONAL, _fail
-    from infra.progress import stderr
+    from infra.progress import lag_text, stderr
 
     try:
         source = KafkaQuerySource(settings, group=group)
@@ -136,9 +136,8 @@ def _follow_kafka(
                 source.commit()
             if now - last_report >= every:
                 last_report = now
-                lag = source.lag()
-                lag_text = f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group)"
-                stderr.print(f"queries: {pipeline.stats.describe()}; {lag_text}", highlight=False)
+                progress = f"queries: {pipeline.stats.describe()}; {lag_text(source.lag())}"
+                stderr.print(progress, highlight=False)
             if max_seconds is not None and now - started >= max_seconds:
                 break
             idle = until_idle is not None and now - last_event >= until_idle

@@ -21,7 +21,7 @@ import typer
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
-from infra.progress import progress_bar, stderr
+from infra.progress import lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
 from streams.flink.cli import add_flink_commands
@@ -404,11 +404,10 @@ def _run_stream(
             return
         rate = (stats.events - last_report[1]) / (now - last_report[0])
         last_report[:] = [now, stats.events]
-        lag = worker.lag()
         stderr.print(
             f"stream: {stats.events:,} events ({rate:,.0f}/s), {stats.feature_rows:,} feature rows written, "
             f"{stats.dead_lettered:,} dead-lettered ({stats.late:,} late, {stats.future:,} future), "
-            + (f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group, first fetch)"),
+            + lag_text(worker.lag()),
             highlight=False,
         )
 

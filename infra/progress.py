@@ -47,3 +47,11 @@ def progress_bar() -> Progress:
         console=stderr,
         transient=False,
     )
+
+
+def lag_text(lag: int | None) -> str:
+    """A consumer's lag for a progress line; ``None`` while the group has not assigned partitions or fetched.
+
+    Printing 0 there would claim a caught-up consumer over a full topic.
+    """
+    return f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group, first fetch)"
