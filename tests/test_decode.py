@@ -37,6 +37,12 @@ BAD = [
     (b"\xff\xfe{}", MalformedJSONError, "malformed"),
     (impression(""), SchemaViolationError, "event_id is missing or empty"),
     (impression("b5", type="impresion"), SchemaViolationError, "unknown or missing event type"),
+    # Not UTF-8 inside a field the engine reads (a query, an id): used to crash the worker.
+    (
+        impression("b6", ad_id="caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),
+        MalformedJSONError,
+        "utf-8",
+    ),
 ]
 
 
@@ -126,3 +132,17 @@ def test_time_columns_of_any_unit_read_as_truncated_milliseconds() -> None:
         epoch_ms(pa.array([1.5]))
     with pytest.raises(EventTimeError):
         epoch_ms(pa.array(["2026-02-30T10:00:00Z"]))
+
+
+def test_two_broken_messages_never_merge_into_one_event_across_their_boundary() -> None:
+    """Each message is one event or a reject: a message ending mid-object and the next one
+    completing it used to decode as events (the batch was parsed as one joined JSON array)."""
+    first, second = impression("split-1").decode(), impression("split-2").decode()
+    head = f'{first[:-1]}}},{second[:-1]}, "x": "'.encode()  # e1 whole, e2 open inside a string
+    tail = b'"}'
+    batch = EventDecoder().decode([impression("before"), head, tail, impression("after")])
+
+    assert batch.events.column("event_id").to_pylist() == ["before", "after"]
+    rejected = dict(batch.rejected)
+    assert sorted(rejected) == [1, 2]
+    assert all(isinstance(error, MalformedJSONError) for error in rejected.values())
