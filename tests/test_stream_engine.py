@@ -269,6 +269,26 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
     assert late_ids == late
 
 
+def test_a_partition_of_only_bad_messages_is_dead_lettered_once_and_never_stops_the_worker(
+    stream: Settings,
+) -> None:
+    """A partition whose messages were all rejected has no watermark yet: checkpointing its
+    offset crashed the worker (KeyError), and every restart dead-lettered them again. A
+    read field that is not UTF-8 crashed the decoder (UnicodeDecodeError) the same way."""
+    not_utf8 = b'{"type": "search", "event_id": "s", "event_time": "2026-01-05T10:00:00Z", "user_id": "u", '
+    bad = [
+        (b"bad-only", b'{"type": "search"}'),
+        (b"bad-only", b"\xff not json"),
+        (b"bad-only", not_utf8 + b'"query": "caf\xe9"}'),
+    ]
+    produce_raw(stream, bad)
+    run_engine(stream)
+    run_engine(stream)  # a restart resumes after them
+    dead = consume(stream, stream.kafka.topics.dead_letter, len(bad))
+    assert sorted(r.value for r in dead) == sorted(value for _, value in bad)
+    assert "utf-8" in " ".join(r.headers["adreach.error.reason"].decode() for r in dead).lower()
+
+
 def test_kill_9_mid_stream_then_restart_neither_loses_nor_double_counts(stream: Settings) -> None:
     payloads = simulated_payloads(users=1_500, events=30_000, seed=12)
     first, rest = payloads[:5_000], payloads[5_000:]

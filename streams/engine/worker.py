@@ -119,14 +119,16 @@ class _RouterCheckpoints:
     def _path(self, partition: int) -> Path:
         return self.directory / f"partition-{partition}.json"
 
-    def load(self, partition: int) -> tuple[int, int] | None:
+    def load(self, partition: int) -> tuple[int, int | None] | None:
+        """The saved next offset and watermark (None: no valid event had set one), or None if never saved."""
         path = self._path(partition)
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        return int(data["next_offset"]), int(data["watermark_ms"])
+        watermark = data.get("watermark_ms")
+        return int(data["next_offset"]), None if watermark is None else int(watermark)
 
-    def save(self, partition: int, next_offset: int, watermark_ms: int) -> None:
+    def save(self, partition: int, next_offset: int, watermark_ms: int | None) -> None:
         path = self._path(partition)
         staging = path.with_name(f".{path.name}")
         with staging.open("w") as handle:
@@ -435,7 +437,8 @@ class StreamWorker:
         self._flush_producers()
         commits: list[TopicPartition] = []
         for partition, next_offset in self._router_next.items():
-            self._router_checkpoints.save(partition, next_offset, self._watermarks[partition])
+            # (A partition whose messages so far were all dead-lettered has no watermark yet.)
+            self._router_checkpoints.save(partition, next_offset, self._watermarks.get(partition))
             commits.append(TopicPartition(self._events_topic, partition, next_offset))
         self._router_next.clear()
 
@@ -543,7 +546,9 @@ class StreamWorker:
             if tp.topic == self._events_topic:
                 saved = self._router_checkpoints.load(tp.partition)
                 if saved is not None:
-                    tp.offset, self._watermarks[tp.partition] = saved
+                    tp.offset, watermark = saved
+                    if watermark is not None:
+                        self._watermarks[tp.partition] = watermark
             else:
                 state = self._shards.get(tp.partition)
                 if state is None:
