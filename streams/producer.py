@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from infra.settings import Settings
 from streams.events import (
@@ -211,6 +211,13 @@ class EventProducer:
             except BufferError:
                 # The local queue is full: wait for deliveries to free room (backpressure).
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                # Refused before queueing: a delivery failure of this record alone (the
+                # dead-letter topic could not take it either); the records around it go on.
+                self._record_failure(topic, key, _too_large(len(value), exc))
+                return
         self._since_poll += 1
         if self._since_poll >= _POLL_EVERY:
             self._since_poll = 0
@@ -225,13 +232,16 @@ class EventProducer:
             else:
                 self.stats.delivered += 1
         else:
-            self.stats.failed += 1
-            if message.topic() == self.dead_letter_topic:
-                self._failed_dead_letters += 1
-            if len(self.stats.failures) < _MAX_KEPT_FAILURES:
-                self.stats.failures.append(DeliveryFailure(message.topic() or "", message.key(), str(error)))
+            self._record_failure(message.topic() or "", message.key(), str(error))
         if self._user_on_delivery is not None:
             self._user_on_delivery(error, message)
+
+    def _record_failure(self, topic: str, key: bytes | None, error: str) -> None:
+        self.stats.failed += 1
+        if topic == self.dead_letter_topic:
+            self._failed_dead_letters += 1
+        if len(self.stats.failures) < _MAX_KEPT_FAILURES:
+            self.stats.failures.append(DeliveryFailure(topic, key, error))
 
     @property
     def in_flight(self) -> int:
@@ -309,3 +319,12 @@ def _best_effort_bytes(event: object) -> bytes:
         return msgspec.json.encode(event)
     except Exception:
         return repr(event).encode("utf-8", errors="replace")
+
+
+def _too_large(size: int, error: KafkaException) -> str:
+    return (
+        f"a record of {size:,} bytes is larger than the producer's message.max.bytes allows "
+        f"({error.args[0].str()}); "
+        "raise message.max.bytes in kafka.client_config (and the topic's max.message.bytes) to send records "
+        "this large"
+    )

@@ -124,3 +124,28 @@ def _as_dict(event: Impression) -> dict[str, object]:
     payload["type"] = "impression"
     payload["event_time"] = event.event_time.isoformat()
     return {k: v for k, v in payload.items() if v is not None}
+
+
+def test_an_event_too_large_for_kafka_is_a_delivery_failure_and_the_others_are_delivered(
+    kafka: Settings,
+) -> None:
+    """librdkafka refuses a record over message.max.bytes when it is produced: that used to
+    escape as a raw KafkaException, losing the events queued before it."""
+    big = {
+        "type": "user_profile",
+        "event_id": "p-big",
+        "event_time": "2026-01-05T10:00:00Z",
+        "user_id": "u-big",
+        "attributes": {f"a{i}": "x" * 1_000 for i in range(1_500)},  # 1.5 MB, schema-valid
+    }
+    producer = EventProducer(kafka)
+    for i in range(3):
+        producer.send(impression(i, "u"))
+    producer.send(big)
+    for i in range(3, 6):
+        producer.send(impression(i, "u"))
+    with pytest.raises(DeliveryError, match="message.max.bytes"):
+        producer.close(timeout_s=30)
+    assert (producer.stats.sent, producer.stats.delivered, producer.stats.failed) == (7, 6, 1)
+    delivered = consume(kafka, kafka.kafka.topics.events, expected=6)
+    assert sorted(validate_json(r.value).event_id for r in delivered) == [f"imp-{i}" for i in range(6)]
