@@ -268,6 +268,34 @@ BATCH_TABLES: tuple[FeatureTable, ...] = (QUERY_FEATURES,)
 """Feature tables written by batch jobs; registered in Feast next to :data:`FEATURE_GROUPS`."""
 
 
+QUERY_WHITESPACE: tuple[tuple[int, int], ...] = (
+    (0x09, 0x0D),
+    (0x1C, 0x20),
+    (0x85, 0x85),
+    (0xA0, 0xA0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+)
+"""The code point ranges :func:`normalize_query` splits on (Python's ``str.split()``), spelled
+out so the engines' regular expressions use exactly these (their ``\\s`` is ASCII only)."""
+
+QUERY_BLANK_RUNS = (
+    "["
+    + "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in QUERY_WHITESPACE)
+    + "]+"
+)
+"""A run of :data:`QUERY_WHITESPACE`, as a regular expression both RE2 (Arrow) and Java (Flink) read."""
+
+
 def normalize_query(text: str) -> str:
-    """The key of the query entity: lower case, single spaces, no surrounding blanks."""
+    """The key of the query entity: lower case, single spaces, no surrounding blanks.
+
+    Lower case is Python's (full Unicode case mapping: ``"İ"`` becomes ``"i̇"``, a final
+    ``"Σ"`` becomes ``"ς"``); blanks are :data:`QUERY_WHITESPACE`. The stream engine and the
+    Flink job produce exactly these keys.
+    """
     return " ".join(text.lower().split())

@@ -15,10 +15,10 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
+from features.definitions import QUERY_BLANK_RUNS, TILE_SECONDS, Aggregation, FeatureGroup
 
 # SQL for the query entity's key; mirrors features.definitions.normalize_query.
-_KEY_SQL = {"query": r"lower(trim(regexp_replace(query, '\s+', ' ', 'g')))"}
+_KEY_SQL = {"query": f"lower(trim(regexp_replace(query, '{QUERY_BLANK_RUNS}', ' ', 'g')))"}
 
 
 def feature_sql(group: FeatureGroup, source: str = "events") -> str:

@@ -48,6 +48,7 @@ from tests.test_stream_engine import (
     bad_events,
     engine_env,
     expected_events,
+    odd_query_searches,
     online_features,
     produce,
     produce_raw,
@@ -114,6 +115,7 @@ def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     payloads = simulated_payloads(users=1_500, events=15_000, seed=21)
     produce(embedded, payloads[:7_000])
     raw = bad_events("u0000001", "2025-12-01T00:00:00Z") + _offset_time_events("u0000002")
+    raw += odd_query_searches("u0000003")  # blanks other than ASCII spaces: keyed alike everywhere
     produce_raw(embedded, raw)  # with a far-future event: later events of its partition stay on time
     produce(embedded, payloads[7_000:])
     run_engine(embedded)

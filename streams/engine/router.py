@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
-from features.definitions import FEATURE_GROUPS, FeatureGroup
+from features.definitions import FEATURE_GROUPS, QUERY_BLANK_RUNS, FeatureGroup, normalize_query
 from streams.engine.keys import dictionary_encoded, string_hashes
 
 QUERY_KEY_COLUMN = "query_key"
@@ -49,10 +49,22 @@ def key_column(group: FeatureGroup) -> str:
     return QUERY_KEY_COLUMN if group.key == "query" else group.key
 
 
-def normalize_queries(queries: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Vector form of :func:`features.definitions.normalize_query`."""
-    collapsed = pc.replace_substring_regex(queries, pattern=r"\s+", replacement=" ")
-    return pc.utf8_lower(pc.utf8_trim_whitespace(collapsed))
+def normalize_queries(queries: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Vector form of :func:`features.definitions.normalize_query`, equal to it for every text.
+
+    Arrow's lower case maps code point by code point, which differs from Python's for a few
+    non-ASCII letters (``"İ"``, a final ``"Σ"``), so queries that are not pure ASCII (few)
+    are normalized by the Python function itself.
+    """
+    array = queries.combine_chunks() if isinstance(queries, pa.ChunkedArray) else queries
+    collapsed = pc.replace_substring_regex(array, pattern=QUERY_BLANK_RUNS, replacement=" ")
+    normalized = pc.utf8_lower(pc.utf8_trim(collapsed, characters=" "))
+    other = pc.invert(pc.fill_null(pc.string_is_ascii(array), True))
+    if not pc.any(other).as_py():
+        return normalized
+    rows = np.flatnonzero(other.to_numpy(zero_copy_only=False))
+    texts = array.take(pa.array(rows)).to_pylist()
+    return pc.replace_with_mask(normalized, other, pa.array([normalize_query(t) for t in texts], pa.string()))
 
 
 def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from features.definitions import FEATURE_GROUPS, TILE_SECONDS, Aggregation, FeatureGroup
+from features.definitions import FEATURE_GROUPS, QUERY_BLANK_RUNS, TILE_SECONDS, Aggregation, FeatureGroup
 from infra.arrow_times import RFC3339_PATTERN
 from streams.engine.decode import (
     ALWAYS_PRESENT,
@@ -250,7 +250,7 @@ def kafka_source_ddl(
 def _key_sql(group: FeatureGroup) -> str:
     # mirrors features.definitions.normalize_query / streams.engine.router.normalize_queries
     if group.key == "query":
-        return f"LOWER(TRIM(REGEXP_REPLACE({q('query')}, '\\s+', ' ')))"
+        return f"LOWER(TRIM(REGEXP_REPLACE({q('query')}, {literal(QUERY_BLANK_RUNS)}, ' ')))"
     return q(group.key)
 
 
@@ -274,7 +274,7 @@ def validation_sql(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> str:
         if name in columns:
             conditions.append(f"({q(name)} IS NULL OR {q(name)} >= 0)")
     if "query" in columns:
-        blank = f"CHAR_LENGTH(TRIM(REGEXP_REPLACE({q('query')}, '\\s+', ' '))) = 0"
+        blank = f"CHAR_LENGTH(TRIM(REGEXP_REPLACE({q('query')}, {literal(QUERY_BLANK_RUNS)}, ' '))) = 0"
         conditions.append(f"NOT ({q('type')} = 'search' AND ({q('query')} IS NULL OR {blank}))")
     return "\n  AND ".join(f"({c})" for c in conditions)
 
