@@ -7,7 +7,7 @@ import json
 import pytest
 
 from streams.engine.decode import EventDecoder
-from streams.events import MalformedJSONError, SchemaViolationError
+from streams.events import MalformedJSONError, SchemaViolationError, UnknownEventTypeError
 
 
 def impression(event_id: str, **changes: object) -> bytes:
@@ -36,7 +36,7 @@ BAD = [
     (impression("b3", cost_micros=2**64), SchemaViolationError, "cost_micros"),
     (b"\xff\xfe{}", MalformedJSONError, "malformed"),
     (impression(""), SchemaViolationError, "event_id is missing or empty"),
-    (impression("b5", type="impresion"), SchemaViolationError, "unknown or missing event type"),
+    (impression("b5", type="impresion"), UnknownEventTypeError, "unknown or missing event type"),
     # Not UTF-8 inside a field the engine reads (a query, an id): used to crash the worker.
     (
         impression("b6", ad_id="caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),

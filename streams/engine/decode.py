@@ -40,6 +40,7 @@ from streams.events import (
     InvalidEventError,
     MalformedJSONError,
     SchemaViolationError,
+    UnknownEventTypeError,
 )
 
 # Arrow types of the event fields a feature definition may read.
@@ -158,8 +159,8 @@ class EventDecoder:
             index = np.empty(0, dtype=np.int64)
         valid, reasons = self._check(table)
         if reasons:
-            for row, reason in reasons:
-                rejected.append((int(index[row]), SchemaViolationError(reason)))
+            for row, error in reasons:
+                rejected.append((int(index[row]), error))
             table = table.filter(pa.array(valid))
             index = index[valid]
         rejected.sort(key=lambda pair: pair[0])
@@ -229,19 +230,23 @@ class EventDecoder:
             raise _BatchError(SchemaViolationError(f"event_time is not an RFC 3339 instant: {exc}")) from exc
         return pa.table(columns)
 
-    def _check(self, table: pa.Table) -> tuple[NDArray[Any], list[tuple[int, str]]]:
-        """Vectorized SDK rules for the read fields; returns the valid mask and row reasons.
+    def _check(self, table: pa.Table) -> tuple[NDArray[Any], list[tuple[int, InvalidEventError]]]:
+        """Vectorized SDK rules for the read fields; returns the valid mask and each bad row's error.
 
         Each column's null mask and each row's type are computed once, as NumPy arrays;
         the per-type rules are then boolean operations on those (no Arrow call per rule).
         """
         n = table.num_rows
-        problems: list[tuple[NDArray[Any], str]] = []
+        problems: list[tuple[NDArray[Any], InvalidEventError]] = []
 
-        def flag(mask: pa.Array | pa.ChunkedArray | NDArray[Any], reason: str) -> None:
+        def flag(
+            mask: pa.Array | pa.ChunkedArray | NDArray[Any],
+            reason: str,
+            kind: type[InvalidEventError] = SchemaViolationError,
+        ) -> None:
             array = mask if isinstance(mask, np.ndarray) else pc.fill_null(mask, False).to_numpy()
             if array.any():
-                problems.append((np.asarray(array, dtype=bool), reason))
+                problems.append((np.asarray(array, dtype=bool), kind(reason)))
 
         def missing(name: str) -> NDArray[np.bool_]:
             column = table.column(name)
@@ -251,7 +256,11 @@ class EventDecoder:
 
         types = table.column("type")
         type_index = pc.index_in(types, value_set=self._known_types).fill_null(-1).to_numpy()
-        flag(type_index < 0, "unknown or missing event type")
+        flag(
+            type_index < 0,
+            f"unknown or missing event type; expected one of: {', '.join(EVENT_TYPE_NAMES)}",
+            UnknownEventTypeError,  # the SDK's class for the same rule
+        )
         for name in ("event_id", "user_id"):
             empty = pc.equal(pc.binary_length(table.column(name)), 0)
             flag(missing(name) | pc.fill_null(empty, False).to_numpy(), f"{name} is missing or empty")
@@ -282,14 +291,14 @@ class EventDecoder:
             flag(search & pc.fill_null(blank, True).to_numpy(),
                  "search needs a query with a non-whitespace character")  # fmt: skip
         valid = np.ones(n, dtype=bool)
-        reasons: list[tuple[int, str]] = []
+        reasons: list[tuple[int, InvalidEventError]] = []
         if problems:
-            reason_of: dict[int, str] = {}
-            for mask, reason in problems:
+            error_of: dict[int, InvalidEventError] = {}
+            for mask, error in problems:
                 valid &= ~mask
                 for row in np.flatnonzero(mask):
-                    reason_of.setdefault(int(row), reason)
-            reasons = sorted(reason_of.items())
+                    error_of.setdefault(int(row), error)
+            reasons = sorted(error_of.items(), key=lambda pair: pair[0])
         return valid, reasons
 
 
