@@ -167,9 +167,12 @@ class EventProducer:
         return event
 
     def dead_letter(
-        self, payload: bytes, reason: str, *, error_class: str, source: str | None = None
+        self, payload: bytes | None, reason: str, *, error_class: str, source: str | None = None
     ) -> None:
-        """Route a payload rejected elsewhere (e.g. unreadable input) to the dead-letter topic."""
+        """Route a payload rejected elsewhere (e.g. unreadable input) to the dead-letter topic.
+
+        ``payload`` is kept as it was: ``None`` (a Kafka tombstone) stays a null value.
+        """
         headers = {
             HEADER_REASON: reason.encode(),
             HEADER_ERROR_CLASS: error_class.encode(),
@@ -200,7 +203,12 @@ class EventProducer:
         self.stats.sent += 1
 
     def _produce(
-        self, topic: str, value: bytes, key: bytes | None, timestamp_ms: int, headers: dict[str, bytes] | None
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        timestamp_ms: int,
+        headers: dict[str, bytes] | None,
     ) -> None:
         if self._closed:
             raise ProducerError("this EventProducer is closed")
@@ -216,7 +224,7 @@ class EventProducer:
                     raise
                 # Refused before queueing: a delivery failure of this record alone (the
                 # dead-letter topic could not take it either); the records around it go on.
-                self._record_failure(topic, key, _too_large(len(value), exc))
+                self._record_failure(topic, key, _too_large(len(value or b""), exc))
                 return
         self._since_poll += 1
         if self._since_poll >= _POLL_EVERY:

@@ -21,6 +21,7 @@ class Record:
     value: bytes
     timestamp_ms: int
     headers: dict[str, bytes]
+    null: bool = False  # a tombstone: ``value`` reads b"" then
 
 
 def consume(
@@ -64,6 +65,7 @@ def consume(
                         value=message.value() or b"",
                         timestamp_ms=message.timestamp()[1],
                         headers={k: v or b"" for k, v in (message.headers() or [])},
+                        null=message.value() is None,
                     )
                 )
             if len(records) >= expected:

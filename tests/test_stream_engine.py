@@ -98,7 +98,7 @@ def produce(settings: Settings, payloads: list[bytes]) -> None:
             producer.send_json(payload)
 
 
-def produce_raw(settings: Settings, items: list[tuple[bytes, bytes]]) -> None:
+def produce_raw(settings: Settings, items: list[tuple[bytes, bytes | None]]) -> None:
     """Bypass the SDK's validation: what a misbehaving producer would send."""
     producer = Producer(settings.kafka_client_config())
     for key, value in items:
@@ -305,18 +305,20 @@ def test_a_partition_of_only_bad_messages_is_dead_lettered_once_and_never_stops_
 ) -> None:
     """A partition whose messages were all rejected has no watermark yet: checkpointing its
     offset crashed the worker (KeyError), and every restart dead-lettered them again. A
-    read field that is not UTF-8 crashed the decoder (UnicodeDecodeError) the same way."""
+    read field that is not UTF-8 crashed the decoder (UnicodeDecodeError) the same way. A
+    tombstone (null value) is dead-lettered as null, as it came."""
     not_utf8 = b'{"type": "search", "event_id": "s", "event_time": "2026-01-05T10:00:00Z", "user_id": "u", '
     bad = [
         (b"bad-only", b'{"type": "search"}'),
         (b"bad-only", b"\xff not json"),
         (b"bad-only", not_utf8 + b'"query": "caf\xe9"}'),
     ]
-    produce_raw(stream, bad)
+    produce_raw(stream, [*bad, (b"bad-only", None)])
     run_engine(stream)
     run_engine(stream)  # a restart resumes after them
-    dead = consume(stream, stream.kafka.topics.dead_letter, len(bad))
-    assert sorted(r.value for r in dead) == sorted(value for _, value in bad)
+    dead = consume(stream, stream.kafka.topics.dead_letter, len(bad) + 1)
+    assert sorted(r.value for r in dead if not r.null) == sorted(value for _, value in bad)
+    assert sum(r.null for r in dead) == 1
     assert "utf-8" in " ".join(r.headers["adreach.error.reason"].decode() for r in dead).lower()
 
 

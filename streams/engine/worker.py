@@ -404,7 +404,7 @@ class StreamWorker:
 
     def _dead_letter(self, message: Message, reason: str, error_class: str) -> None:
         source = f"{message.topic()}[{message.partition()}]@{message.offset()}"
-        self._dead_letters.dead_letter(message.value() or b"", reason, error_class=error_class, source=source)
+        self._dead_letters.dead_letter(message.value(), reason, error_class=error_class, source=source)
         self.stats.dead_lettered += 1
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
