@@ -162,11 +162,13 @@ def schema(
 
 
 def _count_lines(path: Path) -> int:
-    count = 0
+    """Lines as the reader will see them: a last line without a newline counts too."""
+    count, last = 0, b"\n"
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 22):
             count += chunk.count(b"\n")
-    return count
+            last = chunk[-1:]
+    return count + (last != b"\n")
 
 
 @app.command("produce")
@@ -190,6 +192,8 @@ def produce(
         handle: IO[bytes] = sys.stdin.buffer
     else:
         path = Path(file)
+        if path.is_dir():
+            _fail(f"{file} is a directory; give a JSON Lines file (or - for standard input)", EXIT_USAGE)
         if not path.is_file():
             _fail(f"no such file: {file}", EXIT_USAGE)
         source, total = path.name, _count_lines(path)

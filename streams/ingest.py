@@ -16,6 +16,7 @@ from streams.events import InvalidEventError, validate_json
 from streams.producer import EventProducer
 
 _MAX_KEPT_REJECTIONS = 1_000
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def produce_lines(
 ) -> IngestReport:
     """Validate and produce every JSON line; dead-letter the bad ones with their line number.
 
-    Blank lines are skipped (they are not events) but still count for line numbering.
+    Blank lines are skipped (they are not events) but still count for line numbering. A
+    UTF-8 byte order mark opening the input is dropped (it belongs to the file, not the event).
     The producer is not closed here, so the caller decides when to flush. Ctrl-C stops
     reading cleanly (``report.interrupted``): what was queued can still be flushed.
     """
@@ -74,6 +76,8 @@ def produce_lines(
                 progress(pending_bytes, pending_lines)
                 pending_bytes = pending_lines = 0
             line = raw.rstrip(b"\r\n")
+            if number == 1 and line.startswith(_UTF8_BOM):  # editors on Windows write one
+                line = line[len(_UTF8_BOM) :]
             if not line or line.isspace():
                 continue
             try:

@@ -107,7 +107,8 @@ def test_produce_file_reports_bad_lines_and_delivers_good_ones(
 def test_produce_from_stdin_with_only_good_lines_exits_zero(
     kafka: Settings, cli_env: dict[str, str], adreach_bin: str
 ) -> None:
-    payload = "".join(json.dumps(e) + "\n" for e in GOOD).encode()
+    # A UTF-8 byte order mark (Windows editors write one) opens the input and CRLF ends lines.
+    payload = b"\xef\xbb\xbf" + "".join(json.dumps(e) + "\r\n" for e in GOOD).encode()
     result = run(adreach_bin, ["produce", "-"], cli_env, stdin=payload)
     assert result.returncode == 0, result.stderr
     assert "sent 4 events" in result.stdout and "rejected 0 lines" in result.stdout
@@ -119,6 +120,8 @@ def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(
 ) -> None:
     missing = run(adreach_bin, ["produce", str(tmp_path / "nope.jsonl")], cli_env)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+    directory = run(adreach_bin, ["produce", str(tmp_path)], cli_env)
+    assert directory.returncode == 2 and "is a directory" in directory.stderr
     env = {**cli_env, "ADREACH_BROKER__PORT": str(free_port())}
     (tmp_path / "one.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
     down = run(adreach_bin, ["produce", str(tmp_path / "one.jsonl")], env)
