@@ -187,8 +187,13 @@ def validate_json(payload: bytes | bytearray | memoryview | str) -> Event:
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise _classify(exc) from None
     except UnicodeDecodeError as exc:
-        raise MalformedJSONError(f"payload is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise MalformedJSONError(not_utf8_reason(exc)) from None
     return event
+
+
+def not_utf8_reason(error: UnicodeDecodeError) -> str:
+    """Why a payload was refused for bytes that are not UTF-8 (the decoder reports them per string value)."""
+    return f"a string in the payload is not valid UTF-8 ({error.reason} at byte {error.start} of that string)"
 
 
 def validate(event: object) -> Event:

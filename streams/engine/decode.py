@@ -41,6 +41,7 @@ from streams.events import (
     MalformedJSONError,
     SchemaViolationError,
     UnknownEventTypeError,
+    not_utf8_reason,
 )
 
 # Arrow types of the event fields a feature definition may read.
@@ -193,7 +194,7 @@ class EventDecoder:
             except msgspec.DecodeError as exc:
                 rejected.append((position, MalformedJSONError(_malformed(line, exc))))
             except UnicodeDecodeError as exc:
-                rejected.append((position, MalformedJSONError(f"a string field is not valid UTF-8: {exc}")))
+                rejected.append((position, MalformedJSONError(not_utf8_reason(exc))))
         return events, np.asarray(kept, dtype=np.int64)
 
     def _columns_halves(
