@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
 import pytest
@@ -451,3 +452,50 @@ def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: Wo
     in_memory = build_event_log(foreign, topics, Buckets())
     assert np.array_equal(in_memory.time_ms, world.dataset.log.time_ms)
     assert (in_memory.query == world.dataset.log.query[world.dataset.log.kind != SEARCH][0]).all()
+
+
+def test_integer_ids_and_parts_with_other_columns_read_as_the_sdk_log_and_bad_times_are_refused(
+    world: World, tmp_path: Path
+) -> None:
+    """Integer user ids silently gave every example an empty history (ids were looked up as
+    text); a directory took its columns from its first part, so clicks named only in later
+    parts vanished; one event from 1970 stretched the time split over 56 years."""
+    from training.events import EventLogError, read_events
+
+    table = pq.read_table(world.events_dir)
+    users = table.column("user_id").to_pylist()
+    numbered = {user: index for index, user in enumerate(sorted(set(users)))}
+    as_integers = table.set_column(
+        table.schema.get_field_index("user_id"), "user_id", pa.array([numbered[u] for u in users], pa.int64())
+    )
+    parts = tmp_path / "int-ids" / "events"
+    parts.mkdir(parents=True)
+    # A producer of impressions and searches never writes the label columns; clicks and conversions do.
+    labelled = pc.is_in(as_integers.column("type"), value_set=pa.array(["click", "conversion"]))
+    unlabelled = as_integers.filter(pc.invert(labelled)).drop_columns(["impression_id", "click_id"])
+    pq.write_table(unlabelled, parts / "a.parquet")
+    pq.write_table(as_integers.filter(labelled), parts / "b.parquet")
+
+    read = read_events(parts)
+    assert read.column("user_id").type == pa.string()
+    assert read.column("click_id").null_count < read.num_rows  # the later part's labels are kept
+    dataset = load_dataset(parts)
+    ours = world.dataset.examples
+    assert (dataset.examples.user >= 0).all()  # every example's user has a history
+    assert len(dataset.examples.click) == len(ours.click)
+    assert dataset.examples.click.sum() == ours.click.sum() > 0
+
+    for time, reason in (
+        (pa.scalar(0, pa.timestamp("ms", "UTC")), "outside 2000-01-01"),
+        (None, "no event_time"),
+    ):
+        times = table.column("event_time").to_pylist()
+        times[7] = time.as_py() if time is not None else None
+        broken = table.set_column(
+            table.schema.get_field_index("event_time"),
+            "event_time",
+            pa.array(times, table.column("event_time").type),
+        )
+        pq.write_table(broken, tmp_path / "broken.parquet")
+        with pytest.raises(EventLogError, match=reason):
+            read_events(tmp_path / "broken.parquet")

@@ -26,11 +26,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from infra.arrow_times import epoch_ms
+from infra.arrow_times import EventTimeError, epoch_ms
 from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
+from streams.engine.decode import EARLIEST_MS, LATEST_MS
 from streams.engine.router import normalize_queries
 
 EVENT_TYPES = ("impression", "click", "conversion", "search")
@@ -126,10 +128,23 @@ def read_events(path: Path) -> pa.Table:
             f"{path}: no such event file or directory (run `adreach simulate --format parquet`)"
         )
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        table = _read_parquet(path)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
     return with_event_columns(table, source=str(path))
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """One table from a file or a directory of parts whose columns may differ.
+
+    Arrow takes a directory's schema from its first file, so a column only later parts
+    have (an optional field a producer started sending) would be dropped from all of them.
+    """
+    if path.is_file():
+        return pq.read_table(path)
+    discovered = ds.dataset(path, format="parquet")
+    schema = pa.unify_schemas([pq.read_schema(file) for file in discovered.files])
+    return ds.dataset(discovered.files, schema=schema, format="parquet").to_table()
 
 
 def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa.Table:
@@ -146,7 +161,47 @@ def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa
     for name, kind in OPTIONAL_COLUMNS.items():
         if name not in events.column_names:
             events = events.append_column(name, pa.nulls(events.num_rows, kind))
+        elif events.schema.field(name).type != kind:
+            events = _cast_column(events, name, kind, source)
+    for name in _TEXT_COLUMNS:  # ids are strings in the SDK; a log may store integers
+        if events.schema.field(name).type != pa.string():
+            events = _cast_column(events, name, pa.string(), source)
+    _check_event_times(events, source)
     return events
+
+
+_TEXT_COLUMNS = ("type", "event_id", "user_id", "ad_id", "campaign_id", "advertiser_id")
+
+
+def _cast_column(events: pa.Table, name: str, kind: pa.DataType, source: str) -> pa.Table:
+    column = events.column(name)
+    try:
+        cast = column.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise EventLogError(
+            f"{source}: column {name!r} of type {column.type} cannot be read as {kind} ({exc})"
+        ) from exc
+    return events.set_column(events.schema.get_field_index(name), name, cast)
+
+
+def _check_event_times(events: pa.Table, source: str) -> None:
+    """Every event needs an instant inside the SDK's 2000..2100: one stray time would stretch the
+    time split over decades and leave the training parts nearly empty."""
+    times = events.column("event_time")
+    try:
+        millis = epoch_ms(times)
+    except EventTimeError as exc:
+        raise EventLogError(f"{source}: event_time: {exc}") from exc
+    if millis.null_count:
+        raise EventLogError(f"{source}: {millis.null_count:,} events have no event_time")
+    outside = pc.or_(pc.less(millis, EARLIEST_MS), pc.greater_equal(millis, LATEST_MS))
+    if pc.any(outside).as_py():
+        first = pc.index(outside, True).as_py()
+        raise EventLogError(
+            f"{source}: {pc.sum(outside).as_py():,} events have an event_time outside 2000-01-01..2100-01-01 "
+            f"(the first: {times[first].as_py()!r}, event_id {events.column('event_id')[first].as_py()!r}); "
+            "check the unit and the zone"
+        )
 
 
 def read_topics(catalog: Path | None) -> dict[str, str]:
