@@ -97,6 +97,15 @@ class ModelRegistry:
             raise RegistryError(f"{path}: unreadable model files ({exc})") from exc
         return SavedModel(name, chosen, path, metadata, weights)
 
+    def metadata(self, name: str, version: int) -> dict[str, Any]:
+        """One version's metadata alone (no weights read)."""
+        path = self.root / name / f"v{version:04d}" / "metadata.json"
+        try:
+            metadata: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"{path}: unreadable model metadata ({exc})") from exc
+        return metadata
+
     def list(self) -> list[tuple[str, int]]:
         if not self.root.is_dir():
             return []

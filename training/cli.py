@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from training.cli_common import exit_operational, exit_usage, fail, load_data, model_settings, progress_task
+from training.cli_common import exit_usage, fail, load_data, model_settings, progress_task
 
 train_app = typer.Typer(help="Train the foundation model and the vertical models.", no_args_is_help=True)
 
@@ -54,9 +54,9 @@ def train_fm_command(
 
     settings = model_settings(ctx, epochs_fm=epochs, seed=seed, max_examples=max_examples)
     dataset = load_data(events, settings)
-    examples = len(split(dataset, settings.models).fm_train)
-    if examples == 0:
-        fail("no impressions before models.fm_train_end: nothing to train on", exit_usage())
+    train = split(dataset, settings.models).fm_train
+    _require_both_labels(train, "before models.fm_train_end")
+    examples = len(train)
     with progress_task("training fm", examples * settings.models.epochs_fm, "examples") as advance:
         model, saved = train_foundation(settings, dataset, progress=advance)
     assert saved is not None
@@ -95,6 +95,9 @@ def train_vm_command(
         fail(str(exc), exit_usage())
     dataset = load_data(events, settings)
     train = split(dataset, settings.models).vm_train
+    placement = settings.models.vm_vertical
+    where = f" of placement {placement}" if placement else ""
+    _require_both_labels(train, f"{where} before models.vm_train_end")
     store = open_store(settings)
     with progress_task("reading features from Feast", 5 if loopfm else 4, "views") as advance:
         inputs, stats = vm_inputs(
@@ -107,9 +110,10 @@ def train_vm_command(
         )
     if loopfm and stats.missing.get("fm_embeddings", 1.0) >= 1.0:
         fail(
-            "no fm_embeddings rows for the training examples: "
-            "run `adreach features fm-embeddings --backfill` first",
-            exit_operational(),
+            f"none of the {len(train):,} training examples has an fm_embeddings row stamped before its "
+            "time (an embedding serves the impressions after the run that stored it): run `adreach features "
+            "fm-embeddings --backfill` first, over a log where users have events before their impressions",
+            exit_usage(),
         )
     with progress_task(
         f"training vm-{variant}", len(train) * settings.models.epochs_vm, "examples"
@@ -156,6 +160,12 @@ def evaluate_command(
     evaluation = split(dataset, settings.models).evaluation
     if len(evaluation) == 0:
         fail("no impressions after models.vm_train_end to evaluate on", exit_usage())
+    if not evaluation.click.any():
+        fail(
+            f"none of the {len(evaluation):,} impressions after models.vm_train_end was clicked: click AUC "
+            "and NE are undefined; evaluate on a log with clicks in that period",
+            exit_usage(),
+        )
     results: dict[str, Any] = {}
     store = open_store(settings)
     available = []
@@ -210,6 +220,40 @@ def evaluate_command(
             else float("nan")
         )
         result["transfer_ratio_auc"] = ratio
-        print(f"{name:<24}{click['auc']:>10.4f}{click['ne']:>10.4f}{cvr:>10.4f}{ratio:>10.2f}")
+        print(f"{name:<24}{_cell(click['auc'], 4)}{_cell(click['ne'], 4)}{_cell(cvr, 4)}{_cell(ratio, 2)}")
     if output is not None:
-        output.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+
+
+def _require_both_labels(examples: Any, period: str) -> None:
+    """Refuse a training part a click model cannot learn from (it would save a constant model)."""
+    if len(examples) == 0:
+        fail(f"no impressions{period}: nothing to train on", exit_usage())
+    if not examples.click.any() or examples.click.all():
+        label = "clicked" if examples.click.any() else "unclicked"
+        fail(
+            f"all {len(examples):,} impressions{period} are {label}: a click model needs both; "
+            "use a log with clicks and impressions without them in that period",
+            exit_usage(),
+        )
+
+
+def _cell(value: float, digits: int) -> str:
+    """A 10-wide table cell; "n/a" where a metric is undefined (no conversions, no FM gain)."""
+    if value != value:  # NaN
+        return f"{'n/a':>10}"
+    text = f"{value:.{digits}f}"
+    return f"{text:>10}" if len(text) < 10 else f" {value:.3g}".rjust(10)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN as null (standard JSON: other readers refuse a bare NaN), numbers as floats."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, str | bool | int) or value is None:
+        return value
+    number = float(value)
+    return None if number != number else number

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from features.store import open_store
 from infra.settings import ModelSettings, QueryFeatureSettings, Settings
 from models.fm import FMConfig, FoundationModel
-from models.registry import ModelRegistry, SavedModel
+from models.registry import ModelRegistry, RegistryError, SavedModel
 from models.vm import StudentAdapter, VerticalModel, VMConfig, parse_variant
 from training.datasets import dense_feature_names, vm_inputs
 from training.embeddings import MaterializeStats, materialize, run_times
@@ -491,13 +491,36 @@ def train_vertical(
 def load_vertical(
     settings: Settings, variant: str, version: int | None = None
 ) -> tuple[VerticalModel, SavedModel]:
-    saved = ModelRegistry(settings.model_registry_dir).load(vm_name(variant), version)
+    """The given version of a VM variant, else the latest trained for ``models.vm_vertical``.
+
+    A VM trained for one surface must not be scored or compared as another's (or as the
+    all-surfaces model): the vertical is part of what a version is.
+    """
+    registry = ModelRegistry(settings.model_registry_dir)
+    name = vm_name(variant)
+    if version is None:
+        version = _latest_for_vertical(registry, name, settings.models.vm_vertical)
+    saved = registry.load(name, version)
     config = VMConfig.from_dict(saved.metadata["config"])
     _check_categories(saved, config.buckets, settings.models)
     model = VerticalModel(config)
     model.load_state_dict(saved.weights["model"])
     model.eval()
     return model, saved
+
+
+def _latest_for_vertical(registry: ModelRegistry, name: str, vertical: str | None) -> int | None:
+    """The newest version of ``name`` trained for ``vertical`` (None: every surface); None: no versions."""
+    versions = registry.versions(name)
+    if not versions:
+        return None  # the registry's own "train it first" error follows
+    trained_for = {version: registry.metadata(name, version).get("vertical") for version in versions}
+    matching = [version for version in versions if trained_for[version] == vertical]
+    if not matching:
+        where = f"--vertical {vertical}" if vertical else "every placement (no --vertical)"
+        others = sorted({str(v) if v else "every placement" for v in trained_for.values()})
+        raise RegistryError(f"no {name} trained for {where}; its versions are for: {', '.join(others)}")
+    return matching[-1]
 
 
 def evaluate_predictions(examples: Examples, logits: NDArray[np.float32]) -> dict[str, Any]:
