@@ -204,6 +204,25 @@ def test_online_store_serves_the_latest_embedding_history(world: World) -> None:
         assert np.allclose(history[:e], np.asarray(row[FM_EMBEDDING], np.float32)), "newest first"
 
 
+def test_a_run_back_in_time_leaves_the_newer_online_embeddings_alone(world: World) -> None:
+    """`fm-embeddings --once --at <past>` used to overwrite the backfill's newer online rows
+    (serving then read an older embedding) and continue their newer history."""
+    from training.pipeline import materialize_embeddings
+
+    users = [str(u) for u in world.dataset.log.user_ids[:50].tolist()]
+
+    def stored() -> list[Any]:
+        with OnlineFeatureReader(world.settings, (FM_EMBEDDINGS,)) as reader:
+            table = reader.read(FM_EMBEDDINGS, users, [FM_HISTORY_LEN], with_event_timestamp=True)
+        return table.column("event_timestamp").to_pylist()
+
+    before = stored()
+    middle = (world.dataset.start_ms + world.dataset.end_ms) // 2
+    stats = materialize_embeddings(world.settings, world.fm, world.dataset, backfill=False, at_ms=middle)
+    assert stats.skipped > 0 and stats.rows == 0  # every user active then has a later backfill run
+    assert stored() == before
+
+
 def _inputs(world: World, examples: Examples) -> VMInputs:
     inputs, stats = vm_inputs(
         world.store,
@@ -298,6 +317,10 @@ def _cli(world: World, *args: str, models: dict[str, str] | None = None) -> subp
     )
 
 
+def _refuse_non_standard_json(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON (JavaScript's and other parsers refuse it)")
+
+
 def test_cli_train_vm_and_evaluate(world: World) -> None:
     bad = _cli(world, "train", "vm", "--events", str(world.events_dir), "--variant", "distilled")
     assert bad.returncode == 2 and "unknown variant" in bad.stderr
@@ -314,12 +337,12 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     )
     assert trained.returncode == 0, trained.stderr
     assert "saved vm-loopfm v1" in trained.stdout
-    out = Path(world.settings.state_dir) / "eval.json"
+    out = Path(world.settings.state_dir) / "reports" / "eval.json"  # a folder that does not exist yet
     evaluated = _cli(
         world, "evaluate", "--events", str(world.events_dir), "--max-examples", "2000", "--json", str(out)
     )
     assert evaluated.returncode == 0, evaluated.stderr
-    results: dict[str, Any] = json.loads(out.read_text())
+    results: dict[str, Any] = json.loads(out.read_text(), parse_constant=_refuse_non_standard_json)
     assert {"fm", "vm-loopfm"} <= set(results)
     assert 0.0 <= results["vm-loopfm"]["click"]["auc"] <= 1.0
     assert "vm-loopfm" in evaluated.stdout
@@ -327,6 +350,7 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     feed = _cli(world, "evaluate", "--events", str(world.events_dir), "--vertical", "feed")
     assert feed.returncode == 0, feed.stderr
     assert "(feed only)" in feed.stdout
+    assert "vm-loopfm" not in feed.stdout  # trained for every placement, not feed: never mixed in
     n_feed = len(
         split(world.dataset, world.settings.models.model_copy(update={"vm_vertical": "feed"})).evaluation
     )

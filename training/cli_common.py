@@ -49,13 +49,22 @@ def load_data(events: Path, settings: Settings) -> Any:
     from training.pipeline import load_dataset
 
     try:
-        return load_dataset(
+        dataset = load_dataset(
             events,
             queries=settings.queries if settings.models.search_topics else None,
             buckets=Buckets.for_models(settings.models),
         )
     except EventLogError as exc:
         fail(str(exc), exit_usage())
+    if not dataset.log.ad_topics:
+        from infra.progress import stderr
+
+        stderr.print(
+            f"warning: no ad catalog at {events.parent / 'truth' / 'ads.parquet'} (columns ad_id, topic): "
+            "every ad topic is unknown, so the FM's topic-profile head learns nothing",
+            highlight=False,
+        )
+    return dataset
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.embeddings import FM_EMBEDDING, FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
@@ -39,6 +40,7 @@ class MaterializeStats:
     users: int
     embedding_dim: int
     history: int
+    skipped: int = 0  # users left out: the online store already holds a newer run of theirs
 
 
 def run_times(start_ms: int, end_ms: int, every_s: int) -> NDArray[np.int64]:
@@ -108,8 +110,9 @@ def materialize(
     """
     dim = model.config.embedding_dim
     states = _Histories(len(log.user_ids), history, dim)
-    if resume_from_online:
-        _load_online(settings, log, states)
+    newer = np.zeros(len(log.user_ids), bool)
+    if resume_from_online and len(times_ms):
+        newer = _load_online(settings, log, states, int(np.min(times_ms)))
     order = np.argsort(log.time_ms, kind="stable")
     sorted_times = log.time_ms[order]
     parts: list[pa.Table] = []
@@ -119,6 +122,7 @@ def materialize(
     for at in np.asarray(times_ms, np.int64):
         low, high = np.searchsorted(sorted_times, [at - every_s * 1000, at], side="left")
         users = np.unique(log.user[order[low:high]])
+        users = users[~newer[users]]
         if len(users):
             embeddings = fm_user_embeddings(model, log, users, np.full(len(users), at, np.int64))
             states.push(users, embeddings)
@@ -142,22 +146,47 @@ def materialize(
         if write_online:
             with OnlineFeatureWriter(settings, (FM_EMBEDDINGS,)) as writer:
                 writer.write(FM_EMBEDDINGS, table)  # the last row of each user wins
-    return MaterializeStats(len(times_ms), rows, int(touched.sum()), dim, history)
+    skipped = int((newer & _active_before(log, times_ms, every_s)).sum())
+    return MaterializeStats(len(times_ms), rows, int(touched.sum()), dim, history, skipped)
 
 
-def _load_online(settings: Settings, log: EventLog, states: _Histories) -> None:
-    """Start from the histories the previous run left in the online store."""
+def _active_before(log: EventLog, times_ms: NDArray[np.int64], every_s: int) -> NDArray[np.bool_]:
+    """Users with events in the interval before any of ``times_ms`` (those a run would embed)."""
+    active = np.zeros(len(log.user_ids), bool)
+    for at in np.asarray(times_ms, np.int64):
+        active[log.user[(log.time_ms >= at - every_s * 1000) & (log.time_ms < at)]] = True
+    return active
+
+
+def _load_online(
+    settings: Settings, log: EventLog, states: _Histories, first_run_ms: int
+) -> NDArray[np.bool_]:
+    """Start from the histories the previous run left in the online store.
+
+    Returns the users whose stored row is from a run at or after ``first_run_ms``: a run
+    back in time (``--once --at`` a past time) must neither continue their newer history
+    nor replace the row serving reads with an older one, so they are left out.
+    """
     k, dim = states.values.shape[1:]
     with OnlineFeatureReader(settings, (FM_EMBEDDINGS,)) as reader:
         stored = reader.read(
-            FM_EMBEDDINGS, [str(u) for u in log.user_ids.tolist()], [FM_HISTORY, FM_HISTORY_LEN]
+            FM_EMBEDDINGS,
+            [str(u) for u in log.user_ids.tolist()],
+            [FM_HISTORY, FM_HISTORY_LEN],
+            with_event_timestamp=True,
         )
+    stamped = stored.column("event_timestamp").cast(pa.timestamp("ms", "UTC")).cast(pa.int64())
+    # (SQLite keeps whole seconds: a row stamped within the run's second counts as that run.)
+    newer = np.asarray(pc.fill_null(pc.greater_equal(stamped, first_run_ms // 1000 * 1000), False), bool)
     values = stored.column(FM_HISTORY).to_pylist()
     lengths = stored.column(FM_HISTORY_LEN).to_pylist()
     for i, (flat, length) in enumerate(zip(values, lengths, strict=True)):
+        if newer[i]:
+            continue
         if flat and length and len(flat) == k * dim:
             states.values[i] = np.asarray(flat, np.float32).reshape(k, dim)
             states.length[i] = int(length)
+    return newer
 
 
 __all__ = ["FM_EMBEDDING", "MaterializeStats", "materialize", "run_times"]

@@ -69,6 +69,12 @@ def fm_embeddings_command(
         f"fm v{saved.version}: {stats.runs} runs, {stats.rows:,} rows for {stats.users:,} users "
         f"(embedding {stats.embedding_dim} floats, history of {stats.history}) into view fm_embeddings"
     )
+    if stats.skipped:
+        print(
+            f"{stats.skipped:,} active users left out: the online store already holds a run of theirs at or "
+            "after this time (a run back in time would replace what serving reads; use --backfill to rebuild "
+            "the history)"
+        )
 
 
 def backfill_command(
