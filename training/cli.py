@@ -47,12 +47,14 @@ def train_fm_command(
     events: EventsOption,
     epochs: EpochsOption = None,
     seed: SeedOption = None,
-    max_examples: MaxOption = None,
 ) -> None:
-    """Train the foundation model on the users' full histories (time < models.fm_train_end)."""
+    """Train the foundation model on the users' full histories (time < models.fm_train_end).
+
+    Every impression of that period is an example (models.max_examples caps the VM parts only).
+    """
     from training.pipeline import split, train_foundation
 
-    settings = model_settings(ctx, epochs_fm=epochs, seed=seed, max_examples=max_examples)
+    settings = model_settings(ctx, epochs_fm=epochs, seed=seed)
     dataset = load_data(events, settings)
     train = split(dataset, settings.models).fm_train
     _require_both_labels(train, "before models.fm_train_end")
