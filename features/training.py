@@ -9,7 +9,11 @@ Two faults of Feast 0.67's file offline store are worked around here:
   put back with null features, in the caller's row order;
 * among rows with the same entity and event timestamp it picks at random, not the latest
   created (see :mod:`features.offline`); the views read are compacted first, so there is
-  one row per entity and timestamp.
+  one row per entity and timestamp;
+* it answers each (join keys, time) pair once and drops the other examples with it, even
+  when their other columns differ (two impressions of one user in one millisecond, or one
+  instant written in two zones): Feast is asked each distinct pair once, in UTC, and every
+  example gets its pair's answer.
 
 ``FeatureStore.get_historical_features`` itself is called unchanged. One fault of its
 engine is worked around too: Feast's file store runs on dask, which names every
@@ -30,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 _ROW = "__adreach_example_row"
+_TIME = "__adreach_example_time"
 EXAMPLES_PER_READ = 25_000
 """Examples per ``get_historical_features`` call. Feast's file store pairs every example with
 every feature row of its entity before filtering by time (10.8 GB at 100,000 examples of the
@@ -50,29 +55,58 @@ def historical_features(
     """
     if timestamp_column not in entity_df.columns:
         raise TrainingSetError(f"the entity frame has no {timestamp_column!r} column (the examples' times)")
-    if _ROW in entity_df.columns:
-        raise TrainingSetError(f"the entity frame must not have a column named {_ROW!r}")
+    for reserved in (_ROW, _TIME):
+        if reserved in entity_df.columns:
+            raise TrainingSetError(f"the entity frame must not have a column named {reserved!r}")
     views = sorted({reference.split(":", 1)[0] for reference in features})
     _compact_views(store, views)
+    keys = _join_keys(store, views)
+    absent = [key for key in keys if key not in entity_df.columns]
+    if absent:
+        raise TrainingSetError(
+            f"the entity frame has no {', '.join(map(repr, absent))} column(s) (join keys of {views})"
+        )
     examples = entity_df.reset_index(drop=True).copy()
-    examples[_ROW] = range(len(examples))
+    try:
+        examples[_TIME] = pd.to_datetime(examples[timestamp_column], utc=True)
+    except (ValueError, TypeError) as exc:
+        raise TrainingSetError(f"{timestamp_column!r} holds values that are not times ({exc})") from exc
+    # Feast answers each (join keys, time) once and drops repeats, even with other columns
+    # differing (two impressions of one ad in one millisecond): ask once, give every example.
+    requests = examples[[*keys, _TIME]].drop_duplicates(ignore_index=True)
+    requests[_ROW] = range(len(requests))
+    asked = requests.rename(columns={_TIME: timestamp_column})
     parts = []
-    for start in range(0, max(len(examples), 1), EXAMPLES_PER_READ):  # (no examples: one call all the same)
-        chunk = examples.iloc[start : start + EXAMPLES_PER_READ]
+    for start in range(0, max(len(asked), 1), EXAMPLES_PER_READ):  # (no examples: one call all the same)
+        chunk = asked.iloc[start : start + EXAMPLES_PER_READ]
         with _object_pandas_tokens():
             result = store.get_historical_features(entity_df=chunk, features=list(features)).to_df()
-        parts.append(result[[_ROW, *(c for c in result.columns if c not in examples.columns)]])
-    kept = pd.concat(parts, ignore_index=True)
-    merged = examples.merge(kept, on=_ROW, how="left", validate="one_to_one")
-    return merged.sort_values(_ROW).drop(columns=[_ROW]).reset_index(drop=True)
+        parts.append(result[[_ROW, *(c for c in result.columns if c not in asked.columns)]])
+    answered = requests.merge(pd.concat(parts, ignore_index=True), on=_ROW, how="left", validate="one_to_one")
+    answered = answered.drop(columns=[_ROW]).drop(
+        columns=[c for c in answered.columns if c in entity_df.columns and c not in keys]
+    )
+    merged = examples.merge(answered, on=[*keys, _TIME], how="left", validate="many_to_one")
+    return merged.drop(columns=[_TIME])
+
+
+def _join_keys(store: Any, views: list[str]) -> list[str]:
+    """The entity columns the features of ``views`` are looked up by, in a stable order."""
+    keys: dict[str, None] = {}
+    for view in views:
+        keys.update(dict.fromkeys(store.get_feature_view(view).join_keys))
+    return list(keys)
 
 
 def _compact_views(store: Any, views: list[str]) -> None:
     """Compact the offline files of the adreach views among ``views`` (other views are left alone)."""
-    from features.definitions import FEATURE_GROUPS
+    from features.definitions import BATCH_TABLES, FEATURE_GROUPS
+    from features.embeddings import FM_EMBEDDINGS
     from features.offline import compact_offline
 
-    groups = {group.name: group for group in FEATURE_GROUPS}
+    # (Batch tables too: with several part files, dask's join failed on an example whose
+    # query had no row yet.)
+    groups = {group.name: group for group in (*FEATURE_GROUPS, *BATCH_TABLES, FM_EMBEDDINGS)}
     for view in views:
         if view not in groups:
             continue

@@ -68,6 +68,10 @@ def test_point_in_time_training_set_of_120k_rows_matches_an_as_of_join(tmp_path:
             "example_id": np.arange(EXAMPLES),
         }
     )
+    # Examples sharing a user and a time (two impressions in one millisecond): Feast answers
+    # such a pair once and drops the other, which then read as "no feature value".
+    twins = examples.loc[:4_999, ["user_id", "event_timestamp"]].to_numpy()
+    examples.loc[EXAMPLES - 5_000 :, ["user_id", "event_timestamp"]] = twins
 
     started = time.perf_counter()
     training = historical_features(store, examples, [f"{GROUP.name}:{name}" for name in FEATURES])
@@ -169,3 +173,34 @@ def test_identity_naming_holds_while_any_thread_reads_and_is_undone_after() -> N
         "same object, same name": True,
     }
     assert tokenize(frame) == tokenize(frame.copy())  # content naming is back
+
+
+def test_examples_sharing_an_entity_and_a_time_all_get_their_features(tmp_path: Path) -> None:
+    """Feast answers each (entity, time) once: of two impressions of one user in the same
+    instant (on different ads), one came back as if no feature value had existed."""
+    simulator = Simulator(SimulationConfig(users=300, events=6_000, days=1.0, seed=32, campaigns=40))
+    lines = [line for batch in simulator.batches() for line in batch.to_json_lines()]
+    history = replay(lines, groups=[GROUP]).features[GROUP.name]
+    settings = load_settings(state_dir=tmp_path / "state")
+    store = open_store(settings, (GROUP,))
+    rows = pa.concat_tables(history)
+    created = pa.array(np.full(rows.num_rows, 1_700_000_000_000_000), pa.int64()).cast(
+        pa.timestamp("us", "UTC")
+    )
+    append_offline(settings.feature_repo_dir / "data", GROUP, rows.append_column(CREATED_FIELD, created))
+    user = rows.column("user_id")[0].as_py()
+    at = pd.Timestamp(rows.column("event_timestamp")[0].as_py(), tz="UTC") + pd.Timedelta(minutes=30)
+    examples = pd.DataFrame(
+        {
+            "user_id": [user, user, user, user],
+            "ad_id": ["ad1", "ad2", "ad3", "ad4"],
+            # The same instant written in another zone is the same time too.
+            "event_timestamp": [at, at, at + pd.Timedelta(seconds=1), at.tz_convert("Asia/Kolkata")],
+            "impression_id": ["i1", "i2", "i3", "i4"],
+        }
+    )
+    training = historical_features(store, examples, [f"{GROUP.name}:impressions_24h"])
+    assert training["impression_id"].tolist() == ["i1", "i2", "i3", "i4"]
+    counts = training["impressions_24h"].tolist()
+    assert not any(_missing(count) for count in counts), counts
+    assert counts[0] == counts[1] == counts[3]
