@@ -35,7 +35,14 @@ from models.registry import ModelRegistry, RegistryError
 from models.vm import VerticalModel, VMConfig
 from streams.simulation import ParquetSink, SimulationConfig, simulate
 from training.datasets import dense_feature_names, historical_view, vm_inputs
-from training.events import EVENT_TYPES, Buckets, build_event_log, read_topics, search_queries
+from training.events import (
+    EVENT_TYPES,
+    Buckets,
+    build_event_log,
+    read_topics,
+    search_queries,
+    with_event_columns,
+)
 from training.examples import Examples
 from training.metrics import auc
 from training.pipeline import (
@@ -523,3 +530,25 @@ def test_integer_ids_and_parts_with_other_columns_read_as_the_sdk_log_and_bad_ti
         pq.write_table(broken, tmp_path / "broken.parquet")
         with pytest.raises(EventLogError, match=reason):
             read_events(tmp_path / "broken.parquet")
+
+
+def test_a_backfill_reads_a_log_without_arrival_times_in_its_own_order(tmp_path: Path) -> None:
+    """Sorted by event time, a log whose producer sent an event two hours late had nothing
+    late in the backfill, where the stream engine (and Flink) reading it dropped that event."""
+    settings = load_settings(state_dir=tmp_path / "state")
+    open_store(settings)
+
+    def impression(event_id: str, time: str) -> dict[str, str]:
+        ids = {"user_id": "u1", "ad_id": "ad1", "campaign_id": "c1", "advertiser_id": "adv1"}
+        return {"type": "impression", "event_id": event_id, "event_time": time, **ids}
+
+    log = pa.Table.from_pylist(
+        [
+            impression("e1", "2026-01-05T10:00:00Z"),
+            impression("e2", "2026-01-05T13:00:00Z"),
+            impression("e3", "2026-01-05T10:30:00Z"),  # sent 2.5 h late: past the allowed hour
+            impression("e4", "2026-01-05T13:05:00Z"),
+        ]
+    )
+    stats = replay_stream_features(settings, with_event_columns(log), flush_s=60)
+    assert stats.late == 1

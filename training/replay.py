@@ -63,21 +63,28 @@ def replay_stream_features(
     groups: tuple[FeatureGroup, ...] = FEATURE_GROUPS,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayStats:
-    """Fold ``events`` (simulator layout, with ``arrival_time``) into Feast, ``flush_s`` of arrivals a time.
+    """Fold ``events`` into Feast, ``flush_s`` of arrivals a time, in the order a consumer reads them.
 
-    The Feast repository must already be applied (``features.store.open_store``).
-    Events are taken in arrival order, as a Kafka consumer would see them.
+    The Feast repository must already be applied (``features.store.open_store``). With an
+    ``arrival_time`` column (the simulator's layout) events are taken in arrival order;
+    without one, the log's own order is the reading order and its clock is the newest
+    event time read so far, so an event far behind it is late here as it would be for a
+    live worker reading the log (ordering by event time instead would let nothing be late).
     """
     if flush_s <= 0:
         raise ValueError("flush_s must be positive")
-    order_column = "arrival_time" if "arrival_time" in events.column_names else "event_time"
-    arrival = epoch_ms(events.column(order_column)).to_numpy()
-    order = np.argsort(arrival, kind="stable")
-    events = events.take(pa.array(order))
-    arrival = arrival[order]
+    if "arrival_time" in events.column_names:
+        arrival = epoch_ms(events.column("arrival_time")).to_numpy()
+        order = np.argsort(arrival, kind="stable")
+        events = events.take(pa.array(order))
+        arrival = arrival[order]
+    else:
+        arrival = np.maximum.accumulate(epoch_ms(events.column("event_time")).to_numpy())
     relevant = pc.is_in(events.column("type"), value_set=pa.array(["user_profile"]))
     keep = ~np.asarray(relevant.to_numpy(zero_copy_only=False), bool)
     events, arrival = events.filter(pa.array(keep)), arrival[keep]
+    if progress is not None and not keep.all():
+        progress(int((~keep).sum()))  # profiles carry no stream feature: done as soon as read
     decoded = decoded_columns(events, groups)
     data_dir = settings.feature_repo_dir / "data"
     by_name = {group.name: group for group in groups}
