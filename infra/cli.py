@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Annotated, NoReturn
 
 import pydantic
+import rich.markup
 import typer
 
 from estimation.cli import reach_app
@@ -58,7 +59,8 @@ class OutputFormat(StrEnum):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    # The message is plain text: "[gpu]" in "pip install -e '.[gpu]'" is not markup.
+    stderr.print(f"[bold red]error:[/] {rich.markup.escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

@@ -63,6 +63,7 @@ def load_data(events: Path, settings: Settings) -> Any:
             f"warning: no ad catalog at {events.parent / 'truth' / 'ads.parquet'} (columns ad_id, topic): "
             "every ad topic is unknown, so the FM's topic-profile head learns nothing",
             highlight=False,
+            markup=False,
         )
     return dataset
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import rich.markup
 import typer
 
 from infra.settings import QualitySettings, Settings
@@ -128,6 +129,8 @@ def aggregate(
     assert report.identifiability is not None
     if report.identifiability["status"] == "not_identified":
         stderr.print(
-            "[bold red]not identified:[/] " + "; ".join(report.identifiability["reasons"]), highlight=False
+            "[bold red]not identified:[/] "
+            + rich.markup.escape("; ".join(report.identifiability["reasons"])),
+            highlight=False,
         )
         raise typer.Exit(EXIT_REJECTED)
