@@ -90,8 +90,9 @@ def run_query_features(
                 total = count_file_events(input_path)
                 with progress_bar() as bar:
                     task = bar.add_task(f"query features from {input_path.name}", total=total, unit="events")
-                    for searches, events in read_file(input_path):
+                    for searches, events, invalid in read_file(input_path):
                         pipeline.process(searches, events)
+                        pipeline.stats.invalid_searches += invalid
                         bar.advance(task, events)
             except QuerySourceError as exc:
                 _fail(str(exc), EXIT_USAGE)
@@ -191,7 +192,13 @@ def queries_command(
             markup=False,
         )
     print(f"query features: {stats.describe()}")
-    if stats.rejections.total:
+    if stats.invalid_searches:
+        stderr.print(
+            f"{stats.invalid_searches:,} search events were not valid events (malformed, a time without a "
+            "zone or outside 2000..2100, a blank query) and were left out; `adreach produce` names each one",
+            highlight=False,
+        )
+    if stats.rejections.total or stats.invalid_searches:
         raise typer.Exit(EXIT_REJECTED)
 
 

@@ -538,3 +538,26 @@ def test_vllm_backend_on_a_gpu() -> None:
     )
     assert agreement >= 0.8
     assert all(v[0].reasoning for v in verdicts if isinstance(v[0], Judgement))
+
+
+def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> None:
+    """The query pipeline had its own lenient reader: a search from 1970, one without a zone
+    and a blank query became query_features rows (keys and times query_popularity refuses)."""
+    from features.queries.sources import read_file
+
+    search = {"type": "search", "event_id": "s", "user_id": "u1"}
+    lines = [
+        {**search, "event_time": "2026-01-05T10:00:00.123456789z", "query": "Running  Shoes"},
+        {**search, "event_time": "1970-01-01T00:00:00Z", "query": "from 1970"},
+        {**search, "event_time": "2026-01-05T10:00:00", "query": "no zone"},
+        {**search, "event_time": "2026-01-05T10:00:00Z", "query": " \u3000 "},
+        {"type": "impression", "event_id": "i", "event_time": "2026-01-05T10:00:00Z", "user_id": "u1"},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    chunks = list(read_file(path))
+    searches = pa.concat_tables([chunk[0] for chunk in chunks])
+    assert searches.column("query").to_pylist() == ["Running  Shoes"]
+    # Milliseconds, truncated: as the engines keep event times.
+    assert searches.column("event_time")[0].as_py().isoformat() == "2026-01-05T10:00:00.123000+00:00"
+    assert sum(chunk[1] for chunk in chunks) == 5 and sum(chunk[2] for chunk in chunks) == 3

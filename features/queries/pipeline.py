@@ -44,6 +44,7 @@ class QueryRunStats:
     generated: int = 0
     rows_written: int = 0
     generation_s: float = 0.0
+    invalid_searches: int = 0  # search events left out by the engine's rules (bad JSON, time, blank query)
     rejections: RejectionLog = field(default_factory=RejectionLog)
     started: float = field(default_factory=time.perf_counter)
 
@@ -54,7 +55,9 @@ class QueryRunStats:
     def describe(self) -> str:
         rate = self.generated / self.generation_s if self.generation_s > 0 else 0.0
         return (
-            f"{self.events:,} events, {self.searches:,} searches, {self.distinct_queries:,} distinct "
+            f"{self.events:,} events, {self.searches:,} searches"
+            + (f" ({self.invalid_searches:,} invalid, left out)" if self.invalid_searches else "")
+            + f", {self.distinct_queries:,} distinct "
             f"queries: {self.cache_hits:,} from the cache, {self.generated:,} generated "
             f"({rate:,.0f} queries/s), {self.rejections.describe()}; "
             f"{self.rows_written:,} feature rows written in {self.seconds:.1f} s"

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from features.definitions import FEATURE_GROUPS
+from infra.arrow_times import EventTimeError, epoch_ms
 from infra.settings import Settings
+from streams.engine.decode import EARLIEST_MS, LATEST_MS, EventDecoder
 
 SEARCH_MARK = b'"search"'
 QUERY_SCHEMA = pa.schema([pa.field("query", pa.string()), pa.field("event_time", pa.timestamp("us", "UTC"))])
@@ -28,36 +29,27 @@ class QuerySourceError(ValueError):
     """The input file cannot be read as adreach events."""
 
 
-class _SearchFields(msgspec.Struct):
-    """The two fields a search event contributes here; other fields are ignored when decoding."""
+def _search_decoder() -> EventDecoder:
+    """The stream engine's decoder for the fields a search carries: the same rules (an RFC 3339
+    time with a zone inside 2000..2100, a non-blank query), so query_features never holds a
+    key or a time that query_popularity refuses."""
+    return EventDecoder([group for group in FEATURE_GROUPS if group.key == "query"])
 
-    type: str
-    event_time: datetime | None = None
-    query: str | None = None
 
-
-_DECODER = msgspec.json.Decoder(_SearchFields)
+_DECODER = _search_decoder()
 
 
 def decode_search_values(values: list[bytes]) -> tuple[pa.Table, int]:
-    """Search events among JSON event values, and how many values could not be decoded."""
-    queries: list[str] = []
-    times: list[datetime | None] = []
-    bad = 0
-    for value in values:
-        if SEARCH_MARK not in value:
-            continue
-        try:
-            event = _DECODER.decode(value)
-        except msgspec.DecodeError:
-            bad += 1
-            continue
-        if event.type == "search" and event.query:
-            queries.append(event.query)
-            times.append(event.event_time)
-    return pa.table(
-        {"query": pa.array(queries, pa.string()), "event_time": pa.array(times, pa.timestamp("us", "UTC"))}
-    ), bad
+    """Search events among JSON event values, and how many of the searches were not valid events."""
+    candidates = [value for value in values if value and SEARCH_MARK in value]
+    if not candidates:
+        return QUERY_SCHEMA.empty_table(), 0
+    batch = _DECODER.decode(candidates)
+    events = batch.events.filter(pc.equal(batch.events.column("type"), "search"))
+    times = events.column("event_time_ms").cast(pa.timestamp("ms", "UTC")).cast(pa.timestamp("us", "UTC"))
+    return pa.table({"query": events.column("query"), "event_time": times}, schema=QUERY_SCHEMA), len(
+        batch.rejected
+    )
 
 
 def file_format(path: Path) -> Literal["parquet", "jsonl"]:
@@ -70,8 +62,13 @@ def file_format(path: Path) -> Literal["parquet", "jsonl"]:
 
 def count_file_events(path: Path) -> int | None:
     """Rows (Parquet) or lines (JSON Lines) in the input, for the progress bar; cheap metadata reads."""
+    if not path.exists():
+        raise QuerySourceError(f"no such file or directory: {path}")
     if file_format(path) == "parquet":
-        return int(ds.dataset(path, format="parquet").count_rows())
+        try:
+            return int(ds.dataset(path, format="parquet").count_rows())
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
     count = 0
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 22):
@@ -79,8 +76,12 @@ def count_file_events(path: Path) -> int | None:
     return count
 
 
-def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table, int]]:
-    """``(search queries, events read)`` chunks of an events file (Parquet or JSON Lines)."""
+def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table, int, int]]:
+    """``(search queries, events read, invalid searches)`` chunks of an events file (Parquet or JSON Lines).
+
+    Invalid searches (malformed JSON, a time without a zone or outside 2000..2100, a blank
+    query) are left out and counted, by the stream engine's rules.
+    """
     if not path.exists():
         raise QuerySourceError(f"no such file or directory: {path}")
     if file_format(path) == "parquet":
@@ -89,7 +90,7 @@ def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table,
         yield from _read_jsonl(path, chunk_rows)
 
 
-def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int]]:
+def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     try:
         dataset = ds.dataset(path, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
@@ -98,29 +99,37 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int]]
     if missing:
         raise QuerySourceError(f"{path}: the events have no {sorted(missing)} columns")
     for batch in dataset.to_batches(columns=["type", "query", "event_time"], batch_size=chunk_rows):
-        searches = pc.and_(pc.equal(batch.column("type"), "search"), pc.is_valid(batch.column("query")))
+        searches = pc.fill_null(pc.equal(batch.column("type"), "search"), False)
         table = pa.Table.from_batches([batch]).filter(searches)
-        yield (
-            pa.table(
-                {
-                    "query": table.column("query").cast(pa.string()),
-                    "event_time": table.column("event_time").cast(pa.timestamp("us", "UTC")),
-                }
-            ),
-            batch.num_rows,
-        )
+        try:
+            millis = epoch_ms(table.column("event_time"))
+        except EventTimeError as exc:
+            raise QuerySourceError(f"{path}: event_time: {exc}") from exc
+        query = table.column("query").cast(pa.string())
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
+        outside = pc.or_(pc.less(millis, EARLIEST_MS), pc.greater_equal(millis, LATEST_MS))
+        valid = pc.invert(pc.fill_null(pc.or_(blank, outside), True))
+        times = millis.cast(pa.timestamp("ms", "UTC")).cast(pa.timestamp("us", "UTC"))
+        kept = pa.table({"query": query, "event_time": times}, schema=QUERY_SCHEMA).filter(valid)
+        yield kept, batch.num_rows, table.num_rows - kept.num_rows
 
 
-def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int]]:
+def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     with path.open("rb") as handle:
         lines: list[bytes] = []
         for line in handle:
-            lines.append(line)
+            if line.strip():  # blank lines are not events
+                lines.append(line.rstrip(b"\r\n"))
             if len(lines) >= chunk_rows:
-                yield decode_search_values(lines)[0], len(lines)
+                yield _with_count(lines)
                 lines = []
         if lines:
-            yield decode_search_values(lines)[0], len(lines)
+            yield _with_count(lines)
+
+
+def _with_count(lines: list[bytes]) -> tuple[pa.Table, int, int]:
+    searches, invalid = decode_search_values(lines)
+    return searches, len(lines), invalid
 
 
 class KafkaQuerySource:
