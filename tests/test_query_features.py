@@ -561,3 +561,24 @@ def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> N
     # Milliseconds, truncated: as the engines keep event times.
     assert searches.column("event_time")[0].as_py().isoformat() == "2026-01-05T10:00:00.123000+00:00"
     assert sum(chunk[1] for chunk in chunks) == 5 and sum(chunk[2] for chunk in chunks) == 3
+
+
+def test_labelled_pairs_are_typed_strictly(tmp_path: Path) -> None:
+    """ "relevant": "false" was read as true (a non-empty string), flipping the known label."""
+    from features.queries.factory import CorpusInputError, read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    good = {"query": "running shoes", "ad": "Trail runners, 20% off", "relevant": False}
+    path.write_text(json.dumps(good) + "\n")
+    assert [pair.relevant for pair in read_pairs(path)] == [False]
+    for bad, reason in (
+        ({**good, "relevant": "false"}, "must be true or false"),
+        ({**good, "relevant": 0}, "must be true or false"),
+        ({**good, "query": "  "}, "non-blank"),
+    ):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(CorpusInputError, match=reason):
+            read_pairs(path)
+    path.write_text("".join(json.dumps({**good, "id": "p1"}) + "\n" for _ in range(2)))
+    with pytest.raises(CorpusInputError, match="appears twice"):
+        read_pairs(path)

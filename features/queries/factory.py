@@ -141,17 +141,24 @@ def gold_pairs(path: Path | None = None) -> list[LabelledPair]:
 
 
 def _pairs(lines: Iterator[tuple[str, str]]) -> list[LabelledPair]:
+    """Typed strictly: a label read loosely ("false" is a true value in Python) flips silently."""
     out: list[LabelledPair] = []
+    seen: set[str] = set()
     for where, line in lines:
         try:
             row = json.loads(line)
-            out.append(
-                LabelledPair(
-                    str(row.get("id", where)), str(row["query"]), str(row["ad"]), bool(row["relevant"])
-                )
-            )
+            query, ad, relevant = row["query"], row["ad"], row["relevant"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CorpusInputError(f"{where}: expected {{'query', 'ad', 'relevant'}} ({exc!r})") from None
+        if not isinstance(relevant, bool):
+            raise CorpusInputError(f"{where}: 'relevant' must be true or false, not {relevant!r}")
+        if not isinstance(query, str) or not query.strip() or not isinstance(ad, str) or not ad.strip():
+            raise CorpusInputError(f"{where}: 'query' and 'ad' must be non-blank strings")
+        pair_id = str(row.get("id", where))
+        if pair_id in seen:
+            raise CorpusInputError(f"{where}: id {pair_id!r} appears twice (ids name pairs in the corpus)")
+        seen.add(pair_id)
+        out.append(LabelledPair(pair_id, query, ad, relevant))
     return out
 
 
