@@ -13,6 +13,7 @@ downloaded); its generated DDL, configuration and the missing-jar error are test
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -133,7 +134,12 @@ def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
         "ADREACH_FLINK__CHECKPOINT_INTERVAL_S": "1",
         "ADREACH_FLINK__PARALLELISM": "2",
     }
+    # A file left from an earlier recording of a wider topic: replayed, it would add its event.
+    recorded.mkdir()
+    with gzip.open(recorded / "partition-0042.jsonl.gz", "wb") as stale:
+        stale.write(_offset_time_events("u0000002")[0][1] + b"\n")
     subprocess.run([ADREACH, "stream", "flink-record", "--output", str(recorded)], env=env, check=True)
+    assert not (recorded / "partition-0042.jsonl.gz").exists()
     run = subprocess.run(
         [ADREACH, "stream", "flink", "--input", str(recorded)],
         env=env,

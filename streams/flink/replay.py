@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from infra.settings import Settings
-from streams.topics import existing_topics
+from streams.topics import KafkaUnavailableError, existing_topics
 
 
 class ReplayError(RuntimeError):
@@ -50,7 +50,10 @@ def record_topic(
     Returns the number of messages written per partition.
     """
     topic = topic or settings.kafka.topics.events
-    partitions = existing_topics(settings).get(topic)
+    try:
+        partitions = existing_topics(settings).get(topic)
+    except KafkaUnavailableError as exc:
+        raise ReplayError(str(exc)) from exc
     if partitions is None:
         raise ReplayError(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
     consumer = Consumer(
@@ -84,4 +87,9 @@ def record_topic(
         raise ReplayError(f"{topic}: {exc}") from exc
     finally:
         consumer.close()
+    # A recording replaces the one before it: a partition file left from an earlier, wider
+    # topic would be replayed with this one.
+    for stale in directory.glob("partition-*.jsonl.gz"):
+        if stale not in {partition_file(directory, partition) for partition in counts}:
+            stale.unlink()
     return counts
