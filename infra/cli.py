@@ -286,13 +286,16 @@ def simulate_command(
         for key, value in {"users": users, "days": days, "events": events, "seed": seed}.items()
         if value is not None
     }
-    summary = _run_simulation(settings, overrides, output_format, out)
+    summary, refused = _run_simulation(settings, overrides, output_format, out)
     print(summary)
+    if refused:  # simulated events the SDK refused: dead-lettered, not delivered
+        raise typer.Exit(EXIT_REJECTED)
 
 
 def _run_simulation(
     settings: Settings, overrides: dict[str, int | float], output_format: OutputFormat, out: Path
-) -> str:
+) -> tuple[str, int]:
+    """Simulate into ``output_format``; the summary, and how many events the SDK refused (Kafka only)."""
     from streams.ingest import KafkaEventSink
     from streams.producer import DeliveryError, EventProducer
     from streams.simulation import JsonLinesSink, ParquetSink, SimulationConfig, Simulator, simulate
@@ -302,6 +305,8 @@ def _run_simulation(
         config = SimulationConfig.from_settings(settings.simulate, **overrides)
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give a directory for the events and the ground truth", EXIT_USAGE)
     out.mkdir(parents=True, exist_ok=True)
     sink: ParquetSink | JsonLinesSink | KafkaEventSink
     if output_format is OutputFormat.kafka:
@@ -345,7 +350,7 @@ def _run_simulation(
         )
         if sink.invalid:
             lines.append(f"  [!] {sink.invalid} simulated events failed validation and were dead-lettered")
-    return "\n".join(lines)
+    return "\n".join(lines), sink.invalid if isinstance(sink, KafkaEventSink) else 0
 
 
 # -- stream ---------------------------------------------------------------------------------
@@ -486,7 +491,7 @@ def demo(
     out = out or settings.state_dir / "demo"
     settings = _demo_settings(settings, out)
     try:
-        summary = _run_simulation(settings, {"events": events, "users": users}, OutputFormat.kafka, out)
+        summary, _ = _run_simulation(settings, {"events": events, "users": users}, OutputFormat.kafka, out)
         print(summary)
         stderr.print("[green]stream:[/] computing windowed features into Feast", highlight=False)
         print(_run_stream(settings, until_idle=3.0, max_seconds=None))

@@ -96,6 +96,18 @@ def test_simulate_rejects_bad_options(cli_env: dict[str, str], adreach_bin: str,
     )
     assert result.returncode == 2
     assert "users" in result.stderr
+    # These were tracebacks (OverflowError, FileExistsError); a start in 1999 wrote events the SDK refuses.
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for options, reason in (
+        (["--days", "inf", "--out", str(tmp_path)], "days must be at most"),
+        (["--out", str(a_file)], "is a file"),
+    ):
+        result = run(adreach_bin, ["simulate", "--format", "jsonl", *options], cli_env)
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+    early = {**cli_env, "ADREACH_SIMULATE__START": "1999-12-31T23:00:00Z"}
+    result = run(adreach_bin, ["simulate", "--format", "jsonl", "--out", str(tmp_path)], early)
+    assert result.returncode == 2 and "2000-01-01..2100-01-01" in result.stderr, result.stderr
 
 
 def test_demo_runs_end_to_end_and_stops_the_broker_it_started(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from infra.settings import SimulationSettings
+
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # the SDK's event-time range
+_LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 class SimulationConfigError(ValueError):
@@ -57,6 +60,7 @@ class SimulationConfig:
         checks = [
             (self.users >= 10, "users must be at least 10"),
             (self.days > 0, "days must be positive"),
+            (self.days <= 3_650, "days must be at most 3,650 (ten years)"),
             (self.events >= 1, "events must be positive"),
             (self.advertisers >= 1, "advertisers must be at least 1"),
             (self.campaigns >= self.advertisers, "campaigns must be at least the number of advertisers"),
@@ -69,6 +73,15 @@ class SimulationConfig:
             (len(self.providers) >= 1, "at least one data provider is needed"),
             (self.start.tzinfo is not None, "start must be timezone-aware (UTC)"),
         ]
+        if self.start.tzinfo is not None and self.days == self.days and self.days <= 3_650:
+            # Every event time must be one the SDK accepts (conversions come up to a day late).
+            latest = self.start + timedelta(days=self.days + 1)
+            checks.append(
+                (
+                    self.start >= _EARLIEST and latest <= _LATEST,
+                    "start and days must keep every event inside 2000-01-01..2100-01-01 (the SDK's range)",
+                )
+            )
         for ok, message in checks:
             if not ok:
                 raise SimulationConfigError(message)
