@@ -283,7 +283,9 @@ class FlinkSettings(BaseModel):
     )
     output_dir: Path | None = Field(None, description="Files sink; default: <state_dir>/flink/output.")
     monitor_interval_s: float | None = Field(
-        None, description="Filesystem source: watch input_dir for new files this often (unset: bounded)."
+        None,
+        gt=0,
+        description="Filesystem source: watch input_dir for new files this often (unset: bounded).",
     )
     file_watermark_delay_s: int | None = Field(
         None,

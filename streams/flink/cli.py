@@ -207,6 +207,15 @@ def flink_writer(
     from streams.flink.errors import FlinkOutputError
 
     settings = _settings(ctx, sink=sink, output_dir=output)
+    if settings.flink.sink == "files" and not settings.flink_output_dir.is_dir():
+        from infra.progress import stderr
+
+        stderr.print(
+            f"note: {settings.flink_output_dir} does not exist yet: waiting for the Flink job's part files "
+            "there (flink.output_dir, --output)",
+            highlight=False,
+            markup=False,
+        )
     try:
         rows = _follow(settings, until_idle)
     except (FlinkOutputError, OnlineStoreError) as exc:

@@ -53,7 +53,7 @@ def kafka_connector_jar(settings: Settings) -> Path:
             "the Kafka source/sink needs the Flink Kafka SQL connector jar "
             "(flink-sql-connector-kafka-<version>-2.x.jar, deployed with the Flink cluster); "
             "set flink.kafka_connector_jar (ADREACH_FLINK__KAFKA_CONNECTOR_JAR) to its path, "
-            "or use flink.source = 'files' to replay JSON Lines files"
+            f"or use files instead: {_files_hint(settings)}"
         )
     if not jar.is_file():
         raise FlinkConfigError(
@@ -61,6 +61,16 @@ def kafka_connector_jar(settings: Settings) -> Path:
             "install flink-sql-connector-kafka for Flink 2.x there, or point the setting at it"
         )
     return jar.resolve()
+
+
+def _files_hint(settings: Settings) -> str:
+    """What to change so that no Kafka connector is needed (the source, the sink or both)."""
+    hints = []
+    if settings.flink.source == "kafka":
+        hints.append("flink.source = 'files' (--input DIR) to replay JSON Lines files")
+    if settings.flink.sink == "kafka":
+        hints.append("flink.sink = 'files' (--sink files) to write JSON part files")
+    return " and ".join(hints)
 
 
 def job_jars(settings: Settings) -> list[Path]:
@@ -96,7 +106,11 @@ def source_ddl(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROU
         if flink.input_dir is None:
             raise FlinkConfigError("flink.source = 'files' needs flink.input_dir (or --input DIR)")
         if not flink.input_dir.is_dir():
-            raise FlinkConfigError(f"input directory not found: {flink.input_dir}")
+            found = "is a file, not a directory" if flink.input_dir.exists() else "not found"
+            raise FlinkConfigError(
+                f"input directory {found}: {flink.input_dir} (give the folder of partition-NNNN.jsonl.gz "
+                "files that `adreach stream flink-record` writes)"
+            )
         delay_s = flink.file_watermark_delay_s
         if delay_s is None and flink.monitor_interval_s is not None:  # never ends: cannot hold
             delay_s = settings.stream.allowed_lateness_s
