@@ -582,3 +582,6 @@ def test_labelled_pairs_are_typed_strictly(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps({**good, "id": "p1"}) + "\n" for _ in range(2)))
     with pytest.raises(CorpusInputError, match="appears twice"):
         read_pairs(path)
+    path.write_text("\n")
+    with pytest.raises(CorpusInputError, match="no labelled pairs"):
+        read_pairs(path)  # an empty gold set printed "agreement nan% on 0 gold pairs"

@@ -127,7 +127,10 @@ def read_pairs(path: Path) -> list[LabelledPair]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise CorpusInputError(f"{path}: {exc}") from None
-    return _pairs(((f"{path}:{i + 1}", line) for i, line in enumerate(lines) if line.strip()))
+    pairs = _pairs(((f"{path}:{i + 1}", line) for i, line in enumerate(lines) if line.strip()))
+    if not pairs:
+        raise CorpusInputError(f"{path}: no labelled pairs (one JSON object per line)")
+    return pairs
 
 
 def gold_pairs(path: Path | None = None) -> list[LabelledPair]:
