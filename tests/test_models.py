@@ -331,6 +331,8 @@ def _refuse_non_standard_json(constant: str) -> None:
 def test_cli_train_vm_and_evaluate(world: World) -> None:
     bad = _cli(world, "train", "vm", "--events", str(world.events_dir), "--variant", "distilled")
     assert bad.returncode == 2 and "unknown variant" in bad.stderr
+    flush = _cli(world, "features", "backfill", "--events", str(world.events_dir), "--flush", "0")
+    assert flush.returncode == 2 and "--flush 0: " in flush.stderr  # named by the option typed
     trained = _cli(
         world,
         "train",
