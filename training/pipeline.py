@@ -221,7 +221,7 @@ def stream_features(store: FeatureStore, examples: Examples) -> NDArray[np.float
 
 def _data_metadata(dataset: Dataset, part: Examples) -> dict[str, Any]:
     return {
-        "events": str(dataset.events_path),
+        "events": str(dataset.events_path.resolve()),  # absolute: metadata outlives its shell
         "examples": len(part),
         "from": _iso(int(part.time_ms.min())) if len(part) else None,
         "until": _iso(int(part.time_ms.max())) if len(part) else None,
