@@ -168,6 +168,16 @@ def evaluate_command(
             "and NE are undefined; evaluate on a log with clicks in that period",
             exit_usage(),
         )
+    clicks = int(evaluation.click.sum())
+    if clicks < _FEW_CLICKS:
+        from infra.progress import stderr
+
+        stderr.print(
+            f"warning: only {clicks} clicks among the {len(evaluation):,} evaluation impressions: AUC "
+            f"differences of a few hundredths are noise at this size (a longer log, or an earlier "
+            "models.vm_train_end, gives more)",
+            highlight=False,
+        )
     results: dict[str, Any] = {}
     store = open_store(settings)
     available = []
@@ -226,6 +236,9 @@ def evaluate_command(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+
+
+_FEW_CLICKS = 100  # below this an AUC's standard error is several hundredths
 
 
 def _require_both_labels(examples: Any, period: str) -> None:
