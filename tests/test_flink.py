@@ -360,3 +360,18 @@ def test_a_changed_definition_changes_the_generated_job() -> None:
     views = "\n".join(plan.views())
     assert "`type` IN ('click', 'conversion')" in views
     assert "SUM(`a__responses`) OVER" in views
+
+
+def test_a_recording_keeps_each_message_as_valid_or_invalid_as_it_was() -> None:
+    """One message per line: a line break between tokens becomes a space, but one inside a
+    string (invalid JSON) used to become a space too, and the replay counted the event."""
+    from streams.engine.decode import EventDecoder
+    from streams.flink.replay import _one_line
+
+    head = b'{"type": "search", "event_id": "s", "event_time": "2026-01-05T10:00:00Z", "user_id": "u", '
+    between_tokens, inside_a_string = head + b'\n"query": "q"}', head + b'"query": "a\nb"}'
+    decoder = EventDecoder()
+    for message in (between_tokens, inside_a_string):
+        line = _one_line(message)
+        assert b"\n" not in line
+        assert decoder.decode([line]).events.num_rows == decoder.decode([message]).events.num_rows

@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from infra.settings import Settings
@@ -30,12 +31,28 @@ def partition_file(directory: Path, partition: int) -> Path:
     return directory / f"partition-{partition:04d}.jsonl.gz"
 
 
+def _one_line(value: bytes) -> bytes:
+    """``value`` on one line, as valid or as invalid as it was.
+
+    In valid JSON a line break can only be whitespace between tokens: a space does as well.
+    Inside a string it is invalid, and a space there would make the message valid for the
+    replay where the engine refused it; a NUL byte keeps it invalid.
+    """
+    if b"\n" not in value and b"\r" not in value:
+        return value
+    try:
+        msgspec.json.decode(value)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return value.replace(b"\n", b"\x00").replace(b"\r", b"\x00")
+    return value.replace(b"\n", b" ").replace(b"\r", b" ")
+
+
 def write_partition(directory: Path, partition: int, values: list[bytes]) -> Path:
     """Write one partition's values (in offset order) atomically: a hidden file, then renamed."""
     directory.mkdir(parents=True, exist_ok=True)
     target = partition_file(directory, partition)
     staging = directory / f".{target.name}.{uuid.uuid4().hex[:8]}"
-    lines = [v.replace(b"\n", b" ").replace(b"\r", b" ") for v in values if v]
+    lines = [_one_line(v) for v in values if v]
     with gzip.open(staging, "wb", compresslevel=1) as handle:
         handle.write(b"\n".join(lines) + (b"\n" if lines else b""))
     os.replace(staging, target)
