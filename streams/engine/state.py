@@ -355,7 +355,10 @@ class GroupState:
     def _select(self, rows: pa.Table) -> _Batch | None:
         # The router sets this group's bit only on rows of the event types the group counts.
         masks = rows.column(MASK_COLUMN).to_numpy()
-        table = rows.select(self.read_columns).filter(pa.array((masks & (1 << self.bit)) != 0))
+        selected = (masks & (1 << self.bit)) != 0
+        table = rows.select(self.read_columns)
+        if not selected.all():  # (the user group often counts every shipped row: no copy then)
+            table = table.filter(pa.array(selected))
         if table.num_rows == 0:
             return None
         ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
