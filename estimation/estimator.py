@@ -15,7 +15,9 @@ interval from the stratified variance. With fewer, the normal approximation is b
 wrong (and at zero matches it would say "0 +/- 0"), so we use the Fay–Feuer gamma
 interval for a weighted sum of Poisson counts (Fay & Feuer 1997, the standard for
 directly standardized rates): the upper bound stays positive at zero matches, at about
-``3.7 x`` the largest sampling weight of a stratum that could hold matches. Bounds are
+``3.7 x`` the largest sampling weight of a stratum that could hold matches. The mirror
+case, fewer than that many sampled users *not* matching, takes the same interval on the
+misses (reach = the open strata's users minus them). Bounds are
 then clipped to what is certain: at least the exact part plus the matching sampled users
 themselves (they exist), at most the users of the strata not ruled out.
 
@@ -112,10 +114,36 @@ def estimate_reach(
     open_ = ~surely_yes & ~surely_no & (sums.population > 0)
     exact = float(n_pop[yes].sum())
     est, var, wmax, matches = _stratified(n_pop[open_], n[open_], m[open_], m[open_], m[open_])
+    misses = n[open_] - m[open_]
     floor = exact + matches
-    ceiling = exact + float(n_pop[open_].sum())
+    ceiling = exact + float(n_pop[open_].sum()) - float(misses.sum())  # sampled misses exist too
     result = _interval(exact + est, var, exact, est, wmax, matches, floor, ceiling)
+    if wmax > 0 and matches >= NORMAL_MIN_MATCHES and misses.sum() < NORMAL_MIN_MATCHES:
+        result = _nearly_everyone(result, n_pop[open_], n[open_], misses, exact, floor, ceiling)
     return result, int(m[yes].sum() + matches), int(exact)
+
+
+def _nearly_everyone(
+    result: Estimate,
+    n_pop: NDArray[np.float64],
+    n: NDArray[np.float64],
+    misses: NDArray[np.float64],
+    exact: float,
+    floor: float,
+    ceiling: float,
+) -> Estimate:
+    """The interval of a targeting that almost every sampled user matches, from its few misses.
+
+    There the normal interval collapses toward "everyone +/- 0" as the misses go to zero,
+    the mirror of few matches: the users who do *not* match are a small count, so they get
+    the Fay–Feuer interval and the reach is the open strata's users minus them.
+    """
+    miss_est, miss_var, miss_wmax, _ = _stratified(n_pop, n, misses, misses, misses)
+    low_miss, high_miss = fay_feuer(miss_est, miss_var, miss_wmax)
+    everyone = exact + float(n_pop.sum())
+    low = min(max(everyone - high_miss, floor), result.value)
+    high = max(min(everyone - low_miss, ceiling), result.value)
+    return Estimate(result.value, low, high, "fay-feuer", result.std_error)
 
 
 def estimate_horizon(

@@ -18,6 +18,7 @@ one shard answers.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from estimation.estimator import ReachEstimate, estimate_horizon, estimate_reach
+from estimation.estimator import Z95, ReachEstimate, estimate_horizon, estimate_reach
 from estimation.hashing import hash_user_ids, shard_of, uniform
 from estimation.rows import arrow_type
 from estimation.schema import FieldKind, normalize_column
@@ -305,16 +306,39 @@ _EXPR_TYPES: tuple[type, ...] = (And, Or, Not, Eq, In, Between, HasAny, HasAll)
 
 
 def _mark_partial(answer: ReachEstimate, missing: list[int], shard_population: list[int]) -> None:
-    """Scale an answer from the shards that replied up to everyone, and say so."""
+    """Scale an answer from the shards that replied up to everyone, and say so.
+
+    Users are spread over shards by hash, so the answering shards hold a random share
+    ``f`` of them: a true total ``Y`` shows up there as about Binomial(Y, f). Scaling by
+    ``1 / f`` adds that variance, ``Y (1 - f) / f``, to the scaled interval's own (combined
+    per side in quadrature); an answer exact on the answering shards is not exact any more.
+    """
     total = sum(shard_population)
     answered = total - sum(shard_population[i] for i in missing)
     coverage = answered / total if total else 0.0
     scale = 1.0 / coverage if coverage > 0 else 1.0
-    answer.reach *= scale
-    answer.ci95 = (answer.ci95[0] * scale, answer.ci95[1] * scale)
+
+    def widened(value: float, low: float, high: float) -> tuple[float, float, float]:
+        split_var = max(value, 0.0) * (1.0 - coverage) * scale * scale  # Y (1 - f) / f, Y = value / f
+        split = Z95 * math.sqrt(split_var)
+        low_half, high_half = (value - low) * scale, (high - value) * scale
+        scaled = value * scale
+        return (
+            scaled,
+            max(scaled - math.hypot(low_half, split), 0.0),
+            scaled + math.hypot(high_half, split),
+        )
+
+    answer.reach, low, high = widened(answer.reach, *answer.ci95)
+    answer.ci95 = (low, high)
+    split_se = math.sqrt(max(answer.reach, 0.0) * (1.0 - coverage) * scale)
+    answer.std_error = math.hypot(answer.std_error * scale, split_se)
+    if answer.method == "exact" and answer.std_error > 0:
+        answer.method = "normal"
+    answer.population = total  # every shard's users: what the scaled answer is a share of
     if answer.impressions is not None and answer.impressions_ci95 is not None:
-        answer.impressions *= scale
-        answer.impressions_ci95 = (answer.impressions_ci95[0] * scale, answer.impressions_ci95[1] * scale)
+        answer.impressions, low, high = widened(answer.impressions, *answer.impressions_ci95)
+        answer.impressions_ci95 = (low, high)
     if answer.audience is not None:
         answer.audience *= scale
     answer.partial = True
