@@ -207,6 +207,15 @@ def test_user_assessment_is_reweighted_to_the_served_sample(world: tuple[Simulat
             400,
             ["no user_id appears in both"],
         ),
+        (  # was a 500 (OverflowError converting the column)
+            "/v1/quality/aggregate",
+            {
+                "mix": {"campaign_id": ["c1", "c1"], "label": ["a", "b"], "count": [10**30, 2]},
+                "truth": {"campaign_id": ["c1"], "category": ["a"], "share": [1.0]},
+            },
+            400,
+            ["too large", "invalid_input"],
+        ),
     ],
 )
 def test_quality_errors_are_4xx_naming_the_problem(

@@ -67,6 +67,8 @@ def table_from_columns(columns: dict[str, list[Any]], role: str) -> pa.Table:
         table = pa.table({name: pa.array(values) for name, values in columns.items()})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise QualityInputError(f"{role}: a column mixes value types: {exc}") from None
+    except OverflowError:
+        raise QualityInputError(f"{role}: a number is too large (integers must fit in 64 bits)") from None
     if table.num_rows == 0:
         raise QualityInputError(f"{role} has no rows")
     return table
