@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from estimation.activity import column_rates, constant_rates, learn_from_events
-from estimation.hashing import hash_user_ids, uniform
+from estimation.hashing import UserIdError, hash_user_ids, uniform
 from estimation.schema import FieldKind, PopulationError, field_kind, infer_schema, normalize_column
 from estimation.store import write_sample
 from estimation.strata import allocate, choose_strata, keys_from_codes, normalized_columns
@@ -84,10 +84,16 @@ def build_sample(
         raise PopulationError(
             f"the population has no user_id column (columns: {', '.join(table.column_names)})"
         )
+    if table.num_rows == 0:
+        where = population if isinstance(population, Path) else "the population"
+        raise PopulationError(f"{where} holds no users: a sample needs at least one")
     deleted = _deleted_mask(table, settings.deleted_field)
     user_ids = table.column("user_id")
     say("hashing user ids")
-    hashes = hash_user_ids(user_ids, settings.seed)
+    try:
+        hashes = hash_user_ids(user_ids, settings.seed)
+    except UserIdError as exc:
+        raise PopulationError(str(exc)) from None
     if len(np.unique(hashes)) != len(hashes):
         duplicates = pc.filter(
             pc.value_counts(user_ids).field("values"),

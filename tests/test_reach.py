@@ -426,6 +426,15 @@ def test_build_rejects_bad_populations(tmp_path: Path) -> None:
         build_sample(pa.table({"id": ["a"]}), tmp_path / "a")
     with pytest.raises(PopulationError, match="unique"):
         build_sample(pa.table({"user_id": ["a", "a"], "x": ["1", "2"]}), tmp_path / "b")
+    # These built an unreadable sample or surfaced as tracebacks (exit 1, not 2) from the CLI.
+    with pytest.raises(PopulationError, match="no users"):
+        build_sample(
+            pa.table({"user_id": pa.array([], pa.string()), "x": pa.array([], pa.string())}), tmp_path / "c"
+        )
+    with pytest.raises(PopulationError, match="string"):
+        build_sample(pa.table({"user_id": [1, 2], "x": ["1", "2"]}), tmp_path / "d")
+    with pytest.raises(PopulationError, match="null"):
+        build_sample(pa.table({"user_id": ["a", None], "x": ["1", "2"]}), tmp_path / "e")
     with pytest.raises(SampleError, match="not a reach sample"):
         ReachForecaster.open(tmp_path)
 
