@@ -134,6 +134,7 @@ def _follow_kafka(
             if messages:
                 last_event = now
                 pipeline.process(searches, messages)
+                pipeline.stats.invalid_searches = source.undecodable
                 source.commit()
             if now - last_report >= every:
                 last_report = now

@@ -154,7 +154,7 @@ class KafkaQuerySource:
             }
         )
         self._consumer.subscribe([self.topic])
-        self.undecodable = 0
+        self.undecodable = 0  # search events the engine's rules refuse (left out, counted)
         self.errors: list[str] = []
 
     def poll(self, max_messages: int = 200_000, timeout_s: float = 1.0) -> tuple[pa.Table, int]:
