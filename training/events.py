@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from infra.arrow_times import EventTimeError, epoch_ms
 from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
-from streams.engine.decode import EARLIEST_MS, LATEST_MS
+from streams.engine.decode import outside_event_time_range
 from streams.engine.router import normalize_queries
 
 EVENT_TYPES = ("impression", "click", "conversion", "search")
@@ -194,7 +194,7 @@ def _check_event_times(events: pa.Table, source: str) -> None:
         raise EventLogError(f"{source}: event_time: {exc}") from exc
     if millis.null_count:
         raise EventLogError(f"{source}: {millis.null_count:,} events have no event_time")
-    outside = pc.or_(pc.less(millis, EARLIEST_MS), pc.greater_equal(millis, LATEST_MS))
+    outside = outside_event_time_range(millis)
     if pc.any(outside).as_py():
         first = pc.index(outside, True).as_py()
         raise EventLogError(

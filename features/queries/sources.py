@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 from features.definitions import FEATURE_GROUPS
 from infra.arrow_times import EventTimeError, epoch_ms
 from infra.settings import Settings
-from streams.engine.decode import EARLIEST_MS, LATEST_MS, EventDecoder
+from streams.engine.decode import EventDecoder, outside_event_time_range
 
 SEARCH_MARK = b'"search"'
 QUERY_SCHEMA = pa.schema([pa.field("query", pa.string()), pa.field("event_time", pa.timestamp("us", "UTC"))])
@@ -107,7 +107,7 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
             raise QuerySourceError(f"{path}: event_time: {exc}") from exc
         query = table.column("query").cast(pa.string())
         blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
-        outside = pc.or_(pc.less(millis, EARLIEST_MS), pc.greater_equal(millis, LATEST_MS))
+        outside = outside_event_time_range(millis)
         valid = pc.invert(pc.fill_null(pc.or_(blank, outside), True))
         times = millis.cast(pa.timestamp("ms", "UTC")).cast(pa.timestamp("us", "UTC"))
         kept = pa.table({"query": query, "event_time": times}, schema=QUERY_SCHEMA).filter(valid)

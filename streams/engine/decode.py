@@ -76,6 +76,17 @@ _NON_NEGATIVE = ("cost_micros", "value", "position")
 FIELD_TYPES = _FIELD_TYPES
 ALWAYS_PRESENT = _ALWAYS
 EARLIEST_MS, LATEST_MS = _EARLIEST_MS, _LATEST_MS
+
+
+def outside_event_time_range(millis: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Per epoch-ms time, whether it lies outside the SDK's 2000-01-01..2100-01-01 (null stays null).
+
+    The one statement of the range for the engine and every reader that keeps its rules
+    (training logs, query-feature files); Flink's SQL restates it from the constants.
+    """
+    return pc.or_(pc.less(millis, _EARLIEST_MS), pc.greater_equal(millis, _LATEST_MS))
+
+
 NON_NEGATIVE = _NON_NEGATIVE
 
 
@@ -266,7 +277,7 @@ class EventDecoder:
             empty = pc.equal(pc.binary_length(table.column(name)), 0)
             flag(missing(name) | pc.fill_null(empty, False).to_numpy(), f"{name} is missing or empty")
         times = table.column("event_time_ms")
-        out_of_range = pc.or_(pc.less(times, _EARLIEST_MS), pc.greater_equal(times, _LATEST_MS))
+        out_of_range = outside_event_time_range(times)
         flag(
             pc.or_kleene(pc.is_null(times), out_of_range),
             "event_time is missing or outside 2000-01-01..2100-01-01; check the unit and the time zone",
