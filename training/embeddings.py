@@ -111,6 +111,7 @@ def materialize(
     dim = model.config.embedding_dim
     states = _Histories(len(log.user_ids), history, dim)
     newer = np.zeros(len(log.user_ids), bool)
+    left_out = np.zeros(len(log.user_ids), bool)  # active users skipped for a newer stored run
     if resume_from_online and len(times_ms):
         newer = _load_online(settings, log, states, int(np.min(times_ms)))
     order = np.argsort(log.time_ms, kind="stable")
@@ -122,6 +123,7 @@ def materialize(
     for at in np.asarray(times_ms, np.int64):
         low, high = np.searchsorted(sorted_times, [at - every_s * 1000, at], side="left")
         users = np.unique(log.user[order[low:high]])
+        left_out[users[newer[users]]] = True
         users = users[~newer[users]]
         if len(users):
             embeddings = fm_user_embeddings(model, log, users, np.full(len(users), at, np.int64))
@@ -146,16 +148,7 @@ def materialize(
         if write_online:
             with OnlineFeatureWriter(settings, (FM_EMBEDDINGS,)) as writer:
                 writer.write(FM_EMBEDDINGS, table)  # the last row of each user wins
-    skipped = int((newer & _active_before(log, times_ms, every_s)).sum())
-    return MaterializeStats(len(times_ms), rows, int(touched.sum()), dim, history, skipped)
-
-
-def _active_before(log: EventLog, times_ms: NDArray[np.int64], every_s: int) -> NDArray[np.bool_]:
-    """Users with events in the interval before any of ``times_ms`` (those a run would embed)."""
-    active = np.zeros(len(log.user_ids), bool)
-    for at in np.asarray(times_ms, np.int64):
-        active[log.user[(log.time_ms >= at - every_s * 1000) & (log.time_ms < at)]] = True
-    return active
+    return MaterializeStats(len(times_ms), rows, int(touched.sum()), dim, history, int(left_out.sum()))
 
 
 def _load_online(
