@@ -22,7 +22,7 @@ import typer
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
-from infra.progress import lag_text, progress_bar, stderr
+from infra.progress import count_lines, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
 from streams.flink.cli import add_flink_commands
@@ -163,16 +163,6 @@ def schema(
 # -- produce --------------------------------------------------------------------------------
 
 
-def _count_lines(path: Path) -> int:
-    """Lines as the reader will see them: a last line without a newline counts too."""
-    count, last = 0, b"\n"
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-    return count + (last != b"\n")
-
-
 @app.command("produce")
 def produce(
     ctx: typer.Context,
@@ -198,7 +188,7 @@ def produce(
             _fail(f"{file} is a directory; give a JSON Lines file (or - for standard input)", EXIT_USAGE)
         if not path.is_file():
             _fail(f"no such file: {file}", EXIT_USAGE)
-        source, total = path.name, _count_lines(path)
+        source, total = path.name, count_lines(path)
         handle = path.open("rb")
     try:
         ensure_topics(settings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -55,3 +57,13 @@ def lag_text(lag: int | None) -> str:
     Printing 0 there would claim a caught-up consumer over a full topic.
     """
     return f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group, first fetch)"
+
+
+def count_lines(path: Path) -> int:
+    """Lines of a text file as a line reader sees them (a last line without a newline counts)."""
+    count, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")

@@ -18,6 +18,7 @@ import pyarrow.dataset as ds
 
 from features.definitions import FEATURE_GROUPS
 from infra.arrow_times import EventTimeError, epoch_ms
+from infra.progress import count_lines
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder, outside_event_time_range
 
@@ -69,11 +70,7 @@ def count_file_events(path: Path) -> int | None:
             return int(ds.dataset(path, format="parquet").count_rows())
         except (pa.ArrowInvalid, OSError) as exc:
             raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
-    count = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            count += chunk.count(b"\n")
-    return count
+    return count_lines(path)
 
 
 def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table, int, int]]:
