@@ -13,6 +13,13 @@ candidate over the encoded events. Optionally (``FMConfig.dense_features``) the 
 also read the vertical models' stream features, so the FM sees a superset of their
 inputs; the user embedding stays a function of the history alone either way.
 
+A **wide part** (``FMConfig.wide``, after Wide & Deep) adds to both logits a learned bias
+per candidate id (ad, campaign, advertiser, topic, position, placement, device, hour) and
+to the click logit a low-rank taste term, ``(W user) . topic_vector(candidate topic)``.
+The MLP alone had to rebuild these additive effects from summed embeddings, and the FM
+scored below a plain logistic model of the same ids; with them its click AUC rose by
+0.011-0.015 on ``benchmarks/loopfm.py``'s data (two seeds) and its NE fell by about 0.03.
+
 Heads: ``click`` is P(click | impression); ``conversion`` is P(conversion | click).
 """
 
@@ -47,6 +54,8 @@ class FMConfig:
     dense_features: tuple[str, ...] = field(default=())
     dense_mean: tuple[float, ...] = field(default=())
     dense_std: tuple[float, ...] = field(default=())
+    wide: bool = True
+    taste_dim: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,9 +63,24 @@ class FMConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FMConfig:
         values = {**raw, "buckets": Buckets.from_dict(raw["buckets"])}
+        values.setdefault("wide", False)  # saved before the wide part existed
         for name in ("dense_features", "dense_mean", "dense_std"):
             values[name] = tuple(values.get(name, ()))
         return cls(**values)
+
+
+def candidate_sizes(buckets: Buckets) -> dict[str, int]:
+    """Rows of each candidate field's embedding table (:data:`CANDIDATE_FIELDS`)."""
+    return {
+        "ad": buckets.ads,
+        "campaign": buckets.campaigns,
+        "advertiser": buckets.advertisers,
+        "topic": buckets.topics,
+        "position": MAX_POSITION + 1,
+        "placement": len(buckets.placements) + 1,
+        "device": len(buckets.devices) + 1,
+        "hour": 24,
+    }
 
 
 class CandidateEmbedding(nn.Module):
@@ -65,16 +89,7 @@ class CandidateEmbedding(nn.Module):
     def __init__(self, buckets: Buckets, dim: int) -> None:
         super().__init__()
         self.tables = nn.ModuleDict(
-            {
-                "ad": nn.Embedding(buckets.ads, dim),
-                "campaign": nn.Embedding(buckets.campaigns, dim),
-                "advertiser": nn.Embedding(buckets.advertisers, dim),
-                "topic": nn.Embedding(buckets.topics, dim),
-                "position": nn.Embedding(MAX_POSITION + 1, dim),
-                "placement": nn.Embedding(len(buckets.placements) + 1, dim),
-                "device": nn.Embedding(len(buckets.devices) + 1, dim),
-                "hour": nn.Embedding(24, dim),
-            }
+            {name: nn.Embedding(size, dim) for name, size in candidate_sizes(buckets).items()}
         )
 
     def forward(self, candidate: dict[str, Tensor]) -> Tensor:
@@ -123,6 +138,7 @@ class FoundationModel(nn.Module):
             nn.GELU(),
             nn.Linear(d, 2),
         )
+        self.wide = WidePart(b, config) if config.wide else None
         # The user embedding's taste profile (logits over ad topics); see profile_loss.
         self.topic_profile = nn.Linear(config.embedding_dim, b.topics) if config.profile_weight > 0 else None
 
@@ -193,4 +209,29 @@ class FoundationModel(nn.Module):
             mean, std = self.get_buffer("dense_mean"), self.get_buffer("dense_std")
             parts.append(((dense - mean) / std).clamp(-6.0, 6.0))
         features = torch.cat(parts, dim=1)
-        return self.head(features), user
+        logits = self.head(features)
+        if self.wide is not None:
+            logits = logits + self.wide(user, candidate)
+        return logits, user
+
+
+class WidePart(nn.Module):
+    """Per-id biases of the candidate (click and conversion) plus a user x topic taste term (click)."""
+
+    def __init__(self, buckets: Buckets, config: FMConfig) -> None:
+        super().__init__()
+        self.bias = nn.ModuleDict(
+            {name: nn.Embedding(size, 2) for name, size in candidate_sizes(buckets).items()}
+        )
+        for table in self.bias.values():
+            assert isinstance(table, nn.Embedding)
+            nn.init.zeros_(table.weight)  # starts as the deep part alone
+        self.user_taste = nn.Linear(config.embedding_dim, config.taste_dim)
+        self.topic_taste = nn.Embedding(buckets.topics, config.taste_dim)
+        nn.init.normal_(self.topic_taste.weight, std=0.05)
+
+    def forward(self, user: Tensor, candidate: dict[str, Tensor]) -> Tensor:
+        """(B, 2) additions to the click and conversion logits."""
+        bias = sum((table(candidate[name]) for name, table in self.bias.items()), torch.zeros(()))
+        taste = (self.user_taste(user) * self.topic_taste(candidate["topic"])).sum(1)
+        return bias + torch.stack([taste, torch.zeros_like(taste)], dim=1)

@@ -30,7 +30,7 @@ from features.online import OnlineFeatureReader, encode_values
 from features.store import open_store
 from infra.settings import ModelSettings, Settings, load_settings
 from models.attention import sliding_window_attention
-from models.fm import FMConfig, FoundationModel
+from models.fm import CANDIDATE_FIELDS, HISTORY_FIELDS, FMConfig, FoundationModel
 from models.registry import ModelRegistry, RegistryError
 from models.vm import VerticalModel, VMConfig
 from streams.simulation import ParquetSink, SimulationConfig, simulate
@@ -456,6 +456,32 @@ def test_profile_loss_and_the_vms_profile_scores() -> None:
     assert (scores[2] == 0).all(), "no embedding yet: no score"
     with pytest.raises(ValueError, match="fm_profile_topics > 0 or fm_raw_inputs"):
         VerticalModel(VMConfig(variant="loopfm", dense_features=(), embedding_dim=4))
+
+
+def test_the_fm_wide_part_adds_id_biases_and_a_user_topic_taste_term() -> None:
+    """The wide part adds exactly its biases plus (W user) . topic_vector; old configs load without it."""
+    torch.manual_seed(0)
+    config = FMConfig(history_len=4, window=2, dim=8, layers=1, heads=2, embedding_dim=4)
+    fm = FoundationModel(config)
+    assert fm.wide is not None
+    history = {name: torch.zeros(2, 4, dtype=torch.long) for name in HISTORY_FIELDS}
+    history["kind"] = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    candidate = {name: torch.tensor([1, 2]) for name in CANDIDATE_FIELDS}
+    before, user = fm(history, candidate)
+    with torch.no_grad():
+        fm.wide.bias["ad"].weight[2] = torch.tensor([0.5, -0.25])  # the second example's ad
+        fm.wide.topic_taste.weight[1] += 1.0  # the first example's topic
+    after, _ = fm(history, candidate)
+    taste = fm.wide.user_taste(user)
+    expected = torch.stack([taste[0].sum(), torch.tensor(0.0)])
+    assert torch.allclose(after[0] - before[0], expected, atol=1e-5)
+    assert torch.allclose(after[1] - before[1], torch.tensor([0.5, -0.25]), atol=1e-6)
+
+    saved = FMConfig(history_len=4, window=2, dim=8, layers=1, heads=2, embedding_dim=4).to_dict()
+    del saved["wide"]  # a model saved before the wide part existed
+    old = FoundationModel(FMConfig.from_dict(saved))
+    assert old.wide is None
+    assert set(old.state_dict()) == {k for k in fm.state_dict() if not k.startswith("wide.")}
 
 
 def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: World, tmp_path: Path) -> None:

@@ -209,6 +209,7 @@ def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -
         heads=models.heads,
         embedding_dim=models.embedding_dim,
         profile_weight=models.fm_profile_weight,
+        wide=models.fm_wide,
         **stats,
     )
 
