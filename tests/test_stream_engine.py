@@ -80,10 +80,26 @@ def start_engine(settings: Settings, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def finish(process: subprocess.Popen[str], timeout_s: float) -> tuple[str, str]:
+    """The engine's output once it exits with 0; on a timeout, stopped, with what it printed."""
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        printed = f"{out[-3000:]}\n{err[-6000:]}"
+        raise AssertionError(f"the engine did not exit in {timeout_s:.0f} s:\n{printed}") from None
+    assert process.returncode == 0, err
+    return out, err
+
+
 def run_engine(settings: Settings, idle_s: float = 3.0, timeout_s: float = 240.0) -> str:
     process = start_engine(settings, "--until-idle", str(idle_s), "--every", "1")
-    out, err = process.communicate(timeout=timeout_s)
-    assert process.returncode == 0, err
+    out, err = finish(process, timeout_s)
     return out + err
 
 
@@ -356,8 +372,7 @@ def test_two_workers_in_one_group_give_the_features_of_one(stream: Settings) -> 
     first = start_engine(stream, "--until-idle", "4", "--worker-id", "w1")
     second = start_engine(stream, "--until-idle", "4", "--worker-id", "w2")
     for process in (first, second):
-        out, err = process.communicate(timeout=240)
-        assert process.returncode == 0, err
+        finish(process, 240)
     records = consume(stream, stream.kafka.topics.events, len(payloads))
     events, _ = expected_events(stream, records)
     assert_features_match(stream, events)

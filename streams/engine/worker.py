@@ -65,6 +65,7 @@ _MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.4 MB of ids and amount
 _MAX_SHIP_BYTES = 900_000
 _MAX_PENDING_ROWS = 1_000_000  # shipped rows held for the next cycle (a backlog cycle ends here)
 _COMPACT_EVERY_S = 30.0
+_UNREACHED_END_GRACE_S = 60.0  # see StreamWorker._end_reached
 _FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
 _FRESHNESS_SAMPLES = 200_000
 
@@ -183,6 +184,7 @@ class StreamWorker:
         self._assigned = False  # no partitions yet: the group join has not finished
         self._assignment_generation = 0  # changes with every assignment and revocation
         self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
+        self._unreached_ends: dict[tuple[str, int], tuple[int, float]] = {}  # see _end_reached
         self._last_compact = time.monotonic()
         self._last_full_rewrite = time.monotonic()
         self._last_offline_compact = time.monotonic()
@@ -597,9 +599,44 @@ class StreamWorker:
             except KafkaException as exc:  # the broker is unreachable right now: not idle, just waiting
                 log.warning("could not read the end offsets of %s[%d]: %s", tp.topic, tp.partition, exc)
                 return False
-            if high > self._position(tp, low):
+            if not self._end_reached(tp, high, self._position(tp, low)):
                 return False
         return not self._pending_next and not self._router_next
+
+    def _end_reached(self, tp: TopicPartition, end: int, position: int) -> bool:
+        """Whether ``position`` is at the partition's ``end`` (the broker's ListOffsets answer).
+
+        An end that the fetches never reach is taken as reached once it has stood still for
+        :data:`_UNREACHED_END_GRACE_S` while this worker's fetches report the position as
+        the partition's end (their high watermark): the two broker answers disagree (Tansu's
+        ListOffsets is known to be off in places), no message has come for that long, and
+        waiting longer would keep an ``--until-idle`` worker running forever. Nothing is
+        lost: offsets are committed only for what was processed. Logged once per partition.
+        """
+        key = (tp.topic, tp.partition)
+        if end <= position:
+            self._unreached_ends.pop(key, None)
+            return True
+        fetched_end = self._consumer.get_watermark_offsets(tp, cached=True)[1]
+        now = time.monotonic()
+        seen_end, since = self._unreached_ends.get(key, (-1, now))
+        if fetched_end != position or seen_end != end:
+            self._unreached_ends[key] = (end, now)
+            return False
+        if now - since < _UNREACHED_END_GRACE_S:
+            return False
+        if since >= 0:
+            log.warning(
+                "%s[%d]: the broker lists its end at offset %d, but fetches end at %d (this worker's "
+                "position) and no message has come for %.0f s: taking the partition as read",
+                tp.topic,
+                tp.partition,
+                end,
+                position,
+                now - since,
+            )
+            self._unreached_ends[key] = (end, -1.0)  # warned
+        return True
 
     def lag(self) -> int | None:
         """Events not yet read by this worker on its assigned event partitions (None: not known yet).
