@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import pydantic
 import typer
 
+from infra.option_errors import option_errors
 from infra.settings import ReachSettings, Settings
 
 reach_app = typer.Typer(
@@ -30,7 +31,19 @@ def _reach_settings(ctx: typer.Context, **overrides: Any) -> ReachSettings:
     try:
         return ReachSettings.model_validate({**settings.reach.model_dump(), **values})
     except pydantic.ValidationError as exc:
-        _fail(f"invalid reach settings:\n{exc}", EXIT_USAGE)
+        _fail(option_errors(exc, values, "reach", _OPTIONS), EXIT_USAGE)
+
+
+# The command-line options that override ``reach.*`` settings, by setting.
+_OPTIONS = {
+    "sample_rate": "--sample-rate",
+    "seed": "--seed",
+    "strata_fields": "--strata",
+    "host": "--host",
+    "port": "--port",
+    "shards": "--shards",
+    "follow_updates": "--follow",
+}
 
 
 @reach_app.command("build")

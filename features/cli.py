@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import pydantic
 import typer
 
+from infra.option_errors import option_errors
 from infra.settings import QueryFeatureSettings, Settings
 
 T = TypeVar("T")
@@ -39,7 +40,10 @@ def _settings(ctx: typer.Context, **query_overrides: Any) -> Settings:
     try:
         queries = QueryFeatureSettings.model_validate({**settings.queries.model_dump(), **values})
     except pydantic.ValidationError as exc:
-        _fail(f"invalid queries settings:\n{exc}", EXIT_USAGE)
+        _fail(
+            option_errors(exc, values, "queries", {"backend": "--backend", "relevance_samples": "--samples"}),
+            EXIT_USAGE,
+        )
     return settings.model_copy(update={"queries": queries})
 
 

@@ -336,6 +336,32 @@ def test_missing_connector_jar_fails_fast_naming_it(tmp_path: Path) -> None:
     assert f"Flink Kafka SQL connector jar not found: {missing}" in result.stderr
 
 
+def test_an_invalid_option_is_named_by_its_flag_on_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADREACH_")}
+    env |= {"ADREACH_STATE_DIR": str(tmp_path), "COLUMNS": "400"}
+    result = subprocess.run(
+        [ADREACH, "stream", "flink", "--monitor", "-1", "--parallelism", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "--monitor -1.0: Input should be greater than 0 (flink.monitor_interval_s)" in result.stderr
+    assert "--parallelism 0: Input should be greater than or equal to 1 (flink.parallelism)" in result.stderr
+    # The reach and query-feature commands name their options the same way.
+    result = subprocess.run(
+        [ADREACH, "reach", "build", "--population", "p.parquet", "--out", "s", "--sample-rate", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--sample-rate 2.0: Input should be less than or equal to 1 (reach.sample_rate)" in result.stderr
+
+
 def test_interval_literals_cover_the_windows() -> None:
     assert interval(604_800_000 - 60_000) == "INTERVAL '6 23:59:00.000' DAY TO SECOND(3)"
     assert interval(540_000) == "INTERVAL '0 00:09:00.000' DAY TO SECOND(3)"

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import pydantic
 import typer
 
+from infra.option_errors import option_errors
 from infra.settings import ModelSettings, Settings
 
 
@@ -39,7 +40,7 @@ def model_settings(ctx: typer.Context, **overrides: Any) -> Settings:
     try:
         models = ModelSettings.model_validate({**settings.models.model_dump(), **values})
     except pydantic.ValidationError as exc:
-        fail(_option_errors(exc, values), exit_usage())
+        fail(option_errors(exc, values, "models", _OPTIONS), exit_usage())
     return settings.model_copy(update={"models": models})
 
 
@@ -53,18 +54,6 @@ _OPTIONS = {
     "embedding_every_s": "--every",
     "replay_flush_s": "--flush",
 }
-
-
-def _option_errors(error: pydantic.ValidationError, given: dict[str, Any]) -> str:
-    """Each problem named by the option the user typed where there is one, else by the setting."""
-    lines = []
-    for problem in error.errors():
-        name = str(problem["loc"][0]) if problem["loc"] else ""
-        if name in given and name in _OPTIONS:
-            lines.append(f"{_OPTIONS[name]} {given[name]!r}: {problem['msg']} (models.{name})")
-        else:
-            lines.append(f"models.{name}: {problem['msg']}" if name else str(problem["msg"]))
-    return "invalid model settings: " + "; ".join(lines)
 
 
 def load_data(events: Path, settings: Settings) -> Any:

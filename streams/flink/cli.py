@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import typer
 
+from infra.option_errors import option_errors
 from infra.settings import FlinkSettings, Settings
 
 Source = Literal["kafka", "files"]
@@ -35,8 +36,20 @@ def _settings(ctx: typer.Context, **overrides: Any) -> Settings:
     try:
         flink = FlinkSettings.model_validate({**settings.flink.model_dump(), **values})
     except pydantic.ValidationError as exc:
-        _fail(f"invalid flink settings:\n{exc}", EXIT_USAGE)
+        _fail(option_errors(exc, values, "flink", _OPTIONS), EXIT_USAGE)
     return settings.model_copy(update={"flink": flink})
+
+
+# The command-line options that override ``flink.*`` settings, by setting.
+_OPTIONS = {
+    "source": "--source",
+    "input_dir": "--input",
+    "monitor_interval_s": "--monitor",
+    "sink": "--sink",
+    "output_dir": "--output",
+    "jobmanager": "--jobmanager",
+    "parallelism": "--parallelism",
+}
 
 
 class _Stop:
