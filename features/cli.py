@@ -98,6 +98,8 @@ def run_query_features(
                         pipeline.process(searches, events)
                         pipeline.stats.invalid_searches += invalid
                         bar.advance(task, events)
+                    if total is not None:  # the whole input was read (blank lines are not counted as events)
+                        bar.update(task, completed=total)
             except QuerySourceError as exc:
                 _fail(str(exc), EXIT_USAGE)
         else:

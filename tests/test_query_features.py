@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -561,6 +562,27 @@ def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> N
     # Milliseconds, truncated: as the engines keep event times.
     assert searches.column("event_time")[0].as_py().isoformat() == "2026-01-05T10:00:00.123000+00:00"
     assert sum(chunk[1] for chunk in chunks) == 5 and sum(chunk[2] for chunk in chunks) == 3
+
+
+def test_a_parquet_directory_is_read_with_every_parts_columns(tmp_path: Path) -> None:
+    """Arrow takes a directory's schema from its first part: a first part of impressions only
+    (no ``query`` column) made the whole directory "have no query column"."""
+    from features.queries.sources import count_file_events, read_file
+
+    at = pa.array([1_767_607_200_000] * 2, pa.timestamp("ms", "UTC"))
+    impressions = pa.table({"type": ["impression"] * 2, "event_time": at, "user_id": ["u1", "u2"]})
+    searches = pa.table({"type": ["search"] * 2, "event_time": at, "query": ["Running Shoes", "tents"]})
+    directory = tmp_path / "events"
+    directory.mkdir()
+    pq.write_table(impressions, directory / "part-0.parquet")
+    pq.write_table(searches, directory / "part-1.parquet")
+    assert count_file_events(directory) == 4
+    chunks = list(read_file(directory))
+    assert sorted(pa.concat_tables([chunk[0] for chunk in chunks]).column("query").to_pylist()) == [
+        "Running Shoes",
+        "tents",
+    ]
+    assert sum(chunk[1] for chunk in chunks) == 4 and sum(chunk[2] for chunk in chunks) == 0
 
 
 def test_labelled_pairs_are_typed_strictly(tmp_path: Path) -> None:

@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from infra.arrow_times import EventTimeError, epoch_ms
+from infra.parquet import open_parquet
 from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
 from streams.engine.decode import outside_event_time_range
 from streams.engine.router import normalize_queries
@@ -128,23 +128,10 @@ def read_events(path: Path) -> pa.Table:
             f"{path}: no such event file or directory (run `adreach simulate --format parquet`)"
         )
     try:
-        table = _read_parquet(path)
+        table = open_parquet(path).to_table()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
     return with_event_columns(table, source=str(path))
-
-
-def _read_parquet(path: Path) -> pa.Table:
-    """One table from a file or a directory of parts whose columns may differ.
-
-    Arrow takes a directory's schema from its first file, so a column only later parts
-    have (an optional field a producer started sending) would be dropped from all of them.
-    """
-    if path.is_file():
-        return pq.read_table(path)
-    discovered = ds.dataset(path, format="parquet")
-    schema = pa.unify_schemas([pq.read_schema(file) for file in discovered.files])
-    return ds.dataset(discovered.files, schema=schema, format="parquet").to_table()
 
 
 def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa.Table:

@@ -14,10 +14,10 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from features.definitions import FEATURE_GROUPS
 from infra.arrow_times import EventTimeError, epoch_ms
+from infra.parquet import open_parquet
 from infra.progress import count_lines
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder, outside_event_time_range
@@ -67,8 +67,8 @@ def count_file_events(path: Path) -> int | None:
         raise QuerySourceError(f"no such file or directory: {path}")
     if file_format(path) == "parquet":
         try:
-            return int(ds.dataset(path, format="parquet").count_rows())
-        except (pa.ArrowInvalid, OSError) as exc:
+            return int(open_parquet(path).count_rows())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
             raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
     return count_lines(path)
 
@@ -89,8 +89,8 @@ def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table,
 
 def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     try:
-        dataset = ds.dataset(path, format="parquet")
-    except (pa.ArrowInvalid, OSError) as exc:
+        dataset = open_parquet(path)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise QuerySourceError(f"{path}: not readable as Parquet ({exc})") from exc
     missing = {"type", "query", "event_time"} - set(dataset.schema.names)
     if missing:
