@@ -119,7 +119,7 @@ def serving_cost(
 ) -> dict[str, Any]:
     """Per-request cost of scoring one (user, ad) pair: batch 1, and per example in batches of 256."""
     index = np.arange(min(256, len(evaluation)))
-    history, candidate = fm_batch(dataset.log, evaluation, index, fm.config.history_len)
+    history, candidate = fm_batch(dataset.log, evaluation, index, fm.config)
     dense = torch.from_numpy(inputs.dense[index])
     fm_dense = dense if fm.config.dense_features else None
     vm_cand = {k: torch.from_numpy(v[index]) for k, v in inputs.candidate.items()}

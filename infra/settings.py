@@ -528,10 +528,24 @@ class ModelSettings(BaseModel):
         "topic taste term added to its logits. Raised the FM's click AUC by 0.011-0.015 and lowered its NE "
         "by about 0.03 in benchmarks/loopfm.py (two seeds); off: the deep part alone (models saved before).",
     )
+    fm_profile_attributes: tuple[str, ...] = Field(
+        ("age_band", "gender", "country"),
+        max_length=64,
+        description="user_profile attributes the FM reads, each user's latest values before the example "
+        '(one embedding each, added to its "now" token; values hashed, so any producer\'s attributes '
+        "work; missing ones read as unknown). Demographics explain much of a user's taste before the first "
+        "click; the vertical models do not read them. (): none.",
+    )
     search_topics: bool = Field(
         True,
         description="Search events carry their query's category (the query-feature backend, [queries]) as "
         "topic: with a few clicks per user, searches are what the FM's taste profile learns from.",
+    )
+    vm_fm_taste: bool = Field(
+        True,
+        description="LoopFM VMs also score the candidate's topic with the FM's wide taste term "
+        "(models.fm_wide) applied to the stored embeddings, beside the topic-profile scores: two table "
+        "lookups at serving.",
     )
     vm_raw_fm_inputs: bool = Field(
         False,

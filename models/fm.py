@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import SlidingWindowBlock, masked_attention_pool
-from training.events import EVENT_TYPES, GAP_BUCKETS, Buckets
+from training.events import ATTRIBUTE_PREFIX, EVENT_TYPES, GAP_BUCKETS, Buckets
 
 HISTORY_FIELDS = ("kind", "ad", "campaign", "advertiser", "topic", "query", "gap")
 CANDIDATE_FIELDS = ("ad", "campaign", "advertiser", "topic", "position", "placement", "device", "hour")
@@ -56,6 +56,7 @@ class FMConfig:
     dense_std: tuple[float, ...] = field(default=())
     wide: bool = True
     taste_dim: int = 8
+    profile_attributes: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +65,7 @@ class FMConfig:
     def from_dict(cls, raw: dict[str, Any]) -> FMConfig:
         values = {**raw, "buckets": Buckets.from_dict(raw["buckets"])}
         values.setdefault("wide", False)  # saved before the wide part existed
-        for name in ("dense_features", "dense_mean", "dense_std"):
+        for name in ("dense_features", "dense_mean", "dense_std", "profile_attributes"):
             values[name] = tuple(values.get(name, ()))
         return cls(**values)
 
@@ -141,6 +142,16 @@ class FoundationModel(nn.Module):
         self.wide = WidePart(b, config) if config.wide else None
         # The user embedding's taste profile (logits over ad topics); see profile_loss.
         self.topic_profile = nn.Linear(config.embedding_dim, b.topics) if config.profile_weight > 0 else None
+        # The user's profile attributes: one table each (by position: attribute names are free
+        # text), summed into the "now" token and, directly, into the user embedding.
+        self.attribute_tables = nn.ModuleList(
+            nn.Embedding(b.profile_values, d, padding_idx=0) for _ in config.profile_attributes
+        )
+        for table in self.attribute_tables:
+            assert isinstance(table, nn.Embedding)
+            nn.init.normal_(table.weight, std=0.05)
+            nn.init.zeros_(table.weight[0])
+        self.profile_to_user = nn.Linear(d, config.embedding_dim) if config.profile_attributes else None
 
     def profile_loss(self, user: Tensor, history: dict[str, Tensor]) -> Tensor:
         """Cross-entropy of the topics clicked or searched in ``history``, predicted from ``user``.
@@ -170,7 +181,11 @@ class FoundationModel(nn.Module):
             torch.zeros(()),
         )
         batch = tokens.shape[0]
-        tokens = torch.cat([tokens, self.now_token.expand(batch, 1, -1)], dim=1)
+        now = self.now_token.expand(batch, -1)
+        profile = self.profile(history)
+        if profile is not None:
+            now = now + profile
+        tokens = torch.cat([tokens, now[:, None, :]], dim=1)
         padding = torch.cat(
             [history["kind"] == 0, torch.zeros(batch, 1, dtype=torch.bool, device=tokens.device)], dim=1
         )
@@ -178,16 +193,37 @@ class FoundationModel(nn.Module):
             tokens = block(tokens, padding)
         return self.norm(tokens), padding
 
-    def pool_user(self, encoded: Tensor, padding: Tensor) -> Tensor:
-        """The user embedding (B, embedding_dim): seed queries pooled over the encoded events."""
+    def profile(self, history: dict[str, Tensor]) -> Tensor | None:
+        """(B, d) the sum of the user's profile-attribute embeddings (None: the FM reads no attributes)."""
+        if not self.config.profile_attributes:
+            return None
+        missing = [n for n in self.config.profile_attributes if ATTRIBUTE_PREFIX + n not in history]
+        if missing:
+            raise ValueError(
+                f"this FM reads the profile attributes {list(self.config.profile_attributes)}: build the "
+                f"history with them (EventLog.history(..., attributes=...)); missing {missing}"
+            )
+        return sum(
+            (
+                table(history[ATTRIBUTE_PREFIX + name])
+                for name, table in zip(self.config.profile_attributes, self.attribute_tables, strict=True)
+            ),
+            torch.zeros(()),
+        )
+
+    def pool_user(self, encoded: Tensor, padding: Tensor, profile: Tensor | None = None) -> Tensor:
+        """The user embedding (B, embedding_dim): seed queries pooled over the encoded events, + profile."""
         seeds = self.seeds.expand(encoded.shape[0], -1, -1)
         pooled = masked_attention_pool(seeds, encoded, encoded, padding)
-        return torch.tanh(self.to_user(pooled.flatten(1)))
+        z = self.to_user(pooled.flatten(1))
+        if profile is not None and self.profile_to_user is not None:
+            z = z + self.profile_to_user(profile)
+        return torch.tanh(z)
 
     def user_embedding(self, history: dict[str, Tensor]) -> Tensor:
         """What LoopFM materializes: depends only on the user's history, not on a candidate."""
         encoded, padding = self.encode(history)
-        return self.pool_user(encoded, padding)
+        return self.pool_user(encoded, padding, self.profile(history))
 
     def forward(
         self, history: dict[str, Tensor], candidate: dict[str, Tensor], dense: Tensor | None = None
@@ -198,7 +234,7 @@ class FoundationModel(nn.Module):
         :func:`training.datasets.vm_inputs` builds them), when the config names any.
         """
         encoded, padding = self.encode(history)
-        user = self.pool_user(encoded, padding)
+        user = self.pool_user(encoded, padding, self.profile(history))
         cand = self.candidate(candidate)
         target = masked_attention_pool(cand[:, None, :], encoded, encoded, padding)[:, 0]
         user_d = self.user_to_dim(user)

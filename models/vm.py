@@ -54,6 +54,7 @@ class VMConfig:
     id_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
     fm_profile_topics: int = 0  # > 0: the FM's frozen topic-profile table (see load_fm_profile)
+    fm_taste_dim: int = 0  # > 0: the FM's frozen wide taste term (see taste_scores)
     fm_raw_inputs: bool = False  # also the raw embeddings, target-attention pooled (opt-in, see above)
     fm_dropout: float = 0.5  # on the raw LoopFM inputs: without it they lowered the VM's AUC further
     dense_mean: tuple[float, ...] = field(default=())
@@ -105,13 +106,21 @@ class VerticalModel(nn.Module):
         self.register_buffer("mean", torch.tensor(config.dense_mean or [0.0] * n_dense))
         self.register_buffer("std", torch.tensor(config.dense_std or [1.0] * n_dense))
         width = n_dense + len(self.ids) * e
-        if config.loopfm and not (config.fm_raw_inputs or config.fm_profile_topics):
-            raise ValueError("a LoopFM variant needs fm_profile_topics > 0 or fm_raw_inputs")
+        if config.loopfm and not (config.fm_raw_inputs or config.fm_profile_topics or config.fm_taste_dim):
+            raise ValueError(
+                "a LoopFM variant needs fm_profile_topics > 0, fm_taste_dim > 0 or fm_raw_inputs"
+            )
         if config.loopfm and config.fm_profile_topics:
             self.register_buffer(
                 "fm_profile_weight", torch.zeros(config.fm_profile_topics, config.embedding_dim)
             )
             self.register_buffer("fm_profile_bias", torch.zeros(config.fm_profile_topics))
+            width += 2
+        if config.loopfm and config.fm_taste_dim:
+            k = config.fm_taste_dim
+            self.register_buffer("fm_taste_weight", torch.zeros(k, config.embedding_dim))
+            self.register_buffer("fm_taste_bias", torch.zeros(k))
+            self.register_buffer("fm_topic_taste", torch.zeros(config.buckets.topics, k))
             width += 2
         if config.loopfm and config.fm_raw_inputs:
             d = config.embedding_dim
@@ -147,6 +156,8 @@ class VerticalModel(nn.Module):
                 raise ValueError("a LoopFM variant needs fm_history and fm_history_len")
             if self.config.fm_profile_topics:
                 parts.append(self.profile_scores(fm_history, fm_history_len, candidate["topic"]))
+            if self.config.fm_taste_dim:
+                parts.append(self.taste_scores(fm_history, fm_history_len, candidate["topic"]))
         if self.config.loopfm and self.config.fm_raw_inputs:
             assert fm_history is not None and fm_history_len is not None
             k = fm_history.shape[1]
@@ -178,15 +189,40 @@ class VerticalModel(nn.Module):
         lift = log_p + math.log(weight.shape[0])  # log of p / uniform: 0 is "no preference"
         return lift.gather(2, topic[:, None, None].expand(-1, 2, 1))[:, :, 0] * has
 
+    def taste_scores(self, history: Tensor, length: Tensor, topic: Tensor) -> Tensor:
+        """(B, 2): the FM's wide taste term of the candidate's topic, latest embedding and mean of the last K.
+
+        ``(W user + b) . topic_vector``: what the FM itself adds to its click logit for this
+        user and topic (:class:`models.fm.WidePart`), learned from clicks where the profile
+        head learned from the topics clicked or searched; 0 for users with no embedding yet.
+        """
+        filled = (torch.arange(history.shape[1], device=history.device)[None, :] < length[:, None]).float()
+        mean = (history * filled[:, :, None]).sum(1) / filled.sum(1, keepdim=True).clamp(min=1.0)
+        pair = torch.stack([history[:, 0], mean], dim=1)  # (B, 2, E)
+        weight, bias = self.get_buffer("fm_taste_weight"), self.get_buffer("fm_taste_bias")
+        users = pair @ weight.T + bias  # (B, 2, k)
+        topics = self.get_buffer("fm_topic_taste")[topic]  # (B, k)
+        return (users * topics[:, None, :]).sum(-1) * (length > 0).float()[:, None]
+
     def load_fm_profile(self, fm: FoundationModel) -> None:
-        """Copy the FM's topic-profile head (a lookup table at serving: the FM itself never runs)."""
-        if fm.topic_profile is None:
-            raise ValueError("the FM has no topic-profile head: train it with models.fm_profile_weight > 0")
-        if not self.config.fm_profile_topics:
-            raise ValueError("this VM has no profile table (VMConfig.fm_profile_topics is 0)")
-        with torch.no_grad():
-            self.get_buffer("fm_profile_weight").copy_(fm.topic_profile.weight)
-            self.get_buffer("fm_profile_bias").copy_(fm.topic_profile.bias)
+        """Copy the FM's topic-profile head and wide taste term: lookup tables at serving, no FM run."""
+        if self.config.fm_profile_topics:
+            if fm.topic_profile is None:
+                raise ValueError(
+                    "the FM has no topic-profile head: train it with models.fm_profile_weight > 0"
+                )
+            with torch.no_grad():
+                self.get_buffer("fm_profile_weight").copy_(fm.topic_profile.weight)
+                self.get_buffer("fm_profile_bias").copy_(fm.topic_profile.bias)
+        if self.config.fm_taste_dim:
+            if fm.wide is None:
+                raise ValueError("the FM has no wide part: train it with models.fm_wide = true")
+            with torch.no_grad():
+                self.get_buffer("fm_taste_weight").copy_(fm.wide.user_taste.weight)
+                self.get_buffer("fm_taste_bias").copy_(fm.wide.user_taste.bias)
+                self.get_buffer("fm_topic_taste").copy_(fm.wide.topic_taste.weight)
+        if not (self.config.fm_profile_topics or self.config.fm_taste_dim):
+            raise ValueError("this VM reads no FM tables (VMConfig.fm_profile_topics and fm_taste_dim are 0)")
 
 
 class StudentAdapter(nn.Module):

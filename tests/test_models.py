@@ -24,6 +24,7 @@ import pydantic
 import pytest
 import torch
 from feast import FeatureStore
+from torch import Tensor
 
 from features.embeddings import FM_EMBEDDING, FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
 from features.online import OnlineFeatureReader, encode_values
@@ -41,6 +42,7 @@ from training.events import (
     build_event_log,
     read_topics,
     search_queries,
+    stable_bucket,
     with_event_columns,
 )
 from training.examples import Examples
@@ -402,6 +404,57 @@ def test_placement_and_device_lists_come_from_the_settings(world: World) -> None
     assert refused.returncode == 2 and "trained with models.devices" in refused.stderr, refused.stderr
 
 
+def _profile_log_events(attributes: pa.Array) -> pa.Table:
+    """u1: an impression at t=10 s, profiles at 1 s (a full one), 5 s (country only), 6 s (a deletion)."""
+    at = pa.array([t + 1_767_600_000_000 for t in [10_000, 1_000, 5_000, 6_000, 2_000]], pa.int64()).cast(
+        pa.timestamp("ms", "UTC")
+    )
+    return pa.table(
+        {
+            "type": ["impression", "user_profile", "user_profile", "user_profile", "user_profile"],
+            "event_id": ["i", "p1", "p2", "p3", "p4"],
+            "event_time": at,
+            "user_id": ["u1", "u1", "u1", "u1", "nobody"],
+            "ad_id": ["a1", None, None, None, None],
+            "campaign_id": ["c1", None, None, None, None],
+            "advertiser_id": ["v1", None, None, None, None],
+            "attributes": attributes,
+        }
+    )
+
+
+@pytest.mark.parametrize("kind", ["struct", "map"])
+def test_profile_attributes_are_read_as_of_each_time(kind: str) -> None:
+    """The latest value of each attribute strictly before the time; a later update that leaves an
+    attribute out (or a deletion) keeps its earlier value; users and attributes unknown read 0."""
+    rows = [
+        {"country": "DE", "gender": "f"},
+        {"country": "FR", "gender": None},
+        None,  # a deletion
+        {"country": "US", "gender": "m"},  # a user without other events: left out
+    ]
+    if kind == "struct":
+        attributes = pa.array(rows, pa.struct([("country", pa.string()), ("gender", pa.string())]))
+    else:
+        pairs = [None if r is None else [(k, v) for k, v in r.items() if v is not None] for r in rows]
+        attributes = pa.array(pairs, pa.map_(pa.string(), pa.string()))
+    log = build_event_log(
+        _profile_log_events(pa.concat_arrays([pa.nulls(1, attributes.type), attributes])), {}
+    )
+    assert set(log.profiles.names) == {"country", "gender"}
+    base = 1_767_600_000_000
+    times = np.array([base + 1_000, base + 1_001, base + 5_000, base + 5_001, base + 9_000], np.int64)
+    users = np.zeros(len(times), np.int64)
+    got = log.history(users, times, 2, ("country", "gender", "age_band"))
+    code = {v: int(stable_bucket(pa.array([v]), Buckets().profile_values)[0]) for v in ("DE", "FR", "f")}
+    assert got["attribute:country"].tolist() == [0, code["DE"], code["DE"], code["FR"], code["FR"]]
+    assert got["attribute:gender"].tolist() == [0, code["f"], code["f"], code["f"], code["f"]]
+    assert got["attribute:age_band"].tolist() == [0] * 5
+    unknown = log.history(np.array([-1]), times[-1:], 2, ("country",))
+    assert unknown["attribute:country"].tolist() == [0]
+    assert "attribute:country" not in log.history(users, times, 2)  # only what is asked for
+
+
 def test_search_events_carry_their_query_topic(world: World) -> None:
     """Search tokens get the categorizer's topic; other events keep their ad's topic."""
     log = world.dataset.log
@@ -454,7 +507,7 @@ def test_profile_loss_and_the_vms_profile_scores() -> None:
     mean0 = torch.log_softmax(fm.topic_profile(stored[0].mean(0, keepdim=True)), dim=1)[0, 3] + uniform
     assert torch.allclose(scores[0, 1], mean0, atol=1e-5) and torch.allclose(scores[1, 1], scores[1, 0])
     assert (scores[2] == 0).all(), "no embedding yet: no score"
-    with pytest.raises(ValueError, match="fm_profile_topics > 0 or fm_raw_inputs"):
+    with pytest.raises(ValueError, match="fm_profile_topics > 0, fm_taste_dim > 0 or fm_raw_inputs"):
         VerticalModel(VMConfig(variant="loopfm", dense_features=(), embedding_dim=4))
 
 
@@ -482,6 +535,40 @@ def test_the_fm_wide_part_adds_id_biases_and_a_user_topic_taste_term() -> None:
     old = FoundationModel(FMConfig.from_dict(saved))
     assert old.wide is None
     assert set(old.state_dict()) == {k for k in fm.state_dict() if not k.startswith("wide.")}
+
+
+def test_the_vms_taste_scores_are_the_fms_wide_taste_term() -> None:
+    """VM+LoopFM scores the candidate's topic with the FM's own taste term, from stored embeddings."""
+    torch.manual_seed(0)
+    config = FMConfig(history_len=4, window=2, dim=8, layers=1, heads=2, embedding_dim=4, profile_weight=1.0)
+    fm = FoundationModel(config)
+    assert fm.wide is not None
+    vm = VerticalModel(
+        VMConfig(
+            variant="loopfm",
+            dense_features=(),
+            embedding_dim=4,
+            fm_profile_topics=config.buckets.topics,
+            fm_taste_dim=config.taste_dim,
+        )
+    )
+    vm.load_fm_profile(fm)
+    stored = torch.randn(3, 2, 4)  # (users, K, E), newest first
+    length = torch.tensor([2, 1, 0])
+    topic = torch.tensor([3, 5, 3])
+    scores = vm.taste_scores(stored, length, topic)
+
+    def fm_taste(user: Tensor, topics: Tensor) -> Tensor:
+        assert fm.wide is not None
+        return (fm.wide.user_taste(user) * fm.wide.topic_taste(topics)).sum(1)
+
+    assert torch.allclose(scores[:2, 0], fm_taste(stored[:2, 0], topic[:2]), atol=1e-5)
+    assert torch.allclose(scores[0, 1], fm_taste(stored[0].mean(0, keepdim=True), topic[:1])[0], atol=1e-5)
+    assert (scores[2] == 0).all(), "no embedding yet: no score"
+    logits, _ = vm(
+        torch.zeros(3, 0), {name: torch.zeros(3, dtype=torch.long) for name in vm.ids}, stored, length
+    )
+    assert logits.shape == (3, 2)
 
 
 def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: World, tmp_path: Path) -> None:

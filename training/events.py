@@ -18,7 +18,7 @@ densest signal of a user's taste (a few clicks per user, several searches).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Buckets:
     advertisers: int = 128
     queries: int = 4_096
     topics: int = 64
+    profile_values: int = 1_024
     placements: tuple[str, ...] = PLACEMENTS
     devices: tuple[str, ...] = DEVICES
 
@@ -216,6 +217,7 @@ class EventLog:
     topics: tuple[str, ...]  # topic code i + 1 -> name
     ad_topics: dict[str, str]
     buckets: Buckets
+    profiles: ProfileLog = field(default_factory=lambda: ProfileLog({}))
 
     @property
     def user_index(self) -> dict[str, int]:
@@ -226,13 +228,19 @@ class EventLog:
         return int(self.time_ms.min()), int(self.time_ms.max()) + 1
 
     def history(
-        self, users: NDArray[np.int64], times_ms: NDArray[np.int64], length: int
+        self,
+        users: NDArray[np.int64],
+        times_ms: NDArray[np.int64],
+        length: int,
+        attributes: tuple[str, ...] = (),
     ) -> dict[str, NDArray[Any]]:
         """The last ``length`` events of each user strictly before each time, right-aligned.
 
         Returns ``(n, length)`` int64 arrays ``kind``, ``ad``, ``campaign``, ``advertiser``,
         ``topic``, ``query``, ``gap`` (time-gap bucket); padding slots are all 0.
-        Users given as -1 (unknown) get an empty history.
+        Users given as -1 (unknown) get an empty history. Each profile attribute named in
+        ``attributes`` adds an ``(n,)`` array ``attribute:<name>``: the code of its latest
+        value strictly before each time (:meth:`ProfileLog.as_of`).
         """
         known = users >= 0
         safe_users = np.where(known, users, 0)
@@ -250,6 +258,49 @@ class EventLog:
         gap_s = np.maximum(times_ms[:, None] - self.time_ms[index], 0) / 1000.0
         gap = np.minimum(1 + np.floor(np.log2(1.0 + gap_s)), GAP_BUCKETS - 1).astype(np.int64)
         out["gap"] = np.where(valid, gap, 0)
+        if attributes:
+            out.update(self.profiles.as_of(np.where(known, users, -1), times_ms, attributes))
+        return out
+
+
+ATTRIBUTE_PREFIX = "attribute:"
+"""History keys of profile attributes: ``attribute:<name>``."""
+
+
+@dataclass
+class ProfileLog:
+    """Every user-profile attribute's values over time, as hashed codes, for as-of lookups.
+
+    Profiles change rarely and a user's first one is soon pushed out of a window of the last
+    L events, so the FM does not read them as tokens: each example gets the latest value of
+    each attribute (age band, gender, country, ...) known strictly before its time, the
+    same point-in-time rule as the events. A profile update that leaves an attribute out
+    (or sets it null) keeps its earlier value.
+    """
+
+    values: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]]
+    """Per attribute: the sorted keys ``user * 2**42 + time_ms`` of its non-null values (users as
+    :class:`EventLog` indices), and their codes (``1 + hash % (Buckets.profile_values - 1)``)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    def as_of(
+        self, users: NDArray[np.int64], times_ms: NDArray[np.int64], names: tuple[str, ...]
+    ) -> dict[str, NDArray[np.int64]]:
+        """``attribute:<name>`` -> ``(n,)`` codes (0: no value yet, an unknown user (-1) or attribute)."""
+        out: dict[str, NDArray[np.int64]] = {}
+        for name in names:
+            codes = np.zeros(len(users), np.int64)
+            if name in self.values and len(users):
+                keys, values = self.values[name]
+                wanted = users * _KEY_SCALE + times_ms
+                position = np.searchsorted(keys, wanted, side="left") - 1  # strictly before t
+                safe = np.maximum(position, 0)
+                found = (users >= 0) & (position >= 0) & (keys[safe] // _KEY_SCALE == users)
+                codes = np.where(found, values[safe], 0)
+            out[ATTRIBUTE_PREFIX + name] = codes
         return out
 
 
@@ -286,6 +337,7 @@ def build_event_log(
     ``query_topics``: normalized query -> topic name, the topic of search events (others: 0).
     """
     events = with_event_columns(events)
+    profile_events = events.filter(pc.equal(events.column("type"), "user_profile"))
     kind_all = category_codes(events.column("type"), EVENT_TYPES)
     keep = kind_all > 0
     events = events.filter(pa.array(keep))
@@ -322,6 +374,7 @@ def build_event_log(
     }
     order = np.lexsort((time_ms, user))
     counts = np.bincount(user, minlength=len(user_ids))
+    profiles = build_profile_log(profile_events, user_ids, buckets)
     user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return EventLog(
         user_ids=user_ids,
@@ -331,5 +384,43 @@ def build_event_log(
         ad_topics=topics,
         buckets=buckets,
         user_start=user_start,
+        profiles=profiles,
         **{name: values[order] for name, values in fields.items()},
     )
+
+
+def build_profile_log(profiles: pa.Table, user_ids: NDArray[Any], buckets: Buckets) -> ProfileLog:
+    """The ``attributes`` of ``user_profile`` events (a struct, or a map of strings) as a :class:`ProfileLog`.
+
+    Every scalar attribute is kept (values read as text and hashed, so any producer's
+    attributes work); nested ones (lists, structs) and users without other events are
+    left out. A log without an ``attributes`` column gives an empty profile log.
+    """
+    if "attributes" not in profiles.column_names or profiles.num_rows == 0 or not len(user_ids):
+        return ProfileLog({})
+    column = profiles.column("attributes").combine_chunks()
+    if pa.types.is_struct(column.type):
+        # flatten(): a null profile (a deletion) makes every attribute of its row null
+        attributes = {column.type.field(i).name: child for i, child in enumerate(column.flatten())}
+    elif pa.types.is_map(column.type):
+        keys = pc.unique(column.keys).drop_null().to_pylist()  # MapArray.keys: every entry's key
+        key_type = column.type.key_type
+        attributes = {str(key): pc.map_lookup(column, pa.scalar(key, key_type), "last") for key in keys}
+    else:
+        return ProfileLog({})
+    position = pc.index_in(profiles.column("user_id"), value_set=pa.array(user_ids.tolist(), pa.string()))
+    user = np.asarray(position.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+    time_ms = np.asarray(epoch_ms(profiles.column("event_time")).to_numpy(), np.int64)
+    values: dict[str, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
+    for name, array in attributes.items():
+        if pa.types.is_nested(array.type):
+            continue
+        text = array.cast(pa.string())
+        keep = (user >= 0) & np.asarray(text.is_valid().to_numpy(zero_copy_only=False), bool)
+        if not keep.any():
+            continue
+        keys = user[keep] * _KEY_SCALE + time_ms[keep]
+        codes = stable_bucket(text.filter(pa.array(keep)), buckets.profile_values)
+        order = np.argsort(keys, kind="stable")  # same-instant updates: the log's later row wins
+        values[name] = (keys[order], codes[order])
+    return ProfileLog(values)

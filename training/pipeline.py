@@ -210,6 +210,7 @@ def fm_config(models: ModelSettings, dense: NDArray[np.float32] | None = None) -
         embedding_dim=models.embedding_dim,
         profile_weight=models.fm_profile_weight,
         wide=models.fm_wide,
+        profile_attributes=tuple(models.fm_profile_attributes),
         **stats,
     )
 
@@ -360,6 +361,7 @@ def vm_config(models: ModelSettings, variant: str, fm: FMConfig, inputs: VMInput
         embedding_dim=fm.embedding_dim,
         embedding_history=models.embedding_history,
         fm_profile_topics=fm.buckets.topics if fm.profile_weight > 0 else 0,
+        fm_taste_dim=fm.taste_dim if fm.wide and models.vm_fm_taste else 0,
         fm_raw_inputs=models.vm_raw_fm_inputs or fm.profile_weight == 0,
         dense_mean=tuple(float(x) for x in mean),
         dense_std=tuple(float(x) for x in std),
@@ -454,7 +456,7 @@ def train_vertical(
         weights["adapter"] = adapter.state_dict()
     torch.manual_seed(seed)
     model = VerticalModel(vm_config(models, variant, fm.config, inputs))
-    if model.config.loopfm and model.config.fm_profile_topics:
+    if model.config.loopfm and (model.config.fm_profile_topics or model.config.fm_taste_dim):
         model.load_fm_profile(fm)
     started = time.perf_counter()
     losses = train_vm(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from models.fm import FoundationModel
+from models.fm import FMConfig, FoundationModel
 from models.vm import StudentAdapter, VerticalModel
 from training.events import EventLog
 from training.examples import Examples
@@ -60,9 +60,11 @@ def click_conversion_loss(logits: Tensor, click: Tensor, conversion: Tensor) -> 
 
 
 def fm_batch(
-    log: EventLog, examples: Examples, index: NDArray[Any], history_len: int
+    log: EventLog, examples: Examples, index: NDArray[Any], config: FMConfig
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    history = log.history(examples.user[index], examples.time_ms[index], history_len)
+    history = log.history(
+        examples.user[index], examples.time_ms[index], config.history_len, config.profile_attributes
+    )
     return _tensors(history, np.arange(len(index))), _tensors(examples.candidate(), index)
 
 
@@ -92,7 +94,7 @@ def train_fm(
     for _ in range(epochs):
         total, batches = 0.0, 0
         for index in _batches(len(examples), batch_size, rng):
-            history, candidate = fm_batch(log, examples, index, model.config.history_len)
+            history, candidate = fm_batch(log, examples, index, model.config)
             logits, user = model(history, candidate, _dense(dense, index))
             loss = click_conversion_loss(logits, click[index], conversion[index])
             if model.config.profile_weight > 0:
@@ -119,7 +121,7 @@ def fm_predict(
     model.eval()
     out = np.empty((len(examples), 2), np.float32)
     for index in _batches(len(examples), batch_size, None):
-        history, candidate = fm_batch(log, examples, index, model.config.history_len)
+        history, candidate = fm_batch(log, examples, index, model.config)
         out[index] = model(history, candidate, _dense(dense, index))[0].numpy()
         if progress is not None:
             progress(len(index))
@@ -140,7 +142,9 @@ def fm_user_embeddings(
     out = np.empty((len(users), model.config.embedding_dim), np.float32)
     for start in range(0, len(users), batch_size):
         stop = start + batch_size
-        history = log.history(users[start:stop], times_ms[start:stop], model.config.history_len)
+        history = log.history(
+            users[start:stop], times_ms[start:stop], model.config.history_len, model.config.profile_attributes
+        )
         out[start:stop] = model.user_embedding(_tensors(history, np.arange(len(history["kind"])))).numpy()
     return out
 
