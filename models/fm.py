@@ -174,15 +174,14 @@ class FoundationModel(nn.Module):
         log_p = torch.log_softmax(self.topic_profile(user[has]), dim=1)
         return -((counts[has] / total[has, None]) * log_p).sum(1).mean()
 
-    def encode(self, history: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Encoded events (B, L+1, d) with the "now" token last, and the padding mask (B, L+1)."""
+    def encode(self, history: dict[str, Tensor], profile: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Encoded events (B, L+1, d) with the "now" token (+ ``profile``) last, and the padding mask."""
         tokens = sum(
             (table(history[name]) for name, table in self.token_tables.items()),
             torch.zeros(()),
         )
         batch = tokens.shape[0]
         now = self.now_token.expand(batch, -1)
-        profile = self.profile(history)
         if profile is not None:
             now = now + profile
         tokens = torch.cat([tokens, now[:, None, :]], dim=1)
@@ -222,8 +221,9 @@ class FoundationModel(nn.Module):
 
     def user_embedding(self, history: dict[str, Tensor]) -> Tensor:
         """What LoopFM materializes: depends only on the user's history, not on a candidate."""
-        encoded, padding = self.encode(history)
-        return self.pool_user(encoded, padding, self.profile(history))
+        profile = self.profile(history)
+        encoded, padding = self.encode(history, profile)
+        return self.pool_user(encoded, padding, profile)
 
     def forward(
         self, history: dict[str, Tensor], candidate: dict[str, Tensor], dense: Tensor | None = None
@@ -233,8 +233,9 @@ class FoundationModel(nn.Module):
         ``dense``: (B, F) the stream features the vertical models read (raw, as
         :func:`training.datasets.vm_inputs` builds them), when the config names any.
         """
-        encoded, padding = self.encode(history)
-        user = self.pool_user(encoded, padding, self.profile(history))
+        profile = self.profile(history)
+        encoded, padding = self.encode(history, profile)
+        user = self.pool_user(encoded, padding, profile)
         cand = self.candidate(candidate)
         target = masked_attention_pool(cand[:, None, :], encoded, encoded, padding)[:, 0]
         user_d = self.user_to_dim(user)

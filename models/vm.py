@@ -181,10 +181,8 @@ class VerticalModel(nn.Module):
         no embedding yet.
         """
         weight, bias = self.get_buffer("fm_profile_weight"), self.get_buffer("fm_profile_bias")
-        filled = (torch.arange(history.shape[1], device=history.device)[None, :] < length[:, None]).float()
-        mean = (history * filled[:, :, None]).sum(1) / filled.sum(1, keepdim=True).clamp(min=1.0)
         has = (length > 0).float()[:, None]
-        pair = torch.stack([history[:, 0], mean], dim=1)  # (B, 2, E)
+        pair = latest_and_mean(history, length)
         log_p = torch.log_softmax(pair @ weight.T + bias, dim=-1)  # (B, 2, topics)
         lift = log_p + math.log(weight.shape[0])  # log of p / uniform: 0 is "no preference"
         return lift.gather(2, topic[:, None, None].expand(-1, 2, 1))[:, :, 0] * has
@@ -196,11 +194,8 @@ class VerticalModel(nn.Module):
         user and topic (:class:`models.fm.WidePart`), learned from clicks where the profile
         head learned from the topics clicked or searched; 0 for users with no embedding yet.
         """
-        filled = (torch.arange(history.shape[1], device=history.device)[None, :] < length[:, None]).float()
-        mean = (history * filled[:, :, None]).sum(1) / filled.sum(1, keepdim=True).clamp(min=1.0)
-        pair = torch.stack([history[:, 0], mean], dim=1)  # (B, 2, E)
         weight, bias = self.get_buffer("fm_taste_weight"), self.get_buffer("fm_taste_bias")
-        users = pair @ weight.T + bias  # (B, 2, k)
+        users = latest_and_mean(history, length) @ weight.T + bias  # (B, 2, k)
         topics = self.get_buffer("fm_topic_taste")[topic]  # (B, k)
         return (users * topics[:, None, :]).sum(-1) * (length > 0).float()[:, None]
 
@@ -223,6 +218,16 @@ class VerticalModel(nn.Module):
                 self.get_buffer("fm_topic_taste").copy_(fm.wide.topic_taste.weight)
         if not (self.config.fm_profile_topics or self.config.fm_taste_dim):
             raise ValueError("this VM reads no FM tables (VMConfig.fm_profile_topics and fm_taste_dim are 0)")
+
+
+def latest_and_mean(history: Tensor, length: Tensor) -> Tensor:
+    """(B, 2, E): each user's latest stored FM embedding and the mean of the ``length`` filled slots.
+
+    ``history``: (B, K, E) newest first; a user with no embedding yet gets zeros.
+    """
+    filled = (torch.arange(history.shape[1], device=history.device)[None, :] < length[:, None]).float()
+    mean = (history * filled[:, :, None]).sum(1) / filled.sum(1, keepdim=True).clamp(min=1.0)
+    return torch.stack([history[:, 0], mean], dim=1)
 
 
 class StudentAdapter(nn.Module):

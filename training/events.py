@@ -259,7 +259,7 @@ class EventLog:
         gap = np.minimum(1 + np.floor(np.log2(1.0 + gap_s)), GAP_BUCKETS - 1).astype(np.int64)
         out["gap"] = np.where(valid, gap, 0)
         if attributes:
-            out.update(self.profiles.as_of(np.where(known, users, -1), times_ms, attributes))
+            out.update(self.profiles.as_of(users, times_ms, attributes))
         return out
 
 
