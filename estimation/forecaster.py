@@ -318,11 +318,14 @@ def _mark_partial(answer: ReachEstimate, missing: list[int], shard_population: l
     coverage = answered / total if total else 0.0
     scale = 1.0 / coverage if coverage > 0 else 1.0
 
+    def split_se(scaled: float) -> float:
+        """Standard error the hash split adds to a scaled total: sqrt(Y (1 - f) / f), Y = scaled."""
+        return math.sqrt(max(scaled, 0.0) * (1.0 - coverage) * scale)
+
     def widened(value: float, low: float, high: float) -> tuple[float, float, float]:
-        split_var = max(value, 0.0) * (1.0 - coverage) * scale * scale  # Y (1 - f) / f, Y = value / f
-        split = Z95 * math.sqrt(split_var)
-        low_half, high_half = (value - low) * scale, (high - value) * scale
         scaled = value * scale
+        split = Z95 * split_se(scaled)
+        low_half, high_half = (value - low) * scale, (high - value) * scale
         return (
             scaled,
             max(scaled - math.hypot(low_half, split), 0.0),
@@ -331,8 +334,7 @@ def _mark_partial(answer: ReachEstimate, missing: list[int], shard_population: l
 
     answer.reach, low, high = widened(answer.reach, *answer.ci95)
     answer.ci95 = (low, high)
-    split_se = math.sqrt(max(answer.reach, 0.0) * (1.0 - coverage) * scale)
-    answer.std_error = math.hypot(answer.std_error * scale, split_se)
+    answer.std_error = math.hypot(answer.std_error * scale, split_se(answer.reach))
     if answer.method == "exact" and answer.std_error > 0:
         answer.method = "normal"
     answer.population = total  # every shard's users: what the scaled answer is a share of
