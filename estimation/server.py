@@ -13,7 +13,8 @@
 
 Errors are JSON ``{"detail": {"error": CODE, "message": TEXT, "path": WHERE}}``: 400 for
 a targeting expression that does not fit the sample (unknown field, wrong value type,
-malformed tree; ``path`` points into the expression), 422 for a request body of the
+malformed tree; ``path`` points into the expression) or a body that cannot be parsed at
+all (``malformed_body``), 422 for a request body of the
 wrong shape, 503 when a shard is down and no partial answer was allowed.
 """
 
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from estimation.forecaster import ReachForecaster
 from estimation.quality.aggregate import assess_aggregate
@@ -173,6 +176,13 @@ def _error_code(exc: TargetingError) -> str:
     return "invalid_value"
 
 
+_BODY_HINT = {
+    "There was an error parsing the body": "the request body could not be parsed; it must be one JSON "
+    "object, and JSON nested more deeply than Python's parser allows (about 1,000 levels) cannot be "
+    "(targeting expressions may nest at most 32 levels)",
+}
+
+
 def _bad_input(exc: Exception) -> HTTPException:
     code = "invalid_input" if isinstance(exc, QualityInputError) else "quality_unavailable"
     return HTTPException(400, {"error": code, "message": str(exc)})
@@ -199,6 +209,19 @@ def create_app(
         description="How many unique users match a targeting expression, and how many a campaign can reach "
         "within a horizon, with a 95% interval.",
     )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def structured_errors(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """A 400 in the documented shape, ``{"detail": {"error", "message"}}``.
+
+        Why: FastAPI's own 400 for a body it cannot parse at all (e.g. JSON nested past its
+        parser's recursion limit, which the targeting checker never sees) carries a bare
+        string, and clients reading ``detail.error`` would fail on it.
+        """
+        if exc.status_code != 400 or not isinstance(exc.detail, str):
+            return await http_exception_handler(request, exc)
+        detail = {"error": "malformed_body", "message": _BODY_HINT.get(exc.detail, exc.detail)}
+        return JSONResponse({"detail": detail}, status_code=400, headers=exc.headers)
 
     @app.post("/v1/reach", response_model=ReachResponse, response_model_exclude_none=True)
     def reach(request: ReachRequest) -> dict[str, Any]:

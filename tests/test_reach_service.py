@@ -142,6 +142,20 @@ def test_malformed_json_body_is_a_4xx(base_url: str) -> None:
     assert response.status_code == 422
 
 
+def test_json_nested_past_the_parser_is_a_structured_400(base_url: str) -> None:
+    # Deeper than Python's JSON parser goes: FastAPI's own 400 carries a bare string detail.
+    depth = 5_000
+    body = '{"targeting": ' + '{"not": ' * depth + '{"field": "country", "eq": "US"}' + "}" * depth + "}"
+    response = httpx.post(
+        f"{base_url}/v1/reach", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail["error"] == "malformed_body"
+    assert "32 levels" in detail["message"]
+    assert httpx.get(f"{base_url}/v1/no-such-route").json() == {"detail": "Not Found"}  # others unchanged
+
+
 # -- Kafka profile events ----------------------------------------------------------------
 
 
