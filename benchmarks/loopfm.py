@@ -38,7 +38,8 @@ period alike), the FM and its embeddings are unchanged. ``--fm-train-end`` overr
 ``models.fm_train_end`` (default 0.5); past the validation slice's start the FM has seen the
 slice, so its validation figures are flagged. Results go to ``results/loopfm.json`` only in
 the default mode at full size, else to
-``results/loopfm[_vertical_<placement>][_fm<end>][_medium|_quick].json``.
+``results/loopfm[_vertical_<placement>][_fm<end>][_users<U>_events<E>_days<D>][_medium|_quick].json``
+(the world part where ``--users``, ``--events`` or ``--days`` change the size's world).
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
@@ -569,6 +570,11 @@ def report(
     if args.fm_train_end is not None:
         name += f"_fm{args.fm_train_end:g}"
     size = _size_name(args)
+    world = SIZES[size]
+    users, events = args.users or world.users, args.events or world.events
+    if (users, events, args.days) != (world.users, world.events, 4.0):
+        # another world: its figures never replace those of the size's own world
+        name += f"_users{users}_events{events}_days{args.days:g}"
     if size == "medium":
         name += "_medium"  # smaller runs never overwrite a full run's figures (quick: write_results)
     path = write_results(
