@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -211,7 +211,7 @@ def create_app(
     )
 
     @app.exception_handler(StarletteHTTPException)
-    async def structured_errors(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def structured_errors(request: Request, exc: StarletteHTTPException) -> Response:
         """A 400 in the documented shape, ``{"detail": {"error", "message"}}``.
 
         Why: FastAPI's own 400 for a body it cannot parse at all (e.g. JSON nested past its

@@ -165,7 +165,7 @@ def queries_command(
     input_path: Annotated[
         Path | None,
         typer.Option(
-            "--input", "-i", help="events.parquet (file or directory) or events.jsonl; default: Kafka."
+            "--input", "-i", help="events.parquet (file or directory) or events.jsonl[.gz]; default: Kafka."
         ),
     ] = None,
     backend: Annotated[str | None, typer.Option(help="cpu or vllm (default: queries.backend).")] = None,

@@ -12,8 +12,9 @@ import logging
 import sys
 import time
 from enum import StrEnum
+from io import BufferedIOBase
 from pathlib import Path
-from typing import IO, Annotated, NoReturn
+from typing import Annotated, BinaryIO, NoReturn
 
 import pydantic
 import rich.markup
@@ -22,6 +23,7 @@ import typer
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
+from infra.compressed import decompressed, lines_until_damaged, open_binary
 from infra.progress import count_lines, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -166,7 +168,9 @@ def schema(
 @app.command("produce")
 def produce(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="JSON Lines file of events, or - for standard input.")],
+    file: Annotated[
+        str, typer.Argument(help="JSON Lines file of events (plain or gzip), or - for standard input.")
+    ],
     topic: Annotated[str | None, typer.Option(help="Target topic (default: kafka.topics.events).")] = None,
     show: Annotated[int, typer.Option(help="Print at most this many rejected lines.")] = 20,
 ) -> None:
@@ -181,7 +185,7 @@ def produce(
     settings = _settings(ctx)
     if file == "-":
         source, total = "<stdin>", None
-        handle: IO[bytes] = sys.stdin.buffer
+        handle: BinaryIO | BufferedIOBase = decompressed(sys.stdin.buffer)
     else:
         path = Path(file)
         if path.is_dir():
@@ -189,7 +193,8 @@ def produce(
         if not path.is_file():
             _fail(f"no such file: {file}", EXIT_USAGE)
         source, total = path.name, count_lines(path)
-        handle = path.open("rb")
+        handle = open_binary(path)
+    damage: list[str] = []
     try:
         ensure_topics(settings)
     except TopicError as exc:
@@ -206,7 +211,12 @@ def produce(
             report = IngestReport(source=source, interrupted=True)
         else:
             with interrupts.interruptible():  # produce_lines turns Ctrl-C into report.interrupted
-                report = produce_lines(producer, handle, source, progress=lambda _b, n: bar.advance(task, n))
+                report = produce_lines(
+                    producer,
+                    lines_until_damaged(handle, damage),
+                    source,
+                    progress=lambda _b, n: bar.advance(task, n),
+                )
         bar.update(task, description=f"flushing {source}")
         try:
             producer.close()
@@ -226,6 +236,13 @@ def produce(
         f"{producer.dead_letter_topic}), {stats.failed:,} delivery failures, {report.lines:,} lines "
         f"in {report.seconds:.1f} s ({report.events_per_second:,.0f} events/s)"
     )
+    if damage:
+        stderr.print(
+            f"{source}: reading stopped after line {report.lines:,}: {damage[0]} (a damaged or truncated "
+            "gzip file?); every line before it was sent or rejected as reported",
+            highlight=False,
+            markup=False,
+        )
     if delivery_error is not None:
         _fail(str(delivery_error), EXIT_REJECTED)
     if unconfirmed:
@@ -240,7 +257,7 @@ def produce(
             "(that line itself may or may not have been)"
         )
         raise typer.Exit(EXIT_INTERRUPTED)
-    if report.rejected:
+    if report.rejected or damage:
         raise typer.Exit(EXIT_REJECTED)
 
 

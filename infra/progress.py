@@ -18,6 +18,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from infra.compressed import READ_ERRORS, open_binary
+
 # soft_wrap: long messages (file:line: reason) stay on one line, so they can be grepped.
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -59,11 +61,18 @@ def lag_text(lag: int | None) -> str:
     return f"lag {lag:,}" if lag is not None else "lag not known yet (joining the group, first fetch)"
 
 
-def count_lines(path: Path) -> int:
-    """Lines of a text file as a line reader sees them (a last line without a newline counts)."""
+def count_lines(path: Path) -> int | None:
+    """Lines of a text file as a line reader sees them (a last line without a newline counts).
+
+    A gzip file's lines are counted after decompression; ``None`` if it is damaged (the
+    reader then says where).
+    """
     count, last = 0, b"\n"
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
+    try:
+        with open_binary(path) as handle:
+            while chunk := handle.read(1 << 22):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except READ_ERRORS:
+        return None
     return count + (last != b"\n")

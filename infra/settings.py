@@ -190,9 +190,10 @@ class StreamSettings(BaseModel):
     batch_max_events: int = Field(
         100_000,
         gt=0,
-        description="Most messages read per micro-batch. Live traffic fills a batch only up to batch_timeout_ms "
-        "worth of events, so this bounds catch-up batches: 100,000 (was 20,000) drained a 296k-event backlog "
-        "into Redis 1.64x faster on the same CPU (61.6k -> 101k events/s, benchmarks/stream.py's case).",
+        description="Most messages read per micro-batch. Live traffic fills a batch only up to "
+        "batch_timeout_ms worth of events, so this bounds catch-up batches: 100,000 (was 20,000) drained a "
+        "296k-event backlog into Redis 1.64x faster on the same CPU (61.6k -> 101k events/s, "
+        "benchmarks/stream.py's case).",
     )
     batch_timeout_ms: int = Field(100, gt=0, description="Longest wait for a micro-batch to fill.")
     fetch_wait_max_ms: int = Field(

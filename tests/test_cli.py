@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 from pathlib import Path
@@ -113,6 +114,31 @@ def test_produce_from_stdin_with_only_good_lines_exits_zero(
     assert result.returncode == 0, result.stderr
     assert "sent 4 events" in result.stdout and "rejected 0 lines" in result.stdout
     assert len(consume(kafka, kafka.kafka.topics.events, expected=4)) == 4
+
+
+def test_produce_reads_gzip_files_and_stdin_and_says_where_a_truncated_one_stopped(
+    tmp_path: Path, kafka: Settings, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    # Told by the bytes, not the name: a gzip file without .gz and stdin are decompressed too.
+    packed = gzip.compress(mixed_file(tmp_path / "events.jsonl").read_bytes())
+    (tmp_path / "export").write_bytes(packed)
+    from_file = run(adreach_bin, ["produce", str(tmp_path / "export")], cli_env)
+    assert from_file.returncode == 1, from_file.stderr  # the file's own bad lines, as with plain text
+    assert "sent 4 events" in from_file.stdout and "rejected 4 lines" in from_file.stdout
+    assert "export:3: MalformedJSONError" in from_file.stderr
+    good = gzip.compress("".join(json.dumps(e) + "\n" for e in GOOD).encode())
+    from_stdin = subprocess.run(
+        [adreach_bin, "produce", "-"], env=cli_env, input=good, capture_output=True, timeout=120
+    )
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert b"sent 4 events" in from_stdin.stdout and b"rejected 0 lines" in from_stdin.stdout
+    assert len(consume(kafka, kafka.kafka.topics.events, expected=8)) == 8
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) * 2 // 3])  # truncated mid-stream
+    cut = run(adreach_bin, ["produce", str(tmp_path / "cut.jsonl.gz")], cli_env)
+    assert cut.returncode == 1, cut.stderr
+    assert "cut.jsonl.gz: reading stopped after line" in cut.stderr and "truncated" in cut.stderr
+    assert "Traceback" not in cut.stderr
 
 
 def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(

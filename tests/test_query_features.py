@@ -3,6 +3,7 @@ and the vLLM backend's requests and validation (its real run is the GPU test at 
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -562,6 +563,28 @@ def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> N
     # Milliseconds, truncated: as the engines keep event times.
     assert searches.column("event_time")[0].as_py().isoformat() == "2026-01-05T10:00:00.123000+00:00"
     assert sum(chunk[1] for chunk in chunks) == 5 and sum(chunk[2] for chunk in chunks) == 3
+
+
+def test_gzip_json_lines_are_read_and_a_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
+    from features.queries.sources import QuerySourceError, count_file_events, read_file
+
+    at = "2026-01-05T10:00:00Z"
+    lines = [
+        {"type": "search", "event_id": f"s{i}", "user_id": "u1", "event_time": at, "query": f"tents {i}"}
+        for i in range(300)
+    ]
+    data = gzip.compress("".join(json.dumps(line) + "\n" for line in lines).encode())
+    path = tmp_path / "events.jsonl.gz"
+    path.write_bytes(data)
+    assert count_file_events(path) == 300
+    chunks = list(read_file(path, chunk_rows=100))
+    assert pa.concat_tables([chunk[0] for chunk in chunks]).column("query").to_pylist()[-1] == "tents 299"
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(QuerySourceError, match="damaged or truncated"):
+        count_file_events(cut)
+    with pytest.raises(QuerySourceError, match="damaged or truncated"):
+        list(read_file(cut, chunk_rows=100))
 
 
 def test_a_parquet_directory_is_read_with_every_parts_columns(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS
 from infra.arrow_times import EventTimeError, epoch_ms
+from infra.compressed import lines_until_damaged, open_binary
 from infra.parquet import open_parquet
 from infra.progress import count_lines
 from infra.settings import Settings
@@ -56,9 +57,12 @@ def decode_search_values(values: list[bytes]) -> tuple[pa.Table, int]:
 def file_format(path: Path) -> Literal["parquet", "jsonl"]:
     if path.is_dir() or path.suffix == ".parquet":
         return "parquet"
-    if path.suffix in (".jsonl", ".json", ".ndjson"):
+    text_suffix = path.with_suffix("").suffix if path.suffix == ".gz" else path.suffix
+    if text_suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
-    raise QuerySourceError(f"{path}: expected events.parquet, a directory of Parquet files, or events.jsonl")
+    raise QuerySourceError(
+        f"{path}: expected events.parquet, a directory of Parquet files, or events.jsonl (or .jsonl.gz)"
+    )
 
 
 def count_file_events(path: Path) -> int | None:
@@ -70,7 +74,10 @@ def count_file_events(path: Path) -> int | None:
             return int(open_parquet(path).count_rows())
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
             raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
-    return count_lines(path)
+    lines = count_lines(path)
+    if lines is None:
+        raise QuerySourceError(f"{path}: a damaged or truncated gzip file")
+    return lines
 
 
 def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table, int, int]]:
@@ -112,9 +119,10 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
 
 
 def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
-    with path.open("rb") as handle:
+    damage: list[str] = []
+    with open_binary(path) as handle:  # plain or gzip
         lines: list[bytes] = []
-        for line in handle:
+        for line in lines_until_damaged(handle, damage):
             if line.strip():  # blank lines are not events
                 lines.append(line.rstrip(b"\r\n"))
             if len(lines) >= chunk_rows:
@@ -122,6 +130,8 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, in
                 lines = []
         if lines:
             yield _with_count(lines)
+    if damage:
+        raise QuerySourceError(f"{path}: reading stopped at a damaged or truncated gzip stream ({damage[0]})")
 
 
 def _with_count(lines: list[bytes]) -> tuple[pa.Table, int, int]:
