@@ -185,6 +185,7 @@ class StreamWorker:
         self._assignment_generation = 0  # changes with every assignment and revocation
         self._start_offsets: dict[tuple[str, int], int] = {}  # where each assigned partition resumed
         self._unreached_ends: dict[tuple[str, int], tuple[int, float]] = {}  # see _end_reached
+        self._warned_ends: set[tuple[str, int, int]] = set()  # (topic, partition, end) taken as read
         self._last_compact = time.monotonic()
         self._last_full_rewrite = time.monotonic()
         self._last_offline_compact = time.monotonic()
@@ -611,7 +612,7 @@ class StreamWorker:
         the partition's end (their high watermark): the two broker answers disagree (Tansu's
         ListOffsets is known to be off in places), no message has come for that long, and
         waiting longer would keep an ``--until-idle`` worker running forever. Nothing is
-        lost: offsets are committed only for what was processed. Logged once per partition.
+        lost: offsets are committed only for what was processed. Logged once per partition and end.
         """
         key = (tp.topic, tp.partition)
         if end <= position:
@@ -625,7 +626,8 @@ class StreamWorker:
             return False
         if now - since < _UNREACHED_END_GRACE_S:
             return False
-        if since >= 0:
+        if (tp.topic, tp.partition, end) not in self._warned_ends:
+            self._warned_ends.add((tp.topic, tp.partition, end))
             log.warning(
                 "%s[%d]: the broker lists its end at offset %d, but fetches end at %d (this worker's "
                 "position) and no message has come for %.0f s: taking the partition as read",
@@ -635,7 +637,6 @@ class StreamWorker:
                 position,
                 now - since,
             )
-            self._unreached_ends[key] = (end, -1.0)  # warned
         return True
 
     def lag(self) -> int | None:
