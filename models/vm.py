@@ -154,10 +154,11 @@ class VerticalModel(nn.Module):
         if self.config.loopfm:
             if fm_history is None or fm_history_len is None:
                 raise ValueError("a LoopFM variant needs fm_history and fm_history_len")
+            pair = latest_and_mean(fm_history, fm_history_len)  # shared by both scores
             if self.config.fm_profile_topics:
-                parts.append(self.profile_scores(fm_history, fm_history_len, candidate["topic"]))
+                parts.append(self.profile_scores(fm_history, fm_history_len, candidate["topic"], pair))
             if self.config.fm_taste_dim:
-                parts.append(self.taste_scores(fm_history, fm_history_len, candidate["topic"]))
+                parts.append(self.taste_scores(fm_history, fm_history_len, candidate["topic"], pair))
         if self.config.loopfm and self.config.fm_raw_inputs:
             assert fm_history is not None and fm_history_len is not None
             k = fm_history.shape[1]
@@ -173,29 +174,35 @@ class VerticalModel(nn.Module):
         aux = self.aux(hidden)[:, 0] if self.aux is not None else None
         return self.main(hidden), aux
 
-    def profile_scores(self, history: Tensor, length: Tensor, topic: Tensor) -> Tensor:
+    def profile_scores(
+        self, history: Tensor, length: Tensor, topic: Tensor, pair: Tensor | None = None
+    ) -> Tensor:
         """(B, 2): the FM's taste score of the candidate's topic, latest embedding and mean of the last K.
 
         The score is the log-probability the FM's profile head gives that topic (a softmax
         over topics, so a user's overall activity level does not leak in); 0 for users with
-        no embedding yet.
+        no embedding yet. ``pair``: :func:`latest_and_mean` of ``history``, if already computed.
         """
         weight, bias = self.get_buffer("fm_profile_weight"), self.get_buffer("fm_profile_bias")
         has = (length > 0).float()[:, None]
-        pair = latest_and_mean(history, length)
+        pair = latest_and_mean(history, length) if pair is None else pair
         log_p = torch.log_softmax(pair @ weight.T + bias, dim=-1)  # (B, 2, topics)
         lift = log_p + math.log(weight.shape[0])  # log of p / uniform: 0 is "no preference"
         return lift.gather(2, topic[:, None, None].expand(-1, 2, 1))[:, :, 0] * has
 
-    def taste_scores(self, history: Tensor, length: Tensor, topic: Tensor) -> Tensor:
+    def taste_scores(
+        self, history: Tensor, length: Tensor, topic: Tensor, pair: Tensor | None = None
+    ) -> Tensor:
         """(B, 2): the FM's wide taste term of the candidate's topic, latest embedding and mean of the last K.
 
         ``(W user + b) . topic_vector``: what the FM itself adds to its click logit for this
         user and topic (:class:`models.fm.WidePart`), learned from clicks where the profile
         head learned from the topics clicked or searched; 0 for users with no embedding yet.
+        ``pair``: :func:`latest_and_mean` of ``history``, if already computed.
         """
         weight, bias = self.get_buffer("fm_taste_weight"), self.get_buffer("fm_taste_bias")
-        users = latest_and_mean(history, length) @ weight.T + bias  # (B, 2, k)
+        pair = latest_and_mean(history, length) if pair is None else pair
+        users = pair @ weight.T + bias  # (B, 2, k)
         topics = self.get_buffer("fm_topic_taste")[topic]  # (B, k)
         return (users * topics[:, None, :]).sum(-1) * (length > 0).float()[:, None]
 
