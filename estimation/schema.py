@@ -2,7 +2,7 @@
 
 Any Parquet population works: ``user_id`` plus columns whose Arrow type decides the
 field kind. Strings (plain or dictionary-encoded) are categorical, booleans boolean,
-integers integer, floats number, lists of strings list fields (``has_any``/``has_all``).
+integers integer, floats and decimals number, lists of strings list fields (``has_any``/``has_all``).
 Other types (timestamps, structs, ...) are not targetable and are reported as skipped
 rather than silently dropped. The schema records each field's build-time vocabulary with
 exact population counts (for ``GET /v1/reach/fields`` and for warning about values that
@@ -117,8 +117,8 @@ def field_kind(data_type: pa.DataType) -> FieldKind | None:
         return FieldKind.BOOLEAN
     if pa.types.is_integer(data_type):
         return FieldKind.INTEGER
-    if pa.types.is_floating(data_type):
-        return FieldKind.NUMBER
+    if pa.types.is_floating(data_type) or pa.types.is_decimal(data_type):
+        return FieldKind.NUMBER  # decimals (money from a warehouse) as doubles: ranges, not cents
     if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
         item = data_type.value_type
         if pa.types.is_dictionary(item):

@@ -7,6 +7,7 @@ populations whose exact answers come from DuckDB over the full table.
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +363,19 @@ def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_pa
             reach.estimate({"field": "first_seen", "eq": "x"})
         with pytest.raises(TargetingTypeError, match="'level' is an integer field; expected a number"):
             reach.estimate({"field": "level", "eq": "3"})
+
+
+def test_a_decimal_column_is_a_number_field(pop: pa.Table, tmp_path: Path) -> None:
+    """Warehouse exports keep money as decimals; they were "not targetable"."""
+    cents = np.arange(pop.num_rows) % 1000
+    spend = pa.array([Decimal(int(c)) / 100 for c in cents], pa.decimal128(12, 2))
+    build_sample(pop.append_column("spend", spend), tmp_path / "s", _settings(seed=3))
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        kinds = {spec["name"]: spec["kind"] for spec in reach.fields()["fields"]}
+        assert kinds["spend"] == "number"
+        answer = reach.estimate({"field": "spend", "between": [0, 4.995]})
+        truth = int((cents <= 499).sum())
+        assert answer.ci95[0] <= truth <= answer.ci95[1]
 
 
 _leaf = st.one_of(
