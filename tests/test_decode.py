@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from streams.engine import decode
 from streams.engine.decode import EventDecoder
 from streams.events import MalformedJSONError, SchemaViolationError, UnknownEventTypeError
 
@@ -64,6 +65,23 @@ def test_bad_messages_are_isolated_with_their_reasons_and_the_rest_decoded() -> 
         assert isinstance(rejected[index], kind), (index, rejected[index])
         assert fragment.lower() in str(rejected[index]).lower(), (index, rejected[index])
     assert isinstance(rejected[3 + len(BAD)], MalformedJSONError)  # the empty message
+
+
+def test_a_batch_decoded_in_chunks_equals_one_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big batches are decoded in chunks: positions and rejects must keep their batch-wide numbers,
+    including across a chunk of only bad messages."""
+    good = [impression(f"g{i}", user_id=f"u{i % 3}") for i in range(10)]
+    bad = [line for line, _, _ in BAD]
+    values = [*good[:3], *bad[:5], *good[3:7], None, *bad[5:], *good[7:]]
+    whole = EventDecoder().decode(values)
+    monkeypatch.setattr(decode, "DECODE_CHUNK", 4)
+    chunked = EventDecoder().decode(values)
+    assert chunked.events.equals(whole.events)
+    assert chunked.positions.tolist() == whole.positions.tolist()
+    assert [(i, type(e), str(e)) for i, e in chunked.rejected] == [
+        (i, type(e), str(e)) for i, e in whole.rejected
+    ]
+    assert len(whole.rejected) == len(BAD) + 1
 
 
 # Forms of one instant (2026-01-05T10:00:00.250Z, to the millisecond) the SDK accepts.
