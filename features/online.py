@@ -894,6 +894,15 @@ class OnlineFeatureWriter:
             raise ValueError(f"{group.name}: rows lack columns {missing}")
         keys = _column(rows, group.key, pa.string())
         entity_keys = _entity_keys(group, keys)
+        if self._store.kind == "redis" and pc.count_distinct(entity_keys).as_py() == rows.num_rows:
+            # Redis gains nothing from key order, and with every key once there is nothing to
+            # de-duplicate: the rows go as they are (sorting and taking every column of a
+            # cycle's rows was a tenth of a live worker's store time).
+            changed = self._changed(layout, rows, None)
+            features_changed = None if changed is None else changed[:, :-1]  # (the timestamp goes anyway)
+            event_us = self._micros(rows, TIMESTAMP_FIELD)
+            self._write_redis(layout, rows, entity_keys, event_us, features_changed)
+            return int(rows.num_rows)
         # Sort by the stored key (SQLite's B-tree is filled in order, ~1.5x faster) and keep
         # the last row of each key.
         order = pc.sort_indices(
@@ -929,8 +938,11 @@ class OnlineFeatureWriter:
             self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values, changed)
         return int(rows.num_rows)
 
-    def _changed(self, layout: _GroupLayout, rows: pa.Table, order: pa.Array) -> npt.NDArray[np.bool_] | None:
-        """The rows' :data:`CHANGED_COLUMN` as a (rows, features + 1) matrix in ``order``; None: write all."""
+    def _changed(
+        self, layout: _GroupLayout, rows: pa.Table, order: pa.Array | None
+    ) -> npt.NDArray[np.bool_] | None:
+        """The rows' :data:`CHANGED_COLUMN` as a (rows, features + 1) matrix in ``order`` (None: as they
+        are); None where the rows have no such column: write all."""
         if CHANGED_COLUMN not in rows.column_names:
             return None
         column = rows.column(CHANGED_COLUMN).combine_chunks()
@@ -942,6 +954,8 @@ class OnlineFeatureWriter:
             )
         flat = column.flatten().fill_null(True).to_numpy(zero_copy_only=False)
         matrix = np.asarray(flat, dtype=bool).reshape(len(column), width)
+        if order is None:
+            return matrix
         return np.asarray(matrix[np.asarray(order.to_numpy(), np.int64)], dtype=bool)
 
     @staticmethod
