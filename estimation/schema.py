@@ -169,7 +169,12 @@ def infer_schema(table: pa.Table, *, exclude: set[str] | None = None) -> Schema:
         if kind is None:
             skipped[name] = f"type {table.schema.field(name).type} is not targetable"
             continue
-        fields[name] = describe_column(name, normalize_column(table.column(name), kind), kind)
+        try:
+            normalized = normalize_column(table.column(name), kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. uint64 past int64
+            skipped[name] = f"type {table.schema.field(name).type} is not targetable here: {exc}"
+            continue
+        fields[name] = describe_column(name, normalized, kind)
     return Schema(fields, skipped)
 
 

@@ -365,6 +365,18 @@ def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_pa
             reach.estimate({"field": "level", "eq": "3"})
 
 
+def test_a_column_whose_values_do_not_fit_is_not_targetable_and_the_build_goes_on(
+    pop: pa.Table, tmp_path: Path
+) -> None:
+    """A uint64 column past int64's range stopped the whole build with Arrow's raw error."""
+    big = pa.array(np.where(np.arange(pop.num_rows) == 7, 2**63 + 5, 1).astype(np.uint64))
+    build_sample(pop.append_column("big", big), tmp_path / "s", _settings(seed=3))
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        assert "not in range" in reach.fields()["not_targetable"]["big"]
+        with pytest.raises(UnknownFieldError, match="'big' cannot be targeted: type uint64"):
+            reach.estimate({"field": "big", "eq": 1})
+
+
 def test_a_decimal_column_is_a_number_field(pop: pa.Table, tmp_path: Path) -> None:
     """Warehouse exports keep money as decimals; they were "not targetable"."""
     cents = np.arange(pop.num_rows) % 1000
