@@ -894,17 +894,37 @@ class OnlineFeatureWriter:
             raise ValueError(f"{group.name}: rows lack columns {missing}")
         keys = _column(rows, group.key, pa.string())
         entity_keys = _entity_keys(group, keys)
-        if self._store.kind == "redis" and pc.count_distinct(entity_keys).as_py() == rows.num_rows:
+        redis = self._store.kind == "redis"
+        if redis and pc.count_distinct(entity_keys).as_py() == rows.num_rows:
             # Redis gains nothing from key order, and with every key once there is nothing to
             # de-duplicate: the rows go as they are (sorting and taking every column of a
             # cycle's rows was a tenth of a live worker's store time).
             changed = self._changed(layout, rows, None)
-            features_changed = None if changed is None else changed[:, :-1]  # (the timestamp goes anyway)
-            event_us = self._micros(rows, TIMESTAMP_FIELD)
-            self._write_redis(layout, rows, entity_keys, event_us, features_changed)
+        else:
+            rows, entity_keys, changed = self._last_row_per_key(layout, rows, entity_keys)
+        event_us = self._micros(rows, TIMESTAMP_FIELD)
+        if redis:  # Redis's timestamp field is written with every row anyway
+            self._write_redis(
+                layout, rows, entity_keys, event_us, None if changed is None else changed[:, :-1]
+            )
             return int(rows.num_rows)
-        # Sort by the stored key (SQLite's B-tree is filled in order, ~1.5x faster) and keep
-        # the last row of each key.
+        if CREATED_COLUMN in rows.column_names:
+            created_us = self._micros(rows, CREATED_COLUMN)
+        else:
+            created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
+        blocks = _encode_by_type(layout, rows)
+        values = {name: value for block in blocks for name, value in block.columns().items()}
+        self._write_sqlite(layout, rows, entity_keys, event_us, created_us, values, changed)
+        return int(rows.num_rows)
+
+    def _last_row_per_key(
+        self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array
+    ) -> tuple[pa.Table, pa.Array, npt.NDArray[np.bool_] | None]:
+        """``rows``, their keys and changed-feature matrix sorted by stored key, each key's last row kept.
+
+        Why sorted: SQLite's B-tree is filled in order, ~1.5x faster. A key's kept row carries
+        every feature any of its rows changed.
+        """
         order = pc.sort_indices(
             pa.table({"k": entity_keys, "i": pa.array(np.arange(rows.num_rows))}),
             sort_keys=[("k", "ascending"), ("i", "ascending")],
@@ -922,21 +942,7 @@ class OnlineFeatureWriter:
                     changed = np.logical_or.reduceat(changed, starts, axis=0)
                 order = order.filter(pa.array(is_last))
                 sorted_keys = sorted_keys.filter(pa.array(is_last))
-        rows = rows.take(order)
-        event_us = self._micros(rows, TIMESTAMP_FIELD)
-        if CREATED_COLUMN in rows.column_names:
-            created_us = self._micros(rows, CREATED_COLUMN)
-        else:
-            created_us = np.full(rows.num_rows, time.time_ns() // 1_000, np.int64)
-        if self._store.kind == "redis":  # Redis's timestamp field is written with every row anyway
-            self._write_redis(
-                layout, rows, sorted_keys, event_us, None if changed is None else changed[:, :-1]
-            )
-        else:
-            blocks = _encode_by_type(layout, rows)
-            values = {name: value for block in blocks for name, value in block.columns().items()}
-            self._write_sqlite(layout, rows, sorted_keys, event_us, created_us, values, changed)
-        return int(rows.num_rows)
+        return rows.take(order), sorted_keys, changed
 
     def _changed(
         self, layout: _GroupLayout, rows: pa.Table, order: pa.Array | None
