@@ -99,8 +99,17 @@ SIZES = {
 }
 
 
+DAYS = 4.0  # every size's simulated period (--days overrides)
+
+
 def _size_name(args: argparse.Namespace) -> str:
     return "quick" if args.quick else "medium" if args.medium else "full"
+
+
+def _world(args: argparse.Namespace) -> tuple[int, int]:
+    """(users, events) of the simulated world: the size's, unless ``--users``/``--events`` say otherwise."""
+    size = SIZES[_size_name(args)]
+    return args.users or size.users, args.events or size.events
 
 
 def _with_fm(inputs: VMInputs, history: NDArray[Any], length: NDArray[Any]) -> VMInputs:
@@ -183,7 +192,7 @@ def main() -> None:
     size.add_argument("--medium", action="store_true", help="1,000 users, 80,000 events (about 20 minutes)")
     parser.add_argument("--seeds", type=int, help="training seeds (default: 1 with --quick, else 3)")
     parser.add_argument("--users", type=int)
-    parser.add_argument("--days", type=float, default=4.0)
+    parser.add_argument("--days", type=float, default=DAYS)
     parser.add_argument("--events", type=int)
     parser.add_argument(
         "--max-examples", type=int, help="cap on VM training impressions (default: all); evaluation: all"
@@ -198,8 +207,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     size = _size_name(args)
-    users = args.users or SIZES[size].users
-    events = args.events or SIZES[size].events
+    users, events = _world(args)
     seeds = args.seeds or SIZES[size].seeds
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="adreach-loopfm-"))
@@ -571,8 +579,8 @@ def report(
         name += f"_fm{args.fm_train_end:g}"
     size = _size_name(args)
     world = SIZES[size]
-    users, events = args.users or world.users, args.events or world.events
-    if (users, events, args.days) != (world.users, world.events, 4.0):
+    users, events = _world(args)
+    if (users, events, args.days) != (world.users, world.events, DAYS):
         # another world: its figures never replace those of the size's own world
         name += f"_users{users}_events{events}_days{args.days:g}"
     if size == "medium":
@@ -584,8 +592,8 @@ def report(
             "seeds": len(per_seed),
             "setting": setting,
             "data": {
-                "users": args.users or SIZES[size].users,
-                "events": args.events or SIZES[size].events,
+                "users": users,
+                "events": events,
                 "days": args.days,
                 "train_examples": train_examples,
                 "fit_examples_before_validation": fit_examples,
