@@ -29,7 +29,9 @@ Sizes (every size reads every impression of the VM and evaluation periods, no ca
   pipeline (simulation, Feast backfill, FM, embeddings, four VMs, serving); its world is
   too small for the comparisons to mean anything.
 
-``--users``, ``--events`` and ``--seeds`` override a size's values.
+``--users``, ``--events`` and ``--seeds`` override a size's values; ``--world-seed`` simulates
+another world of the same size (each size's results are for one world, seed 7: AUCs
+differ between worlds, so compare ratios and say which worlds were run).
 
 ``--vertical PLACEMENT`` (LoopFM's own setting): one FM learns from every surface's traffic,
 and each vertical model serves one surface and learns only from its impressions; the VMs
@@ -38,8 +40,9 @@ period alike), the FM and its embeddings are unchanged. ``--fm-train-end`` overr
 ``models.fm_train_end`` (default 0.5); past the validation slice's start the FM has seen the
 slice, so its validation figures are flagged. Results go to ``results/loopfm.json`` only in
 the default mode at full size, else to
-``results/loopfm[_vertical_<placement>][_fm<end>][_users<U>_events<E>_days<D>][_medium|_quick].json``
-(the world part where ``--users``, ``--events`` or ``--days`` change the size's world).
+``results/loopfm[_vertical_<placement>][_fm<end>][_users<U>_events<E>_days<D>][_world<S>][_medium|_quick].json``
+(the world part where ``--users``, ``--events`` or ``--days`` change the size's world;
+``_world<S>`` where ``--world-seed`` simulates another world of that size than seed 7's).
 
 Targets (issue 7): LoopFM's transfer ratio >= 2x KD's, its gain over VM-base larger
 than the seed-to-seed spread, VM+LoopFM serving >= 10x cheaper than the FM.
@@ -100,6 +103,7 @@ SIZES = {
 
 
 DAYS = 4.0  # every size's simulated period (--days overrides)
+WORLD_SEED = 7  # the simulator's seed of every size's world (--world-seed overrides)
 
 
 def _size_name(args: argparse.Namespace) -> str:
@@ -195,6 +199,12 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=DAYS)
     parser.add_argument("--events", type=int)
     parser.add_argument(
+        "--world-seed",
+        type=int,
+        default=WORLD_SEED,
+        help=f"the simulator's seed: another world of the same size (default {WORLD_SEED})",
+    )
+    parser.add_argument(
         "--max-examples", type=int, help="cap on VM training impressions (default: all); evaluation: all"
     )
     parser.add_argument(
@@ -213,7 +223,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="adreach-loopfm-"))
     timings: dict[str, float] = {}
     try:
-        config = SimulationConfig(users=users, days=args.days, events=events, seed=7)
+        config = SimulationConfig(users=users, days=args.days, events=events, seed=args.world_seed)
         simulate(config, ParquetSink(scratch / "sim" / "events"), scratch / "sim" / "truth")
         settings = load_settings(
             state_dir=scratch / "state",
@@ -583,6 +593,8 @@ def report(
     if (users, events, args.days) != (world.users, world.events, DAYS):
         # another world: its figures never replace those of the size's own world
         name += f"_users{users}_events{events}_days{args.days:g}"
+    if args.world_seed != WORLD_SEED:
+        name += f"_world{args.world_seed}"
     if size == "medium":
         name += "_medium"  # smaller runs never overwrite a full run's figures (quick: write_results)
     path = write_results(
@@ -595,6 +607,7 @@ def report(
                 "users": users,
                 "events": events,
                 "days": args.days,
+                "world_seed": args.world_seed,
                 "train_examples": train_examples,
                 "fit_examples_before_validation": fit_examples,
                 "validation_examples": validation_examples,
