@@ -191,9 +191,9 @@ def _take(inputs: VMInputs, mask: NDArray[Any]) -> VMInputs:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a smoke run of the pipeline (about a minute)")
-    size.add_argument("--medium", action="store_true", help="1,000 users, 80,000 events (about 20 minutes)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="a smoke run of the pipeline (about a minute)")
+    sizes.add_argument("--medium", action="store_true", help="1,000 users, 80,000 events (about 20 minutes)")
     parser.add_argument("--seeds", type=int, help="training seeds (default: 1 with --quick, else 3)")
     parser.add_argument("--users", type=int)
     parser.add_argument("--days", type=float, default=DAYS)

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from common import print_table, versions, write_results
+from numpy.typing import NDArray
 
 from features.definitions import normalize_query
 from features.queries.cpu import CPUBackend
@@ -91,7 +92,7 @@ def cpu_cases(quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
     backend = CPUBackend(QueryFeatureSettings(encoder_dtype="float32"))
     bf16 = CPUBackend(QueryFeatureSettings(encoder_dtype="bfloat16"))
 
-    def embed_and_classify(b: CPUBackend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def embed_and_classify(b: CPUBackend, texts: list[str]) -> tuple[NDArray[Any], NDArray[Any]]:
         vectors = b.embed(texts)
         return vectors, b.classify(vectors)[0]
 
@@ -260,7 +261,7 @@ def gpu_encoder_cases(quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
     encoder = MiniLMEncoder(batch_size=1024, device="cuda", dtype=torch.bfloat16)
     rows: list[list[Any]] = []
 
-    def run(enc: MiniLMEncoder) -> tuple[np.ndarray, float]:
+    def run(enc: MiniLMEncoder) -> tuple[NDArray[Any], float]:
         enc.encode(queries[:2048])
         torch.cuda.synchronize()
         started = time.perf_counter()

@@ -277,7 +277,13 @@ def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, 
     worker = StreamWorker(settings)
     feeder = multiprocessing.get_context("spawn").Process(target=_feed, args=(settings, rate, seconds, 8.0))
     feeder.start()
-    stopper = threading.Thread(target=lambda: (feeder.join(), time.sleep(3.0), worker.stop()))
+
+    def stop_after_feeder() -> None:
+        feeder.join()
+        time.sleep(3.0)  # the last events' features get stored
+        worker.stop()
+
+    stopper = threading.Thread(target=stop_after_feeder)
     stopper.start()
     stats = worker.run(max_seconds=seconds + 60)
     stopper.join()
@@ -324,9 +330,9 @@ def main() -> None:
     finally:
         broker.stop()
     quix_rate = quix.get("events_per_s")
-    rows = [
-        ["engine core (decode, route, 5 groups' state; no Kafka/stores)", core],
-        *[[f"adreach stream, Kafka -> features in {e['online_store']} + offline", e] for e in engines],
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("engine core (decode, route, 5 groups' state; no Kafka/stores)", core),
+        *[(f"adreach stream, Kafka -> features in {e['online_store']} + offline", e) for e in engines],
     ]
     table = [
         [
