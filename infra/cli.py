@@ -23,7 +23,7 @@ import typer
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
-from infra.compressed import decompressed, lines_until_damaged, open_binary
+from infra.compressed import damage_hint, decompressed, lines_until_damaged, open_binary
 from infra.progress import count_lines, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -192,8 +192,11 @@ def produce(
             _fail(f"{file} is a directory; give a JSON Lines file (or - for standard input)", EXIT_USAGE)
         if not path.is_file():
             _fail(f"no such file: {file}", EXIT_USAGE)
+        try:
+            handle = open_binary(path)  # (reads the first bytes: gzip or not)
+        except OSError as exc:
+            _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_USAGE)
         source, total = path.name, count_lines(path)
-        handle = open_binary(path)
     damage: list[str] = []
     try:
         ensure_topics(settings)
@@ -238,8 +241,8 @@ def produce(
     )
     if damage:
         stderr.print(
-            f"{source}: reading stopped after line {report.lines:,}: {damage[0]} (a damaged or truncated "
-            "gzip file?); every line before it was sent or rejected as reported",
+            f"{source}: reading stopped after line {report.lines:,}: {damage[0]} ({damage_hint(handle)}); "
+            "every line before it was sent or rejected as reported",
             highlight=False,
             markup=False,
         )

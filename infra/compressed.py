@@ -46,6 +46,17 @@ def decompressed(stream: BinaryIO) -> BinaryIO | io.BufferedIOBase:
     return stream
 
 
+def damage_hint(stream: object) -> str:
+    """What a read error on ``stream`` most likely means, for the user's message.
+
+    A gzip stream that stops mid-way was truncated or damaged (an interrupted copy or
+    download); a plain stream that fails to read has an I/O problem, not a compression one.
+    """
+    if isinstance(stream, gzip.GzipFile):
+        return "a damaged or truncated gzip file?"
+    return "a read error of the file or pipe"
+
+
 def lines_until_damaged(lines: Iterable[bytes], damage: list[str]) -> Iterator[bytes]:
     """``lines``, stopping at a damaged or truncated stream and appending why to ``damage``.
 

@@ -64,8 +64,8 @@ def lag_text(lag: int | None) -> str:
 def count_lines(path: Path) -> int | None:
     """Lines of a text file as a line reader sees them (a last line without a newline counts).
 
-    A gzip file's lines are counted after decompression; ``None`` if it is damaged (the
-    reader then says where).
+    A gzip file's lines are counted after decompression; ``None`` if the file cannot be
+    read to its end (damaged gzip, a read error: the reader then says where it stopped).
     """
     count, last = 0, b"\n"
     try:

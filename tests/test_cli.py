@@ -148,6 +148,10 @@ def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(
     assert missing.returncode == 2 and "no such file" in missing.stderr
     directory = run(adreach_bin, ["produce", str(tmp_path)], cli_env)
     assert directory.returncode == 2 and "is a directory" in directory.stderr
+    # A file that exists but cannot be read (a read of this process's address 0 fails with EIO).
+    unreadable = run(adreach_bin, ["produce", "/proc/self/mem"], cli_env)
+    assert unreadable.returncode == 2 and "cannot read /proc/self/mem" in unreadable.stderr
+    assert "Traceback" not in unreadable.stderr
     env = {**cli_env, "ADREACH_BROKER__PORT": str(free_port())}
     (tmp_path / "one.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
     down = run(adreach_bin, ["produce", str(tmp_path / "one.jsonl")], env)

@@ -585,6 +585,15 @@ def test_gzip_json_lines_are_read_and_a_truncated_file_is_a_clear_error(tmp_path
         count_file_events(cut)
     with pytest.raises(QuerySourceError, match="damaged or truncated"):
         list(read_file(cut, chunk_rows=100))
+    # A plain file that cannot be read is not called a damaged gzip file (a read of the
+    # reading process's address 0 fails with EIO).
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.symlink_to("/proc/self/mem")
+    with pytest.raises(QuerySourceError, match="cannot be read") as failure:
+        count_file_events(unreadable)
+    assert "gzip file" not in str(failure.value)
+    with pytest.raises(QuerySourceError, match="cannot be read"):
+        list(read_file(unreadable, chunk_rows=100))
 
 
 def test_a_parquet_directory_is_read_with_every_parts_columns(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS
 from infra.arrow_times import EventTimeError, epoch_ms
-from infra.compressed import lines_until_damaged, open_binary
+from infra.compressed import damage_hint, lines_until_damaged, open_binary
 from infra.parquet import open_parquet
 from infra.progress import count_lines
 from infra.settings import Settings
@@ -76,7 +76,12 @@ def count_file_events(path: Path) -> int | None:
             raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
     lines = count_lines(path)
     if lines is None:
-        raise QuerySourceError(f"{path}: a damaged or truncated gzip file")
+        try:
+            with open_binary(path) as handle:
+                hint = damage_hint(handle)
+        except OSError as exc:
+            raise QuerySourceError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        raise QuerySourceError(f"{path}: cannot be read to its end ({hint})")
     return lines
 
 
@@ -120,7 +125,12 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
 
 def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     damage: list[str] = []
-    with open_binary(path) as handle:  # plain or gzip
+    try:
+        opened = open_binary(path)  # plain or gzip
+    except OSError as exc:
+        raise QuerySourceError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    with opened as handle:
+        hint = damage_hint(handle)
         lines: list[bytes] = []
         for line in lines_until_damaged(handle, damage):
             if line.strip():  # blank lines are not events
@@ -131,7 +141,7 @@ def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, in
         if lines:
             yield _with_count(lines)
     if damage:
-        raise QuerySourceError(f"{path}: reading stopped at a damaged or truncated gzip stream ({damage[0]})")
+        raise QuerySourceError(f"{path}: reading stopped: {damage[0]} ({hint})")
 
 
 def _with_count(lines: list[bytes]) -> tuple[pa.Table, int, int]:
