@@ -10,6 +10,9 @@ Cases, in one run against one embedded broker:
   groups and stores the changed features online (Redis, the production store, and
   SQLite, the embedded default; Feast's own formats) and offline; events/s from the first
   message to the last stored feature.
+* ``confluent-kafka consume only (backlog)``: the floor under any stream processor built on
+  confluent-kafka: the same events read with the worker's consumer settings and the
+  per-message calls the worker makes, and nothing else (CPU per event).
 * ``quixstreams count (backlog)``: the peer: a 1-minute tumbling-window count per user
   (one feature, RocksDB state) over the same events from the same topic.
 * ``freshness``: events produced live at fixed rates (a sweep) by a separate process
@@ -56,7 +59,7 @@ from features.online import parse_redis_connection
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
 from streams.engine.replay import replay
-from streams.engine.worker import StreamWorker
+from streams.engine.worker import StreamWorker, stream_consumer_config
 from streams.producer import EventProducer
 from streams.simulation import SimulationConfig, Simulator
 from streams.topics import ensure_topics
@@ -174,6 +177,46 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
         if redis_start is not None and redis_end is not None:
             result["redis_server_cpu_us_per_event"] = (redis_end - redis_start) / stats.events * 1e6
     return result
+
+
+def bench_consume_only(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
+    """The floor under any confluent-kafka stream processor: read the events and do nothing else.
+
+    A consumer with the worker's settings reads the events and calls the accessors the
+    worker calls per message (error, topic, value, partition, offset); process CPU (the
+    Kafka client's threads included) and wall time from the assignment to the last
+    message. Partitions are assigned, not joined as a group, so no group join is timed.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    settings = _fresh(settings, "consume")
+    _produce(settings, payloads)
+    topic = settings.kafka.topics.events
+    consumer = Consumer(stream_consumer_config(settings))
+    read = 0
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        start = (time.perf_counter(), time.process_time())
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        deadline = time.monotonic() + 120
+        while read < len(payloads) and time.monotonic() < deadline:
+            for message in consumer.consume(settings.stream.batch_max_events, 0.1):
+                if message.error() is None and message.topic():
+                    message.value(), message.partition(), message.offset()
+                    read += 1
+        end = (time.perf_counter(), time.process_time())
+    finally:
+        consumer.close()
+    if read < len(payloads):
+        raise RuntimeError(f"read {read} of {len(payloads)} events within 120 s")
+    seconds, cpu = end[0] - start[0], end[1] - start[1]
+    return {
+        "events": read,
+        "seconds": seconds,
+        "events_per_s": read / seconds,
+        "cpu_us_per_event": cpu / read * 1e6,
+        "events_per_cpu_s": read / cpu,
+    }
 
 
 def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
@@ -322,6 +365,7 @@ def main() -> None:
         payloads = [line for batch in simulator.batches() for line in batch.to_json_lines()]
         core = bench_core(payloads, settings.stream.batch_max_events)
         engines = [bench_engine(settings, payloads, store) for store in ("redis", "sqlite")]
+        consume = bench_consume_only(settings, payloads)
         try:
             quix: dict[str, Any] = bench_quixstreams(settings, payloads)
         except Exception as exc:  # the peer failing must not hide our figures; report it
@@ -378,7 +422,18 @@ def main() -> None:
                 "1.00x" if quix_per_cpu else "-",
                 "-",
             ],
+            [
+                "confluent-kafka consume only (the floor)",
+                f"{consume['cpu_us_per_event']:.1f}",
+                f"{consume['events_per_cpu_s']:,.0f}",
+                f"{consume['events_per_cpu_s'] / quix_per_cpu:.2f}x" if quix_per_cpu else "-",
+                "-",
+            ],
         ],
+    )
+    print(
+        "(the floor: the events read with the worker's consumer settings and per-message calls, "
+        "nothing else done)"
     )
     print()
     print_table(
@@ -411,6 +466,7 @@ def main() -> None:
             "engine_core": {**core, "unit": "events/s"},
             "engine": [{**e, "unit": "events/s"} for e in engines],
             "quixstreams": {**quix, "unit": "events/s"},
+            "kafka_consume_only": {**consume, "unit": "events/s"},
             "ratio_over_quixstreams": {
                 "engine_core": core["events_per_s"] / quix_rate if quix_rate else None,
                 **{e["online_store"]: e["events_per_s"] / quix_rate if quix_rate else None for e in engines},

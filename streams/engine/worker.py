@@ -110,6 +110,22 @@ def repartition_spec(settings: Settings) -> TopicSpec:
     )
 
 
+def stream_consumer_config(settings: Settings) -> dict[str, Any]:
+    """The librdkafka settings of a worker's consumer (its group is ``stream.consumer_group``)."""
+    config = settings.stream
+    return {
+        **settings.kafka_client_config(),
+        "group.id": config.consumer_group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": config.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, config.session_timeout_ms // 6),
+        "max.poll.interval.ms": 600_000,
+        "fetch.max.bytes": 16_000_000,
+        "fetch.wait.max.ms": config.fetch_wait_max_ms,
+    }
+
+
 class _RouterCheckpoints:
     """Per source partition: the next offset to read and the watermark there (one JSON file each)."""
 
@@ -209,17 +225,7 @@ class StreamWorker:
             }
         )
         self._dead_letters = EventProducer(settings, on_invalid="dead_letter")
-        consumer_config = {
-            **base,
-            "group.id": config.consumer_group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": config.session_timeout_ms,
-            "heartbeat.interval.ms": max(500, config.session_timeout_ms // 6),
-            "max.poll.interval.ms": 600_000,
-            "fetch.max.bytes": 16_000_000,
-            "fetch.wait.max.ms": config.fetch_wait_max_ms,
-        }
+        consumer_config = stream_consumer_config(settings)
         if worker_id:
             consumer_config["client.id"] = worker_id
         self._consumer = Consumer(consumer_config)
