@@ -62,10 +62,15 @@ def click_conversion_loss(logits: Tensor, click: Tensor, conversion: Tensor) -> 
 def fm_batch(
     log: EventLog, examples: Examples, index: NDArray[Any], config: FMConfig
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    history = log.history(
-        examples.user[index], examples.time_ms[index], config.history_len, config.profile_attributes
-    )
+    history = _fm_history(log, examples.user[index], examples.time_ms[index], config)
     return _tensors(history, np.arange(len(index))), _tensors(examples.candidate(), index)
+
+
+def _fm_history(
+    log: EventLog, users: NDArray[np.int64], times_ms: NDArray[np.int64], config: FMConfig
+) -> dict[str, NDArray[Any]]:
+    """Each user's history strictly before each time as the FM reads it (training and embeddings alike)."""
+    return log.history(users, times_ms, config.history_len, config.profile_attributes)
 
 
 def _dense(dense: NDArray[np.float32] | None, index: NDArray[Any]) -> Tensor | None:
@@ -142,9 +147,7 @@ def fm_user_embeddings(
     out = np.empty((len(users), model.config.embedding_dim), np.float32)
     for start in range(0, len(users), batch_size):
         stop = start + batch_size
-        history = log.history(
-            users[start:stop], times_ms[start:stop], model.config.history_len, model.config.profile_attributes
-        )
+        history = _fm_history(log, users[start:stop], times_ms[start:stop], model.config)
         out[start:stop] = model.user_embedding(_tensors(history, np.arange(len(history["kind"])))).numpy()
     return out
 
