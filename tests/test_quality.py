@@ -231,6 +231,14 @@ def test_user_level_errors_name_the_problem() -> None:
         assess_users(labels, pa.table({"user_id": ["u1", "u1"], "truth": ["a", "b"]}))
     with pytest.raises(QualityInputError, match="no column 'truth'"):
         assess_users(labels, pa.table({"user_id": ["u1"], "category": ["a"]}))
+    # Boolean truth reads as 'true'/'false': labels spelled 'True'/'False' could never match.
+    spelled = pa.table({"user_id": ["u1", "u2"], "label": ["True", "False"]})
+    with pytest.raises(QualityInputError, match="no value in common") as info:
+        assess_users(spelled, pa.table({"user_id": ["u1", "u2"], "truth": [True, False]}))
+    assert "'True'" in str(info.value) and "'true'" in str(info.value)
+    # Some labels unknown to the truth is a report (with a note), not an error.
+    partly = assess_users(labels, pa.table({"user_id": ["u1", "u2"], "truth": ["a", "c"]}))
+    assert partly.accuracy is not None and partly.accuracy > 0
 
 
 # -- CLI -----------------------------------------------------------------------------------

@@ -173,6 +173,14 @@ def user_inputs(labels: pa.Table, truth: pa.Table) -> UserData:
     if not labels_seen:
         raise QualityInputError("the users in both files all have a null label")
     categories = sorted(pc.unique(truth_values).to_pylist())
+    if not set(labels_seen) & set(categories):
+        # Not one label could ever be right: the two files spell the attribute differently
+        # (booleans read as 'true'/'false' against 'True'/'False' or 1/0 labels, say).
+        raise QualityInputError(
+            f"the provider's labels ({_listed(labels_seen)}) and the panel's truth values "
+            f"({_listed(categories)}) have no value in common; both files must spell the "
+            "attribute's values the same way"
+        )
     label = pc.fill_null(pc.index_in(joined, value_set=pa.array(labels_seen)), -1).to_numpy()
     true = pc.index_in(truth_values, value_set=pa.array(categories)).to_numpy()
     return UserData(
