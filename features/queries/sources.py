@@ -7,6 +7,7 @@ byte test before any JSON decoding of a Kafka message or a JSON line).
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,13 +77,17 @@ def count_file_events(path: Path) -> int | None:
             raise QuerySourceError(f"{path}: not readable as Parquet events ({exc})") from exc
     lines = count_lines(path)
     if lines is None:
-        try:
-            with open_binary(path) as handle:
-                hint = damage_hint(handle)
-        except OSError as exc:
-            raise QuerySourceError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-        raise QuerySourceError(f"{path}: cannot be read to its end ({hint})")
+        with _open_jsonl(path) as handle:  # (only to tell gzip from plain for the message)
+            raise QuerySourceError(f"{path}: cannot be read to its end ({damage_hint(handle)})")
     return lines
+
+
+def _open_jsonl(path: Path) -> io.BufferedIOBase:
+    """``path`` opened for reading lines, decompressed if it is gzip; unreadable: QuerySourceError."""
+    try:
+        return open_binary(path)
+    except OSError as exc:
+        raise QuerySourceError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def read_file(path: Path, chunk_rows: int = 200_000) -> Iterator[tuple[pa.Table, int, int]]:
@@ -125,11 +130,7 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
 
 def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     damage: list[str] = []
-    try:
-        opened = open_binary(path)  # plain or gzip
-    except OSError as exc:
-        raise QuerySourceError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    with opened as handle:
+    with _open_jsonl(path) as handle:  # plain or gzip
         hint = damage_hint(handle)
         lines: list[bytes] = []
         for line in lines_until_damaged(handle, damage):
