@@ -179,6 +179,17 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
     return result
 
 
+def _rates(events: int, seconds: float, cpu_s: float) -> dict[str, Any]:
+    """The figures of a backlog case: events/s by wall clock and CPU per event (process CPU)."""
+    return {
+        "events": events,
+        "seconds": seconds,
+        "events_per_s": events / seconds,
+        "cpu_us_per_event": cpu_s / events * 1e6,
+        "events_per_cpu_s": events / cpu_s,
+    }
+
+
 def bench_consume_only(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
     """The floor under any confluent-kafka stream processor: read the events and do nothing else.
 
@@ -210,14 +221,7 @@ def bench_consume_only(settings: Settings, payloads: list[bytes]) -> dict[str, A
         consumer.close()
     if read < len(payloads):
         raise RuntimeError(f"read {read} of {len(payloads)} events within 120 s")
-    seconds, cpu = end[0] - start[0], end[1] - start[1]
-    return {
-        "events": read,
-        "seconds": seconds,
-        "events_per_s": read / seconds,
-        "cpu_us_per_event": cpu / read * 1e6,
-        "events_per_cpu_s": read / cpu,
-    }
+    return _rates(read, end[0] - start[0], end[1] - start[1])
 
 
 def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, Any]:
@@ -252,14 +256,7 @@ def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, An
     app.run()
     if len(marks) < 2:
         marks.append((time.perf_counter(), time.process_time()))
-    seconds, cpu = marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1]
-    return {
-        "events": seen[0],
-        "seconds": seconds,
-        "events_per_s": seen[0] / seconds,
-        "cpu_us_per_event": cpu / seen[0] * 1e6,
-        "events_per_cpu_s": seen[0] / cpu,
-    }
+    return _rates(seen[0], marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1])
 
 
 def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None:
