@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION
-from streams.engine.state import GroupState
+from streams.engine.state import GroupState, event_type_codes
 
 _FORMAT = 2  # 2: keys routed by streams.engine.keys.string_hashes (1: pandas' SipHash)
 
@@ -83,8 +83,9 @@ class ShardState:
         if rows.num_rows == 0:
             return {}
         changed: dict[str, pa.Table] = {}
+        type_codes = event_type_codes(rows.column("type"))
         for state in self.groups:
-            table = state.apply(rows)
+            table = state.apply(rows, type_codes)
             if table is not None and table.num_rows:
                 changed[state.group.name] = table
         self._max_time = max(self._max_time, int(pc.max(rows.column("event_time_ms")).as_py()))
