@@ -208,19 +208,30 @@ def _valid(array: pa.Array) -> npt.NDArray[np.bool_]:
     return np.asarray(array.is_valid().to_numpy(zero_copy_only=False), np.bool_)
 
 
-def _int64_values(array: pa.Array) -> pa.Array:
+def _int64_matrix(array: pa.Array) -> tuple[U8Array, I64Array]:
+    """``Value(int64_val=...)`` per row as a byte matrix and each row's length (0: null)."""
     present = _valid(array)
     numbers = np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
-    return _tagged_varints(_INT64_TAG, numbers, present)
+    matrix, lengths = _headed_varints(bytes([_INT64_TAG]), numbers)
+    return matrix, np.where(present, lengths, 0)
 
 
-def _double_values(array: pa.Array) -> pa.Array:
+def _double_matrix(array: pa.Array) -> tuple[U8Array, I64Array]:
+    """``Value(double_val=...)`` per row as a byte matrix and each row's length (0: null or NaN)."""
     numbers = np.asarray(array.fill_null(0.0).to_numpy(zero_copy_only=False), np.float64)
     present = _valid(array) & ~np.isnan(numbers)  # Feast stores NaN as null (an empty Value)
     matrix = np.empty((len(numbers), 9), np.uint8)
     matrix[:, 0] = _DOUBLE_TAG
     matrix[:, 1:] = np.ascontiguousarray(numbers.astype("<f8")).view(np.uint8).reshape(-1, 8)
-    return _prefix_rows(matrix, np.where(present, 9, 0))
+    return matrix, np.where(present, 9, 0)
+
+
+def _int64_values(array: pa.Array) -> pa.Array:
+    return _prefix_rows(*_int64_matrix(array))
+
+
+def _double_values(array: pa.Array) -> pa.Array:
+    return _prefix_rows(*_double_matrix(array))
 
 
 def _string_list_values(array: pa.Array) -> pa.Array:
@@ -318,6 +329,12 @@ def _encode_by_type(layout: _GroupLayout, rows: pa.Table) -> list[_EncodedBlock]
     return blocks
 
 
+# The types whose values fit a byte matrix (at most a few bytes each): their RESP pieces
+# are laid out in one matrix and cut out by one mask (see _bulk_rows).
+_MATRIX_ENCODERS: dict[FeatureType, Callable[[pa.Array], tuple[U8Array, I64Array]]] = {
+    "int64": _int64_matrix,
+    "float64": _double_matrix,
+}
 _ENCODERS = {
     "int64": _int64_values,
     "float64": _double_values,
@@ -807,6 +824,24 @@ class _Store:
                     self._redis = None
 
 
+def _decimal_digits(numbers: I64Array) -> I64Array:
+    """How many decimal digits each non-negative number has."""
+    digits = np.ones(len(numbers), np.int64)
+    longest = int(numbers.max(initial=0))
+    for power in range(1, 19):
+        if 10**power > longest:
+            break
+        digits += numbers >= 10**power
+    return digits
+
+
+def _write_decimals(matrix: U8Array, start: int, numbers: I64Array, digits: I64Array) -> None:
+    """Write each number's decimal digits into ``matrix[i, start : start + digits[i]]``."""
+    for column in range(int(digits.max(initial=1))):
+        place = digits - 1 - column  # decimal place written in this column (negative: past the end)
+        matrix[:, start + column] = (numbers // 10 ** np.maximum(place, 0)) % 10 + ord("0")
+
+
 def _bulk(values: pa.Array, prefixes: U8Array | None = None) -> pa.Array:
     """RESP bulk strings: ``$<len>\\r\\n<bytes>\\r\\n`` for each value, after ``prefixes[i]`` if given.
 
@@ -814,25 +849,44 @@ def _bulk(values: pa.Array, prefixes: U8Array | None = None) -> pa.Array:
     writer puts each value's hash field there, itself a bulk string, in the same pass).
     """
     lengths = np.asarray(pc.binary_length(values).to_numpy(zero_copy_only=False), np.int64)
-    digits = np.ones(len(lengths), np.int64)
-    longest = int(lengths.max(initial=0))
-    for power in range(1, 19):
-        if 10**power > longest:
-            break
-        digits += lengths >= 10**power
+    digits = _decimal_digits(lengths)
     width = int(digits.max(initial=1))
     skip = 0 if prefixes is None else prefixes.shape[1]
     matrix = np.empty((len(lengths), skip + width + 3), np.uint8)
     if prefixes is not None:
         matrix[:, :skip] = prefixes
     matrix[:, skip] = ord("$")
-    for column in range(width):
-        place = digits - 1 - column  # decimal place written in this column (negative: past the end)
-        matrix[:, skip + column + 1] = (lengths // 10 ** np.maximum(place, 0)) % 10 + ord("0")
+    _write_decimals(matrix, skip + 1, lengths, digits)
     rows = np.arange(len(lengths))
     matrix[rows, skip + digits + 1] = ord("\r")
     matrix[rows, skip + digits + 2] = ord("\n")
     return _join(_prefix_rows(matrix, skip + digits + 3), values, _const(b"\r\n"))
+
+
+def _bulk_rows(prefixes: U8Array, values: U8Array, lengths: I64Array) -> pa.Array:
+    """:func:`_bulk` of ``values[i, :lengths[i]]`` after ``prefixes[i]``, from byte matrices.
+
+    Why: for values of a few bytes (numbers), encoding them as an Arrow array and then
+    joining header, value and line end row by row cost most of a live worker's Redis
+    writes. Here every row's bytes are laid out in one matrix, prefix | ``$`` | length
+    digits | CRLF | value | CRLF, and one boolean mask cuts out the bytes each row uses.
+    """
+    skip, value_width = prefixes.shape[1], values.shape[1]
+    digits = _decimal_digits(lengths)
+    width = int(digits.max(initial=1))
+    crlf = skip + 1 + width  # where the first line end starts
+    start = crlf + 2  # where the value starts
+    matrix = np.empty((len(lengths), start + value_width + 2), np.uint8)
+    matrix[:, :skip] = prefixes
+    matrix[:, skip] = ord("$")
+    _write_decimals(matrix, skip + 1, lengths, digits)
+    matrix[:, crlf : crlf + 2] = (ord("\r"), ord("\n"))
+    matrix[:, start : start + value_width] = values
+    matrix[:, -2:] = (ord("\r"), ord("\n"))
+    used = np.ones(matrix.shape, dtype=bool)
+    used[:, skip + 1 : crlf] = np.arange(width) < digits[:, None]
+    used[:, start : start + value_width] = np.arange(value_width) < lengths[:, None]
+    return _binary(matrix[used], _offsets(skip + digits + lengths + 5))
 
 
 def _hset_header(features: int) -> bytes:
@@ -1105,9 +1159,13 @@ class OnlineFeatureWriter:
             values = pa.concat_arrays([_column(rows, name, layout.arrow_types[name]) for name in names])
             if not picked.all():
                 values = values.filter(pa.array(picked))
-            fields = np.repeat(np.stack([layout.field_bulks[name] for name in names]), n, axis=0)[picked]
-            pieces.append(_bulk(_ENCODERS[feature_type](values), fields))
             entry = np.flatnonzero(picked)
+            fields = np.stack([layout.field_bulks[name] for name in names])[entry // n]
+            to_matrix = _MATRIX_ENCODERS.get(feature_type)
+            if to_matrix is not None:
+                pieces.append(_bulk_rows(fields, *to_matrix(values)))
+            else:
+                pieces.append(_bulk(_ENCODERS[feature_type](values), fields))
             row, column = entry % n, np.asarray(columns)[entry // n]
             destinations.append(starts[row] + ranks[row, column])
         order = np.empty(int(counts.sum()) + n, np.int64)

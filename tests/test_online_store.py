@@ -396,6 +396,26 @@ def test_double_encoding_matches_protobuf(values: list[float]) -> None:
 
 
 @PROPERTY
+@given(
+    st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=40),
+    st.lists(st.one_of(st.none(), st.floats()), min_size=1, max_size=40),
+)
+def test_number_bulk_strings_from_matrices_match_the_arrow_path(
+    ints: list[int | None], doubles: list[float | None]
+) -> None:
+    """The Redis writer lays numbers' RESP pieces out in one byte matrix; the bytes must be those
+    of encoding each value and joining its bulk string row by row."""
+    from features import online
+
+    for values, kind in ((ints, "int64"), (doubles, "float64")):
+        array = pa.array(values, pa.int64() if kind == "int64" else pa.float64())
+        prefixes = np.frombuffer(bytes(range(len(values) * 3)), np.uint8).reshape(len(values), 3)
+        from_matrix = online._bulk_rows(prefixes, *online._MATRIX_ENCODERS[kind](array))
+        joined = online._bulk(online._ENCODERS[kind](array), prefixes)
+        assert from_matrix.to_pylist() == joined.to_pylist()
+
+
+@PROPERTY
 @given(st.lists(st.one_of(st.none(), st.lists(st.text(max_size=30), max_size=8)), min_size=1, max_size=20))
 def test_string_list_encoding_matches_protobuf(values: list[list[str] | None]) -> None:
     from feast.protos.feast.types.Value_pb2 import StringList, Value
