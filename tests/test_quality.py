@@ -89,6 +89,29 @@ def test_aggregate_beats_naive_attribution_and_accepts_shares() -> None:
     assert np.abs(report.matrix - expected).mean() < 0.5 * np.abs(naive - expected).mean()
 
 
+def test_aggregate_says_why_labels_spelled_unlike_the_categories_get_no_precision() -> None:
+    """The matrix needs no shared vocabulary; precision, recall and accuracy pair same-named values,
+    so a report without them must say why."""
+    truth, label = _world(50_000, seed=6)
+    upper = [c.upper() for c in CATS]
+    mix, vendor = simulate_campaigns(np.random.default_rng(7), label, truth, upper, CATS, 40)
+    report = assess_aggregate(mix, vendor, bootstrap=50)
+    assert report.labels == upper and report.categories == CATS
+    assert np.isfinite(report.matrix).all()
+    assert report.accuracy is None and all(m.precision is None for m in report.metrics.values())
+    assert any("no label is spelled like any true category" in note for note in report.notes), report.notes
+    assert "no label is spelled" in report.describe()
+
+    partial = [CATS[0], CATS[1], "other"]
+    mix, vendor = simulate_campaigns(np.random.default_rng(7), label, truth, partial, CATS, 40)
+    report = assess_aggregate(mix, vendor, bootstrap=50)
+    assert report.metrics["a"].precision is not None and report.metrics["c"].precision is None
+    assert any("no label named like category 'c'" in note for note in report.notes), report.notes
+
+    mix, vendor = simulate_campaigns(np.random.default_rng(7), label, truth, CATS, CATS, 40)
+    assert not any("no label" in note for note in assess_aggregate(mix, vendor, bootstrap=50).notes)
+
+
 def _mixes_table(mixes: list[np.ndarray], matrix: np.ndarray, seed: int) -> tuple[pa.Table, pa.Table]:
     rng = np.random.default_rng(seed)
     mix: dict[str, list[Any]] = {"campaign_id": [], "label": [], "share": []}

@@ -44,7 +44,13 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from estimation.quality.inputs import SHARE_TOLERANCE, AggregateData, QualityInputError, aggregate_inputs
+from estimation.quality.inputs import (
+    SHARE_TOLERANCE,
+    AggregateData,
+    QualityInputError,
+    aggregate_inputs,
+    listed,
+)
 from estimation.quality.report import CategoryMetrics, QualityReport
 from estimation.quality.stats import condition_text, t_quantile
 
@@ -279,6 +285,7 @@ def assess_data(
         "label distribution for recall and accuracy: "
         + ("as given" if label_shares else "pooled over the campaigns' reached users (not the population)"),
     ]
+    notes.extend(_unmatched_categories_notes(data))
     details: dict[str, Any] = {
         "campaigns": n_campaigns,
         "truth_input": data.truth_kind,
@@ -327,6 +334,25 @@ def assess_data(
         notes=notes,
         details=details,
     )
+
+
+def _unmatched_categories_notes(data: AggregateData) -> list[str]:
+    """Why precision, recall or accuracy may be missing: they pair a label with the category
+    of the same name, and the two files need not spell their values alike (the matrix itself
+    does not need that)."""
+    unmatched = [category for category in data.categories if category not in data.labels]
+    if not unmatched:
+        return []
+    if len(unmatched) == len(data.categories):
+        return [
+            f"no label is spelled like any true category (labels {listed(data.labels)}; categories "
+            f"{listed(data.categories)}): the matrix is estimated, but precision, recall and accuracy "
+            "pair a label with the category of the same name; spell both files' values alike to get them"
+        ]
+    return [
+        f"no label named like categor{'y' if len(unmatched) == 1 else 'ies'} {listed(unmatched)}: "
+        "no precision or recall for them (they pair a label with the category of the same name)"
+    ]
 
 
 def _label_distribution(

@@ -113,7 +113,8 @@ def _amounts(table: pa.Table, role: str) -> tuple[NDArray[np.float64], AmountKin
     return values, ("shares" if has_share else "counts")
 
 
-def _listed(values: list[str]) -> str:
+def listed(values: list[str]) -> str:
+    """Up to ``MAX_LISTED`` values, quoted, for an error message or a note."""
     shown = ", ".join(repr(v) for v in values[:MAX_LISTED])
     return shown + (f" and {len(values) - MAX_LISTED} more" if len(values) > MAX_LISTED else "")
 
@@ -150,7 +151,7 @@ def user_inputs(labels: pa.Table, truth: pa.Table) -> UserData:
             counts = pc.value_counts(ids)
             repeated = [str(v["values"]) for v in counts.to_pylist() if v["counts"] > 1]
             raise QualityInputError(
-                f"{role} lists a user_id more than once ({_listed(repeated)}); one categorical "
+                f"{role} lists a user_id more than once ({listed(repeated)}); one categorical "
                 "attribute per file, one row per user"
             )
     weight = None
@@ -177,8 +178,8 @@ def user_inputs(labels: pa.Table, truth: pa.Table) -> UserData:
         # Not one label could ever be right: the two files spell the attribute differently
         # (booleans read as 'true'/'false' against 'True'/'False' or 1/0 labels, say).
         raise QualityInputError(
-            f"the provider's labels ({_listed(labels_seen)}) and the panel's truth values "
-            f"({_listed(categories)}) have no value in common; both files must spell the "
+            f"the provider's labels ({listed(labels_seen)}) and the panel's truth values "
+            f"({listed(categories)}) have no value in common; both files must spell the "
             "attribute's values the same way"
         )
     label = pc.fill_null(pc.index_in(joined, value_set=pa.array(labels_seen)), -1).to_numpy()
@@ -245,11 +246,11 @@ def _wide(
             )
             raise QualityInputError(
                 f"{role} shares must sum to 1 per campaign (within {tolerance}); they do not for "
-                f"{len(bad)} campaign(s): {_listed(bad)}{hint}"
+                f"{len(bad)} campaign(s): {listed(bad)}{hint}"
             )
     elif (totals <= 0).any():
         bad = [campaign_names[i] for i in np.flatnonzero(totals <= 0)]
-        raise QualityInputError(f"{role} counts are all 0 for campaign(s) {_listed(bad)}")
+        raise QualityInputError(f"{role} counts are all 0 for campaign(s) {listed(bad)}")
     return campaign_names, key_names, wide, totals, kind
 
 
@@ -262,13 +263,13 @@ def aggregate_inputs(mix: pa.Table, truth: pa.Table, *, tolerance: float = SHARE
     unknown = sorted(set(truth_campaigns) - set(mix_campaigns))
     if unknown:
         raise QualityInputError(
-            f"TRUTH has {len(unknown)} campaign(s) that MIX does not know: {_listed(unknown)}; "
+            f"TRUTH has {len(unknown)} campaign(s) that MIX does not know: {listed(unknown)}; "
             "every measured campaign needs its label mix"
         )
     unmeasured = sorted(set(mix_campaigns) - set(truth_campaigns))
     if unmeasured:
         raise QualityInputError(
-            f"MIX has {len(unmeasured)} campaign(s) with no TRUTH: {_listed(unmeasured)}; "
+            f"MIX has {len(unmeasured)} campaign(s) with no TRUTH: {listed(unmeasured)}; "
             "drop them or add the vendor's measurement"
         )
     mix_share = mix_wide / mix_wide.sum(axis=1, keepdims=True)
