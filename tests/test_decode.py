@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -65,6 +66,15 @@ def test_bad_messages_are_isolated_with_their_reasons_and_the_rest_decoded() -> 
         assert isinstance(rejected[index], kind), (index, rejected[index])
         assert fragment.lower() in str(rejected[index]).lower(), (index, rejected[index])
     assert isinstance(rejected[3 + len(BAD)], MalformedJSONError)  # the empty message
+    # Columns are built with the garbage collector paused; a bad event time (an exception
+    # inside that block) must leave it running, and a caller's own pause must stay.
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        EventDecoder().decode(values)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_batch_decoded_in_chunks_equals_one_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
