@@ -867,8 +867,8 @@ def _bulk_rows(prefixes: U8Array, values: U8Array, lengths: I64Array) -> pa.Arra
     """:func:`_bulk` of ``values[i, :lengths[i]]`` after ``prefixes[i]``, from byte matrices.
 
     Why: for values of a few bytes (numbers), encoding them as an Arrow array and then
-    joining header, value and line end row by row cost most of a live worker's Redis
-    writes. Here every row's bytes are laid out in one matrix, prefix | ``$`` | length
+    joining header, value and line end row by row was the largest part of a live worker's
+    Redis writes. Here every row's bytes are laid out in one matrix, prefix | ``$`` | length
     digits | CRLF | value | CRLF, and one boolean mask cuts out the bytes each row uses.
     """
     skip, value_width = prefixes.shape[1], values.shape[1]
