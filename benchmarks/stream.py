@@ -24,7 +24,10 @@ Cases, in one run against one embedded broker:
   generator (templated JSON, the SDK's librdkafka settings and keys, no per-event
   validation), as it shares the two cores with the broker, Redis and the engine; like a
   long-lived producer it is connected before the rate starts (its first event, delivered
-  first, takes about a second: a new producer's connection and id).
+  first, takes about a second: a new producer's connection and id). Each run also reports
+  the CPU seconds the engine, the broker, Redis and the feeder used while the feeder sent:
+  they share the machine's cores, and when together they need more, the backlog that
+  builds up, not the engine's cycle, sets the freshness.
 
 "Per core": the end-to-end cases also report the CPU time the engine process used
 (all its threads, librdkafka's included) and, for Redis, the Redis server's, per event;
@@ -43,11 +46,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -259,7 +264,7 @@ def bench_quixstreams(settings: Settings, payloads: list[bytes]) -> dict[str, An
     return _rates(seen[0], marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1])
 
 
-def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None:
+def _feed(settings: Settings, rate: int, seconds: float, delay_s: float, window: _TrafficWindow) -> None:
     """Produce impressions at ``rate`` per second with event time = now (runs in its own process).
 
     A lean load generator: the JSON is formatted from a template and sent with the SDK's
@@ -267,6 +272,7 @@ def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None
     per-event validation (these events are valid by construction). Producers run on
     their own machines in production; here the feeder shares two cores with the broker,
     Redis and the engine, so every microsecond it spends is taken from what is measured.
+    ``window`` is told when the rate starts and ends, and the CPU the feeder used meanwhile.
     """
     from confluent_kafka import Producer
 
@@ -286,6 +292,8 @@ def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None
     if producer.flush(30.0):
         raise RuntimeError("the feeder could not deliver its first event")
     sent = 0
+    cpu_start = time.process_time()
+    window.started.set()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         due = int((time.perf_counter() - start) * rate)
@@ -306,9 +314,44 @@ def _feed(settings: Settings, rate: int, seconds: float, delay_s: float) -> None
         time.sleep(0.002)
     if producer.flush(30.0):
         raise RuntimeError("the feeder's events were not all delivered")
+    window.feeder_cpu_s.value = time.process_time() - cpu_start
+    window.ended.set()
 
 
-def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, Any]:
+@dataclass
+class _TrafficWindow:
+    """Signals from the feeder's process: its rate started, it ended, its CPU meanwhile."""
+
+    started: Any  # multiprocessing Events and a Value("d") of the spawn context
+    ended: Any
+    feeder_cpu_s: Any
+
+    @classmethod
+    def new(cls, context: Any) -> _TrafficWindow:
+        return cls(context.Event(), context.Event(), context.Value("d", 0.0))
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds process ``pid`` has used so far (user + system, from /proc), or None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_freshness(
+    settings: Settings, rate: int, seconds: float, broker_pid: int | None = None
+) -> dict[str, Any]:
+    """Freshness at ``rate`` events/s, and the CPU each process used while the traffic ran.
+
+    Why the CPU: the feeder, the broker (``broker_pid``), Redis and the engine share two
+    cores here, and once they need more than that, the backlog, not the engine's cycle,
+    sets the freshness; the CPU-seconds over the traffic's seconds say how close to that
+    the run was.
+    """
     settings = _fresh(settings, "fresh")
     features = settings.features.model_copy(
         update={"online_store": "redis", "project": f"bench_{uuid.uuid4().hex[:8]}"}
@@ -316,8 +359,17 @@ def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, 
     stream = settings.stream.model_copy(update={"flush_interval_ms": 200, "batch_timeout_ms": 20})
     settings = settings.model_copy(update={"features": features, "stream": stream})
     worker = StreamWorker(settings)
-    feeder = multiprocessing.get_context("spawn").Process(target=_feed, args=(settings, rate, seconds, 8.0))
+    context = multiprocessing.get_context("spawn")
+    window = _TrafficWindow.new(context)
+    feeder = context.Process(target=_feed, args=(settings, rate, seconds, 8.0, window))
     feeder.start()
+    readings: dict[str, Any] = {}
+
+    def read_cpu_around_traffic() -> None:
+        if window.started.wait(120.0):
+            readings["start"] = (time.perf_counter(), _cpu_readings(settings, broker_pid))
+            if window.ended.wait(seconds + 120.0):
+                readings["end"] = (time.perf_counter(), _cpu_readings(settings, broker_pid))
 
     def stop_after_feeder() -> None:
         feeder.join()
@@ -325,10 +377,20 @@ def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, 
         worker.stop()
 
     stopper = threading.Thread(target=stop_after_feeder)
+    reader = threading.Thread(target=read_cpu_around_traffic, daemon=True)
     stopper.start()
+    reader.start()
     stats = worker.run(max_seconds=seconds + 60)
     stopper.join()
+    reader.join(timeout=5.0)
     _drop_redis_project(settings)
+    traffic: dict[str, Any] = {}
+    if "start" in readings and "end" in readings:
+        (t0, before), (t1, after) = readings["start"], readings["end"]
+        traffic = {
+            "traffic_s": t1 - t0,
+            "cpu_s": {**_cpu_used(before, after), "feeder": float(window.feeder_cpu_s.value)},
+        }
     samples = np.asarray(stats.freshness_ms)  # in the order the cycles stored them
     steady = samples[len(samples) // 4 :]
     return {
@@ -339,7 +401,25 @@ def bench_freshness(settings: Settings, rate: int, seconds: float) -> dict[str, 
         "p99_ms": float(np.percentile(samples, 99)) if samples.size else None,
         "steady_p50_ms": float(np.percentile(steady, 50)) if steady.size else None,
         "steady_p99_ms": float(np.percentile(steady, 99)) if steady.size else None,
+        **traffic,
     }
+
+
+def _cpu_readings(settings: Settings, broker_pid: int | None) -> dict[str, float | None]:
+    """CPU seconds so far: this process (the engine, all its threads), the broker, Redis."""
+    return {
+        "engine": time.process_time(),
+        "broker": _process_cpu_s(broker_pid),
+        "redis": _redis_cpu_s(settings),
+    }
+
+
+def _cpu_used(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
+    used: dict[str, float | None] = {}
+    for name, start in before.items():
+        end = after[name]
+        used[name] = None if start is None or end is None else end - start
+    return used
 
 
 def main() -> None:
@@ -368,7 +448,7 @@ def main() -> None:
             quix: dict[str, Any] = bench_quixstreams(settings, payloads)
         except Exception as exc:  # the peer failing must not hide our figures; report it
             quix = {"error": f"{type(exc).__name__}: {exc}"}
-        fresh = [bench_freshness(settings, rate, live_s) for rate in rates]
+        fresh = [bench_freshness(settings, rate, live_s, broker.status().pid) for rate in rates]
     finally:
         broker.stop()
     quix_rate = quix.get("events_per_s")
@@ -443,6 +523,7 @@ def main() -> None:
             "p99 ms",
             "after warm-up: p50",
             "p99",
+            "CPU s while fed: engine / broker / Redis / feeder (of s)",
         ],
         [
             [
@@ -453,11 +534,19 @@ def main() -> None:
                     f"{f[k]:,.0f}" if f[k] is not None else "-"
                     for k in ("p50_ms", "p99_ms", "steady_p50_ms", "steady_p99_ms")
                 ),
+                " / ".join("-" if v is None else f"{v:.1f}" for v in f["cpu_s"].values())
+                + f" ({f['traffic_s']:.0f})"
+                if "cpu_s" in f
+                else "-",
             ]
             for f in fresh
         ],
     )
     print("(after warm-up: without the first quarter of each run's samples; the target is judged on all)")
+    print(
+        "(CPU s: used by each process while the feeder sent; they share the machine's "
+        f"{os.cpu_count()} cores: near cores x seconds, the backlog sets the freshness)"
+    )
     path = write_results(
         "stream",
         {
