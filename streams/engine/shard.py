@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
-from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION
-from streams.engine.state import GroupState, event_type_codes
+from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION, event_type_codes
+from streams.engine.state import GroupState
 
 _FORMAT = 2  # 2: keys routed by streams.engine.keys.string_hashes (1: pandas' SipHash)
 

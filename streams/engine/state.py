@@ -49,9 +49,8 @@ from numpy.typing import NDArray
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
 from features.online import CHANGED_COLUMN
 from streams.engine.keys import KeyIndex
-from streams.engine.router import MASK_COLUMN, key_column
+from streams.engine.router import MASK_COLUMN, event_type_codes, key_column, of_types
 from streams.engine.runs import SortedRuns
-from streams.events import EVENT_TYPE_NAMES
 
 TILE_MS = TILE_SECONDS * 1000
 TILE_BITS = 27  # tile numbers (minutes since 1970) stay below 2**27 until the 2200s
@@ -200,20 +199,6 @@ class _LastN:
         self.slot_of[kept_ids] = np.arange(len(kept_ids))
 
 
-_EVENT_TYPES = pa.array(EVENT_TYPE_NAMES, pa.string())
-
-
-def event_type_codes(types: pa.Array | pa.ChunkedArray) -> NDArray[np.int8]:
-    """Each row's event type as its index in :data:`~streams.events.EVENT_TYPE_NAMES` (-1: unknown).
-
-    Computed once per shipped batch and shared by its groups' states: every aggregation
-    selects its event types by a lookup in these codes instead of its own Arrow ``is_in``
-    over the type strings (tens of microseconds each, per shard, group and aggregation).
-    """
-    codes = pc.index_in(types, value_set=_EVENT_TYPES).fill_null(-1)
-    return np.asarray(codes.to_numpy(), dtype=np.int8)
-
-
 def _end_tile(latest_ms: _I64) -> _I64:
     """The tile after each entity's latest event: where its windows end (features are as of then)."""
     return latest_ms // TILE_MS + 1
@@ -290,7 +275,7 @@ class GroupState:
             for a in self.additive
             if a.kind == "sum" and a.event_types in counts
         }
-        self._plan_emission()
+        self._emission = self._plan_emission()
         self.values = {a.name: KeyIndex() for a in self.distinct}
         self.seen = {a.name: SortedRuns(1, np.int64) for a in self.distinct}  # pair code -> last tile
         self.lasts = {a.name: _LastN(a.n) for a in self.last_n}
@@ -417,9 +402,7 @@ class GroupState:
     def _mask(aggregation: Aggregation, batch: _Batch) -> NDArray[np.bool_]:
         found = batch.type_masks.get(aggregation.event_types)
         if found is None:
-            counted = np.zeros(len(EVENT_TYPE_NAMES) + 1, dtype=bool)  # the last entry: code -1
-            counted[[EVENT_TYPE_NAMES.index(name) for name in aggregation.event_types]] = True
-            found = counted[batch.type_codes]
+            found = of_types(batch.type_codes, aggregation.event_types)
             batch.type_masks[aggregation.event_types] = found
         return found
 
@@ -534,12 +517,9 @@ class GroupState:
 
     # -- reading features ----------------------------------------------------------------
 
-    def features(self, ids: _I64, keys: pa.Array) -> pa.Table:
-        """Features of entities ``ids`` (named ``keys``) as of the end of each one's latest tile."""
-        return self._features_and_rates(ids, keys)[0]
-
     def _features_and_rates(self, ids: _I64, keys: pa.Array) -> tuple[pa.Table, _F64]:
-        """:meth:`features`, and its rates as a (ratio, window, entity) array (for ``_changed_features``).
+        """Features of entities ``ids`` (named ``keys``) as of the end of each one's latest tile, and
+        their rates as a (ratio, window, entity) array (for ``_changed_features``).
 
         The window sums are turned column-major once, so each feature column is one
         contiguous slice and each kind of arithmetic (rounding counts, zeroing empty sums,
@@ -582,7 +562,7 @@ class GroupState:
                 columns[f"{ratio.name}_{window.name}"] = feature("rate", r, w)
         return pa.table(columns), rates
 
-    def _plan_emission(self) -> None:
+    def _plan_emission(self) -> _EmissionPlan:
         """Where each feature of ``group.features()`` comes from, as index arrays (see ``_EmissionPlan``)."""
         group = self.group
         windows = len(group.windows)
@@ -600,7 +580,7 @@ class GroupState:
             supports.append(self._support.get(aggregation.name, column))
         ratio_rows = [position[f"{r.name}_{w.name}"] for r in group.ratios for w in group.windows]
         index = self.columns.index
-        self._emission = _EmissionPlan(
+        return _EmissionPlan(
             width=len(position) + 1,
             window_rows=np.asarray(rows, dtype=np.int64).reshape(-1, windows),
             window_columns=np.asarray(columns, dtype=np.int64),
