@@ -186,7 +186,7 @@ def kafka_python(settings: Settings, lines: list[bytes]) -> tuple[int, float]:
     producer = KafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
-        linger_ms=settings.producer.linger_ms,
+        linger_ms=settings.producer_linger_ms,
         batch_size=settings.producer.batch_size_bytes,
         enable_idempotence=True,
     )

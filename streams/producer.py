@@ -311,7 +311,7 @@ def producer_config(settings: Settings) -> dict[str, object]:
         "enable.idempotence": True,
         "acks": "all",
         "partitioner": "murmur2_random",
-        "linger.ms": p.linger_ms,
+        "linger.ms": settings.producer_linger_ms,
         "batch.size": p.batch_size_bytes,
         "queue.buffering.max.messages": p.queue_max_messages,
         "compression.type": p.compression,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from kafka_helpers import consume
 
-from infra.settings import Settings
+from infra.settings import CLUSTER_LINGER_MS, EMBEDDED_BROKER_LINGER_MS, Settings, load_settings
 from streams import EventProducer, Impression, InvalidEventError, SchemaViolationError, validate_json
-from streams.producer import HEADER_ERROR_CLASS, HEADER_REASON, HEADER_SOURCE, DeliveryError
+from streams.producer import HEADER_ERROR_CLASS, HEADER_REASON, HEADER_SOURCE, DeliveryError, producer_config
 
 T0 = datetime(2026, 1, 5, 10, tzinfo=UTC)
 
@@ -149,3 +150,13 @@ def test_an_event_too_large_for_kafka_is_a_delivery_failure_and_the_others_are_d
     assert (producer.stats.sent, producer.stats.delivered, producer.stats.failed) == (7, 6, 1)
     delivered = consume(kafka, kafka.kafka.topics.events, expected=6)
     assert sorted(validate_json(r.value).event_id for r in delivered) == [f"imp-{i}" for i in range(6)]
+
+
+def test_batches_wait_longer_on_the_embedded_broker_unless_linger_is_set(tmp_path: Path) -> None:
+    # The embedded broker's fetches cost per stored batch (see ProducerSettings.linger_ms).
+    embedded = load_settings(state_dir=tmp_path)
+    cluster = load_settings(state_dir=tmp_path, kafka={"bootstrap_servers": "kafka-1:9092"})
+    explicit = load_settings(state_dir=tmp_path, producer={"linger_ms": 7})
+    assert producer_config(embedded)["linger.ms"] == EMBEDDED_BROKER_LINGER_MS
+    assert producer_config(cluster)["linger.ms"] == CLUSTER_LINGER_MS
+    assert producer_config(explicit)["linger.ms"] == 7
