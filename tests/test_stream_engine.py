@@ -493,3 +493,21 @@ def test_lag_is_not_known_until_the_end_offsets_are_and_is_zero_once_caught_up(s
     assert seen[-1] == (len(payloads), 0)
     unread = [lag for events, lag in seen if events < len(payloads)]
     assert all(lag is None or lag > 0 for lag in unread), seen
+
+
+def test_a_cycle_ships_each_shard_at_most_one_record_however_many_reads_it_took(stream: Settings) -> None:
+    """Events are routed once per cycle: every routing ships one repartition record per shard,
+    and reads of a few events each (live traffic, here forced by 50-event micro-batches)
+    used to ship one per read. The features stay exactly the reference's."""
+    from streams.engine.worker import StreamWorker
+
+    cycles = {"batch_max_events": 50, "flush_interval_ms": 1_000, "backlog_flush_interval_ms": 1_000}
+    settings = stream.model_copy(update={"stream": stream.stream.model_copy(update=cycles)})
+    payloads = simulated_payloads(users=300, events=3_000, seed=5)
+    produce(settings, payloads)
+    stats = StreamWorker(settings).run(idle_exit_s=2.0)
+    assert stats.events == len(payloads)
+    assert 0 < stats.repartition_records <= settings.stream.repartition_partitions * stats.cycles, stats
+    assert stats.cycles < len(payloads) // 50  # (many reads per cycle, or this would test nothing)
+    events, _ = expected_events(settings, consume(settings, settings.kafka.topics.events, len(payloads)))
+    assert_features_match(settings, events)

@@ -2,9 +2,10 @@
 
 One worker process is one member of a Kafka consumer group reading two topics:
 
-1. the **events** topic: micro-batches are decoded (:mod:`~streams.engine.decode`),
-   malformed and too-late events are dead-lettered with the reason, and the rest are
-   routed by entity to the **repartition** topic (:mod:`~streams.engine.router`);
+1. the **events** topic: the events a cycle read (while catching up, every 20,000) are
+   decoded (:mod:`~streams.engine.decode`), malformed and too-late events are
+   dead-lettered with the reason, and the rest are routed by entity to the
+   **repartition** topic (:mod:`~streams.engine.router`);
 2. the **repartition** topic: each partition is a shard whose windowed state lives in
    its own checkpoint file (:mod:`~streams.engine.shard`); rows are folded in and the
    changed entities' features are written to Feast (:mod:`~streams.engine.sink`).
@@ -64,6 +65,10 @@ _MAX_SHIP_ROWS = 4_000  # rows per repartition record (~0.4 MB of ids and amount
 # with long texts (queries up to 1,024 characters) make records of fewer rows.
 _MAX_SHIP_BYTES = 900_000
 _MAX_PENDING_ROWS = 1_000_000  # shipped rows held for the next cycle (a backlog cycle ends here)
+# Events read are routed once per cycle, or as soon as this many wait (a backlog's reads):
+# each routing ships one repartition record per shard, and on the embedded broker every
+# record batch stays an object that later fetches list (see ProducerSettings.linger_ms).
+_ROUTE_EVENTS = 20_000
 _COMPACT_EVERY_S = 30.0
 _UNREACHED_END_GRACE_S = 60.0  # see StreamWorker._end_reached
 _FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
@@ -85,6 +90,8 @@ class StreamStats:
     """Events dropped as too far ahead of the worker's clock (``stream.max_future_s``)."""
     malformed: int = 0
     feature_rows: int = 0
+    repartition_records: int = 0
+    """Records shipped to the repartition topic (at most one per shard and cycle, unless a backlog's)."""
     cycles: int = 0
     store_retries: int = 0
     freshness_ms: list[float] = field(default_factory=list)
@@ -189,6 +196,7 @@ class StreamWorker:
         self._router_checkpoints = _RouterCheckpoints(self._state_dir / "routers")
         self._watermarks: dict[int, int] = {}
         self._router_next: dict[int, int] = {}  # routed but not yet checkpointed
+        self._unrouted: list[Message] = []  # events read, to be routed (see _ROUTE_EVENTS)
         self._shards: dict[int, ShardState] = {}
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
@@ -262,6 +270,7 @@ class StreamWorker:
                     now - last_flush >= (backlog_flush_every if behind else flush_every)
                     or self._pending_rows >= _MAX_PENDING_ROWS
                 ):
+                    self._route_unrouted()
                     self._read_own_shipments(timeout_s=flush_every)
                     self.checkpoint()
                     last_flush = now
@@ -323,7 +332,14 @@ class StreamWorker:
                     self._pending_rows += rows.num_rows
                 self._pending_next[partition] = message.offset() + 1
         if events:
-            self._route(events)
+            self._unrouted.extend(events)
+            if len(self._unrouted) >= _ROUTE_EVENTS:
+                self._route_unrouted()
+
+    def _route_unrouted(self) -> None:
+        messages, self._unrouted = self._unrouted, []
+        if messages:
+            self._route(messages)
 
     def _route(self, messages: list[Message]) -> None:
         values = [m.value() for m in messages]
@@ -369,6 +385,7 @@ class StreamWorker:
         while True:
             try:
                 self._producer.produce(self._shard_topic, payload, partition=shard)
+                self.stats.repartition_records += 1
                 break
             except BufferError:
                 self._producer.poll(0.05)
@@ -443,6 +460,7 @@ class StreamWorker:
         always when ``final``: on shutdown and before partitions are handed over); between
         checkpoints the repartition topic holds what a restart would replay.
         """
+        self._route_unrouted()  # (what arrived while own shipments were read back; all of it when final)
         self._flush_producers()
         commits: list[TopicPartition] = []
         for partition, next_offset in self._router_next.items():
@@ -608,7 +626,7 @@ class StreamWorker:
                 return False
             if not self._end_reached(tp, high, self._position(tp, low)):
                 return False
-        return not self._pending_next and not self._router_next
+        return not self._pending_next and not self._router_next and not self._unrouted
 
     def _end_reached(self, tp: TopicPartition, end: int, position: int) -> bool:
         """Whether ``position`` is at the partition's ``end`` (the broker's ListOffsets answer).
