@@ -150,11 +150,11 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
     settings = settings.model_copy(update={"features": features})
     _produce(settings, payloads)
     done: list[float] = []
-    # (process CPU, Redis CPU) at the cycle before the first events and when all are stored
-    cpu: dict[str, tuple[float, float | None]] = {}
+    # CPU readings at the cycle before the first events and when all are stored
+    cpu: dict[str, dict[str, float | None]] = {}
 
     def cycle(stats: Any, rows: int) -> None:
-        reading = (time.process_time(), _redis_cpu_s(settings) if online_store == "redis" else None)
+        reading = _cpu_readings(settings, redis=online_store == "redis")
         if stats.events == 0:
             cpu["start"] = reading
         elif stats.events >= len(payloads) and rows == 0 and not done:
@@ -175,12 +175,14 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
         "feature_rows": stats.feature_rows,
     }
     if "start" in cpu and "end" in cpu:
-        engine_cpu = cpu["end"][0] - cpu["start"][0]
+        used = _cpu_used(cpu["start"], cpu["end"])
+        engine_cpu = used["engine"]
+        assert engine_cpu is not None  # (this process's own CPU is always readable)
         result["engine_cpu_us_per_event"] = engine_cpu / stats.events * 1e6
         result["events_per_engine_cpu_s"] = stats.events / engine_cpu
-        redis_start, redis_end = cpu["start"][1], cpu["end"][1]
-        if redis_start is not None and redis_end is not None:
-            result["redis_server_cpu_us_per_event"] = (redis_end - redis_start) / stats.events * 1e6
+        redis_cpu = used["redis"]
+        if redis_cpu is not None:
+            result["redis_server_cpu_us_per_event"] = redis_cpu / stats.events * 1e6
     return result
 
 
@@ -405,12 +407,17 @@ def bench_freshness(
     }
 
 
-def _cpu_readings(settings: Settings, broker_pid: int | None) -> dict[str, float | None]:
-    """CPU seconds so far: this process (the engine, all its threads), the broker, Redis."""
+def _cpu_readings(
+    settings: Settings, broker_pid: int | None = None, *, redis: bool = True
+) -> dict[str, float | None]:
+    """CPU seconds so far: this process (the engine, all its threads), the broker, Redis.
+
+    None where not read: no ``broker_pid``, or ``redis`` False (a case storing elsewhere).
+    """
     return {
         "engine": time.process_time(),
         "broker": _process_cpu_s(broker_pid),
-        "redis": _redis_cpu_s(settings),
+        "redis": _redis_cpu_s(settings) if redis else None,
     }
 
 
