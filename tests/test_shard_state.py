@@ -1,7 +1,7 @@
 """The shard state on its own: simulated events in random micro-batches, checked against the reference.
 
 No broker here: events are decoded and routed as the worker does, then folded into a
-:class:`ShardState` in batches of random sizes, with checkpoints written and read back
+:class:`ShardStates` in batches of random sizes, with checkpoints written and read back
 and compactions in between. Each entity's last emitted features must equal the DuckDB
 reference over the on-time events, value for value.
 """
@@ -22,8 +22,8 @@ from features.reference import reference_features
 from streams.engine import runs as runs_module
 from streams.engine import state as state_module
 from streams.engine.decode import EventDecoder
-from streams.engine.router import Router
-from streams.engine.shard import CheckpointError, ShardState
+from streams.engine.router import Router, shard_of
+from streams.engine.shard import CheckpointError, ShardStates
 from streams.simulation import SimulationConfig, Simulator
 
 LATENESS_MS = 3_600_000
@@ -32,6 +32,14 @@ RETENTION_MS = max(g.longest_window.seconds for g in FEATURE_GROUPS) * 1000 + LA
 
 def routed_batches(days: float, events: int, seed: int) -> tuple[list[pa.Table], pa.Table]:
     """Shipped rows for one shard in micro-batches of random size, and the on-time events."""
+    batches, on_time = routed_to_shards(days, events, seed, shards=1)
+    return [batch[0] for batch in batches if 0 in batch], on_time
+
+
+def routed_to_shards(
+    days: float, events: int, seed: int, *, shards: int
+) -> tuple[list[dict[int, pa.Table]], pa.Table]:
+    """Shipped rows per shard in micro-batches of random size, and the on-time events."""
     simulator = Simulator(SimulationConfig(users=800, events=events, days=days, seed=seed, campaigns=40))
     lines = [line for batch in simulator.batches() for line in batch.to_json_lines()]
     decoded = EventDecoder().decode(lines)
@@ -41,9 +49,9 @@ def routed_batches(days: float, events: int, seed: int) -> tuple[list[pa.Table],
     offsets = np.arange(events.num_rows) // 2
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, events.num_rows), size=40, replace=False))
-    router = Router(1, LATENESS_MS)
+    router = Router(shards, LATENESS_MS)
     watermarks: dict[int, int] = {}
-    shipped: list[pa.Table] = []
+    shipped: list[dict[int, pa.Table]] = []
     late_rows: list[int] = []
     for start, end in zip(np.r_[0, cuts], np.r_[cuts, events.num_rows], strict=True):
         routed = router.route(
@@ -51,7 +59,7 @@ def routed_batches(days: float, events: int, seed: int) -> tuple[list[pa.Table],
         )
         watermarks = routed.watermarks
         late_rows += [start + row for row, _ in routed.late]
-        shipped += list(routed.shards.values())
+        shipped.append(routed.shards)
     on_time = np.ones(events.num_rows, dtype=bool)
     on_time[late_rows] = False
     reference_input = events.filter(pa.array(on_time))
@@ -60,23 +68,30 @@ def routed_batches(days: float, events: int, seed: int) -> tuple[list[pa.Table],
     return shipped, reference_input
 
 
+def one_shard(directory: Path, *, checkpoint_interval_s: float = 10.0) -> ShardStates:
+    """The state of shard 0 of 1, read from its checkpoint in ``directory`` if there is one."""
+    state = ShardStates(directory, 1, checkpoint_interval_s=checkpoint_interval_s)
+    state.open(0)
+    return state
+
+
 def fold(
-    state_path: Path, batches: list[pa.Table], *, restart_every: int, compact_every: int
+    state_dir: Path, batches: list[pa.Table], *, restart_every: int, compact_every: int
 ) -> dict[str, dict]:
     """Apply batches, restarting from the checkpoint and compacting now and then; the last rows per key."""
     latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
     stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}  # only what the changed flags say
-    state = ShardState(state_path, 0, checkpoint_interval_s=0)
+    state = one_shard(state_dir, checkpoint_interval_s=0)
     for index, rows in enumerate(batches):
-        for name, table in state.apply(rows, index + 1).items():
+        for name, table in state.apply({0: rows}, {0: index + 1}).items():
             _record(name, table, latest, stored)
         if index % compact_every == compact_every - 1:
             state.compact(RETENTION_MS)
-        assert state.commit()
+        assert state.commit() == {0: index + 1}
         if index % restart_every == restart_every - 1:
-            state.close()
-            state = ShardState(state_path, 0, checkpoint_interval_s=0)
-            assert state.next_offset == index + 1
+            state.close_all()
+            state = one_shard(state_dir, checkpoint_interval_s=0)
+            assert state.next_offset(0) == index + 1
     for group in FEATURE_GROUPS:  # a store given only the changed features holds the latest rows
         for key, row in latest[group.name].items():
             assert stored[group.name][key] == row, (group.name, key)
@@ -114,12 +129,12 @@ def _record(name: str, table: pa.Table, latest: dict[str, dict], stored: dict[st
 
 
 def _stored_rows(
-    state: ShardState, batches: list[pa.Table], stored: dict[str, dict], start: int
+    state: ShardStates, batches: list[pa.Table], stored: dict[str, dict], start: int
 ) -> dict[str, dict]:
     """Apply ``batches``; feed ``stored`` only the flagged features; return the latest full rows."""
     latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
     for index, rows in enumerate(batches, start=start):
-        for name, table in state.apply(rows, index + 1).items():
+        for name, table in state.apply({0: rows}, {0: index + 1}).items():
             _record(name, table, latest, stored)
     return latest
 
@@ -129,7 +144,7 @@ def test_rewrite_all_makes_rows_a_store_lost_whole_again(tmp_path: Path, rewrite
     """The store loses every key halfway (a Redis restart without persistence); after
     ``rewrite_all`` the next write of each entity is whole. Without it rows stay partial."""
     batches, _ = routed_batches(days=1.0, events=6_000, seed=5)
-    state = ShardState(tmp_path / "shard.npz", 0, checkpoint_interval_s=0)
+    state = one_shard(tmp_path, checkpoint_interval_s=0)
     half = len(batches) // 2
     _stored_rows(state, batches[:half], {g.name: {} for g in FEATURE_GROUPS}, 0)
     stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}  # the store after losing everything
@@ -147,16 +162,68 @@ def test_rewrite_all_makes_rows_a_store_lost_whole_again(tmp_path: Path, rewrite
 
 def test_batched_state_with_restarts_equals_the_reference(tmp_path: Path) -> None:
     batches, events = routed_batches(days=1.0, events=12_000, seed=3)
-    latest = fold(tmp_path / "shard.npz", batches, restart_every=7, compact_every=5)
+    latest = fold(tmp_path, batches, restart_every=7, compact_every=5)
     assert_equal_to_reference(latest, events)
+
+
+def test_shards_handed_between_workers_keep_every_feature_exact(tmp_path: Path) -> None:
+    """One state holds three shards, checkpoints them per shard, and hands shards over (a
+    rebalance): the features of both holders together equal the reference, each checkpoint
+    holds exactly its own shard's entities, and a handed-over shard resumes at its offset."""
+    shards = 3
+    batches, events = routed_to_shards(days=3.0, events=12_000, seed=9, shards=shards)
+    first = ShardStates(tmp_path, shards, checkpoint_interval_s=0)
+    second = ShardStates(tmp_path, shards, checkpoint_interval_s=0)
+    for shard in range(shards):
+        first.open(shard)
+    latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    next_offsets = dict.fromkeys(range(shards), 0)
+    handed = len(batches) // 3
+    for index, rows in enumerate(batches):
+        if index == handed:  # shard 1 moves to the second holder, then moves back with shard 2
+            assert first.commit(force=True)[1] == next_offsets[1]
+            first.close(1)
+            assert second.open(1) == next_offsets[1]
+        if index == 2 * handed:
+            second.commit(force=True)
+            first.commit(force=True)
+            second.close(1)
+            first.close(2)
+            assert first.open(1) == next_offsets[1]
+            assert second.open(2) == next_offsets[2]
+        for shard in rows:
+            next_offsets[shard] += 1
+        for state in (first, second):
+            mine = {shard: table for shard, table in rows.items() if shard in state}
+            offsets = {shard: next_offsets[shard] for shard in mine}
+            for name, table in state.apply(mine, offsets).items():
+                _record(name, table, latest, stored)
+        if index % 4 == 3:
+            first.compact(RETENTION_MS)
+            second.compact(RETENTION_MS)
+    assert first.shards == [0, 1] and second.shards == [2]
+    assert_equal_to_reference(latest, events)
+    for group in FEATURE_GROUPS:  # only the changed features were flagged: the store holds every row whole
+        for key, row in latest[group.name].items():
+            assert stored[group.name][key] == row, (group.name, key)
+
+    first.commit(force=True)
+    second.commit(force=True)
+    for shard in range(shards):
+        alone = ShardStates(tmp_path, shards)
+        alone.open(shard)
+        for state in alone.groups:
+            keys = state.entities.keys
+            assert len(keys) > 0, (shard, state.group.name)
+            assert (shard_of(keys, shards) == shard).all(), (shard, state.group.name)
 
 
 def test_compaction_over_ten_days_keeps_every_window_exact(tmp_path: Path) -> None:
     batches, events = routed_batches(days=10.0, events=12_000, seed=4)
-    state_path = tmp_path / "shard.npz"
-    latest = fold(state_path, batches, restart_every=11, compact_every=2)
+    latest = fold(tmp_path, batches, restart_every=11, compact_every=2)
     assert_equal_to_reference(latest, events)
-    state = ShardState(state_path, 0)
+    state = one_shard(tmp_path)
     state.compact(RETENTION_MS)
     sizes = state.sizes()
     # Ten days of users, but only what the last 7 days + lateness can still read is kept.
@@ -173,17 +240,17 @@ def test_run_merges_keep_every_window_exact(tmp_path: Path, monkeypatch: pytest.
     """The sorted runs merged every few batches, over ten days with compactions and restarts."""
     monkeypatch.setattr(runs_module, "MERGE_AT_LEAST", 16)
     batches, events = routed_batches(days=10.0, events=12_000, seed=6)
-    latest = fold(tmp_path / "shard.npz", batches, restart_every=9, compact_every=3)
+    latest = fold(tmp_path, batches, restart_every=9, compact_every=3)
     assert_equal_to_reference(latest, events)
 
 
 def test_running_window_sums_match_the_tiles_after_batches_and_compactions(tmp_path: Path) -> None:
     """The running sums, moved batch by batch, equal every window summed afresh from the kept tiles."""
     batches, _ = routed_batches(days=10.0, events=8_000, seed=8)
-    state = ShardState(tmp_path / "shard.npz", 0)
+    state = one_shard(tmp_path)
     checked = 0
     for index, rows in enumerate(batches):
-        state.apply(rows, index + 1)
+        state.apply({0: rows}, {0: index + 1})
         if index % 4 == 3:
             state.compact(RETENTION_MS)
         if index % 10 == 9 or index == len(batches) - 1:
@@ -199,9 +266,8 @@ def test_a_checkpoint_of_an_earlier_version_with_hour_and_day_tiles_still_loads(
     """Earlier versions also saved coarse tile levels ("tile_codes.60", ...); the minute tiles suffice."""
     batches, events = routed_batches(days=3.0, events=6_000, seed=7)
     half = len(batches) // 2
-    path = tmp_path / "shard.npz"
-    latest = fold(path, batches[:half], restart_every=1_000, compact_every=1_000)
-    state = ShardState(path, 0)
+    latest = fold(tmp_path, batches[:half], restart_every=1_000, compact_every=1_000)
+    state = one_shard(tmp_path)
     for index, group in enumerate(state.groups):
         arrays = group.to_arrays()
         for span in (60, 1_440):  # what those versions wrote next to the minute tiles
@@ -210,7 +276,7 @@ def test_a_checkpoint_of_an_earlier_version_with_hour_and_day_tiles_still_loads(
         state.groups[index] = state_module.GroupState(group.group, group.bit)
         state.groups[index].load_arrays(arrays)
     for index, rows in enumerate(batches[half:], start=half):
-        for name, table in state.apply(rows, index + 1).items():
+        for name, table in state.apply({0: rows}, {0: index + 1}).items():
             key = next(g.key for g in FEATURE_GROUPS if g.name == name)
             latest[name].update({row[key]: row for row in table.to_pylist()})
     assert_equal_to_reference(latest, events)
@@ -218,14 +284,14 @@ def test_a_checkpoint_of_an_earlier_version_with_hour_and_day_tiles_still_loads(
 
 def test_replayed_rows_are_not_counted_twice(tmp_path: Path) -> None:
     batches, events = routed_batches(days=1.0, events=4_000, seed=5)
-    state = ShardState(tmp_path / "shard.npz", 0)
+    state = one_shard(tmp_path)
     once: dict[str, dict] = {}
     for index, rows in enumerate(batches):
         # A replaying router's second copy can land in the same batch as the first.
-        changed = state.apply(pa.concat_tables([rows, rows]) if index % 2 else rows, index + 1)
+        changed = state.apply({0: pa.concat_tables([rows, rows]) if index % 2 else rows}, {0: index + 1})
         if "user_activity" in changed:
             once.update({row["user_id"]: row for row in changed["user_activity"].to_pylist()})
-        again = state.apply(rows, index + 1)  # a replaying router ships the same rows again
+        again = state.apply({0: rows}, {0: index + 1})  # a replaying router ships the same rows again
         assert again == {}
     expected = {r["user_id"]: r for r in reference_features(events, FEATURE_GROUPS[0]).to_pylist()}
     assert {k: v["impressions_24h"] for k, v in once.items()} == {
@@ -234,10 +300,9 @@ def test_replayed_rows_are_not_counted_twice(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_checkpoint_is_reported_with_its_path(tmp_path: Path) -> None:
-    path = tmp_path / "shard.npz"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="shard.npz"):
-        ShardState(path, 0)
+    (tmp_path / "shard-0.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="shard-0.npz"):
+        one_shard(tmp_path)
 
 
 def test_an_event_from_a_clock_far_ahead_is_dropped_without_making_later_events_late() -> None:

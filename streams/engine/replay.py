@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
-from streams.engine.shard import ShardState
+from streams.engine.shard import ShardStates
 
 
 @dataclass
@@ -48,9 +48,8 @@ class InProcessEngine:
     def __init__(self, groups: Sequence[FeatureGroup], allowed_lateness_ms: int) -> None:
         self._router = Router(1, allowed_lateness_ms, groups)
         self._scratch = tempfile.TemporaryDirectory(prefix="adreach-replay-")
-        self._state = ShardState(
-            Path(self._scratch.name) / "shard.npz", 0, groups, checkpoint_interval_s=float("inf")
-        )
+        self._state = ShardStates(Path(self._scratch.name), 1, groups, checkpoint_interval_s=float("inf"))
+        self._state.open(0)
         self._watermarks: dict[int, int] = {}
 
     def fold(
@@ -62,13 +61,10 @@ class InProcessEngine:
         """
         routed = self._router.route(events, partitions, offsets, self._watermarks)
         self._watermarks = routed.watermarks
-        changed: dict[str, pa.Table] = {}
-        for shipped in routed.shards.values():  # one shard: at most one table
-            changed.update(self._state.apply(shipped, next_offset))
-        return changed, len(routed.late)
+        return self._state.apply(routed.shards, {0: next_offset}), len(routed.late)
 
     def close(self) -> None:
-        self._state.close()
+        self._state.close_all()
         self._scratch.cleanup()
 
     def __enter__(self) -> InProcessEngine:

@@ -56,6 +56,7 @@ TILE_MS = TILE_SECONDS * 1000
 TILE_BITS = 27  # tile numbers (minutes since 1970) stay below 2**27 until the 2200s
 _TILE_MASK = (1 << TILE_BITS) - 1
 _VALUE_BITS = 32
+_VALUE_MASK = (1 << _VALUE_BITS) - 1
 _NO_TIME = np.iinfo(np.int64).min
 _I64 = NDArray[np.int64]
 _F64 = NDArray[np.float64]
@@ -180,15 +181,18 @@ class _LastN:
         offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.string()))
 
-    def drop_before(self, horizon_ms: int, remap: _I64) -> None:
-        """Forget entries older than ``horizon_ms`` and renumber entities by ``remap``."""
-        stale = self.times < horizon_ms
+    def drop_before(self, horizon_ms: _I64, remap: _I64) -> None:
+        """Forget entries older than their entity's ``horizon_ms`` (per entity id) and renumber
+        entities by ``remap``."""
+        old_ids = np.flatnonzero(self.slot_of >= 0)
+        old_slots = self.slot_of[old_ids]
+        slot_horizon = np.full(len(self.times), _NO_TIME, dtype=np.int64)
+        slot_horizon[old_slots] = horizon_ms[old_ids]
+        stale = self.times < slot_horizon[:, None]
         self.times[stale] = _NO_TIME
         self.event_ids[stale] = None
         self.values[stale] = None
         live_slots = (self.times[: self.slots] != _NO_TIME).any(axis=1)
-        old_ids = np.flatnonzero(self.slot_of >= 0)
-        old_slots = self.slot_of[old_ids]
         keep = live_slots[old_slots] & (remap[old_ids] >= 0)
         kept_ids, kept_slots = remap[old_ids[keep]], old_slots[keep]
         self.times = self.times[kept_slots].copy()
@@ -197,6 +201,32 @@ class _LastN:
         self.slots = len(kept_slots)
         self.slot_of = np.full(int(remap.max()) + 1 if len(remap) else 0, -1, dtype=np.int64)
         self.slot_of[kept_ids] = np.arange(len(kept_ids))
+
+    def absorb(self, other: _LastN, first_id: int, entities: int) -> None:
+        """Take in ``other``'s lists of its ``entities`` entities, numbered from ``first_id`` here."""
+        if other.slots == 0:
+            return
+        theirs = other.slot_of[:entities]
+        held = np.flatnonzero(theirs >= 0)
+        self.slot_of = _grow(self.slot_of, first_id + entities, -1)
+        self.slot_of[first_id + held] = self.slots + theirs[held]
+        size = self.slots + other.slots
+        for name, fill in (("times", _NO_TIME), ("event_ids", None), ("values", None)):
+            grown = _grow(getattr(self, name), size, fill)
+            grown[self.slots : size] = getattr(other, name)[: other.slots]
+            setattr(self, name, grown)
+        self.slots = size
+
+    def subset(self, kept: _I64) -> tuple[_I64, _I64]:
+        """For entities ``kept`` (ids, ascending), numbered 0.. in a subset: their slot numbers there
+        (-1: no list), and the rows of the matrices the subset holds, in that order."""
+        slots = np.full(len(kept), -1, dtype=np.int64)
+        inside = kept < len(self.slot_of)
+        slots[inside] = self.slot_of[kept[inside]]
+        held = slots >= 0
+        rows = slots[held]
+        slots[held] = np.arange(len(rows))
+        return slots, rows
 
 
 def _end_tile(latest_ms: _I64) -> _I64:
@@ -617,31 +647,35 @@ class GroupState:
 
     # -- compaction and checkpoints ------------------------------------------------------
 
-    def compact(self, horizon_ms: int) -> None:
+    def compact(self, horizon_ms: int | _I64) -> None:
         """Forget everything older than ``horizon_ms``: tiles, seen values, list entries, idle entities.
 
-        An entity whose latest event is older than the horizon has nothing left in any
-        window, so its id is freed too; ids are renumbered in order, which keeps every
-        sorted code array sorted.
+        ``horizon_ms`` is one instant, or one per entity id (a worker's state holds several
+        shards, each compacted by its own newest event). An entity whose latest event is
+        older than its horizon has nothing left in any window, so its id is freed too; ids
+        are renumbered in order, which keeps every sorted code array sorted.
         """
-        horizon_tile = -(-horizon_ms // TILE_MS)
-        live = self.latest[: len(self.entities)] >= horizon_ms
+        entities = len(self.entities)
+        horizon = np.broadcast_to(np.asarray(horizon_ms, dtype=np.int64), (entities,))
+        horizon_tile = -(-horizon // TILE_MS)
+        live = self.latest[:entities] >= horizon
         self._forget_minute_tiles_before(horizon_tile, live)
-        self.running = self.running[: len(live)][live].copy()
-        self.emitted = _grow(self.emitted, len(live), False)[: len(live)][live].copy()
+        self.running = self.running[:entities][live].copy()
+        self.emitted = _grow(self.emitted, entities, False)[:entities][live].copy()
         remap = self.entities.keep(live)
-        self.latest = self.latest[: len(live)][live].copy()
+        self.latest = self.latest[:entities][live].copy()
         tile_codes, tile_values = self.tiles.consolidate()
-        entities = remap[tile_codes >> TILE_BITS]
-        keep = ((tile_codes & _TILE_MASK) >= horizon_tile) & (entities >= 0)
-        codes = (entities[keep] << TILE_BITS) | (tile_codes[keep] & _TILE_MASK)
+        owners = tile_codes >> TILE_BITS
+        keep = ((tile_codes & _TILE_MASK) >= horizon_tile[owners]) & (remap[owners] >= 0)
+        codes = (remap[owners[keep]] << TILE_BITS) | (tile_codes[keep] & _TILE_MASK)
         self.tiles.replace(codes, tile_values[:, keep])
         for aggregation in self.distinct:
             name = aggregation.name
             seen_codes, seen_tiles = self.seen[name].consolidate()
-            keep = seen_tiles[0] >= horizon_tile
+            owners = seen_codes >> _VALUE_BITS
+            keep = (seen_tiles[0] >= horizon_tile[owners]) & (remap[owners] >= 0)
             codes, tiles = seen_codes[keep], seen_tiles[:, keep]
-            value_ids = codes & ((1 << _VALUE_BITS) - 1)
+            value_ids = codes & _VALUE_MASK
             used = np.zeros(len(self.values[name]), dtype=bool)
             used[value_ids] = True
             value_remap = self.values[name].keep(used)
@@ -649,19 +683,24 @@ class GroupState:
                 (remap[codes >> _VALUE_BITS] << _VALUE_BITS) | value_remap[value_ids], tiles
             )
         for last in self.lasts.values():
-            last.drop_before(horizon_ms, remap)
+            last.drop_before(horizon, remap)
 
-    def _forget_minute_tiles_before(self, horizon_tile: int, live: NDArray[np.bool_]) -> None:
-        """Take the minute tiles before ``horizon_tile`` out of the running sums of ``live`` entities.
+    def drop(self, entities: NDArray[np.bool_]) -> None:
+        """Forget the flagged entities (per entity id) entirely: their shard moved to another worker."""
+        far = np.int64(1) << 62  # beyond any event time, either way
+        self.compact(np.where(entities[: len(self.entities)], far, -far))
+
+    def _forget_minute_tiles_before(self, horizon_tile: _I64, live: NDArray[np.bool_]) -> None:
+        """Take the minute tiles before ``horizon_tile`` (per entity id) out of the running sums of
+        ``live`` entities.
 
         A live entity's longest window may still reach back past the horizon; its next
         event moves the window beyond it (later events are too late), but the running sums
         must keep matching the tiles that are kept (see :meth:`_advance_windows`).
         """
         for codes, values in self.tiles.runs():
-            old = (codes & _TILE_MASK) < horizon_tile
             entity = codes >> TILE_BITS
-            old &= live[entity]
+            old = ((codes & _TILE_MASK) < horizon_tile[entity]) & live[entity]
             if not old.any():
                 continue
             entity, tile = entity[old], codes[old] & _TILE_MASK
@@ -671,25 +710,94 @@ class GroupState:
             self.emitted = _grow(self.emitted, len(self.entities), False)
             self.emitted[entity] = False
 
-    def to_arrays(self) -> dict[str, Any]:
-        """The state as named arrays: NumPy for numbers, Arrow for strings (for the checkpoint file)."""
+    def to_arrays(self, entities: NDArray[np.bool_] | None = None) -> dict[str, Any]:
+        """The state as named arrays: NumPy for numbers, Arrow for strings (for a checkpoint file).
+
+        ``entities`` (per entity id): only the flagged entities' state, numbered densely in
+        id order, with only the distinct values they use (one shard's part of a worker's state).
+        """
+        count = len(self.entities)
+        kept = np.arange(count) if entities is None else np.flatnonzero(entities[:count])
+        remap = np.full(count, -1, dtype=np.int64)
+        remap[kept] = np.arange(len(kept))
+        whole = len(kept) == count
         arrays: dict[str, Any] = {
-            "entities": self.entities.keys,
-            "latest": self.latest[: len(self.entities)],
+            "entities": self.entities.keys if whole else self.entities.keys.take(pa.array(kept)),
+            "latest": self.latest[kept],
         }
-        arrays["tile_codes"], arrays["tile_values"] = self.tiles.consolidate()
+        codes, values = self.tiles.consolidate()
+        if not whole:  # (renumbering in id order keeps the codes sorted)
+            owners = remap[codes >> TILE_BITS]
+            inside = owners >= 0
+            codes = (owners[inside] << TILE_BITS) | (codes[inside] & _TILE_MASK)
+            values = values[:, inside]
+        arrays["tile_codes"], arrays["tile_values"] = codes, values
         for name in self.values:
-            arrays[f"{name}.values"] = self.values[name].keys
+            value_keys = self.values[name].keys
             seen_codes, seen_tiles = self.seen[name].consolidate()
+            if not whole:
+                owners = remap[seen_codes >> _VALUE_BITS]
+                inside = owners >= 0
+                value_ids = seen_codes[inside] & _VALUE_MASK
+                used = np.zeros(len(value_keys), dtype=bool)
+                used[value_ids] = True
+                value_remap = np.cumsum(used) - 1
+                seen_codes = (owners[inside] << _VALUE_BITS) | value_remap[value_ids]
+                seen_tiles = seen_tiles[:, inside]
+                value_keys = value_keys.filter(pa.array(used))
+            arrays[f"{name}.values"] = value_keys
             arrays[f"{name}.seen_codes"] = seen_codes
             arrays[f"{name}.seen_tiles"] = seen_tiles[0]
         for name, last in self.lasts.items():
-            slots = last.slot_of[: len(self.entities)]
+            if whole:
+                slots, rows = last.slot_of[:count], np.arange(last.slots)
+            else:
+                slots, rows = last.subset(kept)
             arrays[f"{name}.slot_of"] = slots
-            arrays[f"{name}.times"] = last.times[: last.slots]
-            arrays[f"{name}.event_ids"] = pa.array(last.event_ids[: last.slots].ravel(), pa.string())
-            arrays[f"{name}.list_values"] = pa.array(last.values[: last.slots].ravel(), pa.string())
+            arrays[f"{name}.times"] = last.times[rows]
+            arrays[f"{name}.event_ids"] = pa.array(last.event_ids[rows].ravel(), pa.string())
+            arrays[f"{name}.list_values"] = pa.array(last.values[rows].ravel(), pa.string())
         return arrays
+
+    def absorb(self, other: GroupState) -> None:
+        """Take in ``other``'s entities, none of which this state holds (a shard joining a worker's state).
+
+        The result equals having applied ``other``'s rows here too: an entity's state never
+        depends on other entities'. Its entities are numbered after this state's, so its
+        sorted codes stay sorted; its distinct values get this state's value ids.
+        """
+        count = len(other.entities)
+        if count == 0:
+            return
+        first = len(self.entities)
+        ids, _, _ = self.entities.ids(other.entities.keys)
+        if len(self.entities) != first + count:
+            raise StateError(
+                f"group {self.group.name}: a shard's state holds entities this state already holds "
+                "(shards must route each key to one shard)"
+            )
+        size = len(self.entities)
+        self.latest = _grow(self.latest, size, _NO_TIME)
+        self.latest[ids] = other.latest[:count]
+        self.running = _grow(self.running, size, 0.0)
+        self.running[ids] = other.running[:count]
+        self.emitted = _grow(self.emitted, size, False)
+        self.emitted[ids] = False  # as after a load: what the store holds for them is not known here
+        codes, values = other.tiles.consolidate()
+        self.tiles.add(((codes >> TILE_BITS) + first) << TILE_BITS | (codes & _TILE_MASK), values)
+        for name, index in self.values.items():
+            theirs = other.values[name]
+            if len(theirs) == 0:
+                continue
+            value_ids, _, _ = index.ids(theirs.keys)
+            if len(index) >= 1 << _VALUE_BITS:
+                raise StateError(f"group {self.group.name}: too many distinct values for {name}")
+            seen_codes, seen_tiles = other.seen[name].consolidate()
+            pairs = ((seen_codes >> _VALUE_BITS) + first) << _VALUE_BITS | value_ids[seen_codes & _VALUE_MASK]
+            order = np.argsort(pairs)
+            self.seen[name].put(pairs[order], seen_tiles[:, order])
+        for name, last in self.lasts.items():
+            last.absorb(other.lasts[name], first, count)
 
     def load_arrays(self, arrays: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`to_arrays`."""

@@ -6,8 +6,9 @@ One worker process is one member of a Kafka consumer group reading two topics:
    decoded (:mod:`~streams.engine.decode`), malformed and too-late events are
    dead-lettered with the reason, and the rest are routed by entity to the
    **repartition** topic (:mod:`~streams.engine.router`);
-2. the **repartition** topic: each partition is a shard whose windowed state lives in
-   its own checkpoint file (:mod:`~streams.engine.shard`); rows are folded in and the
+2. the **repartition** topic: each partition is a shard whose windowed state is
+   checkpointed in its own file (:mod:`~streams.engine.shard`); the worker holds its
+   shards' state together and folds a cycle's rows of all of them in at once, and the
    changed entities' features are written to Feast (:mod:`~streams.engine.sink`).
 
 Every ``flush_interval_ms`` (``backlog_flush_interval_ms`` while it is catching up on a
@@ -46,13 +47,12 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
-from streams.engine.shard import ShardState
+from streams.engine.shard import ShardStates
 from streams.engine.sink import FeatureSink, StoreUnavailableError
 from streams.producer import EventProducer
 from streams.topics import TopicSpec, default_topics, ensure_topics
@@ -197,7 +197,12 @@ class StreamWorker:
         self._watermarks: dict[int, int] = {}
         self._router_next: dict[int, int] = {}  # routed but not yet checkpointed
         self._unrouted: list[Message] = []  # events read, to be routed (see _ROUTE_EVENTS)
-        self._shards: dict[int, ShardState] = {}
+        self._state = ShardStates(
+            self._state_dir / "shards",
+            config.repartition_partitions,
+            self.groups,
+            checkpoint_interval_s=config.checkpoint_interval_s,
+        )
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
         self._pending_rows = 0
@@ -403,7 +408,7 @@ class StreamWorker:
         triggered here is handled exactly as there; it ends the wait.
         """
         self._flush_producers()
-        targets = {shard: offset + 1 for shard, offset in self._shipped.items() if shard in self._shards}
+        targets = {shard: offset + 1 for shard, offset in self._shipped.items() if shard in self._state}
         self._shipped.clear()
         deadline = time.monotonic() + timeout_s
         batch = self.settings.stream.batch_max_events
@@ -413,7 +418,7 @@ class StreamWorker:
             targets = {
                 shard: target
                 for shard, target in targets.items()
-                if shard in self._shards and self._read_up_to(shard) < target
+                if shard in self._state and self._read_up_to(shard) < target
             }
             remaining = deadline - time.monotonic()
             if not targets or remaining <= 0:
@@ -425,8 +430,8 @@ class StreamWorker:
         """The next repartition offset of ``shard`` this worker has not read yet (-1: none read)."""
         if shard in self._pending_next:
             return self._pending_next[shard]
-        state = self._shards[shard]
-        return state.next_offset if state.next_offset is not None else -1
+        next_offset = self._state.next_offset(shard)
+        return next_offset if next_offset is not None else -1
 
     def _dead_letter(self, message: Message, reason: str, error_class: str) -> None:
         source = f"{message.topic()}[{message.partition()}]@{message.offset()}"
@@ -449,8 +454,7 @@ class StreamWorker:
         interval = self.settings.stream.full_rewrite_interval_s
         if interval <= 0 or time.monotonic() - self._last_full_rewrite < interval:
             return
-        for state in self._shards.values():
-            state.rewrite_all()
+        self._state.rewrite_all()
         self._last_full_rewrite = time.monotonic()
 
     def checkpoint(self, *, final: bool = False) -> None:
@@ -470,23 +474,14 @@ class StreamWorker:
         self._router_next.clear()
 
         self._rewrite_all_if_due()
-        changed: dict[str, list[pa.Table]] = {}
-        event_times: list[NDArray[Any]] = []
-        for shard, next_offset in self._pending_next.items():
-            tables = self._pending.pop(shard, [])
-            state = self._shards[shard]
-            if tables:
-                shipped = pa.concat_tables(tables)
-                event_times.append(shipped.column("event_time_ms").to_numpy()[::_FRESHNESS_SAMPLE_EVERY])
-                for name, rows in state.apply(shipped, next_offset).items():
-                    changed.setdefault(name, []).append(rows)
-            else:
-                state.advance(next_offset)
-        # Each key lives in exactly one shard and each shard reports a key once, so the
-        # concatenation already holds one row per entity.
+        shipped = {shard: pa.concat_tables(tables) for shard, tables in self._pending.items() if tables}
+        self._pending.clear()
         self._pending_rows = 0
-        merged = {name: pa.concat_tables(tables) for name, tables in changed.items()}
-        self._store(merged)
+        event_times = [
+            rows.column("event_time_ms").to_numpy()[::_FRESHNESS_SAMPLE_EVERY] for rows in shipped.values()
+        ]
+        changed = self._state.apply(shipped, self._pending_next)  # one row per changed entity and group
+        self._store(changed)
         if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
             stored_ms = time.time() * 1000
             self.stats.freshness_ms.extend((stored_ms - np.concatenate(event_times)).tolist())
@@ -496,16 +491,15 @@ class StreamWorker:
             max(g.longest_window.seconds for g in self.groups) + self.settings.stream.allowed_lateness_s
         ) * 1000
         if compact:
-            for shard in self._shards if final else self._pending_next:
-                self._shards[shard].compact(retention_ms)
+            self._state.compact(retention_ms)
         # Idle shards too: a quiet stream must not leave state and offline rows unwritten.
-        due = [state for state in self._shards.values() if state.commit_due(force=final)]
+        due = self._state.commit_due(force=final)
         if final or due:
             # A checkpoint must never cover rows still waiting for the offline store.
             self._with_store_retries(self._sink.flush_offline)
-        for state in due:
-            if state.commit(force=final) and state.durable_offset is not None:
-                commits.append(TopicPartition(self._shard_topic, state.shard, state.durable_offset))
+        if due:
+            for shard, durable_offset in self._state.commit(force=final).items():
+                commits.append(TopicPartition(self._shard_topic, shard, durable_offset))
         if compact:
             self._last_compact = now
         if now - self._last_offline_compact >= self.settings.stream.offline_compact_interval_s or final:
@@ -519,7 +513,7 @@ class StreamWorker:
                 log.warning("could not commit offsets to Kafka (checkpoints are intact): %s", exc)
         self.stats.cycles += 1
         if self._on_cycle is not None:
-            self._on_cycle(self.stats, sum(t.num_rows for t in merged.values()))
+            self._on_cycle(self.stats, sum(t.num_rows for t in changed.values()))
 
     def _flush_producers(self) -> None:
         for producer in (self._producer, self._dead_letters):
@@ -577,16 +571,8 @@ class StreamWorker:
                     if watermark is not None:
                         self._watermarks[tp.partition] = watermark
             else:
-                state = self._shards.get(tp.partition)
-                if state is None:
-                    state = ShardState(
-                        self._state_dir / "shards" / f"shard-{tp.partition}.npz",
-                        tp.partition,
-                        self.groups,
-                        checkpoint_interval_s=self.settings.stream.checkpoint_interval_s,
-                    )
-                    self._shards[tp.partition] = state
-                tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
+                next_offset = self._state.open(tp.partition)
+                tp.offset = next_offset if next_offset is not None else OFFSET_BEGINNING
         self._assigned = True
         self._assignment_generation += 1
         self._start_offsets = {(tp.topic, tp.partition): tp.offset for tp in partitions}
@@ -602,9 +588,7 @@ class StreamWorker:
             if tp.topic == self._events_topic:
                 self._watermarks.pop(tp.partition, None)
             else:
-                state = self._shards.pop(tp.partition, None)
-                if state is not None:
-                    state.close()
+                self._state.close(tp.partition)
         log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
 
     def _position(self, tp: TopicPartition, low: int) -> int:
@@ -685,8 +669,6 @@ class StreamWorker:
         try:
             self._consumer.close()
         finally:
-            for state in self._shards.values():
-                state.close()
-            self._shards.clear()
+            self._state.close_all()
             self._dead_letters.close()
             self._sink.close()
