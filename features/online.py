@@ -375,6 +375,16 @@ def _timestamp_protos(micros: I64Array) -> pa.Array:
     )
 
 
+def _bulk_timestamps(micros: I64Array) -> pa.Array:
+    """RESP bulk strings of :func:`_timestamp_protos`, each distinct time encoded once.
+
+    Rows carry the end of their entity's latest tile (whole minutes), so a write holds a
+    handful of distinct times: encoding those and gathering is 3x faster at 10,000 rows.
+    """
+    distinct, inverse = np.unique(micros, return_inverse=True)
+    return _bulk(_timestamp_protos(distinct)).take(pa.array(inverse))
+
+
 def encode_timestamps(micros: Sequence[int]) -> list[bytes]:
     """Serialized ``google.protobuf.Timestamp`` of epoch microseconds (Feast's Redis ``_ts:`` field)."""
     return _to_bytes_list(_timestamp_protos(np.asarray(micros, np.int64)))
@@ -1196,7 +1206,7 @@ class OnlineFeatureWriter:
         return [
             _bulk(_join(entity_keys, _const(self._store.project.encode()))),
             _const(_bulk_const(layout.ts_field)),
-            _bulk(_timestamp_protos(event_us)),
+            _bulk_timestamps(event_us),
         ]
 
     def close(self) -> None:

@@ -185,6 +185,26 @@ def test_reader_subset_duplicates_and_timestamp(backend: Any) -> None:
         reader.read(USER, keys, ["nope"])
 
 
+def test_each_row_keeps_its_own_timestamp(backend: Any) -> None:
+    """Rows of one write with different (repeating, unordered) times: each entity reads its own."""
+    _settings, _store, writer, reader = backend
+    keys = unique_keys("t")
+    minutes = [(7 * i) % 4 for i in range(len(keys))]
+    stamps = [T0 + timedelta(minutes=m, seconds=i % 2) for i, m in enumerate(minutes)]
+    rows = rows_for(USER, keys, T0).set_column(
+        1, "event_timestamp", pa.array(stamps, pa.timestamp("us", "UTC"))
+    )
+    changed = np.zeros((len(keys), len(list(USER.features()))), dtype=bool)
+    changed[:, 0] = True
+    for table in (rows, with_changed(rows, changed, timestamp=True)):  # the full and the partial writer
+        writer.write(USER, table)
+        read = reader.read(USER, keys, with_event_timestamp=True).column("event_timestamp").to_pylist()
+        if backend[0].features.online_store == "sqlite":
+            assert read == [stamp.replace(microsecond=0) for stamp in stamps]
+        else:
+            assert read == stamps
+
+
 def test_overwrite_last_row_wins_even_with_an_older_timestamp(backend: Any) -> None:
     _settings, store, writer, reader = backend
     keys = unique_keys("o")[:3]
