@@ -166,11 +166,18 @@ def test_batched_state_with_restarts_equals_the_reference(tmp_path: Path) -> Non
     assert_equal_to_reference(latest, events)
 
 
+def assert_holds_only_its_shards(state: ShardStates) -> None:
+    """Every entity a state holds hashes to one of the shards it holds (closed shards are forgotten)."""
+    for group in state.groups:
+        owners = set(shard_of(group.entities.keys, state.shard_count).tolist())
+        assert owners <= set(state.shards), (group.group.name, owners, state.shards)
+
+
 def test_shards_handed_between_workers_keep_every_feature_exact(tmp_path: Path) -> None:
-    """One state holds three shards, checkpoints them per shard, and hands shards over (a
+    """One state holds four shards, checkpoints them per shard, and hands shards over (a
     rebalance): the features of both holders together equal the reference, each checkpoint
     holds exactly its own shard's entities, and a handed-over shard resumes at its offset."""
-    shards = 3
+    shards = 4
     batches, events = routed_to_shards(days=3.0, events=12_000, seed=9, shards=shards)
     first = ShardStates(tmp_path, shards, checkpoint_interval_s=0)
     second = ShardStates(tmp_path, shards, checkpoint_interval_s=0)
@@ -181,17 +188,22 @@ def test_shards_handed_between_workers_keep_every_feature_exact(tmp_path: Path) 
     next_offsets = dict.fromkeys(range(shards), 0)
     handed = len(batches) // 3
     for index, rows in enumerate(batches):
-        if index == handed:  # shard 1 moves to the second holder, then moves back with shard 2
-            assert first.commit(force=True)[1] == next_offsets[1]
-            first.close(1)
-            assert second.open(1) == next_offsets[1]
+        if index == handed:  # shards 1 and 3 move to the second holder; later 1 moves back, 2 over
+            written = first.commit(force=True)
+            assert written[1] == next_offsets[1] and written[3] == next_offsets[3]
+            first.close([1, 3])
+            assert second.open(1) == next_offsets[1] and second.open(3) == next_offsets[3]
+            assert_holds_only_its_shards(first)
+            assert_holds_only_its_shards(second)
         if index == 2 * handed:
             second.commit(force=True)
             first.commit(force=True)
-            second.close(1)
-            first.close(2)
+            second.close([1])
+            first.close([2])
             assert first.open(1) == next_offsets[1]
             assert second.open(2) == next_offsets[2]
+            assert_holds_only_its_shards(first)
+            assert_holds_only_its_shards(second)
         for shard in rows:
             next_offsets[shard] += 1
         for state in (first, second):
@@ -202,7 +214,7 @@ def test_shards_handed_between_workers_keep_every_feature_exact(tmp_path: Path) 
         if index % 4 == 3:
             first.compact(RETENTION_MS)
             second.compact(RETENTION_MS)
-    assert first.shards == [0, 1] and second.shards == [2]
+    assert first.shards == [0, 1] and second.shards == [2, 3]
     assert_equal_to_reference(latest, events)
     for group in FEATURE_GROUPS:  # only the changed features were flagged: the store holds every row whole
         for key, row in latest[group.name].items():

@@ -31,7 +31,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,12 +125,19 @@ class ShardStates:
             self._progress[shard] = progress
         return self._progress[shard].next_offset
 
-    def close(self, shard: int) -> None:
-        """Forget ``shard``'s state; anything not checkpointed is replayed by its next owner."""
-        if self._progress.pop(shard, None) is None:
+    def close(self, shards: Collection[int]) -> None:
+        """Forget these shards' state; anything not checkpointed is replayed by their next owner.
+
+        One pass over the state for all of them (a rebalance revokes several at once).
+        """
+        closed = [shard for shard in shards if self._progress.pop(shard, None) is not None]
+        if not closed:
+            return
+        if not self._progress:
+            self.close_all()
             return
         for index, state in enumerate(self.groups):
-            state.drop(self._shard_of_entities(index) == shard)
+            state.drop(np.isin(self._shard_of_entities(index), closed))
             self._entity_shards[index] = np.zeros(0, np.int64)
 
     def close_all(self) -> None:

@@ -587,8 +587,7 @@ class StreamWorker:
         for tp in partitions:
             if tp.topic == self._events_topic:
                 self._watermarks.pop(tp.partition, None)
-            else:
-                self._state.close(tp.partition)
+        self._state.close([tp.partition for tp in partitions if tp.topic == self._shard_topic])
         log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
 
     def _position(self, tp: TopicPartition, low: int) -> int:
