@@ -191,13 +191,12 @@ class ShardStates:
             return {}
         written: dict[int, int] = {}
         dirty = [shard for shard, progress in self._progress.items() if progress.dirty]
-        owners = [self._shard_of_entities(index) for index in range(len(self.groups))]
+        splits = [
+            state.split_arrays(self._shard_of_entities(i), dirty) for i, state in enumerate(self.groups)
+        ]
         for shard in dirty:
             progress = self._progress[shard]
-            parts = [
-                state.to_arrays(owner == shard) for state, owner in zip(self.groups, owners, strict=True)
-            ]
-            _save(self.path(shard), shard, progress, self.groups, parts)
+            _save(self.path(shard), shard, progress, self.groups, [split[shard] for split in splits])
             progress.dirty = False
             progress.durable_offset = progress.next_offset
             if progress.next_offset is not None:

@@ -37,7 +37,7 @@ arrays for the shard's checkpoint file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +270,30 @@ def _range_sums(codes: _I64, values: _F64, ids: _I64, low: _I64, high: _I64) -> 
     filled = lengths > 0
     sums[:, filled] = np.add.reduceat(values[:, rows], gathered_start[filled], axis=1)
     return sums
+
+
+@dataclass(frozen=True)
+class _PartRows:
+    """Sorted codes (entity in the high bits) grouped by their entity's part, renumbered per part."""
+
+    parts: NDArray[Any]  # per row, its part (ascending)
+    codes: _I64  # entity ids replaced by their id within the part; sorted within each part
+    payload: NDArray[Any]  # (width, rows)
+
+    def part(self, part: int) -> tuple[_I64, NDArray[Any]]:
+        first, end = np.searchsorted(self.parts, [part, part + 1])
+        return self.codes[first:end], self.payload[:, first:end]
+
+
+def _grouped_by_part(
+    owners: NDArray[Any], codes: _I64, payload: NDArray[Any], local: _I64, shift: int
+) -> _PartRows:
+    """``codes`` (entity ``<< shift`` | low bits, sorted) grouped by their entity's part in ``owners``."""
+    entities = codes >> shift
+    row_parts = owners[entities]
+    order = np.argsort(row_parts, kind="stable")
+    renumbered = (local[entities] << shift) | (codes & ((1 << shift) - 1))
+    return _PartRows(row_parts[order], renumbered[order], payload[:, order])
 
 
 class GroupState:
@@ -710,54 +734,56 @@ class GroupState:
             self.emitted = _grow(self.emitted, len(self.entities), False)
             self.emitted[entity] = False
 
-    def to_arrays(self, entities: NDArray[np.bool_] | None = None) -> dict[str, Any]:
-        """The state as named arrays: NumPy for numbers, Arrow for strings (for a checkpoint file).
+    def to_arrays(self) -> dict[str, Any]:
+        """The state as named arrays: NumPy for numbers, Arrow for strings (for a checkpoint file)."""
+        return self.split_arrays(np.zeros(len(self.entities), dtype=np.int64), [0])[0]
 
-        ``entities`` (per entity id): only the flagged entities' state, numbered densely in
-        id order, with only the distinct values they use (one shard's part of a worker's state).
+    def split_arrays(self, owners: _I64, parts: Collection[int]) -> dict[int, dict[str, Any]]:
+        """Each of ``parts``' share of the state as :meth:`to_arrays` gives it, in one pass over the state.
+
+        ``owners`` gives the part (a shard) of each entity id. A part's entities are
+        numbered densely in id order and it holds only the distinct values they use, so
+        its arrays are what a state of just those entities would save. Everything is
+        grouped by part with one stable sort per kind of row (entities, tiles, seen
+        pairs), which keeps each part's codes in their sorted order.
         """
         count = len(self.entities)
-        kept = np.arange(count) if entities is None else np.flatnonzero(entities[:count])
-        remap = np.full(count, -1, dtype=np.int64)
-        remap[kept] = np.arange(len(kept))
-        whole = len(kept) == count
-        arrays: dict[str, Any] = {
-            "entities": self.entities.keys if whole else self.entities.keys.take(pa.array(kept)),
-            "latest": self.latest[kept],
+        owners = np.asarray(owners[:count])
+        if count and owners.min() >= 0 and owners.max() < 1 << 16:
+            owners = owners.astype(np.uint16)  # (a stable sort of 16-bit keys is a radix sort)
+        order = np.argsort(owners, kind="stable")  # entity ids by part, ascending within each
+        by_part = owners[order]
+        local = np.empty(count, dtype=np.int64)  # each entity's id within its part
+        local[order] = np.arange(count) - np.searchsorted(by_part, by_part)
+        keys = self.entities.keys.take(pa.array(order))
+        latest = self.latest[order]
+        tiles = _grouped_by_part(owners, *self.tiles.consolidate(), local, TILE_BITS)
+        seen = {
+            name: _grouped_by_part(owners, *runs.consolidate(), local, _VALUE_BITS)
+            for name, runs in self.seen.items()
         }
-        codes, values = self.tiles.consolidate()
-        if not whole:  # (renumbering in id order keeps the codes sorted)
-            owners = remap[codes >> TILE_BITS]
-            inside = owners >= 0
-            codes = (owners[inside] << TILE_BITS) | (codes[inside] & _TILE_MASK)
-            values = values[:, inside]
-        arrays["tile_codes"], arrays["tile_values"] = codes, values
-        for name in self.values:
-            value_keys = self.values[name].keys
-            seen_codes, seen_tiles = self.seen[name].consolidate()
-            if not whole:
-                owners = remap[seen_codes >> _VALUE_BITS]
-                inside = owners >= 0
-                value_ids = seen_codes[inside] & _VALUE_MASK
-                used = np.zeros(len(value_keys), dtype=bool)
+        split: dict[int, dict[str, Any]] = {}
+        for part in parts:
+            first, end = (int(bound) for bound in np.searchsorted(by_part, [part, part + 1]))
+            arrays: dict[str, Any] = {"entities": keys.slice(first, end - first), "latest": latest[first:end]}
+            arrays["tile_codes"], arrays["tile_values"] = tiles.part(part)
+            for name, pairs in seen.items():
+                codes, tiles_seen = pairs.part(part)
+                value_ids = codes & _VALUE_MASK
+                used = np.zeros(len(self.values[name]), dtype=bool)
                 used[value_ids] = True
-                value_remap = np.cumsum(used) - 1
-                seen_codes = (owners[inside] << _VALUE_BITS) | value_remap[value_ids]
-                seen_tiles = seen_tiles[:, inside]
-                value_keys = value_keys.filter(pa.array(used))
-            arrays[f"{name}.values"] = value_keys
-            arrays[f"{name}.seen_codes"] = seen_codes
-            arrays[f"{name}.seen_tiles"] = seen_tiles[0]
-        for name, last in self.lasts.items():
-            if whole:
-                slots, rows = last.slot_of[:count], np.arange(last.slots)
-            else:
-                slots, rows = last.subset(kept)
-            arrays[f"{name}.slot_of"] = slots
-            arrays[f"{name}.times"] = last.times[rows]
-            arrays[f"{name}.event_ids"] = pa.array(last.event_ids[rows].ravel(), pa.string())
-            arrays[f"{name}.list_values"] = pa.array(last.values[rows].ravel(), pa.string())
-        return arrays
+                ranks = np.cumsum(used) - 1  # the part's value ids: the values it uses, in order
+                arrays[f"{name}.values"] = self.values[name].keys.filter(pa.array(used))
+                arrays[f"{name}.seen_codes"] = (codes >> _VALUE_BITS) << _VALUE_BITS | ranks[value_ids]
+                arrays[f"{name}.seen_tiles"] = tiles_seen[0]
+            for name, last in self.lasts.items():
+                slots, rows = last.subset(order[first:end])
+                arrays[f"{name}.slot_of"] = slots
+                arrays[f"{name}.times"] = last.times[rows]
+                arrays[f"{name}.event_ids"] = pa.array(last.event_ids[rows].ravel(), pa.string())
+                arrays[f"{name}.list_values"] = pa.array(last.values[rows].ravel(), pa.string())
+            split[part] = arrays
+        return split
 
     def absorb(self, other: GroupState) -> None:
         """Take in ``other``'s entities, none of which this state holds (a shard joining a worker's state).
