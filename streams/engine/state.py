@@ -31,8 +31,9 @@ kept as :class:`SortedRuns` so that a micro-batch costs time in proportion to th
 not to the state.
 
 Everything is exact: the features equal the reference SQL of :mod:`features.reference`.
-:meth:`GroupState.to_arrays` / :meth:`GroupState.load_arrays` turn the state into plain
-arrays for the shard's checkpoint file.
+:meth:`GroupState.split_arrays` / :meth:`GroupState.load_arrays` turn each shard's share
+of the state into plain arrays for its checkpoint file and back; :meth:`GroupState.absorb`
+and :meth:`GroupState.drop` add and remove a shard's entities when shards move.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def _grouped_by_part(
 
 
 class GroupState:
-    """The windowed state of one feature group in one shard (see the module docstring)."""
+    """The windowed state of one feature group over the shards a worker holds (see the module docstring)."""
 
     def __init__(self, group: FeatureGroup, bit: int) -> None:
         self.group = group
@@ -409,8 +410,8 @@ class GroupState:
         (ratio, window, entity), as :meth:`_features_and_rates` emitted them.
 
         Computed for all windowed features at once, as (feature, entity) rows placed by
-        :meth:`_plan_emission`'s positions: a live cycle calls this once per shard and group
-        on a few thousand entities, where a few NumPy calls per feature cost more than the work.
+        :meth:`_plan_emission`'s positions: a live cycle calls this once per group on a few
+        thousand entities, where a few NumPy calls per feature cost more than the work.
         """
         plan = self._emission
         moved = previous_latest // TILE_MS != self.latest[ids] // TILE_MS  # the windows' end moved
@@ -442,7 +443,7 @@ class GroupState:
             type_codes = type_codes[selected]
         ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
         if len(self.entities) >= 1 << (63 - TILE_BITS):
-            raise StateError(f"group {self.group.name}: too many entities in one shard")
+            raise StateError(f"group {self.group.name}: too many entities in one worker's state")
         return _Batch(
             ids=ids,
             times=table.column("event_time_ms").to_numpy().astype(np.int64, copy=False),
