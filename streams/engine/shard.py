@@ -120,8 +120,11 @@ class ShardStates:
             if path.exists():
                 loaded = self._new_groups()
                 progress = _load(path, shard, loaded)
-                for state, part in zip(self.groups, loaded, strict=True):
-                    state.absorb(part)
+                if all(len(state.entities) == 0 for state in self.groups):
+                    self.groups = loaded  # the first shard with state: nothing to merge it with
+                else:
+                    for state, part in zip(self.groups, loaded, strict=True):
+                        state.absorb(part)
             self._progress[shard] = progress
         return self._progress[shard].next_offset
 
