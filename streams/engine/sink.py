@@ -45,6 +45,7 @@ class FeatureSink:
 
     def __init__(self, settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> None:
         self.groups = {group.name: group for group in groups}
+        self._schemas = {group.name: arrow_schema(group) for group in groups}  # what the stores hold
         self._data_dir = settings.feature_repo_dir / "data"
         self._online = OnlineFeatureWriter(settings, tuple(groups))
         self._changed_only = settings.stream.online_writes == "changed_features"
@@ -60,10 +61,9 @@ class FeatureSink:
         """
         prepared: dict[str, pa.Table] = {}
         for name, rows in changed.items():
-            group = self.groups[name]
-            schema = arrow_schema(group)
+            group, schema = self.groups[name], self._schemas[name]
             mask = rows.column(CHANGED_COLUMN) if CHANGED_COLUMN in rows.column_names else None
-            rows = rows.select(schema.names).cast(schema)  # what the offline store holds
+            rows = rows.select(schema.names).cast(schema)  # (the state's timestamps carry no zone)
             online = (
                 rows.append_column(CHANGED_COLUMN, mask) if mask is not None and self._changed_only else rows
             )
