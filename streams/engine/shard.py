@@ -60,8 +60,6 @@ class _Progress:
     """The next repartition offset to read."""
     applied: dict[int, int] = field(default_factory=dict)
     """Per source partition, the highest source offset applied."""
-    durable_offset: int | None = None
-    """The repartition offset the last checkpoint reflects (where a restart resumes)."""
     max_time: int = 0
     """The newest event time applied (compaction keeps what windows from there can read)."""
     dirty: bool = False
@@ -89,8 +87,8 @@ class ShardStates:
         self._definitions = tuple(groups)
         self.groups = self._new_groups()
         self._progress: dict[int, _Progress] = {}
-        # Per group, the shard of each entity id known so far (hashed once per id; renumbering forgets it).
-        self._entity_shards: list[NDArray[np.int64]] = [np.zeros(0, np.int64) for _ in self.groups]
+        self._entity_shards: list[NDArray[np.int64]] = []
+        self._forget_entity_shards()
         self._last_checkpoint = time.monotonic()
 
     def _new_groups(self) -> list[GroupState]:
@@ -122,6 +120,7 @@ class ShardStates:
                 progress = _load(path, shard, loaded)
                 if all(len(state.entities) == 0 for state in self.groups):
                     self.groups = loaded  # the first shard with state: nothing to merge it with
+                    self._forget_entity_shards()
                 else:
                     for state, part in zip(self.groups, loaded, strict=True):
                         state.absorb(part)
@@ -141,13 +140,13 @@ class ShardStates:
             return
         for index, state in enumerate(self.groups):
             state.drop(np.isin(self._shard_of_entities(index), closed))
-            self._entity_shards[index] = np.zeros(0, np.int64)
+        self._forget_entity_shards()  # ids renumbered
 
     def close_all(self) -> None:
         """Forget every shard's state (see :meth:`close`)."""
         self._progress.clear()
         self.groups = self._new_groups()
-        self._entity_shards = [np.zeros(0, np.int64) for _ in self.groups]
+        self._forget_entity_shards()
 
     def apply(self, rows: Mapping[int, pa.Table], next_offsets: Mapping[int, int]) -> dict[str, pa.Table]:
         """Fold shipped rows (per shard) into the state; return each group's changed features.
@@ -201,7 +200,6 @@ class ShardStates:
             progress = self._progress[shard]
             _save(self.path(shard), shard, progress, self.groups, [split[shard] for split in splits])
             progress.dirty = False
-            progress.durable_offset = progress.next_offset
             if progress.next_offset is not None:
                 written[shard] = progress.next_offset
         self._last_checkpoint = time.monotonic()
@@ -228,11 +226,19 @@ class ShardStates:
             progress.dirty = True
         for index, state in enumerate(self.groups):
             state.compact(horizons[self._shard_of_entities(index)])
-            self._entity_shards[index] = np.zeros(0, np.int64)  # ids renumbered
+        self._forget_entity_shards()  # ids renumbered
 
     def sizes(self) -> dict[str, int]:
         """Rows held per part of each group's state, over all shards held (for status output and tests)."""
         return {f"{s.group.name}.{part}": n for s in self.groups for part, n in s.sizes().items()}
+
+    def _forget_entity_shards(self) -> None:
+        """Drop the cache of entity shards (after entities were renumbered or the groups replaced).
+
+        Per group it holds the shard of each entity id seen so far, so a key is hashed
+        once, not at every checkpoint and compaction.
+        """
+        self._entity_shards = [np.zeros(0, np.int64) for _ in self.groups]
 
     def _shard_of_entities(self, index: int) -> NDArray[np.int64]:
         """The shard of each entity id of group ``index`` (its key's shard, as the router picks it)."""
@@ -325,11 +331,9 @@ def _load(path: Path, shard: int, groups: Sequence[GroupState]) -> _Progress:
                 state.load_arrays(arrays)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot read the shard checkpoint: {exc}") from exc
-    next_offset = meta["next_offset"]
     return _Progress(
-        next_offset=next_offset,
+        next_offset=meta["next_offset"],
         applied={int(k): int(v) for k, v in meta["applied"].items()},
-        durable_offset=next_offset,
         max_time=int(meta["max_time"]),
     )
 
