@@ -21,9 +21,7 @@ extra column builds per bad event). Nothing a message holds stops the worker.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
@@ -35,6 +33,7 @@ from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.arrow_times import EventTimeError, rfc3339_epoch_ms
+from streams.engine.collector import collector_paused
 from streams.events import (
     EVENT_TYPE_NAMES,
     EVENT_TYPES,
@@ -262,7 +261,7 @@ class EventDecoder:
         """
         if not events:
             return self.output_schema.empty_table()
-        with _collector_paused():
+        with collector_paused():
             fields = zip(*map(msgspec.structs.astuple, events), strict=True)
             columns = {
                 name: pa.array(values, _FIELD_TYPES[name])
@@ -345,19 +344,6 @@ class EventDecoder:
                     error_of.setdefault(int(row), error)
             reasons = sorted(error_of.items(), key=lambda pair: pair[0])
         return valid, reasons
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the block (if it was running)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _malformed(line: bytes, error: msgspec.DecodeError) -> str:

@@ -26,7 +26,6 @@ state, so features are neither lost nor double counted.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from confluent_kafka import (
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
+from streams.engine.collector import startup_heap_frozen
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router
 from streams.engine.shard import ShardStates
@@ -253,17 +253,18 @@ class StreamWorker:
         self._stopping = True
 
     def run(self, *, max_seconds: float | None = None, idle_exit_s: float | None = None) -> StreamStats:
+        """Read, aggregate and store until stopped, ``max_seconds`` passed, or (with
+        ``idle_exit_s``) every partition is caught up and no message came for that long."""
+        with startup_heap_frozen():  # see streams.engine.collector
+            return self._run(max_seconds, idle_exit_s)
+
+    def _run(self, max_seconds: float | None, idle_exit_s: float | None) -> StreamStats:
         config = self.settings.stream
         timeout_s = config.batch_timeout_ms / 1000
         flush_every = config.flush_interval_ms / 1000
         backlog_flush_every = max(flush_every, config.backlog_flush_interval_ms / 1000)
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         last_flush = time.monotonic()
-        # Every consumed message is a new Python object, so the collector runs often, and
-        # each full collection walked every object alive since start-up (imported modules,
-        # Feast's registry): 16% of the worker's CPU. Those live as long as the worker, so
-        # they are moved out of the collector's view while it runs.
-        gc.freeze()
         try:
             while not self._stopping:
                 messages = self._consumer.consume(config.batch_max_events, timeout_s)
@@ -292,7 +293,6 @@ class StreamWorker:
             self._failed = True  # closing must not checkpoint a half-done cycle
             raise
         finally:
-            gc.unfreeze()
             self.close()
         return self.stats
 
