@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from common import print_table, versions, write_results
 
 from estimation import ReachForecaster, build_sample
+from estimation.schema import FieldKind
 from estimation.sql import to_sql
 from estimation.targeting import (
     And,
@@ -48,6 +49,7 @@ from estimation.targeting import (
     Not,
     Or,
     criteria_count,
+    numeric_bounds,
     parse_targeting,
 )
 from infra.settings import ReachSettings
@@ -255,7 +257,8 @@ class ThetaIndex:
                 inter.update(self.value(expr.field, v))
             return inter.get_result()
         assert isinstance(expr, Between)
-        ages = [a for a in self.ages() if expr.low <= a <= expr.high]
+        low, high = numeric_bounds(expr, FieldKind.INTEGER)
+        ages = [a for a in self.ages() if low <= a <= high]
         return self._union([self.value(expr.field, pa.scalar(a, pa.int32())) for a in ages])
 
     def _union(self, sketches: list[Any]) -> Any:

@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from estimation import temporal
 from estimation.estimator import Z95, ReachEstimate, estimate_horizon, estimate_reach
 from estimation.hashing import hash_user_ids, shard_of, uniform
 from estimation.rows import arrow_type
-from estimation.schema import FieldKind, normalize_column
+from estimation.schema import OPERATORS, FieldKind, normalize_column
 from estimation.shard import PartialSums, ShardUpdate, UpdateStats
 from estimation.sharding import LocalShard, ProcessShard, ShardClient, ShardReply, ShardUnavailableError
 from estimation.store import SampleMeta, load_meta, load_shard
@@ -192,13 +193,7 @@ class ReachForecaster:
             "fields": schema["fields"],
             "not_targetable": schema["skipped"],
             "strata_fields": [a.name for a in self.meta.strata.attrs],
-            "operators": {
-                "categorical": ["eq", "in"],
-                "boolean": ["eq", "in"],
-                "integer": ["eq", "in", "between"],
-                "number": ["eq", "in", "between"],
-                "list": ["has_any", "has_all"],
-            },
+            "operators": {kind.value: list(ops) for kind, ops in OPERATORS.items()},
             "population_at_build": int(self.meta.manifest["counts"]["population"]),
             "activity": self.meta.activity.to_json(),
         }
@@ -422,6 +417,9 @@ def _typed(values: list[Any], kind: FieldKind) -> pa.Array:
     if kind is FieldKind.LIST:
         target: pa.DataType = pa.list_(pa.string())
         clean: list[Any] = [[str(v) for v in vs] if isinstance(vs, list) else [] for vs in values]
+    elif kind.temporal:
+        target = pa.int64()
+        clean = [_epoch_number(v, kind) for v in values]
     else:
         target = arrow_type(kind)
         accepted: tuple[type, ...] = {
@@ -437,6 +435,17 @@ def _typed(values: list[Any], kind: FieldKind) -> pa.Array:
             for v in values
         ]
     return pa.array(clean, target)
+
+
+def _epoch_number(value: Any, kind: FieldKind) -> int | None:
+    """A profile's date or timestamp attribute (ISO 8601 text) as the sample holds it; anything
+    else is null, as a value of the wrong type is for the other kinds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(temporal.as_number(value, kind is FieldKind.DATE))
+    except temporal.TemporalValueError:
+        return None
 
 
 def _as_dict(event: Any) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def arrow_type(kind: FieldKind) -> pa.DataType:
         FieldKind.INTEGER: pa.int64(),
         FieldKind.NUMBER: pa.float64(),
         FieldKind.LIST: pa.string(),
+        FieldKind.DATE: pa.int64(),  # days since the epoch
+        FieldKind.TIMESTAMP: pa.int64(),  # microseconds since the epoch
     }[kind]
 
 
@@ -243,7 +245,7 @@ def rows_to_table(rows: Rows, schema: Schema, vocabs: dict[str, Vocab]) -> pa.Ta
         else:
             values = rows.nums[name]
             mask = np.isnan(values)
-            if kind is FieldKind.INTEGER:
+            if kind.integral:
                 columns[name] = pa.array(np.where(mask, 0, values).astype(np.int64), pa.int64(), mask=mask)
             else:
                 columns[name] = pa.array(values, pa.float64(), mask=mask)

@@ -2,11 +2,12 @@
 
 Any Parquet population works: ``user_id`` plus columns whose Arrow type decides the
 field kind. Strings (plain or dictionary-encoded) are categorical, booleans boolean,
-integers integer, floats and decimals number, lists of strings list fields (``has_any``/``has_all``).
-Other types (timestamps, structs, ...) are not targetable and are reported as skipped
-rather than silently dropped. The schema records each field's build-time vocabulary with
-exact population counts (for ``GET /v1/reach/fields`` and for warning about values that
-match nobody) and numeric ranges.
+integers integer, floats and decimals number, dates date and timestamps timestamp (held as
+days or microseconds since the epoch, written as ISO 8601 text: :mod:`estimation.temporal`),
+lists of strings list fields (``has_any``/``has_all``). Other types (structs, binary, ...)
+are not targetable and are reported as skipped rather than silently dropped. The schema
+records each field's build-time vocabulary with exact population counts (for ``GET
+/v1/reach/fields`` and for warning about values that match nobody) and numeric ranges.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from estimation.temporal import (
+    epoch_days,
+    epoch_micros,
+    is_temporal,
+    iso_date,
+    iso_timestamp,
+    temporal_numbers,
+)
+
 MAX_LISTED_VALUES = 10_000
 
 
@@ -28,6 +38,22 @@ class FieldKind(StrEnum):
     INTEGER = "integer"
     NUMBER = "number"
     LIST = "list"
+    DATE = "date"
+    TIMESTAMP = "timestamp"
+
+    @property
+    def numeric(self) -> bool:
+        """Held as numbers in a sample (compared by value, with ranges and binned strata)."""
+        return self in (FieldKind.INTEGER, FieldKind.NUMBER, FieldKind.DATE, FieldKind.TIMESTAMP)
+
+    @property
+    def integral(self) -> bool:
+        """Held as whole numbers (integers, days, microseconds)."""
+        return self in (FieldKind.INTEGER, FieldKind.DATE, FieldKind.TIMESTAMP)
+
+    @property
+    def temporal(self) -> bool:
+        return self in (FieldKind.DATE, FieldKind.TIMESTAMP)
 
 
 OPERATORS: dict[FieldKind, tuple[str, ...]] = {
@@ -36,6 +62,8 @@ OPERATORS: dict[FieldKind, tuple[str, ...]] = {
     FieldKind.INTEGER: ("eq", "in", "between"),
     FieldKind.NUMBER: ("eq", "in", "between"),
     FieldKind.LIST: ("has_any", "has_all"),
+    FieldKind.DATE: ("eq", "in", "between"),
+    FieldKind.TIMESTAMP: ("eq", "in", "between"),
 }
 
 
@@ -45,7 +73,11 @@ class PopulationError(ValueError):
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One targetable field. ``values``/``counts`` are most frequent first (population counts)."""
+    """One targetable field. ``values``/``counts`` are most frequent first (population counts).
+
+    ``minimum``/``maximum`` of a date or timestamp field are in the sample's units (days or
+    microseconds since the epoch); its JSON form writes them as ISO 8601 text.
+    """
 
     name: str
     kind: FieldKind
@@ -64,20 +96,26 @@ class FieldSpec:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "nulls": self.nulls}
         if self.kind in (FieldKind.CATEGORICAL, FieldKind.BOOLEAN, FieldKind.LIST):
             out.update(values=list(self.values), counts=list(self.counts), complete=self.complete)
+        elif self.kind.temporal:
+            out.update(minimum=_iso(self.minimum, self.kind), maximum=_iso(self.maximum, self.kind))
         else:
             out.update(minimum=self.minimum, maximum=self.maximum)
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FieldSpec:
+        kind = FieldKind(data["kind"])
+        minimum, maximum = data.get("minimum"), data.get("maximum")
+        if kind.temporal:
+            minimum, maximum = _from_iso(minimum, kind), _from_iso(maximum, kind)
         return cls(
             name=str(data["name"]),
-            kind=FieldKind(data["kind"]),
+            kind=kind,
             values=tuple(data.get("values", ())),
             counts=tuple(int(c) for c in data.get("counts", ())),
             complete=bool(data.get("complete", True)),
-            minimum=data.get("minimum"),
-            maximum=data.get("maximum"),
+            minimum=minimum,
+            maximum=maximum,
             nulls=int(data.get("nulls", 0)),
         )
 
@@ -107,6 +145,18 @@ class Schema:
         return cls({s.name: s for s in specs}, dict(data.get("skipped", {})))
 
 
+def _iso(number: float | None, kind: FieldKind) -> str | None:
+    if number is None:
+        return None
+    return iso_date(number) if kind is FieldKind.DATE else iso_timestamp(number)
+
+
+def _from_iso(text: str | None, kind: FieldKind) -> float | None:
+    if text is None:
+        return None
+    return float(epoch_days(text) if kind is FieldKind.DATE else epoch_micros(text))
+
+
 def field_kind(data_type: pa.DataType) -> FieldKind | None:
     """The kind a column of this Arrow type becomes, or ``None`` when it is not targetable."""
     if pa.types.is_dictionary(data_type):
@@ -119,6 +169,10 @@ def field_kind(data_type: pa.DataType) -> FieldKind | None:
         return FieldKind.INTEGER
     if pa.types.is_floating(data_type) or pa.types.is_decimal(data_type):
         return FieldKind.NUMBER  # decimals (money from a warehouse) as doubles: ranges, not cents
+    if pa.types.is_date(data_type):
+        return FieldKind.DATE
+    if pa.types.is_timestamp(data_type):
+        return FieldKind.TIMESTAMP
     if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
         item = data_type.value_type
         if pa.types.is_dictionary(item):
@@ -129,7 +183,9 @@ def field_kind(data_type: pa.DataType) -> FieldKind | None:
 
 
 def normalize_column(column: pa.Array | pa.ChunkedArray, kind: FieldKind) -> pa.Array:
-    """One contiguous array in the canonical type of ``kind`` (string, bool, int64, float64, list<string>)."""
+    """One contiguous array in the canonical type of ``kind`` (string, bool, int64, float64,
+    list<string>; dates and timestamps as int64 days or microseconds since the epoch, and
+    integer columns taken as already in those units)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
@@ -141,6 +197,8 @@ def normalize_column(column: pa.Array | pa.ChunkedArray, kind: FieldKind) -> pa.
         return array.cast(pa.int64())
     if kind is FieldKind.NUMBER:
         return array.cast(pa.float64())
+    if kind.temporal:
+        return temporal_numbers(array) if is_temporal(array.type) else array.cast(pa.int64())
     if pa.types.is_large_list(array.type):
         array = array.cast(pa.list_(array.type.value_type))
     values = array.values
@@ -181,7 +239,7 @@ def infer_schema(table: pa.Table, *, exclude: set[str] | None = None) -> Schema:
 def describe_column(name: str, array: pa.Array, kind: FieldKind) -> FieldSpec:
     """Vocabulary and counts (categorical, boolean, list) or range (numeric) of one column."""
     nulls = int(array.null_count)
-    if kind in (FieldKind.INTEGER, FieldKind.NUMBER):
+    if kind.numeric:
         finite = array
         if kind is FieldKind.NUMBER:
             as_np = array.to_numpy(zero_copy_only=False)

@@ -26,7 +26,19 @@ from estimation import bitmaps
 from estimation.bitmaps import Words
 from estimation.rows import Rows, Vocab
 from estimation.schema import FieldKind, Schema
-from estimation.targeting import And, Between, Eq, Expr, HasAll, HasAny, In, Not, Or
+from estimation.targeting import (
+    And,
+    Between,
+    Eq,
+    Expr,
+    HasAll,
+    HasAny,
+    In,
+    Not,
+    Or,
+    numeric_bounds,
+    numeric_values,
+)
 
 
 @dataclass(frozen=True)
@@ -200,8 +212,8 @@ class Segment:
         if isinstance(node, Not):
             return self.alive & ~self._eval(node.child)
         spec = self.schema[node.field]
-        if spec.kind in (FieldKind.INTEGER, FieldKind.NUMBER):
-            return self._numeric(node)
+        if spec.kind.numeric:
+            return self._numeric(node, spec.kind)
         vocab = self.vocabs[node.field]
         postings = self.postings[node.field]
         if isinstance(node, Eq):
@@ -240,14 +252,13 @@ class Segment:
             out |= bitmaps.from_positions(np.unique(np.concatenate(sparse)), self.n_words)
         return out
 
-    def _numeric(self, node: Eq | In | Between | HasAny | HasAll) -> Words:
+    def _numeric(self, node: Eq | In | Between | HasAny | HasAll, kind: FieldKind) -> Words:
         values = self.nums[node.field]
         if isinstance(node, Between):
-            mask = (values >= node.low) & (values <= node.high)
-        elif isinstance(node, Eq):
-            mask = values == float(node.value)
-        elif isinstance(node, In):
-            mask = np.isin(values, np.array([float(v) for v in node.values]))
+            low, high = numeric_bounds(node, kind)
+            mask = (values >= low) & (values <= high)
+        elif isinstance(node, (Eq, In)):
+            mask = np.isin(values, np.array([float(v) for v in numeric_values(node, kind)]))
         else:
             raise TypeError(f"operator {type(node).__name__} does not apply to numeric field {node.field!r}")
         return bitmaps.from_bools(mask)

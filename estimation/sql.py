@@ -1,4 +1,8 @@
-"""Targeting expressions as DuckDB SQL: the exact reference the estimator is checked against."""
+"""Targeting expressions as DuckDB SQL: the exact reference the estimator is checked against.
+
+Date and timestamp values stay ISO 8601 text: DuckDB casts such a literal to the column's
+DATE or TIMESTAMP type when comparing.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def to_sql(expr: Expr) -> str:
     if isinstance(expr, In):
         return f"coalesce({column} IN ({', '.join(_literal(v) for v in expr.values)}), FALSE)"
     if isinstance(expr, Between):
-        return f"coalesce({column} BETWEEN {expr.low!r} AND {expr.high!r}, FALSE)"
+        return f"coalesce({column} BETWEEN {_literal(expr.low)} AND {_literal(expr.high)}, FALSE)"
     values = "[" + ", ".join(_literal(v) for v in expr.values) + "]"
     if isinstance(expr, HasAny):
         return f"coalesce(list_has_any({column}, {values}), FALSE)"

@@ -39,7 +39,19 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from estimation.schema import FieldKind, Schema, normalize_column
-from estimation.targeting import And, Between, Eq, Expr, HasAll, HasAny, In, Not, Or
+from estimation.targeting import (
+    And,
+    Between,
+    Eq,
+    Expr,
+    HasAll,
+    HasAny,
+    In,
+    Not,
+    Or,
+    numeric_bounds,
+    numeric_values,
+)
 
 DEPENDENCY_THRESHOLD = 0.02
 REDUNDANT = 0.5  # SU at which one attribute stands in for another
@@ -74,7 +86,7 @@ class StratAttr:
 
     @property
     def binned(self) -> bool:
-        return bool(self.edges) or (self.kind in (FieldKind.INTEGER, FieldKind.NUMBER) and not self.levels)
+        return bool(self.edges) or (self.kind.numeric and not self.levels)
 
     @property
     def size(self) -> int:
@@ -307,12 +319,12 @@ def candidate_attr(name: str, kind: FieldKind, column: pa.Array) -> StratAttr | 
     if data.size == 0:
         return None
     distinct = np.unique(data)
-    if kind is FieldKind.INTEGER and len(distinct) <= INTEGER_LEVELS:
+    if kind.integral and len(distinct) <= INTEGER_LEVELS:
         return StratAttr(name, kind, levels=tuple(int(v) for v in distinct))
     if len(distinct) < 2:
         return None
     quantiles = np.quantile(data, np.linspace(0, 1, NUMERIC_BINS + 1)[1:-1])
-    if kind is FieldKind.INTEGER:
+    if kind.integral:
         quantiles = np.ceil(quantiles)
     edges = np.unique(quantiles[(quantiles > distinct[0]) & (quantiles <= distinct[-1])])
     if edges.size == 0:
@@ -378,6 +390,12 @@ def choose_strata(
     candidates: dict[str, StratAttr] = {}
     codes: dict[str, NDArray[np.int64]] = {}
     for name, spec in schema.fields.items():
+        if spec.kind.temporal:
+            # Dates and timestamps (signup, last seen) are recency, usually targeted by ranges
+            # that quantile bins do not follow, and such columns depend on each other (first
+            # and last seen) strongly enough to take the strata budget from the attributes
+            # audiences are defined by. Stratified only when named (reach.strata_fields).
+            continue
         attr = candidate_attr(name, spec.kind, columns[name])
         if attr is not None:
             candidates[name] = attr
@@ -614,14 +632,15 @@ def _leaf_decision(
         bounds = np.concatenate([[-math.inf], np.asarray(attr.edges, dtype=np.float64), [math.inf]])
         lows = bounds[:-1]
         # highest value a bin can hold: whole numbers up to edge-1, or just below the edge
-        tops = bounds[1:] - 1 if attr.kind is FieldKind.INTEGER else bounds[1:]
-        strict = attr.kind is not FieldKind.INTEGER  # v < top for floats, v <= top for integers
+        tops = bounds[1:] - 1 if attr.kind.integral else bounds[1:]
+        strict = not attr.kind.integral  # v < top for floats, v <= top for whole numbers
         if isinstance(node, Between):
-            level_yes[:size] = (lows >= node.low) & (tops <= node.high)
-            below = (tops <= node.low) if strict else (tops < node.low)
-            level_no[:size] = below | (lows > node.high)
+            low, high = numeric_bounds(node, attr.kind)
+            level_yes[:size] = (lows >= low) & (tops <= high)
+            below = (tops <= low) if strict else (tops < low)
+            level_no[:size] = below | (lows > high)
         else:
-            listed = [node.value] if isinstance(node, Eq) else list(node.values)
+            listed = numeric_values(node, attr.kind)
             values = [float(v) for v in listed if isinstance(v, (int, float))]
             holds_any = np.zeros(size, dtype=bool)
             for v in values:
@@ -630,10 +649,11 @@ def _leaf_decision(
         return level_yes[codes], level_no[codes]
     seen = {_norm(level) for level in attr.levels}
     if isinstance(node, Between):
+        low, high = numeric_bounds(node, attr.kind)
         for i, level in enumerate(attr.levels):
-            level_yes[i] = node.low <= float(level) <= node.high
+            level_yes[i] = low <= float(level) <= high
     else:
-        wanted = {_norm(v) for v in ((node.value,) if isinstance(node, Eq) else node.values)}
+        wanted = {_norm(v) for v in numeric_values(node, attr.kind)}
         for i, level in enumerate(attr.levels):
             level_yes[i] = _norm(level) in wanted
         level_no[attr.other_code] = wanted <= seen

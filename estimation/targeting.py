@@ -4,9 +4,11 @@ Canonical (JSON) form, the API's input::
 
     {"and": [E, ...]}   {"or": [E, ...]}   {"not": E}
     {"field": F, "eq": v}          {"field": F, "in": [v, ...]}
-    {"field": F, "between": [lo, hi]}          (inclusive, numeric fields)
+    {"field": F, "between": [lo, hi]}          (inclusive: numeric, date and timestamp fields)
     {"field": F, "has_any": [v, ...]}   {"field": F, "has_all": [v, ...]}   (list fields)
 
+Date and timestamp values are ISO 8601 text (``"2024-01-31"``, ``"2024-01-31T12:00:00Z"``;
+see :mod:`estimation.temporal`), kept in the parsed tree in one canonical spelling.
 ``{"and": []}`` is everyone and ``{"or": []}`` nobody. A missing (null) value matches no
 ``eq``/``in``/``between``/``has_*``; ``not`` inverts a match (so it includes nulls).
 
@@ -25,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from estimation import temporal
 from estimation.schema import FieldKind, Schema
 
 Scalar: TypeAlias = str | int | float | bool
@@ -86,9 +89,11 @@ class In:
 
 @dataclass(frozen=True, slots=True)
 class Between:
+    """Inclusive bounds: numbers, or ISO 8601 text for date and timestamp fields."""
+
     field: str
-    low: float
-    high: float
+    low: float | str
+    high: float | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +197,7 @@ class _Parser:
         if op == "eq":
             return Eq(name, self._scalar(operand, name, kind, where))
         if op == "between":
-            return self._between(name, operand, where)
+            return self._between(name, kind, operand, where)
         values = self._values(operand, op, where)
         if op == "in":
             return In(
@@ -255,6 +260,8 @@ class _Parser:
             raise TargetingTypeError(
                 f"{name!r} is a boolean field; use true or false, got {_describe(value)}", path
             )
+        if kind.temporal:
+            return _temporal(value, name, kind, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TargetingTypeError(
                 f"{name!r} is {_article(kind.value)} field; expected a number, got {_describe(value)}", path
@@ -273,9 +280,15 @@ class _Parser:
             return int(value)
         return float(value)
 
-    def _between(self, name: str, operand: object, path: str) -> Between:
+    def _between(self, name: str, kind: FieldKind | None, operand: object, path: str) -> Between:
         if not isinstance(operand, list) or len(operand) != 2:
             raise TargetingTypeError(f'"between" takes [low, high], got {_describe(operand)}', path)
+        if kind is not None and kind.temporal:
+            first, last = (_temporal(bound, name, kind, f"{path}[{i}]") for i, bound in enumerate(operand))
+            between = Between(name, first, last)
+            if numeric_bounds(between, kind)[0] > numeric_bounds(between, kind)[1]:
+                raise TargetingTypeError(f"{name!r}: low bound {first!r} is after high bound {last!r}", path)
+            return between
         bounds: list[float] = []
         for i, bound in enumerate(operand):
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
@@ -289,6 +302,36 @@ class _Parser:
                 f"{name!r}: low bound {operand[0]!r} is above high bound {operand[1]!r}", path
             )
         return Between(name, low, high)
+
+
+def _temporal(value: object, name: str, kind: FieldKind, path: str) -> str:
+    """A date or timestamp value in its canonical ISO 8601 spelling."""
+    if not isinstance(value, str):
+        example = '"2024-01-31"' if kind is FieldKind.DATE else '"2024-01-31T12:00:00Z" or "2024-01-31"'
+        raise TargetingTypeError(
+            f"{name!r} is a {kind.value} field; values are ISO 8601 text such as {example}, "
+            f"got {_describe(value)}",
+            path,
+        )
+    try:
+        return temporal.canonical(value, kind is FieldKind.DATE)
+    except temporal.TemporalValueError as exc:
+        raise TargetingTypeError(f"{name!r}: {exc}", path) from None
+
+
+def numeric_bounds(node: Between, kind: FieldKind) -> tuple[float, float]:
+    """A between's bounds as a sample holds them (dates and timestamps as epoch numbers)."""
+    date_field = kind is FieldKind.DATE
+    return temporal.as_number(node.low, date_field), temporal.as_number(node.high, date_field)
+
+
+def numeric_values(node: Eq | In, kind: FieldKind) -> tuple[Scalar, ...]:
+    """An eq's or in's values, dates and timestamps as the numbers a sample holds (others as they are)."""
+    values = (node.value,) if isinstance(node, Eq) else node.values
+    if not kind.temporal:
+        return values
+    date_field = kind is FieldKind.DATE
+    return tuple(temporal.as_number(v, date_field) for v in values if not isinstance(v, bool))
 
 
 def _unique(values: Any) -> tuple[Any, ...]:
@@ -339,7 +382,7 @@ def to_json(expr: Expr) -> dict[str, Any]:
     if isinstance(expr, In):
         return {"field": expr.field, "in": list(expr.values)}
     if isinstance(expr, Between):
-        return {"field": expr.field, "between": [_number(expr.low), _number(expr.high)]}
+        return {"field": expr.field, "between": [_bound(expr.low), _bound(expr.high)]}
     if isinstance(expr, HasAny):
         return {"field": expr.field, "has_any": list(expr.values)}
     return {"field": expr.field, "has_all": list(expr.values)}
@@ -363,7 +406,7 @@ def to_text(expr: Expr) -> str:
     if isinstance(expr, In):
         return f"{expr.field} IN ({', '.join(_literal(v) for v in expr.values)})"
     if isinstance(expr, Between):
-        return f"{expr.field} BETWEEN {_number(expr.low)} AND {_number(expr.high)}"
+        return f"{expr.field} BETWEEN {_literal(_bound(expr.low))} AND {_literal(_bound(expr.high))}"
     op = "HAS ANY" if isinstance(expr, HasAny) else "HAS ALL"
     return f"{expr.field} {op} ({', '.join(_literal(v) for v in expr.values)})"
 
@@ -374,6 +417,10 @@ def _literal(value: Scalar) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     return str(_number(float(value)) if isinstance(value, float) else value)
+
+
+def _bound(value: float | str) -> int | float | str:
+    return value if isinstance(value, str) else _number(value)
 
 
 def _number(value: float) -> int | float:

@@ -2,7 +2,8 @@
 
 Nothing here uses the simulator's column names, so the tests also show that the sample
 builder works on any Parquet population: a skewed categorical with tiny minorities, an
-integer, a float, a boolean, and a list<string> column that depends on the others.
+integer, a float, a boolean, and a list<string> column that depends on the others; and
+(:func:`with_dates`) a date and two timestamp columns.
 """
 
 from __future__ import annotations
@@ -67,3 +68,16 @@ QUERIES: list[dict[str, Any]] = [
         ]
     },
 ]
+
+
+def with_dates(pop: pa.Table) -> pa.Table:
+    """``pop`` plus a date, a zoned nanosecond timestamp (as pandas writes) and a naive one."""
+    rng = np.random.default_rng(17)
+    n = pop.num_rows
+    days = rng.integers(19_000, 19_060, n)  # 2022-01-08 .. 2022-03-08
+    micros = 1_700_000_000_000_000 + rng.integers(0, 10 * 86_400 * 10**6, n)  # 2023-11-14 .. 24
+    return (
+        pop.append_column("signup", pa.array(days.astype(np.int32), pa.date32(), mask=rng.random(n) < 0.05))
+        .append_column("last_seen", pa.array(micros * 1000, pa.timestamp("ns", tz="Asia/Tokyo")))
+        .append_column("first_seen", pa.array(micros // 1000 - 86_400_000, pa.timestamp("ms")))
+    )

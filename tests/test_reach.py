@@ -7,6 +7,7 @@ populations whose exact answers come from DuckDB over the full table.
 from __future__ import annotations
 
 import math
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reach_data import MARKETS, PLANS, QUERIES, TAGS, population
+from reach_data import MARKETS, PLANS, QUERIES, TAGS, population, with_dates
 
 from estimation import (
     PopulationError,
@@ -355,12 +356,12 @@ def test_bad_targeting_is_rejected_with_a_message(
 
 
 def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_path: Path) -> None:
-    """A population column of another type (a timestamp) is reported as such, not as an unknown field."""
-    seen = pa.array(np.full(pop.num_rows, 1_700_000_000_000, "datetime64[ms]"))
-    build_sample(pop.append_column("first_seen", seen), tmp_path / "s", _settings(seed=3))
+    """A population column of another type (binary) is reported as such, not as an unknown field."""
+    blobs = pa.array([b"\x00\x01"] * pop.num_rows, pa.binary())
+    build_sample(pop.append_column("blob", blobs), tmp_path / "s", _settings(seed=3))
     with ReachForecaster.open(tmp_path / "s") as reach:
-        with pytest.raises(UnknownFieldError, match=r"'first_seen' cannot be targeted: type timestamp\[ms\]"):
-            reach.estimate({"field": "first_seen", "eq": "x"})
+        with pytest.raises(UnknownFieldError, match=r"'blob' cannot be targeted: type binary"):
+            reach.estimate({"field": "blob", "eq": "x"})
         with pytest.raises(TargetingTypeError, match="'level' is an integer field; expected a number"):
             reach.estimate({"field": "level", "eq": "3"})
 
@@ -388,6 +389,103 @@ def test_a_decimal_column_is_a_number_field(pop: pa.Table, tmp_path: Path) -> No
         answer = reach.estimate({"field": "spend", "between": [0, 4.995]})
         truth = int((cents <= 499).sum())
         assert answer.ci95[0] <= truth <= answer.ci95[1]
+
+
+_TEMPORAL_QUERIES: list[dict[str, Any]] = [
+    {"field": "signup", "between": ["2022-02-01", "2022-02-14"]},
+    {"field": "signup", "eq": "2022-01-20"},
+    {"field": "signup", "in": ["2022-01-20", "2022-03-01", "1999-01-01"]},
+    {"not": {"field": "signup", "between": ["2022-01-01", "2022-01-31"]}},  # nulls included
+    {"field": "last_seen", "between": ["2023-11-16T00:00:00Z", "2023-11-18T09:30:00+09:00"]},
+    {"field": "last_seen", "between": ["2023-11-16", "2023-11-17"]},
+    {"field": "first_seen", "between": ["2023-11-15T12:00:00", "2023-11-20T00:00:00.5Z"]},
+    {
+        "and": [
+            {"field": "market", "eq": "north"},
+            {"field": "signup", "between": ["2022-01-15", "2022-02-15"]},
+        ]
+    },
+]
+
+
+def test_date_and_timestamp_fields_are_targeted_with_iso_text(pop: pa.Table, tmp_path: Path) -> None:
+    """Dates and timestamps were "not targetable". With every user sampled the answers are
+    exact, so each must equal DuckDB's count over the population (dates compared as DATE,
+    timestamps as instants), through the strata decisions (``signup`` is a stratum
+    attribute) and the sample's bitmaps alike."""
+    table = with_dates(pop)
+    build_sample(
+        table, tmp_path / "s", _settings(seed=3, sample_rate=1.0, strata_fields=["signup", "market"])
+    )
+    con = duckdb.connect()
+    con.register("pop", table)
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        fields = {spec["name"]: spec for spec in reach.fields()["fields"]}
+        assert reach.fields()["operators"]["date"] == ["eq", "in", "between"]
+        for query in _TEMPORAL_QUERIES:
+            answer = reach.estimate(query)
+            truth = con.execute(
+                f"SELECT count(*) FROM pop WHERE {to_sql(parse_targeting(query, reach.meta.schema))}"
+            ).fetchall()[0][0]
+            assert answer.reach == truth and answer.ci95 == (truth, truth), (query, answer.reach, truth)
+            assert 0 < truth < table.num_rows, query  # (each query tells the fields' values apart)
+    low, high = con.execute("SELECT min(signup), max(signup) FROM pop").fetchall()[0]
+    assert (fields["signup"]["kind"], fields["signup"]["minimum"], fields["signup"]["maximum"]) == (
+        "date",
+        low.isoformat(),
+        high.isoformat(),
+    )
+    assert fields["signup"]["nulls"] > 0
+    first = con.execute("SELECT min(last_seen) FROM pop").fetchall()[0][0]
+    assert fields["last_seen"]["kind"] == "timestamp"
+    assert fields["last_seen"]["minimum"] == first.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    ("targeting", "fragment"),
+    [
+        ({"field": "signup", "eq": 19_010}, 'ISO 8601 text such as "2024-01-31", got number'),
+        ({"field": "signup", "eq": "2022-13-01"}, "is not a date"),
+        ({"field": "signup", "eq": "2022-01-20T10:00:00Z"}, "is not a date"),
+        ({"field": "last_seen", "in": ["yesterday"]}, "is not a timestamp"),
+        ({"field": "signup", "between": ["2022-02-01", "2022-01-01"]}, "is after high bound"),
+        ({"field": "signup", "has_any": ["2022-01-20"]}, "use eq, in or between"),
+    ],
+)
+def test_bad_date_and_timestamp_values_are_rejected_with_the_form_to_use(
+    pop: pa.Table, tmp_path_factory: pytest.TempPathFactory, targeting: Any, fragment: str
+) -> None:
+    out = tmp_path_factory.getbasetemp() / "dated-sample"
+    if not out.exists():
+        build_sample(with_dates(pop), out, _settings(seed=3))
+    with ReachForecaster.open(out) as reach, pytest.raises(TargetingTypeError) as caught:
+        reach.estimate(targeting)
+    assert fragment in str(caught.value)
+
+
+def test_profile_updates_set_dates_from_iso_text(pop: pa.Table, tmp_path: Path) -> None:
+    build_sample(
+        with_dates(pop), tmp_path / "s", _settings(seed=3, sample_rate=1.0, strata_fields=["signup"])
+    )
+    query = {"field": "signup", "eq": "2030-06-01"}
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        before = reach.estimate(query).reach
+        reach.apply_profiles(
+            [
+                {
+                    "type": "user_profile",
+                    "user_id": f"new-{i}",
+                    "event_time": "2026-01-05T10:00:00Z",
+                    "attributes": {"signup": value, "last_seen": "2030-06-01T08:00:00+02:00"},
+                }
+                for i, value in enumerate(["2030-06-01", "2030-06-01", "June 1st", 7])
+            ]
+        )
+        after = reach.estimate(query).reach
+        seen = reach.estimate({"field": "last_seen", "eq": "2030-06-01T06:00:00Z"}).reach
+        unknown = reach.estimate({"not": {"field": "signup", "between": ["1900-01-01", "2100-01-01"]}}).reach
+    assert (before, after, seen) == (0, 2, 4)
+    assert unknown == int(with_dates(pop).column("signup").null_count) + 2  # unreadable values are null
 
 
 _leaf = st.one_of(

@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import httpx
 import pyarrow.parquet as pq
 import pytest
 import uvicorn
 from conftest import free_port
-from reach_data import population
+from reach_data import population, with_dates
 
 from estimation import ReachForecaster, build_sample
 from estimation.server import create_app
@@ -42,7 +43,7 @@ def _reach_settings(**kw: Any) -> ReachSettings:
 @pytest.fixture(scope="module")
 def population_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("reach-pop") / "population.parquet"
-    pq.write_table(population(N_USERS), path)
+    pq.write_table(with_dates(population(N_USERS)), path)
     return path
 
 
@@ -97,13 +98,48 @@ def test_reach_answers_with_interval_and_support(base_url: str) -> None:
     assert week["impressions"] > 0 and len(week["impressions_ci95"]) == 2
 
 
+def test_dates_and_timestamps_are_targeted_with_iso_text(base_url: str, population_file: Path) -> None:
+    body = {
+        "targeting": {
+            "and": [
+                {"field": "signup", "between": ["2022-02-01", "2022-02-28"]},
+                {"field": "last_seen", "between": ["2023-11-16T00:00:00Z", "2023-11-20T00:00:00+01:00"]},
+            ]
+        }
+    }
+    response = httpx.post(f"{base_url}/v1/reach", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    con = duckdb.connect()
+    con.register("pop", pq.read_table(population_file))
+    truth = con.execute(
+        "SELECT count(*) FROM pop WHERE signup BETWEEN DATE '2022-02-01' AND DATE '2022-02-28' "
+        "AND last_seen BETWEEN TIMESTAMPTZ '2023-11-16 00:00:00+00' AND TIMESTAMPTZ '2023-11-19 23:00:00+00'"
+    ).fetchall()[0][0]
+    assert answer["sample_users"] > 0 and answer["ci95"][0] <= truth <= answer["ci95"][1], (answer, truth)
+
+
 def test_fields_and_docs(base_url: str) -> None:
     fields = httpx.get(f"{base_url}/v1/reach/fields").json()
     by_name = {f["name"]: f for f in fields["fields"]}
-    assert set(by_name) == {"market", "plan", "level", "score", "paid", "tags"}
+    assert set(by_name) == {
+        "market",
+        "plan",
+        "level",
+        "score",
+        "paid",
+        "tags",
+        "signup",
+        "last_seen",
+        "first_seen",
+    }
     assert by_name["market"]["kind"] == "categorical" and "island" in by_name["market"]["values"]
     assert by_name["level"]["kind"] == "integer" and by_name["level"]["minimum"] >= 1
     assert by_name["tags"]["kind"] == "list" and fields["operators"]["list"] == ["has_any", "has_all"]
+    assert by_name["signup"]["kind"] == "date" and by_name["signup"]["minimum"] == "2022-01-08"
+    assert by_name["last_seen"]["kind"] == "timestamp" and by_name["last_seen"]["minimum"].startswith(
+        "2023-11-14T"
+    )
     assert httpx.get(f"{base_url}/docs").status_code == 200
     assert "/v1/reach" in httpx.get(f"{base_url}/openapi.json").json()["paths"]
     assert httpx.get(f"{base_url}/v1/reach/health").json()["shards"][0]["ok"]
@@ -116,6 +152,7 @@ def test_fields_and_docs(base_url: str) -> None:
         ({"targeting": {"field": "market", "eq": 5}}, 400, ["'market'", "strings", "number 5"]),
         ({"targeting": {"field": "level", "between": ["a", 3]}}, 400, ["$.between[0]", "finite numbers"]),
         ({"targeting": {"field": "tags", "in": ["t1"]}}, 400, ["has_any or has_all"]),
+        ({"targeting": {"field": "signup", "eq": "08/01/2022"}}, 400, ["$.eq", "not a date", "YYYY-MM-DD"]),
         ({"targeting": {"and": [{"field": "plan"}]}}, 400, ["$.and[0]", "exactly one operator"]),
         ({"targeting": {"or": "market"}}, 400, ["$.or", "takes a list of expressions"]),
         ({"targeting": "market = north"}, 400, ["expected an object"]),
