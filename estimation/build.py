@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,13 @@ class BuildReport:
     base_rate: float
     activity_source: str
     seconds: float
+    fields: dict[str, str] = field(default_factory=dict)
+    """Targetable fields and their kinds, in population column order."""
+    not_targetable: dict[str, str] = field(default_factory=dict)
+    """Population columns left out, with the reason (a type no targeting operator takes, ...)."""
 
     def describe(self) -> str:
+        fields = ", ".join(f"{name} ({kind})" for name, kind in self.fields.items()) or "(none)"
         return "\n".join(
             [
                 f"built reach sample in {self.out}: {self.sample_users:,} of {self.population:,} users "
@@ -62,6 +67,8 @@ class BuildReport:
                 f"  why: {self.reason}",
                 f"  activity: {self.activity_source}",
                 f"  deleted users left out: {self.deleted:,}",
+                f"  fields: {fields}",
+                *[f"  not targetable: {name}: {why}" for name, why in self.not_targetable.items()],
             ]
         )
 
@@ -165,6 +172,8 @@ def build_sample(
         base_rate=allocation.base_rate,
         activity_source=activity.source,
         seconds=0.0,
+        fields={name: spec.kind.value for name, spec in schema.fields.items()},
+        not_targetable=dict(schema.skipped),
     )
     manifest: dict[str, Any] = {
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

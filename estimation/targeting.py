@@ -321,6 +321,8 @@ def _temporal(value: object, name: str, kind: FieldKind, path: str) -> str:
 
 def numeric_bounds(node: Between, kind: FieldKind) -> tuple[float, float]:
     """A between's bounds as a sample holds them (dates and timestamps as epoch numbers)."""
+    if not kind.temporal:
+        return float(node.low), float(node.high)
     date_field = kind is FieldKind.DATE
     return temporal.as_number(node.low, date_field), temporal.as_number(node.high, date_field)
 

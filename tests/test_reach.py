@@ -358,7 +358,9 @@ def test_bad_targeting_is_rejected_with_a_message(
 def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_path: Path) -> None:
     """A population column of another type (binary) is reported as such, not as an unknown field."""
     blobs = pa.array([b"\x00\x01"] * pop.num_rows, pa.binary())
-    build_sample(pop.append_column("blob", blobs), tmp_path / "s", _settings(seed=3))
+    report = build_sample(pop.append_column("blob", blobs), tmp_path / "s", _settings(seed=3))
+    assert "  not targetable: blob: type binary is not targetable" in report.describe().splitlines()
+    assert "level (integer)" in report.describe() and "blob" not in report.fields
     with ReachForecaster.open(tmp_path / "s") as reach:
         with pytest.raises(UnknownFieldError, match=r"'blob' cannot be targeted: type binary"):
             reach.estimate({"field": "blob", "eq": "x"})
