@@ -16,11 +16,6 @@ WORD_BITS = 64
 _ONE = np.uint64(1)
 
 
-def words_for(rows: int) -> int:
-    """Words needed for ``rows`` bits."""
-    return (rows + WORD_BITS - 1) // WORD_BITS
-
-
 def zeros(n_words: int) -> Words:
     return np.zeros(n_words, dtype=np.uint64)
 
@@ -40,10 +35,6 @@ def from_positions(positions: NDArray[np.int64], n_words: int) -> Words:
 def from_bools(mask: NDArray[np.bool_]) -> Words:
     """Pack a boolean array whose length is a multiple of 64."""
     return np.packbits(mask, bitorder="little").view(np.uint64)
-
-
-def to_bools(words: Words) -> NDArray[np.bool_]:
-    return np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_)
 
 
 def to_positions(words: Words) -> NDArray[np.int64]:

@@ -229,24 +229,3 @@ def rows_from_table(
         else:
             rows.nums[name] = array.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
     return rows
-
-
-def rows_to_table(rows: Rows, schema: Schema, vocabs: dict[str, Vocab]) -> pa.Table:
-    """Decode rows back to Arrow (the inverse of :func:`rows_from_table`)."""
-    columns: dict[str, pa.Array] = {}
-    for name, spec in schema.fields.items():
-        kind = spec.kind
-        if kind in (FieldKind.CATEGORICAL, FieldKind.BOOLEAN):
-            columns[name] = vocabs[name].decode(rows.cats[name], arrow_type(kind))
-        elif kind is FieldKind.LIST:
-            offsets, codes = rows.lists[name]
-            values = vocabs[name].decode(codes, pa.string())
-            columns[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-        else:
-            values = rows.nums[name]
-            mask = np.isnan(values)
-            if kind.integral:
-                columns[name] = pa.array(np.where(mask, 0, values).astype(np.int64), pa.int64(), mask=mask)
-            else:
-                columns[name] = pa.array(values, pa.float64(), mask=mask)
-    return pa.table(columns)
