@@ -18,11 +18,12 @@ one shard answers.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ from estimation.targeting import (
 from infra.arrow_times import EventTimeError, malformed_times, rfc3339_epoch_ms
 from infra.settings import ReachSettings
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ProfileChanges:
@@ -62,10 +65,12 @@ class ProfileChanges:
 
     ``upserts``: ``user_id``, ``event_ms`` and any of the schema's columns (missing ones
     are null: profiles are full snapshots). ``deletes``: ``user_id`` and ``event_ms``.
+    ``unreadable``: per field, how many given values did not fit its kind and became null.
     """
 
     upserts: pa.Table
     deletes: pa.Table
+    unreadable: dict[str, int] = field(default_factory=dict)
 
 
 class ReachForecaster:
@@ -249,7 +254,7 @@ class ReachForecaster:
                     delete_ms=del_ms[gone],
                 )
                 requests.append((client, client.submit("apply", update)))
-            stats = UpdateStats()
+            stats = UpdateStats(unreadable_values=sum(changes.unreadable.values()))
             failed = []
             deadline = time.monotonic() + self.settings.shard_timeout_s
             for client, request in requests:
@@ -259,6 +264,14 @@ class ReachForecaster:
                 else:
                     failed.append((client.index, reply.error))
             self.updates += stats
+        if changes.unreadable:
+            log.warning(
+                "profile updates: values that do not fit their field were stored as null: %s",
+                ", ".join(
+                    f"{count} of {name!r} ({self.meta.schema[name].kind.value} field)"
+                    for name, count in changes.unreadable.items()
+                ),
+            )
         if failed:
             raise ShardUnavailableError([i for i, _ in failed], "; ".join(e for _, e in failed))
         return stats
@@ -365,7 +378,8 @@ def profiles_to_changes(events: Iterable[Any], meta: SampleMeta, settings: Reach
     ``attributes`` map to the schema's columns of the same name; ``interests`` to
     ``reach.interests_field``; ``provider_labels`` (provider -> attribute -> label) to
     ``reach.provider_labels_field`` as ``provider.attribute.label`` strings. A value of the
-    wrong type for its column becomes null rather than failing the batch.
+    wrong type for its column becomes null rather than failing the batch, and is counted
+    (``unreadable``; :attr:`UpdateStats.unreadable_values`, with a warning naming the field).
     """
     schema = meta.schema
     up_ids: list[str] = []
@@ -403,13 +417,18 @@ def profiles_to_changes(events: Iterable[Any], meta: SampleMeta, settings: Reach
         "user_id": pa.array(up_ids, pa.string()),
         "event_ms": pa.array(_event_ms(up_ms), pa.int64()),
     }
+    unreadable: dict[str, int] = {}
     for name, column in values.items():
         columns[name] = _typed(column, schema[name].kind)
+        lost = _unreadable(column, columns[name], schema[name].kind)
+        if lost:
+            unreadable[name] = lost
     return ProfileChanges(
         pa.table(columns),
         pa.table(
             {"user_id": pa.array(del_ids, pa.string()), "event_ms": pa.array(_event_ms(del_ms), pa.int64())}
         ),
+        unreadable,
     )
 
 
@@ -435,6 +454,13 @@ def _typed(values: list[Any], kind: FieldKind) -> pa.Array:
             for v in values
         ]
     return pa.array(clean, target)
+
+
+def _unreadable(given: list[Any], typed: pa.Array, kind: FieldKind) -> int:
+    """How many of the ``given`` values (``None``: not given) did not survive :func:`_typed`."""
+    if kind is FieldKind.LIST:
+        return sum(1 for v in given if v is not None and not isinstance(v, list))
+    return sum(1 for v in given if v is not None) - (len(typed) - int(typed.null_count))
 
 
 def _epoch_number(value: Any, kind: FieldKind) -> int | None:

@@ -109,6 +109,8 @@ class UpdateStats:
     sample_inserted: int = 0
     sample_removed: int = 0
     compactions: int = 0
+    unreadable_values: int = 0
+    """Profile attribute values that did not fit their field's kind (stored as null instead)."""
 
     def __iadd__(self, other: UpdateStats) -> UpdateStats:
         for f in fields(self):

@@ -465,20 +465,23 @@ def test_bad_date_and_timestamp_values_are_rejected_with_the_form_to_use(
     assert fragment in str(caught.value)
 
 
-def test_profile_updates_set_dates_from_iso_text(pop: pa.Table, tmp_path: Path) -> None:
+def test_profile_updates_set_dates_from_iso_text(
+    pop: pa.Table, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ISO text sets a date; a value that is not one becomes null, counted and logged by field."""
     build_sample(
         with_dates(pop), tmp_path / "s", _settings(seed=3, sample_rate=1.0, strata_fields=["signup"])
     )
     query = {"field": "signup", "eq": "2030-06-01"}
     with ReachForecaster.open(tmp_path / "s") as reach:
         before = reach.estimate(query).reach
-        reach.apply_profiles(
+        stats = reach.apply_profiles(
             [
                 {
                     "type": "user_profile",
                     "user_id": f"new-{i}",
                     "event_time": "2026-01-05T10:00:00Z",
-                    "attributes": {"signup": value, "last_seen": "2030-06-01T08:00:00+02:00"},
+                    "attributes": {"signup": value, "last_seen": "2030-06-01T08:00:00+02:00", "level": 3},
                 }
                 for i, value in enumerate(["2030-06-01", "2030-06-01", "June 1st", 7])
             ]
@@ -487,6 +490,8 @@ def test_profile_updates_set_dates_from_iso_text(pop: pa.Table, tmp_path: Path) 
         seen = reach.estimate({"field": "last_seen", "eq": "2030-06-01T06:00:00Z"}).reach
         unknown = reach.estimate({"not": {"field": "signup", "between": ["1900-01-01", "2100-01-01"]}}).reach
     assert (before, after, seen) == (0, 2, 4)
+    assert stats.new_users == 4 and stats.unreadable_values == 2
+    assert "2 of 'signup' (date field)" in caplog.text and "level" not in caplog.text
     assert unknown == int(with_dates(pop).column("signup").null_count) + 2  # unreadable values are null
 
 
