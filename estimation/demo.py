@@ -16,7 +16,9 @@ import duckdb
 
 from estimation.build import build_sample
 from estimation.forecaster import ReachForecaster
-from estimation.targeting import parse_targeting, to_text
+from estimation.schema import Schema
+from estimation.targeting import Expr, parse_targeting, to_text
+from estimation.temporal import iso_timestamp
 from infra.settings import ReachSettings
 
 EXAMPLES: list[dict[str, Any]] = [
@@ -47,13 +49,13 @@ def print_reach_examples(truth_dir: Path, out: Path, settings: ReachSettings | N
     print(report.describe())
     with ReachForecaster.open(out, shards=1, settings=settings) as reach:
         schema = reach.meta.schema
-        for example in EXAMPLES:
+        for example in [*EXAMPLES, *_newcomers_on_mobile(population, schema)]:
             expr = parse_targeting(example, schema)
             started = time.perf_counter()
             answer = reach.estimate(expr)
             week = reach.estimate(expr, horizon_days=7)
             elapsed_ms = (time.perf_counter() - started) * 1000 / 2
-            exact = _exact(population, example, settings)
+            exact = _exact(population, expr, settings)
             error = f"{(answer.reach - exact) / exact:+.1%}" if exact else "n/a"
             low, high = answer.ci95
             print(
@@ -65,11 +67,25 @@ def print_reach_examples(truth_dir: Path, out: Path, settings: ReachSettings | N
             )
 
 
-def _exact(population: Path, targeting: dict[str, Any], settings: ReachSettings) -> int:
+def _newcomers_on_mobile(population: Path, schema: Schema) -> list[dict[str, Any]]:
+    """Users who joined after the first simulated day, on mobile: a timestamp range (dates
+    follow the simulation's start, so none is written here)."""
+    if "joined_at" not in schema or "device" not in schema:
+        return []
+    first = schema["joined_at"].minimum
+    if first is None:
+        return []
+    after = iso_timestamp(first + 86_400 * 1_000_000)
+    until = iso_timestamp(first + 365 * 86_400 * 1_000_000)
+    between = {"field": "joined_at", "between": [after, until]}
+    return [{"and": [between, {"field": "device", "eq": "mobile"}]}]
+
+
+def _exact(population: Path, expr: Expr, settings: ReachSettings) -> int:
     from estimation.sql import to_sql
 
     deleted = settings.deleted_field
-    where = to_sql(parse_targeting(targeting))
+    where = to_sql(expr)
     alive = f" AND {deleted} IS NULL" if deleted else ""
     with duckdb.connect() as con:
         row = con.execute(
