@@ -26,6 +26,7 @@ from estimation.temporal import (
     is_temporal,
     iso_date,
     iso_timestamp,
+    outside_iso_years,
     temporal_numbers,
 )
 
@@ -231,6 +232,9 @@ def infer_schema(table: pa.Table, *, exclude: set[str] | None = None) -> Schema:
             normalized = normalize_column(table.column(name), kind)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. uint64 past int64
             skipped[name] = f"type {table.schema.field(name).type} is not targetable here: {exc}"
+            continue
+        if kind.temporal and (why := outside_iso_years(normalized, kind is FieldKind.DATE)):
+            skipped[name] = f"type {table.schema.field(name).type} is not targetable here: {why}"
             continue
         fields[name] = describe_column(name, normalized, kind)
     return Schema(fields, skipped)

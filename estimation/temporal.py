@@ -88,4 +88,19 @@ def temporal_numbers(array: pa.Array) -> pa.Array:
     if unit == "ns":
         micros = np.floor_divide(raw.fill_null(0).to_numpy(), 1000)
         return pa.array(micros, pa.int64(), mask=raw.is_null().to_numpy(zero_copy_only=False))
-    return pc.multiply(raw, pa.scalar(_MICROS[unit], pa.int64()))
+    return pc.multiply_checked(raw, pa.scalar(_MICROS[unit], pa.int64()))  # (overflow: ArrowInvalid)
+
+
+def outside_iso_years(numbers: pa.Array, date_field: bool) -> str | None:
+    """Why a column of epoch days or microseconds cannot be written as ISO 8601 text (years
+    1 - 9999), or ``None`` when every value can."""
+    bounds = pc.min_max(numbers)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low is None:
+        return None
+    try:
+        for value in (low, high):
+            iso_date(value) if date_field else iso_timestamp(value)
+    except (OverflowError, ValueError):
+        return "values outside the years 1 - 9999 that ISO 8601 text can write"
+    return None

@@ -443,6 +443,25 @@ def test_date_and_timestamp_fields_are_targeted_with_iso_text(pop: pa.Table, tmp
     assert fields["last_seen"]["minimum"] == first.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def test_dates_that_iso_text_cannot_write_are_not_targetable() -> None:
+    """Years past 9999 (a sentinel, a unit mix-up) would break the fields endpoint's ISO ranges."""
+    from estimation.schema import infer_schema
+
+    far = 20_000 * 365 * 86_400 * 10**6  # microseconds: the year ~21970
+    table = pa.table(
+        {
+            "user_id": ["a", "b"],
+            "far": pa.array([0, far], pa.timestamp("us")),
+            "huge_seconds": pa.array([0, 2**50], pa.timestamp("s")),  # past int64 in microseconds
+            "fine": pa.array([0, 10], pa.date32()),
+        }
+    )
+    schema = infer_schema(table)
+    assert schema.names() == ["fine"]
+    assert "outside the years 1 - 9999" in schema.skipped["far"]
+    assert "overflow" in schema.skipped["huge_seconds"]
+
+
 @pytest.mark.parametrize(
     ("targeting", "fragment"),
     [
