@@ -30,7 +30,7 @@ _UNIFORM_SCALE = 1.0 / float(1 << 53)
 
 
 class UserIdError(ValueError):
-    """The ``user_id`` column is missing, null or not a string."""
+    """The ``user_id`` column is missing, null or neither text nor an integer."""
 
 
 def _splitmix64(values: NDArray[np.uint64]) -> NDArray[np.uint64]:
@@ -99,8 +99,10 @@ def _as_string_array(user_ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa
         array = pa.array(list(user_ids), pa.string())
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
+    if pa.types.is_integer(array.type):  # (a warehouse key: hashed as its decimal text)
+        array = array.cast(pa.string())
     if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
-        raise UserIdError(f"user_id must be a string column, not {array.type}")
+        raise UserIdError(f"user_id must be a string or integer column, not {array.type}")
     if array.null_count:
         first = int(np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))[0])
         raise UserIdError(f"user_id is null in {array.null_count} rows (first at row {first})")

@@ -571,6 +571,21 @@ _sample_table: pa.Table | None = None
 # -- building --------------------------------------------------------------------------
 
 
+def test_integer_user_ids_are_the_ids_profile_events_name(pop: pa.Table, tmp_path: Path) -> None:
+    """Warehouse populations key users by integers; profile events carry ids as text."""
+    numbered = pop.set_column(0, "user_id", pa.array(np.arange(pop.num_rows, dtype=np.int64) + 1000))
+    build_sample(numbered, tmp_path / "s", _settings(seed=3))
+    outpost = {"field": "market", "eq": "outpost"}
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        before = reach.estimate(outpost).reach
+        stats = reach.apply(_changes(["1000", "1001"], markets=["outpost", "outpost"]))
+        gone = reach.delete_users(["1002"])
+        after = reach.estimate(outpost).reach
+    moved = sum(m != "outpost" for m in pop.column("market").to_pylist()[:2])
+    assert stats.new_users == 0 and stats.changed_users == 2 and gone.deleted_users == 1
+    assert after == before + moved - (pop.column("market")[2].as_py() == "outpost")
+
+
 def test_build_rejects_bad_populations(tmp_path: Path) -> None:
     with pytest.raises(PopulationError, match="no user_id column"):
         build_sample(pa.table({"id": ["a"]}), tmp_path / "a")
@@ -581,8 +596,8 @@ def test_build_rejects_bad_populations(tmp_path: Path) -> None:
         build_sample(
             pa.table({"user_id": pa.array([], pa.string()), "x": pa.array([], pa.string())}), tmp_path / "c"
         )
-    with pytest.raises(PopulationError, match="string"):
-        build_sample(pa.table({"user_id": [1, 2], "x": ["1", "2"]}), tmp_path / "d")
+    with pytest.raises(PopulationError, match="string or integer column, not double"):
+        build_sample(pa.table({"user_id": [1.5, 2.5], "x": ["1", "2"]}), tmp_path / "d")
     with pytest.raises(PopulationError, match="null"):
         build_sample(pa.table({"user_id": ["a", None], "x": ["1", "2"]}), tmp_path / "e")
     with pytest.raises(SampleError, match="not a reach sample"):
