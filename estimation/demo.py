@@ -68,16 +68,14 @@ def print_reach_examples(truth_dir: Path, out: Path, settings: ReachSettings | N
 
 
 def _newcomers_on_mobile(population: Path, schema: Schema) -> list[dict[str, Any]]:
-    """Users who joined after the first simulated day, on mobile: a timestamp range (dates
-    follow the simulation's start, so none is written here)."""
+    """Users who joined after the first simulated day, on mobile: an open timestamp range
+    (dates follow the simulation's start, so none is written here)."""
     if "joined_at" not in schema or "device" not in schema:
         return []
     first = schema["joined_at"].minimum
     if first is None:
         return []
-    after = iso_timestamp(first + 86_400 * 1_000_000)
-    until = iso_timestamp(first + 365 * 86_400 * 1_000_000)
-    between = {"field": "joined_at", "between": [after, until]}
+    between = {"field": "joined_at", "between": [iso_timestamp(first + 86_400 * 1_000_000), None]}
     return [{"and": [between, {"field": "device", "eq": "mobile"}]}]
 
 

@@ -35,7 +35,14 @@ def to_sql(expr: Expr) -> str:
     if isinstance(expr, In):
         return f"coalesce({column} IN ({', '.join(_literal(v) for v in expr.values)}), FALSE)"
     if isinstance(expr, Between):
-        return f"coalesce({column} BETWEEN {_literal(expr.low)} AND {_literal(expr.high)}, FALSE)"
+        low, high = expr.low, expr.high
+        if high is None:
+            if low is None:  # (the parser never makes one: any value)
+                return f"({column} IS NOT NULL)"
+            return f"coalesce({column} >= {_literal(low)}, FALSE)"
+        if low is None:
+            return f"coalesce({column} <= {_literal(high)}, FALSE)"
+        return f"coalesce({column} BETWEEN {_literal(low)} AND {_literal(high)}, FALSE)"
     values = "[" + ", ".join(_literal(v) for v in expr.values) + "]"
     if isinstance(expr, HasAny):
         return f"coalesce(list_has_any({column}, {values}), FALSE)"

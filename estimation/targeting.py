@@ -4,7 +4,8 @@ Canonical (JSON) form, the API's input::
 
     {"and": [E, ...]}   {"or": [E, ...]}   {"not": E}
     {"field": F, "eq": v}          {"field": F, "in": [v, ...]}
-    {"field": F, "between": [lo, hi]}          (inclusive: numeric, date and timestamp fields)
+    {"field": F, "between": [lo, hi]}          (inclusive: numeric, date and timestamp fields;
+                                               null for an open end: [65, null] is >= 65)
     {"field": F, "has_any": [v, ...]}   {"field": F, "has_all": [v, ...]}   (list fields)
 
 Date and timestamp values are ISO 8601 text (``"2024-01-31"``, ``"2024-01-31T12:00:00Z"``;
@@ -89,11 +90,12 @@ class In:
 
 @dataclass(frozen=True, slots=True)
 class Between:
-    """Inclusive bounds: numbers, or ISO 8601 text for date and timestamp fields."""
+    """Inclusive bounds: numbers, or ISO 8601 text for date and timestamp fields; ``None``
+    leaves that end open (at least one end is given)."""
 
     field: str
-    low: float | str
-    high: float | str
+    low: float | str | None
+    high: float | str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,21 +285,32 @@ class _Parser:
     def _between(self, name: str, kind: FieldKind | None, operand: object, path: str) -> Between:
         if not isinstance(operand, list) or len(operand) != 2:
             raise TargetingTypeError(f'"between" takes [low, high], got {_describe(operand)}', path)
+        if operand[0] is None and operand[1] is None:
+            raise TargetingTypeError(
+                '"between" needs at least one bound (null leaves one end open), got [null, null]', path
+            )
         if kind is not None and kind.temporal:
-            first, last = (_temporal(bound, name, kind, f"{path}[{i}]") for i, bound in enumerate(operand))
+            first, last = (
+                None if bound is None else _temporal(bound, name, kind, f"{path}[{i}]")
+                for i, bound in enumerate(operand)
+            )
             between = Between(name, first, last)
             if numeric_bounds(between, kind)[0] > numeric_bounds(between, kind)[1]:
                 raise TargetingTypeError(f"{name!r}: low bound {first!r} is after high bound {last!r}", path)
             return between
-        bounds: list[float] = []
+        bounds: list[float | None] = []
         for i, bound in enumerate(operand):
+            if bound is None:
+                bounds.append(None)
+                continue
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
                 raise TargetingTypeError(
-                    f"{name!r}: bounds must be finite numbers, got {_describe(bound)}", f"{path}[{i}]"
+                    f"{name!r}: bounds must be finite numbers (or null: an open end), got {_describe(bound)}",
+                    f"{path}[{i}]",
                 )
             bounds.append(float(bound))
         low, high = bounds
-        if low > high:
+        if low is not None and high is not None and low > high:
             raise TargetingTypeError(
                 f"{name!r}: low bound {operand[0]!r} is above high bound {operand[1]!r}", path
             )
@@ -320,11 +333,16 @@ def _temporal(value: object, name: str, kind: FieldKind, path: str) -> str:
 
 
 def numeric_bounds(node: Between, kind: FieldKind) -> tuple[float, float]:
-    """A between's bounds as a sample holds them (dates and timestamps as epoch numbers)."""
-    if not kind.temporal:
-        return float(node.low), float(node.high)
+    """A between's bounds as a sample holds them (dates and timestamps as epoch numbers; an
+    open end as an infinity)."""
     date_field = kind is FieldKind.DATE
-    return temporal.as_number(node.low, date_field), temporal.as_number(node.high, date_field)
+
+    def number(bound: float | str | None, open_end: float) -> float:
+        if bound is None:
+            return open_end
+        return temporal.as_number(bound, date_field) if kind.temporal else float(bound)
+
+    return number(node.low, -math.inf), number(node.high, math.inf)
 
 
 def numeric_values(node: Eq | In, kind: FieldKind) -> tuple[Scalar, ...]:
@@ -408,7 +426,12 @@ def to_text(expr: Expr) -> str:
     if isinstance(expr, In):
         return f"{expr.field} IN ({', '.join(_literal(v) for v in expr.values)})"
     if isinstance(expr, Between):
-        return f"{expr.field} BETWEEN {_literal(_bound(expr.low))} AND {_literal(_bound(expr.high))}"
+        low, high = _bound(expr.low), _bound(expr.high)
+        if low is None:
+            return f"{expr.field} <= {_literal(high)}" if high is not None else f"{expr.field} IS NOT NULL"
+        if high is None:
+            return f"{expr.field} >= {_literal(low)}"
+        return f"{expr.field} BETWEEN {_literal(low)} AND {_literal(high)}"
     op = "HAS ANY" if isinstance(expr, HasAny) else "HAS ALL"
     return f"{expr.field} {op} ({', '.join(_literal(v) for v in expr.values)})"
 
@@ -421,8 +444,8 @@ def _literal(value: Scalar) -> str:
     return str(_number(float(value)) if isinstance(value, float) else value)
 
 
-def _bound(value: float | str) -> int | float | str:
-    return value if isinstance(value, str) else _number(value)
+def _bound(value: float | str | None) -> int | float | str | None:
+    return value if value is None or isinstance(value, str) else _number(value)
 
 
 def _number(value: float) -> int | float:

@@ -395,6 +395,8 @@ def test_a_decimal_column_is_a_number_field(pop: pa.Table, tmp_path: Path) -> No
 
 _TEMPORAL_QUERIES: list[dict[str, Any]] = [
     {"field": "signup", "between": ["2022-02-01", "2022-02-14"]},
+    {"field": "signup", "between": ["2022-02-01", None]},  # an open end: on or after
+    {"field": "last_seen", "between": [None, "2023-11-17T00:00:00Z"]},
     {"field": "signup", "eq": "2022-01-20"},
     {"field": "signup", "in": ["2022-01-20", "2022-03-01", "1999-01-01"]},
     {"not": {"field": "signup", "between": ["2022-01-01", "2022-01-31"]}},  # nulls included
@@ -443,6 +445,17 @@ def test_date_and_timestamp_fields_are_targeted_with_iso_text(pop: pa.Table, tmp
     assert fields["last_seen"]["minimum"] == first.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def test_open_ended_ranges_read_as_comparisons() -> None:
+    from estimation.targeting import to_text
+
+    older = parse_targeting({"field": "level", "between": [30, None]})
+    early = parse_targeting({"field": "level", "between": [None, 12.5]})
+    assert (to_text(older), to_text(early)) == ("level >= 30", "level <= 12.5")
+    assert parse_targeting(to_json(older)) == older and to_json(early)["between"] == [None, 12.5]
+    with pytest.raises(TargetingTypeError, match="at least one bound"):
+        parse_targeting({"field": "level", "between": [None, None]})
+
+
 def test_dates_that_iso_text_cannot_write_are_not_targetable() -> None:
     """Years past 9999 (a sentinel, a unit mix-up) would break the fields endpoint's ISO ranges."""
     from estimation.schema import infer_schema
@@ -470,6 +483,7 @@ def test_dates_that_iso_text_cannot_write_are_not_targetable() -> None:
         ({"field": "signup", "eq": "2022-01-20T10:00:00Z"}, "is not a date"),
         ({"field": "last_seen", "in": ["yesterday"]}, "is not a timestamp"),
         ({"field": "signup", "between": ["2022-02-01", "2022-01-01"]}, "is after high bound"),
+        ({"field": "signup", "between": [None, None]}, "at least one bound"),
         ({"field": "signup", "has_any": ["2022-01-20"]}, "use eq, in or between"),
     ],
 )
@@ -522,6 +536,8 @@ _leaf = st.one_of(
         st.integers(0, 60),
         st.integers(0, 60),
     ),
+    st.builds(lambda a: {"field": "level", "between": [a, None]}, st.integers(0, 60)),
+    st.builds(lambda b: {"field": "score", "between": [None, b]}, st.floats(0, 10)),
     st.builds(
         lambda vs: {"field": "tags", "has_any": vs},
         st.lists(st.sampled_from(list(TAGS)), min_size=1, max_size=3),
