@@ -98,9 +98,9 @@ def outside_iso_years(numbers: pa.Array, date_field: bool) -> str | None:
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if low is None:
         return None
+    write = iso_date if date_field else iso_timestamp
     try:
-        for value in (low, high):
-            iso_date(value) if date_field else iso_timestamp(value)
+        write(low), write(high)
     except (OverflowError, ValueError):
         return "values outside the years 1 - 9999 that ISO 8601 text can write"
     return None
