@@ -65,7 +65,10 @@ def build(
     ] = None,
     strata: Annotated[
         str | None,
-        typer.Option(help="Comma-separated attributes to stratify on (default: chosen from data)."),
+        typer.Option(
+            help="Comma-separated attributes to stratify on (default: chosen from data; date and "
+            "timestamp columns only when named here)."
+        ),
     ] = None,
 ) -> None:
     """Build a stratified sample (exact totals per stratum, fuzzy fall-back for small strata)."""

@@ -77,7 +77,7 @@ class ReachRequest(BaseModel):
         '{"field": F, "eq": v}, {"field": F, "in": [v...]}, {"field": F, "between": [lo, hi]}, '
         '{"field": F, "has_any": [v...]}, {"field": F, "has_all": [v...]}; {"and": []} is everyone. '
         'Dates and timestamps are ISO 8601 text ("2024-01-31", "2024-01-31T12:00:00Z"); '
-        'null leaves one end of a between open ([65, null]: 65 and over).',
+        "null leaves one end of a between open ([65, null]: 65 and over).",
     )
     horizon_days: float | None = Field(
         None,

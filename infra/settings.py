@@ -351,7 +351,8 @@ class ReachSettings(BaseModel):
     seed: int = Field(0, ge=0, description="Selects which users are sampled (hash salt).")
     strata_fields: list[str] | None = Field(
         None,
-        description="Stratify on these attributes; default: chosen from the data's dependency structure.",
+        description="Stratify on these attributes; default: chosen from the data's dependency structure "
+        "(date and timestamp columns are stratified only when named here).",
     )
     max_strata_fields: int = Field(4, ge=0, le=8)
     stability_threshold: int = Field(30, ge=1, description="Minimum expected sampled users per stratum.")
