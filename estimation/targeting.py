@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from estimation import temporal
-from estimation.schema import FieldKind, Schema
+from estimation.schema import FieldKind, FieldSpec, Schema
 
 Scalar: TypeAlias = str | int | float | bool
 
@@ -483,6 +483,8 @@ def unknown_value_warnings(expr: Expr, schema: Schema) -> list[str]:
                 visit(child)
         elif isinstance(node, Not):
             visit(node.child)
+        elif isinstance(node, (Eq, In, Between)) and node.field in schema and schema[node.field].kind.numeric:
+            warnings.extend(_outside_range(node, schema[node.field]))
         elif isinstance(node, (Eq, In, HasAny, HasAll)) and node.field in schema:
             spec = schema[node.field]
             if spec.kind not in (FieldKind.CATEGORICAL, FieldKind.LIST) or not spec.complete:
@@ -497,6 +499,36 @@ def unknown_value_warnings(expr: Expr, schema: Schema) -> list[str]:
 
     visit(expr)
     return warnings
+
+
+def _outside_range(node: Eq | In | Between, spec: FieldSpec) -> list[str]:
+    """A numeric, date or timestamp leaf that no value of the build-time range can match
+    (a mistyped year, a range past the data); values inside the range are not checked."""
+    if spec.minimum is None or spec.maximum is None:
+        return []
+    span = f"values at build: {_shown(spec.minimum, spec)}..{_shown(spec.maximum, spec)}"
+    if isinstance(node, Between):
+        low, high = numeric_bounds(node, spec.kind)
+        if high < spec.minimum or low > spec.maximum:
+            return [f"{to_text(node)} matches no user ({span})"]
+        return []
+    values = (node.value,) if isinstance(node, Eq) else node.values
+    numbers = numeric_values(node, spec.kind)
+    if len(numbers) != len(values):  # (a boolean where a date belongs: the parser refuses those)
+        return []
+    return [
+        f"{node.field} has no user with value {_literal(value)} ({span})"
+        for value, number in zip(values, numbers, strict=True)
+        if not spec.minimum <= float(number) <= spec.maximum
+    ]
+
+
+def _shown(number: float, spec: FieldSpec) -> str:
+    if spec.kind is FieldKind.DATE:
+        return temporal.iso_date(number)
+    if spec.kind is FieldKind.TIMESTAMP:
+        return temporal.iso_timestamp(number)
+    return str(_number(number))
 
 
 def _article(word: str) -> str:

@@ -433,6 +433,15 @@ def test_date_and_timestamp_fields_are_targeted_with_iso_text(pop: pa.Table, tmp
             ).fetchall()[0][0]
             assert answer.reach == truth and answer.ci95 == (truth, truth), (query, answer.reach, truth)
             assert 0 < truth < table.num_rows, query  # (each query tells the fields' values apart)
+            expected = [
+                'signup has no user with value "1999-01-01" (values at build: 2022-01-08..2022-03-08)'
+            ]
+            assert answer.warnings == (expected if "1999-01-01" in str(query) else []), query
+        typo = reach.estimate({"field": "signup", "between": ["2032-01-01", "2032-02-01"]})
+    assert typo.warnings == [
+        'signup BETWEEN "2032-01-01" AND "2032-02-01" matches no user '
+        "(values at build: 2022-01-08..2022-03-08)"
+    ]
     low, high = con.execute("SELECT min(signup), max(signup) FROM pop").fetchall()[0]
     assert (fields["signup"]["kind"], fields["signup"]["minimum"], fields["signup"]["maximum"]) == (
         "date",
@@ -443,6 +452,18 @@ def test_date_and_timestamp_fields_are_targeted_with_iso_text(pop: pa.Table, tmp
     first = con.execute("SELECT min(last_seen) FROM pop").fetchall()[0][0]
     assert fields["last_seen"]["kind"] == "timestamp"
     assert fields["last_seen"]["minimum"] == first.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_values_outside_the_build_time_range_are_warned_about(sample_dir: Path) -> None:
+    """A mistyped year or a range past the data matches nobody: the answer says why."""
+    with ReachForecaster.open(sample_dir) as reach:
+        past = reach.estimate({"field": "level", "between": [500, None]})
+        listed = reach.estimate({"field": "level", "in": [12, 500]})
+        inside = reach.estimate({"field": "level", "between": [1, 30]})
+    assert past.reach == 0 and len(past.warnings) == 1
+    assert past.warnings[0].startswith("level >= 500 matches no user (values at build: 1..")
+    assert len(listed.warnings) == 1 and "value 500 (values at build: 1.." in listed.warnings[0]
+    assert inside.warnings == []
 
 
 def test_open_ended_ranges_read_as_comparisons() -> None:
