@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from estimation.activity import column_rates, constant_rates, learn_from_events
@@ -200,6 +201,15 @@ def _read(population: Path | pa.Table) -> pa.Table:
         return population
     if not population.exists():
         raise PopulationError(f"no such population file: {population}")
+    if population.name.lower().endswith((".csv", ".csv.gz")):
+        # Column types inferred by Arrow: integers, floats, booleans, ISO dates and instants
+        # (with a zone throughout, or without one throughout); anything else is a string.
+        try:
+            return pa_csv.read_csv(population)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise PopulationError(
+                f"cannot read {population} as CSV (a header line, then rows): {exc}"
+            ) from None
     try:
         return pq.read_table(population)
     except (pa.ArrowInvalid, OSError) as exc:

@@ -50,7 +50,11 @@ _OPTIONS = {
 def build(
     ctx: typer.Context,
     population: Annotated[
-        Path, typer.Option("--population", help="Population Parquet: user_id plus attribute columns.")
+        Path,
+        typer.Option(
+            "--population",
+            help="Population Parquet (or CSV: .csv, .csv.gz): user_id plus attribute columns.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the sample to.")],
     sample_rate: Annotated[

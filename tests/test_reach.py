@@ -623,6 +623,37 @@ def test_integer_user_ids_are_the_ids_profile_events_name(pop: pa.Table, tmp_pat
     assert after == before + moved - (pop.column("market")[2].as_py() == "outpost")
 
 
+def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_path: Path) -> None:
+    """Exports often come as CSV: integers, floats, booleans and ISO dates keep their kinds."""
+    import pyarrow.csv as pa_csv
+
+    table = with_dates(pop).drop_columns(["tags", "last_seen", "first_seen"])
+    path = tmp_path / "population.csv"
+    pa_csv.write_csv(table, path)
+    report = build_sample(path, tmp_path / "s", _settings(seed=3, sample_rate=1.0))
+    assert report.fields == {
+        "market": "categorical",
+        "plan": "categorical",
+        "level": "integer",
+        "score": "number",
+        "paid": "boolean",
+        "signup": "date",
+    }
+    query = {
+        "and": [{"field": "signup", "between": ["2022-02-01", None]}, {"field": "level", "between": [10, 30]}]
+    }
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        answer = reach.estimate(query)
+        where = to_sql(parse_targeting(query, reach.meta.schema))
+    con = duckdb.connect()
+    con.register("pop", table)
+    truth = con.execute(f"SELECT count(*) FROM pop WHERE {where}").fetchall()[0][0]
+    assert answer.reach == truth > 0
+    with pytest.raises(PopulationError, match="as CSV"):
+        (tmp_path / "broken.csv").write_bytes(b'user_id,x\n"a,1\n')
+        build_sample(tmp_path / "broken.csv", tmp_path / "t")
+
+
 def test_build_rejects_bad_populations(tmp_path: Path) -> None:
     with pytest.raises(PopulationError, match="no user_id column"):
         build_sample(pa.table({"id": ["a"]}), tmp_path / "a")
