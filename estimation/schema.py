@@ -20,15 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from estimation.temporal import (
-    epoch_days,
-    epoch_micros,
-    is_temporal,
-    iso_date,
-    iso_timestamp,
-    outside_iso_years,
-    temporal_numbers,
-)
+from estimation.temporal import as_number, is_temporal, iso_text, outside_iso_years, temporal_numbers
 
 MAX_LISTED_VALUES = 10_000
 
@@ -147,15 +139,11 @@ class Schema:
 
 
 def _iso(number: float | None, kind: FieldKind) -> str | None:
-    if number is None:
-        return None
-    return iso_date(number) if kind is FieldKind.DATE else iso_timestamp(number)
+    return None if number is None else iso_text(number, kind is FieldKind.DATE)
 
 
 def _from_iso(text: str | None, kind: FieldKind) -> float | None:
-    if text is None:
-        return None
-    return float(epoch_days(text) if kind is FieldKind.DATE else epoch_micros(text))
+    return None if text is None else as_number(text, kind is FieldKind.DATE)
 
 
 def field_kind(data_type: pa.DataType) -> FieldKind | None:

@@ -295,7 +295,8 @@ class _Parser:
                 for i, bound in enumerate(operand)
             )
             between = Between(name, first, last)
-            if numeric_bounds(between, kind)[0] > numeric_bounds(between, kind)[1]:
+            earliest, latest = numeric_bounds(between, kind)
+            if earliest > latest:
                 raise TargetingTypeError(f"{name!r}: low bound {first!r} is after high bound {last!r}", path)
             return between
         bounds: list[float | None] = []
@@ -524,10 +525,8 @@ def _outside_range(node: Eq | In | Between, spec: FieldSpec) -> list[str]:
 
 
 def _shown(number: float, spec: FieldSpec) -> str:
-    if spec.kind is FieldKind.DATE:
-        return temporal.iso_date(number)
-    if spec.kind is FieldKind.TIMESTAMP:
-        return temporal.iso_timestamp(number)
+    if spec.kind.temporal:
+        return temporal.iso_text(number, spec.kind is FieldKind.DATE)
     return str(_number(number))
 
 

@@ -54,7 +54,7 @@ def epoch_micros(text: str) -> int:
 
 def canonical(text: str, date_field: bool) -> str:
     """The one spelling of a date (``"2024-01-31"``) or an instant (``"2024-01-31T11:00:00Z"``, UTC)."""
-    return iso_date(epoch_days(text)) if date_field else iso_timestamp(epoch_micros(text))
+    return iso_text(as_number(text, date_field), date_field)
 
 
 def as_number(value: str | float, date_field: bool) -> float:
@@ -62,6 +62,11 @@ def as_number(value: str | float, date_field: bool) -> float:
     if isinstance(value, str):
         return float(epoch_days(value) if date_field else epoch_micros(value))
     return float(value)
+
+
+def iso_text(number: float, date_field: bool) -> str:
+    """Epoch days (a date field) or microseconds (a timestamp field) as ISO 8601 text."""
+    return iso_date(number) if date_field else iso_timestamp(number)
 
 
 def iso_date(days: float) -> str:
@@ -98,9 +103,8 @@ def outside_iso_years(numbers: pa.Array, date_field: bool) -> str | None:
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if low is None:
         return None
-    write = iso_date if date_field else iso_timestamp
     try:
-        write(low), write(high)
+        iso_text(low, date_field), iso_text(high, date_field)
     except (OverflowError, ValueError):
         return "values outside the years 1 - 9999 that ISO 8601 text can write"
     return None
