@@ -86,7 +86,8 @@ class Impression(_EventBase, tag="impression"):
     advertiser_id: Id
     placement: Label = "feed"
     position: Annotated[int, Meta(ge=1, le=1000)] = 1
-    cost_micros: Annotated[int, Meta(ge=0)] = 0
+    # (an int64, as every store and engine downstream holds it)
+    cost_micros: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     device: Label | None = None
     country: Annotated[str, Meta(pattern=r"^[A-Z]{2}$")] | None = None
 
@@ -160,7 +161,12 @@ _decoder = msgspec.json.Decoder(Event)
 _encoder = msgspec.json.Encoder()
 
 
-def _classify(exc: msgspec.DecodeError) -> InvalidEventError:
+def classify_decode_error(exc: msgspec.DecodeError) -> InvalidEventError:
+    """The :class:`InvalidEventError` for msgspec's error, with the reason the SDK gives producers.
+
+    Public so that the stream engines, which decode events with their own structs, refuse
+    an event with the same words as the SDK.
+    """
     message = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return MalformedJSONError(message)
@@ -170,7 +176,7 @@ def _classify(exc: msgspec.DecodeError) -> InvalidEventError:
             if message.startswith("Invalid value")
             else message
         )
-    if message.startswith("Expected `object`"):
+    if message.startswith("Expected `object`") and " - at `$" not in message:  # (the event itself)
         return SchemaViolationError(f"an event must be a JSON object ({message})")
     if message.endswith("`$.schema_version`"):
         return SchemaViolationError(
@@ -185,7 +191,7 @@ def validate_json(payload: bytes | bytearray | memoryview | str) -> Event:
     try:
         event: Event = _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise _classify(exc) from None
+        raise classify_decode_error(exc) from None
     except UnicodeDecodeError as exc:
         raise MalformedJSONError(not_utf8_reason(exc)) from None
     return event

@@ -27,6 +27,13 @@ def impression(event_id: str, **changes: object) -> bytes:
     return json.dumps({**event, **changes}).encode()
 
 
+def search(event_id: str, query: str) -> bytes:
+    event = json.loads(impression(event_id, type="search", query=query))
+    for name in ("ad_id", "campaign_id", "advertiser_id", "cost_micros", "attributes"):
+        del event[name]
+    return json.dumps(event).encode()
+
+
 BAD = [
     (impression("b1", cost_micros="12"), SchemaViolationError, "cost_micros"),
     (b'{"type":"impression"', MalformedJSONError, "malformed"),
@@ -39,6 +46,16 @@ BAD = [
     (b"\xff\xfe{}", MalformedJSONError, "malformed"),
     (impression(""), SchemaViolationError, "event_id is missing or empty"),
     (impression("b5", type="impresion"), UnknownEventTypeError, "unknown or missing event type"),
+    # The SDK's lengths and version on the fields features read (an empty ad id was an entity).
+    (impression("b7", ad_id=""), SchemaViolationError, "ad_id must have 1 to 128 characters"),
+    (impression("b8", campaign_id="c" * 129), SchemaViolationError, "campaign_id must have 1 to 128"),
+    (impression("x" * 129), SchemaViolationError, "event_id must have 1 to 128"),
+    (search("b9", "q" * 1025), SchemaViolationError, "query must have 1 to 1024 characters"),
+    (impression("b10", schema_version=2), SchemaViolationError, "reads schema_version 1 events"),
+    (impression("b11", cost_micros=2**63), SchemaViolationError, "cost_micros"),
+    # null is not "absent" where no event type lets the field be null (the SDK refuses it)
+    (impression("b12", cost_micros=None), SchemaViolationError, "got `null` - at `$.cost_micros`"),
+    (impression("b13", type=None), UnknownEventTypeError, "`$.type`"),
     # Not UTF-8 inside a field the engine reads (a query, an id): used to crash the worker.
     (
         impression("b6", ad_id="caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),
@@ -51,6 +68,9 @@ BAD = [
 def test_bad_messages_are_isolated_with_their_reasons_and_the_rest_decoded() -> None:
     good = [impression(f"g{i}") for i in range(4)]
     offset = impression("g-offset", event_time="2026-01-05T12:00:00.250+02:00")
+    # At the limits: 128 characters of two bytes each (lengths count characters), version 1.
+    good[2] = impression("g2", ad_id="\u00e9" * 128, schema_version=1, cost_micros=2**63 - 1)
+    good[3] = search("g3", "q" * 1024)
     values = [good[0], good[1], *(line for line, _, _ in BAD), offset, None, good[2], good[3]]
     batch = EventDecoder().decode(values)
 
@@ -58,7 +78,7 @@ def test_bad_messages_are_isolated_with_their_reasons_and_the_rest_decoded() -> 
     assert batch.events.column("event_id").to_pylist() == ["g0", "g1", "g-offset", "g2", "g3"]
     times = batch.events.column("event_time_ms").to_pylist()
     assert times[0] == times[2] == 1_767_607_200_250  # 10:00Z and 12:00+02:00 are one instant
-    assert batch.events.column("cost_micros").to_pylist() == [1_500] * 5
+    assert batch.events.column("cost_micros").to_pylist() == [1_500] * 3 + [2**63 - 1, None]
 
     rejected = dict(batch.rejected)
     assert sorted(rejected) == [*range(2, 2 + len(BAD)), 3 + len(BAD)]

@@ -129,6 +129,12 @@ def test_specific_errors_name_the_problem() -> None:
             r"Expected `int`, got `str` - at `\$.position`",
         ),
         (encode({**base, "position": 0}), ev.SchemaViolationError, "position"),
+        # (every store downstream holds it as an int64)
+        (
+            encode({**base, "cost_micros": 2**63}),
+            ev.SchemaViolationError,
+            r"<= 9223372036854775807.*cost_micros",
+        ),
         (encode({**base, "ad_ld": "x"}), ev.SchemaViolationError, "unknown field `ad_ld`"),
         (encode({**base, "event_time": "2026-01-05T10:00:00"}), ev.SchemaViolationError, "timezone"),
         (
@@ -160,6 +166,12 @@ def test_specific_errors_name_the_problem() -> None:
             encode({**VALID["user_profile"], "attributes": {"age": [1]}}),
             ev.SchemaViolationError,
             "attributes",
+        ),
+        # A field that must be an object is not the event itself (was "an event must be a JSON object")
+        (
+            encode({**VALID["user_profile"], "attributes": []}),
+            ev.SchemaViolationError,
+            r"^Expected `object`, got `array` - at `\$.attributes`$",
         ),
     ]
     for payload, error, pattern in cases:

@@ -123,6 +123,16 @@ def produce_raw(settings: Settings, items: list[tuple[bytes, bytes | None]]) -> 
 
 
 def bad_events(user: str, late_time: str) -> list[tuple[bytes, bytes]]:
+    """Events both engines must dead-letter (with the reference's ``expected_events`` leaving them out)."""
+    recent = {
+        "type": "impression",
+        "event_time": "2026-01-05T10:00:00Z",
+        "user_id": user,
+        "ad_id": "ad1",
+        "campaign_id": "c1",
+        "advertiser_id": "adv1",
+        "cost_micros": 1_000,
+    }
     late = {
         "type": "click",
         "event_id": "late-click-1",
@@ -147,6 +157,10 @@ def bad_events(user: str, late_time: str) -> list[tuple[bytes, bytes]]:
         # A device clock years ahead: dead-lettered, and it must not make its partition's
         # later events "too late" (tests produce simulated events after these).
         (user.encode(), json.dumps({**late, "event_id": "future-1", "event_time": FUTURE_TIME}).encode()),
+        # Valid JSON the SDK refuses on fields the engines read: an empty ad id (it would
+        # become an ad entity of its own), and an event of a schema version to come.
+        (user.encode(), json.dumps({**recent, "event_id": "empty-ad-1", "ad_id": ""}).encode()),
+        (user.encode(), json.dumps({**recent, "event_id": "version-2-1", "schema_version": 2}).encode()),
     ]
 
 
@@ -169,6 +183,15 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
         if event.get("type") not in ("impression", "click", "conversion", "search", "user_profile"):
             continue
         if event["type"] == "search" and not str(event.get("query", "")).strip():
+            continue
+        if event.get("schema_version", 1) != 1:
+            continue
+        # The SDK's lengths of the fields features read (the event types that have them).
+        ids = ["event_id", "user_id"]
+        if event["type"] in ("impression", "click", "conversion"):
+            ids += ["ad_id", "campaign_id", "advertiser_id"]
+        limits = dict.fromkeys(ids, 128) | ({"query": 1024} if event["type"] == "search" else {})
+        if any(name in event and not 1 <= len(event[name]) <= most for name, most in limits.items()):
             continue
         text = str(event.get("event_time"))
         if not RFC3339.fullmatch(text):
@@ -302,14 +325,16 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
     assert "late-click-1" in late
     assert_features_match(stream, events)
 
-    dead = consume(stream, stream.kafka.topics.dead_letter, 4 + len(late))
+    dead = consume(stream, stream.kafka.topics.dead_letter, 6 + len(late))
     reasons = {
         r.headers["adreach.error.class"].decode(): r.headers["adreach.error.reason"].decode() for r in dead
     }
     assert "MalformedJSONError" in reasons
     assert "LateEventError" in reasons and "allowed lateness" in reasons["LateEventError"]
     assert "ahead of the worker's clock" in reasons["FutureEventError"]
-    assert "search needs query" in " ".join(r.headers["adreach.error.reason"].decode() for r in dead)
+    said = " ".join(r.headers["adreach.error.reason"].decode() for r in dead)
+    assert "search needs query" in said
+    assert "ad_id must have 1 to 128 characters" in said and "schema_version" in said
     late_ids = {
         json.loads(r.value)["event_id"] for r in dead if r.headers["adreach.error.class"] == b"LateEventError"
     }

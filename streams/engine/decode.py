@@ -5,9 +5,11 @@ Python runs per message) into slim structs holding only the fields the feature
 definitions read (everything else, such as a profile's nested attributes, is skipped
 without being built; about 1.5x faster than Arrow's JSON reader on these events), turns
 each field into an Arrow column, and then checks those fields with vector kernels: the
-event type is known, each type's required fields are present, ids are non-empty, the
-event time is an RFC 3339 instant inside 2000..2100, amounts are non-negative. These are
-the producer SDK's rules (:mod:`streams.events`) for the fields the engine uses; fields
+event type is known, each type's required fields are present, ids have 1..128 characters
+and a search's query up to 1,024, the event time is an RFC 3339 instant inside
+2000..2100, amounts are non-negative (and integers fit int64); the schema version is absent
+or 1 (checked while decoding). These are the producer SDK's rules (:mod:`streams.events`,
+read off its structs where they can be) for the fields the engine uses; fields
 no feature reads are not re-validated here (an unknown field, an over-long id nobody
 reads, bytes that are not UTF-8 inside a skipped field), because the SDK already did and
 re-decoding every event in full would halve the engine's throughput.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import numpy as np
@@ -37,10 +39,12 @@ from streams.engine.collector import collector_paused
 from streams.events import (
     EVENT_TYPE_NAMES,
     EVENT_TYPES,
+    SCHEMA_VERSION,
     InvalidEventError,
     MalformedJSONError,
     SchemaViolationError,
     UnknownEventTypeError,
+    classify_decode_error,
     not_utf8_reason,
 )
 
@@ -70,6 +74,8 @@ _MSGSPEC_TYPES: dict[str, Any] = {
     "double": float,
 }
 _ALWAYS = ("type", "event_id", "event_time", "user_id")
+# Absent or this platform's SCHEMA_VERSION; checked, never read into a column.
+VERSION_FIELD = "schema_version"
 _EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 _LATEST_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 _NON_NEGATIVE = ("cost_micros", "value", "position")
@@ -108,6 +114,53 @@ def needed_columns(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> tuple[str
     return tuple(name for name in _FIELD_TYPES if name in wanted)
 
 
+def nullable_fields(columns: Sequence[str]) -> frozenset[str]:
+    """The ``columns`` some event type lets be JSON ``null`` (elsewhere null is refused, as by the SDK)."""
+
+    def takes_null(info: Any) -> bool:
+        if isinstance(info, msgspec.inspect.Metadata):
+            return takes_null(info.type)
+        return isinstance(info, msgspec.inspect.UnionType) and any(
+            isinstance(member, msgspec.inspect.NoneType) for member in info.types
+        )
+
+    return frozenset(
+        struct_field.name
+        for cls in EVENT_TYPES
+        for struct_field in msgspec.inspect.type_info(cls).fields  # type: ignore[attr-defined]
+        if struct_field.name in columns and takes_null(struct_field.type)
+    )
+
+
+def _text_bounds(info: Any) -> tuple[int, int | None] | None:
+    """The length bounds of a string field's msgspec type (through metadata and ``| None``)."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        return _text_bounds(info.type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        found = [bounds for member in info.types if (bounds := _text_bounds(member)) is not None]
+        return found[0] if found else None
+    if isinstance(info, msgspec.inspect.StrType):
+        return info.min_length or 0, info.max_length
+    return None
+
+
+def text_length_rules(columns: Sequence[str]) -> dict[tuple[str, int, int | None], tuple[str, ...]]:
+    """The read text columns the SDK's structs bound in length: (name, min, max) -> the event types.
+
+    Characters (code points) as msgspec counts them: ids 1..128, a search's query 1..1024.
+    Why the engines restate them: an id a feature groups by ("" or 2,000 characters) would
+    otherwise become an entity whose features no SDK-validated event could ever reach.
+    """
+    rules: dict[tuple[str, int, int | None], tuple[str, ...]] = {}
+    for name, cls in zip(EVENT_TYPE_NAMES, EVENT_TYPES, strict=True):
+        for struct_field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+            found = _text_bounds(struct_field.type) if struct_field.name in columns else None
+            if found is not None and (found[0] > 0 or found[1] is not None):
+                rule = (struct_field.name, *found)
+                rules[rule] = (*rules.get(rule, ()), name)
+    return rules
+
+
 def required_by_type(columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """For each event type, the read columns the SDK's struct requires (no default)."""
     required: dict[str, tuple[str, ...]] = {}
@@ -137,12 +190,22 @@ class EventDecoder:
     def __init__(self, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> None:
         self.columns = needed_columns(groups)
         self._schema = pa.schema([(name, _FIELD_TYPES[name]) for name in self.columns])
-        fields = [(name, _MSGSPEC_TYPES[str(_FIELD_TYPES[name])] | None, None) for name in self.columns]
+        # Absent fields decode as None; an explicit null only where an event type allows it
+        # (msgspec does not check defaults against the type, which is what lets the two differ).
+        nullable = nullable_fields(self.columns)
+        fields: list[tuple[str, Any, Any]] = []
+        for name in self.columns:
+            kind = _MSGSPEC_TYPES[str(_FIELD_TYPES[name])]
+            fields.append((name, kind | None if name in nullable else kind, None))
+        # Checked while decoding and never made a column: an event of another schema version
+        # may give these fields other meanings, so it is refused as the SDK refuses it.
+        fields.append((VERSION_FIELD, Literal[SCHEMA_VERSION] | None, None))
         # Only strings and numbers: the structs cannot form cycles, so the garbage collector
         # need not track the 20k of them a batch creates.
         read_fields: Any = msgspec.defstruct("ReadFields", fields, gc=False)
         self._json = msgspec.json.Decoder(read_fields)
         self._required = required_by_type(self.columns)
+        self._text_lengths = text_length_rules(self.columns)
         self._known_types = pa.array(sorted(EVENT_TYPE_NAMES))
 
     @property
@@ -222,7 +285,7 @@ class EventDecoder:
                 events.append(self._json.decode(line))
                 kept.append(position)
             except msgspec.ValidationError as exc:
-                rejected.append((position, SchemaViolationError(f"a field has the wrong JSON type: {exc}")))
+                rejected.append((position, classify_decode_error(exc)))
             except msgspec.DecodeError as exc:
                 rejected.append((position, MalformedJSONError(_malformed(line, exc))))
             except UnicodeDecodeError as exc:
@@ -263,9 +326,9 @@ class EventDecoder:
             return self.output_schema.empty_table()
         with collector_paused():
             fields = zip(*map(msgspec.structs.astuple, events), strict=True)
-            columns = {
+            columns = {  # (zip stops at the last column: the schema version is left out)
                 name: pa.array(values, _FIELD_TYPES[name])
-                for name, values in zip(self.columns, fields, strict=True)
+                for name, values in zip(self.columns, fields, strict=False)
             }
         texts = columns.pop("event_time")
         try:
@@ -322,6 +385,24 @@ class EventDecoder:
             for name in required:
                 if name in nulls:
                     flag(of_type & nulls[name], f"{event_type} needs {name}")
+        of_types: dict[tuple[str, ...], NDArray[np.bool_]] = {}
+        for (name, shortest, longest), event_types in self._text_lengths.items():
+            column = table.column(name)
+            # Bytes first (no pass over the text): a string has at most as many characters as
+            # bytes, and none exactly when it has no byte; characters are counted only where
+            # that cannot tell. -1: null (the rules for required fields judge those).
+            length = pc.binary_length(column).fill_null(-1).to_numpy()
+            if shortest > 1 or (longest is not None and length.max(initial=0) > longest):
+                length = pc.utf8_length(column).fill_null(-1).to_numpy()
+            bad = (length >= 0) & (length < shortest)
+            if longest is not None:
+                bad |= length > longest
+            if not bad.any():
+                continue
+            if event_types not in of_types:
+                of_types[event_types] = np.isin(type_index, [known.index(t) for t in event_types])
+            limit = f"{shortest} to {longest}" if longest is not None else f"at least {shortest}"
+            flag(of_types[event_types] & bad, f"{name} must have {limit} characters")
         for name in _NON_NEGATIVE:
             if name in table.column_names:
                 column = table.column(name)

@@ -51,10 +51,12 @@ from streams.engine.decode import (
     FIELD_TYPES,
     LATEST_MS,
     NON_NEGATIVE,
+    VERSION_FIELD,
     needed_columns,
     required_by_type,
+    text_length_rules,
 )
-from streams.events import EVENT_TYPE_NAMES
+from streams.events import EVENT_TYPE_NAMES, SCHEMA_VERSION
 
 TILE_MS = TILE_SECONDS * 1000
 EVENTS_TABLE = "adreach_events"
@@ -154,7 +156,8 @@ def watermark_sql(delay_ms: int | None, max_future_ms: int = 0) -> str:
 
 
 def _physical_columns(groups: Sequence[FeatureGroup]) -> list[str]:
-    return [f"{q(name)} {_FLINK_TYPES[str(FIELD_TYPES[name])]}" for name in needed_columns(groups)]
+    columns = [f"{q(name)} {_FLINK_TYPES[str(FIELD_TYPES[name])]}" for name in needed_columns(groups)]
+    return [*columns, f"{q(VERSION_FIELD)} BIGINT"]
 
 
 def _computed_columns(delay_ms: int | None, max_future_ms: int) -> list[str]:
@@ -261,7 +264,8 @@ def _types_in(types: Sequence[str]) -> str:
 def validation_sql(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> str:
     """The conditions under which the embedded decoder accepts an event (see its ``_check``)."""
     columns = needed_columns(groups)
-    conditions = [_types_in(EVENT_TYPE_NAMES)]
+    version = q(VERSION_FIELD)
+    conditions = [_types_in(EVENT_TYPE_NAMES), f"{version} IS NULL OR {version} = {SCHEMA_VERSION}"]
     for name in ("event_id", "user_id"):
         conditions.append(f"{q(name)} IS NOT NULL AND CHAR_LENGTH({q(name)}) > 0")
     ms = q(EVENT_TIME_MS)
@@ -270,6 +274,10 @@ def validation_sql(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> str:
         missing = [f"{q(name)} IS NULL" for name in required if name not in ALWAYS_PRESENT]
         if missing:
             conditions.append(f"NOT ({q('type')} = {literal(event_type)} AND ({' OR '.join(missing)}))")
+    for (name, shortest, longest), event_types in text_length_rules(columns).items():
+        length = f"CHAR_LENGTH({q(name)})"
+        outside = f"{length} < {shortest}" + (f" OR {length} > {longest}" if longest is not None else "")
+        conditions.append(f"NOT ({_types_in(event_types)} AND {q(name)} IS NOT NULL AND ({outside}))")
     for name in NON_NEGATIVE:
         if name in columns:
             conditions.append(f"({q(name)} IS NULL OR {q(name)} >= 0)")
