@@ -24,7 +24,8 @@ from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
 from infra.compressed import damage_hint, decompressed, lines_until_damaged, open_binary
-from infra.progress import count_lines, lag_text, progress_bar, stderr
+from infra.help_text import reflow_help
+from infra.progress import LineTotal, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
 from streams.flink.cli import add_flink_commands
@@ -183,8 +184,9 @@ def produce(
     from streams.topics import TopicError, ensure_topics
 
     settings = _settings(ctx)
+    total: LineTotal | None = None
     if file == "-":
-        source, total = "<stdin>", None
+        source = "<stdin>"
         handle: BinaryIO | BufferedIOBase = decompressed(sys.stdin.buffer)
     else:
         path = Path(file)
@@ -196,7 +198,7 @@ def produce(
             handle = open_binary(path)  # (reads the first bytes: gzip or not)
         except OSError as exc:
             _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_USAGE)
-        source, total = path.name, count_lines(path)
+        source, total = path.name, LineTotal(path)
     damage: list[str] = []
     try:
         ensure_topics(settings)
@@ -209,7 +211,16 @@ def produce(
     delivery_error: DeliveryError | None = None
     unconfirmed = 0
     with InterruptGuard() as interrupts, handle, bar:
-        task = bar.add_task(f"producing {source}", total=total, unit="lines")
+        task = bar.add_task(f"producing {source}", total=None if total is None else total.total, unit="lines")
+        read = 0
+
+        def advance(lines: int) -> None:
+            nonlocal read
+            read += lines
+            bar.advance(task, lines)
+            if total is not None:
+                bar.update(task, total=total.estimate(handle, read))
+
         if interrupts.requested:  # Ctrl-C during start-up: read nothing
             report = IngestReport(source=source, interrupted=True)
         else:
@@ -218,7 +229,7 @@ def produce(
                     producer,
                     lines_until_damaged(handle, damage),
                     source,
-                    progress=lambda _b, n: bar.advance(task, n),
+                    progress=lambda _b, n: advance(n),
                 )
         bar.update(task, description=f"flushing {source}")
         try:
@@ -583,6 +594,9 @@ def _demo_quality(settings: Settings, out: Path) -> None:
 
     print("data-source quality of the simulated providers:")
     print_quality_report(out / "truth", out / "reach-sample", settings)
+
+
+reflow_help(app)  # (after every command above is registered)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from infra.compressed import READ_ERRORS, open_binary
+from infra.compressed import READ_ERRORS, is_gzip, open_binary
 
 # soft_wrap: long messages (file:line: reason) stay on one line, so they can be grepped.
 stderr = Console(stderr=True, soft_wrap=True)
@@ -76,3 +76,28 @@ def count_lines(path: Path) -> int | None:
     except READ_ERRORS:
         return None
     return count + (last != b"\n")
+
+
+class LineTotal:
+    """The total a progress bar over the lines of ``path`` shows: counted, or estimated for gzip.
+
+    A plain file's lines are counted up front (a scan at disk speed). A gzip file's are
+    not: counting them would decompress the whole file a second time (about a fifth of
+    ``adreach produce``'s time); the total is instead extrapolated from the lines read so
+    far and how far through the compressed bytes the reader is, so the percentage and the
+    time left are right from the start and the total converges on the exact count.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._compressed_size = path.stat().st_size if is_gzip(path) else None
+        self.total = None if self._compressed_size is not None else count_lines(path)
+
+    def estimate(self, handle: object, lines_read: int) -> int | None:
+        """The total after ``lines_read`` lines of ``handle`` (the reader opened on ``path``)."""
+        if self._compressed_size is None:
+            return self.total
+        raw = getattr(handle, "fileobj", None)  # a GzipFile's underlying file
+        position = raw.tell() if raw is not None and not raw.closed else 0
+        if position <= 0 or lines_read <= 0:
+            return None
+        return max(lines_read, round(lines_read * self._compressed_size / position))

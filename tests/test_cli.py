@@ -232,3 +232,64 @@ def test_ctrl_c_reports_what_was_sent_and_exits_130(
     # The signal races with end of input: it lands either in the read or in the final flush.
     assert "interrupted" in stderr and "sent 3 events" in stdout
     assert len(consume(kafka, kafka.kafka.topics.events, expected=3)) == 3, "nothing sent twice"
+
+
+def test_progress_totals_count_plain_files_and_estimate_gzip_ones_without_a_second_pass(
+    tmp_path: Path,
+) -> None:
+    import random
+
+    from infra.compressed import open_binary
+    from infra.progress import LineTotal
+
+    rng = random.Random(3)  # random ids of varied length: lines that compress unevenly
+    ids = [f"{rng.getrandbits(4 * rng.randint(1, 100)):x}" for _ in range(50_000)]
+    text = "".join(json.dumps({**GOOD[0], "event_id": event_id}) + "\n" for event_id in ids)
+    plain, packed = tmp_path / "events.jsonl", tmp_path / "events.jsonl.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+
+    assert LineTotal(plain).total == 50_000
+    gz = LineTotal(packed)
+    assert gz.total is None  # not counted: that would decompress the file twice
+    with open_binary(packed) as handle:
+        assert gz.estimate(handle, 0) is None
+        estimates = []
+        for read, _ in enumerate(handle, start=1):
+            if read % 10_000 == 0:
+                estimates.append(gz.estimate(handle, read))
+        final = gz.estimate(handle, read)
+    assert final == 50_000  # at the end of the compressed bytes the estimate is the count
+    # (the reader's read-ahead, 128 KB of the 1.9 MB here, puts early estimates a little low)
+    assert all(e is not None and 42_500 <= e <= 57_500 for e in estimates), estimates
+
+
+def test_help_paragraphs_are_reflowed_for_the_terminal_and_lists_keep_their_lines(
+    cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    from infra.help_text import reflow
+
+    doc = """First line
+    goes on.
+
+    A paragraph wrapped
+    at some width.
+    - a list item
+      continued
+    1. numbered
+
+    \b
+    kept
+    as is
+    """
+    assert reflow(doc) == (
+        "First line goes on.\n\nA paragraph wrapped at some width.\n- a list item\n  continued\n1. numbered"
+        "\n\n\b\nkept\nas is"
+    )
+    # Typer kept the breaks of a docstring's later paragraphs: at 80 columns every other
+    # line of `stream run --help` was one word. Now the terminal wraps whole paragraphs.
+    shown = run(adreach_bin, ["stream", "run", "--help"], {**cli_env, "COLUMNS": "80"})
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.strip() for line in shown.stdout.splitlines()]
+    assert "every" not in lines and "checkpointed)" not in lines
+    assert any(line.startswith("Prints throughput, feature rows written") for line in lines)
