@@ -34,6 +34,14 @@ from tests.kafka_helpers import Record, consume
 
 REQUIRED = ("type", "event_id", "event_time", "user_id")
 COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "value")
+READ_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("type", "event_id", "event_time", "user_id", "ad_id", "campaign_id", "advertiser_id"), str
+    ),
+    "query": str,
+    "cost_micros": int,
+    "value": (int, float),
+}
 # The SDK's event-time forms, restated for the reference: RFC 3339 (t/T/space, z/Z, any fraction).
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:?\d\d)")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -184,14 +192,24 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
             continue
         if event["type"] == "search" and not str(event.get("query", "")).strip():
             continue
-        if event.get("schema_version", 1) != 1:
+        version = event.get("schema_version", 1)
+        if type(version) is not int or version != 1:
+            continue
+        # The JSON types of the fields features read (null is not "absent"), whatever the event type.
+        if any(
+            name in event and (isinstance(event[name], bool) or not isinstance(event[name], kind))
+            for name, kind in READ_TYPES.items()
+        ):
             continue
         # The SDK's lengths of the fields features read (the event types that have them).
         ids = ["event_id", "user_id"]
         if event["type"] in ("impression", "click", "conversion"):
             ids += ["ad_id", "campaign_id", "advertiser_id"]
         limits = dict.fromkeys(ids, 128) | ({"query": 1024} if event["type"] == "search" else {})
-        if any(name in event and not 1 <= len(event[name]) <= most for name, most in limits.items()):
+        if any(
+            name in event and not (isinstance(event[name], str) and 1 <= len(event[name]) <= most)
+            for name, most in limits.items()
+        ):
             continue
         text = str(event.get("event_time"))
         if not RFC3339.fullmatch(text):
