@@ -936,6 +936,7 @@ class OnlineFeatureWriter:
         )
         self._sqlite_wal = sqlite_wal
         self._wal_checked = False
+        self._lean_tables: set[str] = set()  # tables whose redundant index is known to be gone
 
     @property
     def store(self) -> str:
@@ -1087,6 +1088,8 @@ class OnlineFeatureWriter:
             if self._sqlite_wal and not self._wal_checked:
                 connection.execute("PRAGMA journal_mode=WAL")
                 self._wal_checked = True
+            if layout.table not in self._lean_tables:
+                self._drop_entity_key_index(connection, layout.table)
             connection.execute("BEGIN IMMEDIATE")
             try:
                 connection.executemany(_sqlite_upsert(layout.table, _SQLITE_ROWS_PER_UPSERT), blocks)
@@ -1098,6 +1101,19 @@ class OnlineFeatureWriter:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 raise
+
+    def _drop_entity_key_index(self, connection: sqlite3.Connection, table: str) -> None:
+        """Drop the ``<table>_ek`` index Feast creates beside the table's primary key.
+
+        Why: the primary key (entity_key, feature_name) already serves every lookup by
+        entity key (Feast's reads, ``WHERE entity_key = ?``/``IN``), so the second index only
+        costs writes: each new (entity, feature) row went into three B-trees instead of two
+        (measured: the inserts 20% slower, a writer's new entity rows 13 - 15%; updates do
+        not touch it). Feast recreates it when the views are applied again, as every worker
+        start does; each writer drops it at its first write to the table.
+        """
+        connection.execute(f'DROP INDEX IF EXISTS "{table}_ek"')
+        self._lean_tables.add(table)
 
     # -- Redis: one HSET per entity with every feature and the timestamp, pre-packed.
 

@@ -546,6 +546,34 @@ def sqlite_store(tmp_path: Path) -> Settings:
     return settings
 
 
+def test_the_writer_drops_feasts_redundant_entity_key_index_and_reads_still_use_the_primary_key(
+    sqlite_store: Settings,
+) -> None:
+    from features.store import open_store
+
+    db = sqlite3.connect(sqlite_store.feature_repo_dir / "online.db")
+    table = f"{sqlite_store.features.project}_{USER.name}"
+    indexes = f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = '{table}'"
+    assert (f"{table}_ek",) in db.execute(indexes).fetchall()  # as Feast's apply creates it
+    written = rows_for(USER, ["u1", "u2"], T0)
+    with OnlineFeatureWriter(sqlite_store, (USER,)) as writer:
+        writer.write(USER, written)
+    assert (f"{table}_ek",) not in db.execute(indexes).fetchall()
+    # Feast's read (online_read) is served by the primary key's index alone
+    plan = db.execute(
+        f'EXPLAIN QUERY PLAN SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
+        "WHERE entity_key IN (?, ?) ORDER BY entity_key",
+        (b"a", b"b"),
+    ).fetchall()
+    assert "USING INDEX sqlite_autoindex" in str(plan), plan
+    store = open_store(sqlite_store, (USER,))  # applying again recreates it; reads are unchanged
+    found = store.get_online_features(
+        features=[f"{USER.name}:impressions_1h"], entity_rows=[{"user_id": "u2"}]
+    ).to_dict()
+    assert found["impressions_1h"] == [written.column("impressions_1h")[1].as_py()]
+    db.close()
+
+
 def test_locked_sqlite_raises_unavailable_then_recovers(sqlite_store: Settings) -> None:
     blocker = sqlite3.connect(sqlite_store.feature_repo_dir / "online.db", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
