@@ -82,7 +82,7 @@ class LineTotal:
     """The total a progress bar over the lines of ``path`` shows: counted, or estimated for gzip.
 
     A plain file's lines are counted up front (a scan at disk speed). A gzip file's are
-    not: counting them would decompress the whole file a second time (about a fifth of
+    not: counting them would decompress the whole file a second time (about a tenth of
     ``adreach produce``'s time); the total is instead extrapolated from the lines read so
     far and how far through the compressed bytes the reader is, so the percentage and the
     time left are right from the start and the total converges on the exact count.
