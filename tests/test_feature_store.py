@@ -167,3 +167,32 @@ def test_redis_online_store(tmp_path: Path) -> None:
         from features.store import open_store
 
         open_store(settings).teardown()  # remove this test's keys from the shared server
+
+
+def test_feasts_own_cli_works_on_the_repository_and_its_apply_changes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from features.store import ALL_VIEWS, CLI_CONFIG, CLI_DEFINITIONS
+
+    settings = load_settings(state_dir=tmp_path)
+    push_and_read(settings)  # adreach's open_store applied the views and wrote the CLI's files
+    repo = settings.feature_repo_dir
+    assert (repo / CLI_CONFIG).is_file() and (repo / CLI_DEFINITIONS).is_file()
+    feast = str(Path(sys.executable).parent / "feast")
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([feast, "-c", str(repo), *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    listed = cli("feature-views", "list")
+    assert all(group.name in listed for group in ALL_VIEWS), listed
+    assert "No changes to registry" in cli("plan")  # the generated definitions are adreach's own
+    cli("apply")
+    from features.store import open_store
+
+    online = open_store(settings).get_online_features(
+        features=["user_activity:impressions_1h"], entity_rows=[{"user_id": "u2"}]
+    )
+    assert online.to_dict()["impressions_1h"] == [10]  # the pushed row, as before the CLI's apply
