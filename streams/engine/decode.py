@@ -199,7 +199,7 @@ class EventDecoder:
             fields.append((name, kind | None if name in nullable else kind, None))
         # Checked while decoding and never made a column: an event of another schema version
         # may give these fields other meanings, so it is refused as the SDK refuses it.
-        fields.append((VERSION_FIELD, Literal[SCHEMA_VERSION] | None, None))
+        fields.append((VERSION_FIELD, Literal[SCHEMA_VERSION], None))  # (absent: None, not checked)
         # Only strings and numbers: the structs cannot form cycles, so the garbage collector
         # need not track the 20k of them a batch creates.
         read_fields: Any = msgspec.defstruct("ReadFields", fields, gc=False)
