@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from enum import StrEnum
+from gzip import GzipFile
 from io import BufferedIOBase
 from pathlib import Path
 from typing import Annotated, BinaryIO, NoReturn
@@ -179,7 +180,7 @@ def produce(
 
     Exits 1 when any line was rejected (all good lines are still delivered).
     """
-    from streams.ingest import IngestReport, produce_lines
+    from streams.ingest import IngestReport, produce_lines, starts_like_json_array
     from streams.producer import DeliveryError, EventProducer
     from streams.topics import TopicError, ensure_topics
 
@@ -199,6 +200,18 @@ def produce(
         except OSError as exc:
             _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_USAGE)
         source, total = path.name, LineTotal(path)
+    if starts_like_json_array(handle):
+        if file == "-":
+            convert = "... | jq -c '.[]' | adreach produce -"
+        elif isinstance(handle, GzipFile):
+            convert = f"gunzip -c {file} | jq -c '.[]' | adreach produce -"
+        else:
+            convert = f"jq -c '.[]' {file} | adreach produce -"
+        _fail(
+            f"{source} starts with '[': it looks like one JSON array, and produce reads JSON Lines (one "
+            f"event object per line). Nothing was sent. Convert it first, e.g.: {convert}",
+            EXIT_USAGE,
+        )
     damage: list[str] = []
     try:
         ensure_topics(settings)

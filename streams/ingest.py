@@ -46,6 +46,24 @@ class IngestReport:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
 
+def starts_like_json_array(stream: object) -> bool:
+    """Whether a buffered input's first character (after a byte order mark and blanks) is ``[``.
+
+    Why: a JSON Lines file of events never starts that way (each line is an object), while
+    an export written as one JSON array does; produced line by line, the array's every line
+    would be rejected and dead-lettered. Peeks without consuming; an input that cannot
+    peek is taken as not an array.
+    """
+    peek = getattr(stream, "peek", None)
+    if peek is None:
+        return False
+    try:
+        head: bytes = peek(4096)[:4096]
+    except (OSError, EOFError):  # (the reader reports the damage, at the line it happens)
+        return False
+    return head.removeprefix(_UTF8_BOM).lstrip()[:1] == b"["
+
+
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes consumed, lines consumed) since the previous call."""
 

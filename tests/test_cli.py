@@ -159,6 +159,24 @@ def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(
     assert "no Kafka broker answered" in down.stderr and "adreach broker start" in down.stderr
 
 
+def test_produce_refuses_a_json_array_file_with_the_command_that_converts_it(
+    tmp_path: Path, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    # One JSON array (as many exports are): produced line by line, every line was rejected
+    # and dead-lettered. Now nothing is sent and the message says how to convert it.
+    pretty = "\ufeff\n  " + json.dumps(GOOD, indent=2)
+    (tmp_path / "export.json").write_text(pretty)
+    (tmp_path / "export.json.gz").write_bytes(gzip.compress(pretty.encode()))
+    for name, convert in (("export.json", "jq -c '.[]' "), ("export.json.gz", "gunzip -c ")):
+        refused = run(adreach_bin, ["produce", str(tmp_path / name)], cli_env)
+        assert refused.returncode == 2, refused.stderr
+        assert "looks like one JSON array" in refused.stderr and "Nothing was sent" in refused.stderr
+        assert convert + str(tmp_path / name) in refused.stderr
+    piped = run(adreach_bin, ["produce", "-"], cli_env, stdin=json.dumps(GOOD).encode())
+    assert piped.returncode == 2 and "jq -c '.[]' | adreach produce -" in piped.stderr
+    assert "sent" not in piped.stdout
+
+
 def test_broker_commands(tmp_path: Path, cli_env: dict[str, str], adreach_bin: str) -> None:
     env = {**cli_env, "ADREACH_STATE_DIR": str(tmp_path), "ADREACH_BROKER__PORT": str(free_port())}
     assert run(adreach_bin, ["broker", "status"], env).returncode == 1
