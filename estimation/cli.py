@@ -53,7 +53,8 @@ def build(
         Path,
         typer.Option(
             "--population",
-            help="Population Parquet (or CSV: .csv, .csv.gz): user_id plus attribute columns.",
+            help="Population: Parquet, CSV (.csv, .csv.gz) or JSON Lines (.jsonl, .ndjson, .json, "
+            "optionally .gz): user_id plus attribute columns.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the sample to.")],

@@ -24,7 +24,13 @@ import typer
 from estimation.cli import reach_app
 from estimation.quality.cli import quality_app
 from features.cli import demo_query_features, features_app
-from infra.compressed import damage_hint, decompressed, lines_until_damaged, open_binary
+from infra.compressed import (
+    damage_hint,
+    decompressed,
+    lines_until_damaged,
+    open_binary,
+    starts_like_json_array,
+)
 from infra.help_text import reflow_help
 from infra.progress import LineTotal, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
@@ -180,7 +186,7 @@ def produce(
 
     Exits 1 when any line was rejected (all good lines are still delivered).
     """
-    from streams.ingest import IngestReport, produce_lines, starts_like_json_array
+    from streams.ingest import IngestReport, produce_lines
     from streams.producer import DeliveryError, EventProducer
     from streams.topics import TopicError, ensure_topics
 

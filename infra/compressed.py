@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 # What a damaged or truncated compressed stream raises while it is read
 # (gzip.BadGzipFile is an OSError).
@@ -67,3 +68,21 @@ def lines_until_damaged(lines: Iterable[bytes], damage: list[str]) -> Iterator[b
         yield from lines
     except READ_ERRORS as exc:
         damage.append(f"{type(exc).__name__}: {exc}")
+
+
+def starts_like_json_array(stream: object) -> bool:
+    """Whether a buffered input's first character (after a byte order mark and blanks) is ``[``.
+
+    Why: a JSON Lines file of events or users never starts that way (each line is an
+    object), while an export written as one JSON array does, and read line by line every
+    one of its lines would be rejected (``adreach produce`` would dead-letter them all).
+    Peeks without consuming; an input that cannot peek is taken as not an array.
+    """
+    peek = getattr(stream, "peek", None)
+    if peek is None:
+        return False
+    try:
+        head: bytes = peek(4096)[:4096]
+    except (OSError, EOFError):  # (the reader reports the damage, at the line it happens)
+        return False
+    return head.removeprefix(UTF8_BOM).lstrip()[:1] == b"["

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from infra.compressed import UTF8_BOM
 from streams.events import InvalidEventError, validate_json
 from streams.producer import EventProducer
 
 _MAX_KEPT_REJECTIONS = 1_000
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -44,24 +44,6 @@ class IngestReport:
     @property
     def events_per_second(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
-
-
-def starts_like_json_array(stream: object) -> bool:
-    """Whether a buffered input's first character (after a byte order mark and blanks) is ``[``.
-
-    Why: a JSON Lines file of events never starts that way (each line is an object), while
-    an export written as one JSON array does; produced line by line, the array's every line
-    would be rejected and dead-lettered. Peeks without consuming; an input that cannot
-    peek is taken as not an array.
-    """
-    peek = getattr(stream, "peek", None)
-    if peek is None:
-        return False
-    try:
-        head: bytes = peek(4096)[:4096]
-    except (OSError, EOFError):  # (the reader reports the damage, at the line it happens)
-        return False
-    return head.removeprefix(_UTF8_BOM).lstrip()[:1] == b"["
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -94,8 +76,8 @@ def produce_lines(
                 progress(pending_bytes, pending_lines)
                 pending_bytes = pending_lines = 0
             line = raw.rstrip(b"\r\n")
-            if number == 1 and line.startswith(_UTF8_BOM):  # editors on Windows write one
-                line = line[len(_UTF8_BOM) :]
+            if number == 1 and line.startswith(UTF8_BOM):  # editors on Windows write one
+                line = line[len(UTF8_BOM) :]
             if not line or line.isspace():
                 continue
             try:

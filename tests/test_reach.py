@@ -654,6 +654,51 @@ def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_
         build_sample(tmp_path / "broken.csv", tmp_path / "t")
 
 
+def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, tmp_path: Path) -> None:
+    """JSON Lines exports keep list columns (interest segments) that CSV cannot carry."""
+    import gzip
+    import json
+
+    table = with_dates(pop).drop_columns(["last_seen"])
+    lines = []
+    for row in table.to_pylist():
+        row["signup"] = row["signup"] and row["signup"].isoformat()  # ISO text, as exports write
+        row["first_seen"] = row["first_seen"].isoformat() + "Z"
+        lines.append(json.dumps(row))
+    path = tmp_path / "population.jsonl.gz"
+    path.write_bytes(gzip.compress("\n".join(lines).encode()))
+    report = build_sample(path, tmp_path / "s", _settings(seed=3, sample_rate=1.0))
+    assert report.fields == {
+        "market": "categorical",
+        "plan": "categorical",
+        "level": "integer",
+        "score": "number",
+        "paid": "boolean",
+        "tags": "list",
+        "signup": "timestamp",  # (Arrow's JSON reader reads ISO dates as timestamps: their midnight)
+        "first_seen": "timestamp",
+    }
+    query = {
+        "and": [
+            {"field": "signup", "between": ["2022-02-01", None]},
+            {"field": "tags", "has_any": [str(TAGS[0]), str(TAGS[3])]},
+            {"not": {"field": "market", "eq": str(MARKETS[0])}},
+        ]
+    }
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        answer = reach.estimate(query)
+        where = to_sql(parse_targeting(query, reach.meta.schema))
+    con = duckdb.connect()
+    con.register("pop", table.set_column(8, "signup", table.column("signup").cast(pa.timestamp("s"))))
+    truth = con.execute(f"SELECT count(*) FROM pop WHERE {where}").fetchall()[0][0]
+    assert answer.reach == truth > 0
+    (tmp_path / "array.json").write_text(
+        json.dumps(table.slice(0, 3).drop_columns(["signup", "first_seen"]).to_pylist())
+    )
+    with pytest.raises(PopulationError, match=r"one JSON array: convert it first, e.g. jq -c"):
+        build_sample(tmp_path / "array.json", tmp_path / "t")
+
+
 def test_build_rejects_bad_populations(tmp_path: Path) -> None:
     with pytest.raises(PopulationError, match="no user_id column"):
         build_sample(pa.table({"id": ["a"]}), tmp_path / "a")
