@@ -24,9 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from estimation.activity import column_rates, constant_rates, learn_from_events
 from estimation.hashing import UserIdError, hash_user_ids, uniform
@@ -34,10 +31,8 @@ from estimation.schema import FieldKind, PopulationError, field_kind, infer_sche
 from estimation.store import write_sample
 from estimation.strata import allocate, choose_strata, keys_from_codes, normalized_columns
 from infra.arrow_times import epoch_ms
-from infra.compressed import open_binary, starts_like_json_array
 from infra.settings import ReachSettings
-
-_JSON_LINES = tuple(suffix + gz for suffix in (".jsonl", ".ndjson", ".json") for gz in ("", ".gz"))
+from infra.tables import TableFileError, read_table_file
 
 
 @dataclass
@@ -205,68 +200,10 @@ def _read(population: Path | pa.Table) -> pa.Table:
         return population
     if not population.exists():
         raise PopulationError(f"no such population file: {population}")
-    if population.name.lower().endswith((".csv", ".csv.gz")):
-        # Column types inferred by Arrow: integers, floats, booleans, ISO dates and instants
-        # (with a zone throughout, or without one throughout); anything else is a string.
-        try:
-            return _times_from_text(pa_csv.read_csv(population))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise PopulationError(
-                f"cannot read {population} as CSV (a header line, then rows): {exc}"
-            ) from None
-    if population.name.lower().endswith(_JSON_LINES):
-        # Types inferred by Arrow as for CSV, plus lists (``"interests": ["a", "b"]``);
-        # ISO dates and instants read as timestamps (a bare date is its midnight, UTC).
-        try:
-            return _times_from_text(pa_json.read_json(population))
-        except (pa.ArrowInvalid, OSError) as exc:
-            with open_binary(population) as handle:
-                array = starts_like_json_array(handle)
-            hint = f" It is one JSON array: convert it first, e.g. jq -c '.[]' {population}" if array else ""
-            raise PopulationError(
-                f"cannot read {population} as JSON Lines (one JSON object per line, each key "
-                f"with one type throughout): {exc}.{hint}"
-            ) from None
     try:
-        return pq.read_table(population)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise PopulationError(
-            f"cannot read {population} as Parquet: {exc} (populations are Parquet, CSV (.csv, .csv.gz) "
-            "or JSON Lines (.jsonl, .ndjson, .json, each optionally .gz))"
-        ) from None
-
-
-_ISO_DATE = r"^\d{4}-\d\d-\d\d$"
-_ISO_TIME = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d:?\d\d)?$"
-
-
-def _times_from_text(table: pa.Table) -> pa.Table:
-    """Text columns holding only ISO 8601 dates, or only instants, as date or timestamp columns.
-
-    Why: Arrow's readers infer times only in the forms they know; JSON's leaves out
-    fractional seconds, so every instant a JavaScript ``toISOString()`` wrote (``...:33.123Z``)
-    stayed text, a categorical field of as many values as users. A column converts when
-    every value matches and Arrow's cast takes them all (zoned throughout, or naive
-    throughout, as for CSV); otherwise it stays text.
-    """
-    for index, name in enumerate(table.column_names):
-        column = table.column(name)
-        if not pa.types.is_string(column.type) or column.null_count == len(column):
-            continue
-        for pattern, kinds in (
-            (_ISO_DATE, (pa.date32(),)),
-            (_ISO_TIME, (pa.timestamp("us", "UTC"), pa.timestamp("us"))),
-        ):
-            if not pc.all(pc.match_substring_regex(column, pattern)).as_py():
-                continue
-            for kind in kinds:
-                try:
-                    table = table.set_column(index, name, pc.cast(column, kind))
-                    break
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    continue
-            break
-    return table
+        return read_table_file(population)
+    except TableFileError as exc:
+        raise PopulationError(str(exc)) from None
 
 
 def _deleted_mask(table: pa.Table, name: str | None) -> np.ndarray[Any, np.dtype[np.bool_]]:

@@ -346,6 +346,17 @@ def test_cli_aggregate_and_user_print_tables_and_json(tmp_path: Path) -> None:
     assert json.loads(user.stdout)["accuracy"] == pytest.approx(
         float((label[:2_000] == truth[:2_000]).mean())
     )
+    # Panels and vendor reports often come as CSV or JSON Lines: the same answer from those.
+    import pyarrow.csv as pa_csv
+
+    pa_csv.write_csv(pq.read_table(tmp_path / "labels.parquet"), tmp_path / "labels.csv")
+    (tmp_path / "panel.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in pq.read_table(tmp_path / "panel.parquet").to_pylist())
+    )
+    labels_csv, panel_jsonl = str(tmp_path / "labels.csv"), str(tmp_path / "panel.jsonl")
+    exported = _cli(["quality", "user", "--labels", labels_csv, "--truth", panel_jsonl, "--json"])
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["accuracy"] == json.loads(user.stdout)["accuracy"]
 
 
 def test_cli_rejects_malformed_files_with_exit_2(tmp_path: Path) -> None:
@@ -370,7 +381,9 @@ def test_cli_rejects_malformed_files_with_exit_2(tmp_path: Path) -> None:
         (["--mix", str(tmp_path / "bad.parquet")], "MIX shares must sum to 1"),
         (["--mix", str(tmp_path / "empty.parquet")], "has no rows"),
         (["--mix", str(tmp_path / "missing.parquet")], "does not exist"),
+        (["--mix", str(tmp_path / "broken.csv")], "cannot read"),
     ]
+    (tmp_path / "broken.csv").write_bytes(b'campaign_id,label,share\n"c1,a,1\n')
     for mix_args, fragment in cases:
         result = _cli(["quality", "aggregate", *mix_args, "--truth", str(tmp_path / "truth.parquet")])
         assert result.returncode == 2, (mix_args, result.stdout, result.stderr)

@@ -51,9 +51,14 @@ def _emit(report: Any, as_json: bool, out: Path | None) -> None:
 @quality_app.command("user")
 def user(
     ctx: typer.Context,
-    labels: Annotated[Path, typer.Option("--labels", help="Parquet with user_id, label (the provider's).")],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", help="Table (Parquet, CSV or JSON Lines) with user_id, label (the provider's)."
+        ),
+    ],
     truth: Annotated[
-        Path, typer.Option("--truth", help="Parquet with user_id, truth (a panel); optional weight column.")
+        Path, typer.Option("--truth", help="Table with user_id, truth (a panel); optional weight column.")
     ],
     sample: Annotated[
         Path | None,
@@ -89,11 +94,15 @@ def user(
 def aggregate(
     ctx: typer.Context,
     mix: Annotated[
-        Path, typer.Option("--mix", help="Parquet with campaign_id, label, share (or count): labels reached.")
+        Path,
+        typer.Option(
+            "--mix",
+            help="Table (Parquet, CSV or JSON Lines): campaign_id, label, share (or count): labels reached.",
+        ),
     ],
     truth: Annotated[
         Path,
-        typer.Option("--truth", help="Parquet with campaign_id, category, share (or count): vendor truth."),
+        typer.Option("--truth", help="Table with campaign_id, category, share (or count): vendor truth."),
     ],
     bootstrap: Annotated[
         int | None, typer.Option(help="Bootstrap replicates (default: quality.bootstrap_replicates).")

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from numpy.typing import NDArray
+
+from infra.tables import TableFileError, read_table_file
 
 SHARE_TOLERANCE = 0.01
 """How far a campaign's shares may be from 1 (rounded percentages from a vendor report)."""
@@ -39,13 +40,14 @@ class QualityInputError(ValueError):
 
 
 def read_table(path: Path, role: str) -> pa.Table:
-    """Read a Parquet file, turning "missing", "not Parquet" and "no rows" into clear errors."""
+    """Read a Parquet, CSV or JSON Lines file (:mod:`infra.tables`), turning "missing", "unreadable"
+    and "no rows" into clear errors."""
     if not path.is_file():
         raise QualityInputError(f"{role} file {path} does not exist")
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise QualityInputError(f"{role} file {path} is not a readable Parquet file: {exc}") from None
+        table = read_table_file(path)
+    except TableFileError as exc:
+        raise QualityInputError(f"{role} file: {exc}") from None
     if table.num_rows == 0:
         raise QualityInputError(f"{role} file {path} has no rows")
     return table
