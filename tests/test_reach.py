@@ -623,6 +623,22 @@ def test_integer_user_ids_are_the_ids_profile_events_name(pop: pa.Table, tmp_pat
     assert after == before + moved - (pop.column("market")[2].as_py() == "outpost")
 
 
+def _assert_every_user_sampled_answers_exactly(
+    path: Path, table: pa.Table, fields: dict[str, str], query: dict[str, Any], out: Path
+) -> None:
+    """Built from ``path`` with every user sampled: the fields and kinds given, and ``query``
+    answered exactly as DuckDB answers it over ``table`` (the rows the file holds)."""
+    report = build_sample(path, out, _settings(seed=3, sample_rate=1.0))
+    assert report.fields == fields
+    with ReachForecaster.open(out) as reach:
+        answer = reach.estimate(query)
+        where = to_sql(parse_targeting(query, reach.meta.schema))
+    con = duckdb.connect()
+    con.register("pop", table)
+    truth = con.execute(f"SELECT count(*) FROM pop WHERE {where}").fetchall()[0][0]
+    assert answer.reach == truth > 0
+
+
 def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_path: Path) -> None:
     """Exports often come as CSV: integers, floats, booleans and ISO dates keep their kinds."""
     import pyarrow.csv as pa_csv
@@ -630,25 +646,12 @@ def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_
     table = with_dates(pop).drop_columns(["tags", "last_seen", "first_seen"])
     path = tmp_path / "population.csv"
     pa_csv.write_csv(table, path)
-    report = build_sample(path, tmp_path / "s", _settings(seed=3, sample_rate=1.0))
-    assert report.fields == {
-        "market": "categorical",
-        "plan": "categorical",
-        "level": "integer",
-        "score": "number",
-        "paid": "boolean",
-        "signup": "date",
-    }
+    fields = {"market": "categorical", "plan": "categorical", "level": "integer", "score": "number"}
+    fields |= {"paid": "boolean", "signup": "date"}
     query = {
         "and": [{"field": "signup", "between": ["2022-02-01", None]}, {"field": "level", "between": [10, 30]}]
     }
-    with ReachForecaster.open(tmp_path / "s") as reach:
-        answer = reach.estimate(query)
-        where = to_sql(parse_targeting(query, reach.meta.schema))
-    con = duckdb.connect()
-    con.register("pop", table)
-    truth = con.execute(f"SELECT count(*) FROM pop WHERE {where}").fetchall()[0][0]
-    assert answer.reach == truth > 0
+    _assert_every_user_sampled_answers_exactly(path, table, fields, query, tmp_path / "s")
     with pytest.raises(PopulationError, match="as CSV"):
         (tmp_path / "broken.csv").write_bytes(b'user_id,x\n"a,1\n')
         build_sample(tmp_path / "broken.csv", tmp_path / "t")
@@ -667,17 +670,9 @@ def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, 
         lines.append(json.dumps(row))
     path = tmp_path / "population.jsonl.gz"
     path.write_bytes(gzip.compress("\n".join(lines).encode()))
-    report = build_sample(path, tmp_path / "s", _settings(seed=3, sample_rate=1.0))
-    assert report.fields == {
-        "market": "categorical",
-        "plan": "categorical",
-        "level": "integer",
-        "score": "number",
-        "paid": "boolean",
-        "tags": "list",
-        "signup": "timestamp",  # (Arrow's JSON reader reads ISO dates as timestamps: their midnight)
-        "first_seen": "timestamp",
-    }
+    fields = {"market": "categorical", "plan": "categorical", "level": "integer", "score": "number"}
+    # (Arrow's JSON reader reads ISO dates as timestamps: their midnight)
+    fields |= {"paid": "boolean", "tags": "list", "signup": "timestamp", "first_seen": "timestamp"}
     query = {
         "and": [
             {"field": "signup", "between": ["2022-02-01", None]},
@@ -685,13 +680,8 @@ def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, 
             {"not": {"field": "market", "eq": str(MARKETS[0])}},
         ]
     }
-    with ReachForecaster.open(tmp_path / "s") as reach:
-        answer = reach.estimate(query)
-        where = to_sql(parse_targeting(query, reach.meta.schema))
-    con = duckdb.connect()
-    con.register("pop", table.set_column(8, "signup", table.column("signup").cast(pa.timestamp("s"))))
-    truth = con.execute(f"SELECT count(*) FROM pop WHERE {where}").fetchall()[0][0]
-    assert answer.reach == truth > 0
+    as_read = table.set_column(8, "signup", table.column("signup").cast(pa.timestamp("s")))
+    _assert_every_user_sampled_answers_exactly(path, as_read, fields, query, tmp_path / "s")
     (tmp_path / "array.json").write_text(
         json.dumps(table.slice(0, 3).drop_columns(["signup", "first_seen"]).to_pylist())
     )
