@@ -178,6 +178,11 @@ def classify_decode_error(exc: msgspec.DecodeError) -> InvalidEventError:
         )
     if message.startswith("Expected `object`") and " - at `$" not in message:  # (the event itself)
         return SchemaViolationError(f"an event must be a JSON object ({message})")
+    if message.endswith("`$.event_time`") and ("got `int`" in message or "got `float`" in message):
+        return SchemaViolationError(
+            f'{message}: event_time is RFC 3339 text with a UTC offset (e.g. "2026-01-05T10:00:00.250Z"), '
+            "not an epoch number"
+        )
     if message.endswith("`$.schema_version`"):
         return SchemaViolationError(
             f"{message}: this platform reads schema_version {SCHEMA_VERSION} events (omit the field or send "

@@ -53,6 +53,7 @@ BAD = [
     (search("b9", "q" * 1025), SchemaViolationError, "query must have 1 to 1024 characters"),
     (impression("b10", schema_version=2), SchemaViolationError, "reads schema_version 1 events"),
     (impression("b14", schema_version=None), SchemaViolationError, "reads schema_version 1 events"),
+    (impression("b15", event_time=1767607200250), SchemaViolationError, "not an epoch number"),
     (impression("b11", cost_micros=2**63), SchemaViolationError, "cost_micros"),
     # null is not "absent" where no event type lets the field be null (the SDK refuses it)
     (impression("b12", cost_micros=None), SchemaViolationError, "got `null` - at `$.cost_micros`"),

@@ -137,6 +137,7 @@ def test_specific_errors_name_the_problem() -> None:
         ),
         (encode({**base, "ad_ld": "x"}), ev.SchemaViolationError, "unknown field `ad_ld`"),
         (encode({**base, "event_time": "2026-01-05T10:00:00"}), ev.SchemaViolationError, "timezone"),
+        (encode({**base, "event_time": 1767607200250}), ev.SchemaViolationError, "not an epoch number"),
         (
             encode({**base, "event_time": "1970-01-01T00:00:01Z"}),
             ev.SchemaViolationError,
