@@ -23,7 +23,7 @@ extra column builds per bad event). Nothing a message holds stops the worker.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, cast
 
@@ -114,34 +114,30 @@ def needed_columns(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> tuple[str
     return tuple(name for name in _FIELD_TYPES if name in wanted)
 
 
+def _members(info: Any) -> tuple[Any, ...]:
+    """A msgspec type as its alternatives (a union's members; metadata stripped)."""
+    while isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        return tuple(alternative for member in info.types for alternative in _members(member))
+    return (info,)
+
+
+def _read_fields(columns: Sequence[str]) -> Iterator[tuple[str, str, tuple[Any, ...]]]:
+    """(event type, field, the field's alternative types) of each of ``columns`` in the SDK's structs."""
+    for type_name, cls in zip(EVENT_TYPE_NAMES, EVENT_TYPES, strict=True):
+        for struct_field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+            if struct_field.name in columns:
+                yield type_name, struct_field.name, _members(struct_field.type)
+
+
 def nullable_fields(columns: Sequence[str]) -> frozenset[str]:
     """The ``columns`` some event type lets be JSON ``null`` (elsewhere null is refused, as by the SDK)."""
-
-    def takes_null(info: Any) -> bool:
-        if isinstance(info, msgspec.inspect.Metadata):
-            return takes_null(info.type)
-        return isinstance(info, msgspec.inspect.UnionType) and any(
-            isinstance(member, msgspec.inspect.NoneType) for member in info.types
-        )
-
     return frozenset(
-        struct_field.name
-        for cls in EVENT_TYPES
-        for struct_field in msgspec.inspect.type_info(cls).fields  # type: ignore[attr-defined]
-        if struct_field.name in columns and takes_null(struct_field.type)
+        name
+        for _, name, alternatives in _read_fields(columns)
+        if any(isinstance(kind, msgspec.inspect.NoneType) for kind in alternatives)
     )
-
-
-def _text_bounds(info: Any) -> tuple[int, int | None] | None:
-    """The length bounds of a string field's msgspec type (through metadata and ``| None``)."""
-    if isinstance(info, msgspec.inspect.Metadata):
-        return _text_bounds(info.type)
-    if isinstance(info, msgspec.inspect.UnionType):
-        found = [bounds for member in info.types if (bounds := _text_bounds(member)) is not None]
-        return found[0] if found else None
-    if isinstance(info, msgspec.inspect.StrType):
-        return info.min_length or 0, info.max_length
-    return None
 
 
 def text_length_rules(columns: Sequence[str]) -> dict[tuple[str, int, int | None], tuple[str, ...]]:
@@ -152,12 +148,12 @@ def text_length_rules(columns: Sequence[str]) -> dict[tuple[str, int, int | None
     otherwise become an entity whose features no SDK-validated event could ever reach.
     """
     rules: dict[tuple[str, int, int | None], tuple[str, ...]] = {}
-    for name, cls in zip(EVENT_TYPE_NAMES, EVENT_TYPES, strict=True):
-        for struct_field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
-            found = _text_bounds(struct_field.type) if struct_field.name in columns else None
-            if found is not None and (found[0] > 0 or found[1] is not None):
-                rule = (struct_field.name, *found)
-                rules[rule] = (*rules.get(rule, ()), name)
+    for type_name, name, alternatives in _read_fields(columns):
+        for kind in alternatives:
+            if isinstance(kind, msgspec.inspect.StrType) and (kind.min_length or kind.max_length is not None):
+                rule = (name, kind.min_length or 0, kind.max_length)
+                rules[rule] = (*rules.get(rule, ()), type_name)
+                break
     return rules
 
 
