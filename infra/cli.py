@@ -27,6 +27,7 @@ from features.cli import demo_query_features, features_app
 from infra.compressed import (
     damage_hint,
     decompressed,
+    json_lines_command,
     lines_until_damaged,
     open_binary,
     starts_like_json_array,
@@ -207,12 +208,7 @@ def produce(
             _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_USAGE)
         source, total = path.name, LineTotal(path)
     if starts_like_json_array(handle):
-        if file == "-":
-            convert = "... | jq -c '.[]' | adreach produce -"
-        elif isinstance(handle, GzipFile):
-            convert = f"gunzip -c {file} | jq -c '.[]' | adreach produce -"
-        else:
-            convert = f"jq -c '.[]' {file} | adreach produce -"
+        convert = f"{json_lines_command(file, isinstance(handle, GzipFile))} | adreach produce -"
         _fail(
             f"{source} starts with '[': it looks like one JSON array, and produce reads JSON Lines (one "
             f"event object per line). Nothing was sent. Convert it first, e.g.: {convert}",

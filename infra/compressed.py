@@ -86,3 +86,11 @@ def starts_like_json_array(stream: object) -> bool:
     except (OSError, EOFError):  # (the reader reports the damage, at the line it happens)
         return False
     return head.removeprefix(UTF8_BOM).lstrip()[:1] == b"["
+
+
+def json_lines_command(file: str, gzipped: bool) -> str:
+    """The shell command that turns the JSON array in ``file`` (``-``: standard input) into JSON
+    Lines on its output: ``jq -c '.[]'``, after ``gunzip -c`` for a gzip file (jq reads no gzip)."""
+    if file == "-":
+        return "... | jq -c '.[]'"
+    return f"gunzip -c {file} | jq -c '.[]'" if gzipped else f"jq -c '.[]' {file}"

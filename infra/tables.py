@@ -10,6 +10,7 @@ hold only ISO 8601 dates, or only instants, become dates or timestamps
 
 from __future__ import annotations
 
+from gzip import GzipFile
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from infra.compressed import open_binary, starts_like_json_array
+from infra.compressed import json_lines_command, open_binary, starts_like_json_array
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
 JSON_LINES_SUFFIXES = tuple(suffix + gz for suffix in (".jsonl", ".ndjson", ".json") for gz in ("", ".gz"))
@@ -41,17 +42,27 @@ def read_table_file(path: Path) -> pa.Table:
         try:
             return times_from_text(pa_json.read_json(path))
         except (pa.ArrowInvalid, OSError) as exc:
-            with open_binary(path) as handle:
-                array = starts_like_json_array(handle)
-            hint = f" It is one JSON array: convert it first, e.g. jq -c '.[]' {path}" if array else ""
             raise TableFileError(
                 f"cannot read {path} as JSON Lines (one JSON object per line, each key with one type "
-                f"throughout): {exc}.{hint}"
+                f"throughout): {exc}.{_json_array_hint(path)}"
             ) from None
     try:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TableFileError(f"cannot read {path} as Parquet: {exc} (tables are {FORMATS})") from None
+
+
+def _json_array_hint(path: Path) -> str:
+    """How to convert ``path`` if it is one JSON array (the usual reason a JSON file fails here)."""
+    try:
+        with open_binary(path) as handle:
+            array, gzipped = starts_like_json_array(handle), isinstance(handle, GzipFile)
+    except OSError:  # (unreadable: the reader's own error says so)
+        return ""
+    if not array:
+        return ""
+    convert = json_lines_command(str(path), gzipped)
+    return f" It is one JSON array: convert it first, e.g. {convert} > {path.name.split('.')[0]}.jsonl"
 
 
 _ISO_DATE = r"^\d{4}-\d\d-\d\d$"
@@ -62,26 +73,33 @@ def times_from_text(table: pa.Table) -> pa.Table:
     """Text columns holding only ISO 8601 dates, or only instants, as date or timestamp columns.
 
     Why: Arrow's readers infer times only in the forms they know; JSON's leaves out
-    fractional seconds, so every instant a JavaScript ``toISOString()`` wrote (``...:33.123Z``)
-    stayed text (in a reach population, a categorical field with a value per user). A column converts when
-    every value matches and Arrow's cast takes them all (zoned throughout, or naive
-    throughout, as for CSV); otherwise it stays text.
+    fractional seconds, so every instant a JavaScript ``toISOString()`` wrote
+    (``...:33.123Z``) stayed text (in a reach population, a categorical field with a value
+    per user). A column converts when every value matches and Arrow's cast takes them all
+    (zoned throughout, or naive throughout, as for CSV); otherwise it stays text.
     """
     for index, name in enumerate(table.column_names):
         column = table.column(name)
-        if not pa.types.is_string(column.type) or column.null_count == len(column):
-            continue
-        for pattern, kinds in (
-            (_ISO_DATE, (pa.date32(),)),
-            (_ISO_TIME, (pa.timestamp("us", "UTC"), pa.timestamp("us"))),
-        ):
-            if not pc.all(pc.match_substring_regex(column, pattern)).as_py():
-                continue
-            for kind in kinds:
-                try:
-                    table = table.set_column(index, name, pc.cast(column, kind))
-                    break
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    continue
-            break
+        if pa.types.is_string(column.type) and column.null_count < len(column):
+            converted = _as_time(column)
+            if converted is not None:
+                table = table.set_column(index, name, converted)
     return table
+
+
+def _as_time(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """``column`` as dates, zoned or naive timestamps: the first of those its text all matches
+    and casts to; None if none."""
+    kinds: tuple[pa.DataType, ...]
+    if pc.all(pc.match_substring_regex(column, _ISO_DATE)).as_py():
+        kinds = (pa.date32(),)
+    elif pc.all(pc.match_substring_regex(column, _ISO_TIME)).as_py():
+        kinds = (pa.timestamp("us", "UTC"), pa.timestamp("us"))
+    else:
+        return None
+    for kind in kinds:
+        try:
+            return pc.cast(column, kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return None
