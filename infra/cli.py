@@ -440,8 +440,13 @@ def _run_stream(
 ) -> str:
     import signal
 
+    from streams.topics import KafkaUnavailableError, cluster_metadata
+
+    try:  # before the worker's imports (Feast's take seconds): an unreachable cluster is said at once
+        cluster_metadata(settings)
+    except KafkaUnavailableError as exc:
+        _fail(str(exc), EXIT_OPERATIONAL)
     from streams.engine.worker import StreamError, StreamStats, StreamWorker
-    from streams.topics import KafkaUnavailableError
 
     last_report = [time.monotonic(), 0]
 

@@ -7,11 +7,12 @@ them) only report explicitly set configs back. Existing topics are left alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from infra.settings import Settings
 
@@ -45,12 +46,52 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(settings.kafka_client_config())
 
 
+# Once every bootstrap broker has refused, failed to resolve or failed the handshake for this
+# long, the cluster is reported unreachable without waiting out the whole timeout.
+UNREACHABLE_AFTER_S = 3.0
+# The client errors that name why a broker could not be reached (kept as the reported cause).
+_CAUSES = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._RESOLVE,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError._BAD_MSG,
+    }
+)
+
+
+def cluster_metadata(settings: Settings, timeout_s: float = 10.0) -> ClusterMetadata:
+    """The cluster's metadata, or :class:`KafkaUnavailableError` naming why no broker answered.
+
+    librdkafka retries an unreachable cluster until the timeout and then reports only
+    "Broker transport failure". The client's own error events say more (connection
+    refused, a name that does not resolve, a failed TLS or SASL handshake) and say it
+    within milliseconds: once they report every broker down for
+    :data:`UNREACHABLE_AFTER_S`, the wait ends with that cause.
+    """
+    errors: list[KafkaError] = []
+    admin = AdminClient({**settings.kafka_client_config(), "error_cb": errors.append})
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while True:
+        seen = len(errors)
+        try:
+            return admin.list_topics(timeout=max(0.05, min(0.5, deadline - time.monotonic())))
+        except KafkaException as exc:
+            failure: object = exc
+        admin.poll(0)  # serves error_cb
+        now = time.monotonic()
+        all_down = any(error.code() == KafkaError._ALL_BROKERS_DOWN for error in errors[seen:])
+        if now >= deadline or (all_down and now - started >= min(UNREACHABLE_AFTER_S, timeout_s)):
+            # (librdkafka reports a repeated connection error once, so the cause may be older)
+            causes = [error.str() for error in errors if error.code() in _CAUSES]
+            raise KafkaUnavailableError(unreachable_message(settings, causes[-1] if causes else failure))
+
+
 def existing_topics(settings: Settings, timeout_s: float = 10.0) -> dict[str, int]:
     """Topic name -> partition count, as the cluster reports them."""
-    try:
-        metadata = admin_client(settings).list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise KafkaUnavailableError(unreachable_message(settings, exc)) from exc
+    metadata = cluster_metadata(settings, timeout_s)
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 

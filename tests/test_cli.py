@@ -157,6 +157,17 @@ def test_produce_missing_file_and_unreachable_kafka_are_clear_errors(
     down = run(adreach_bin, ["produce", str(tmp_path / "one.jsonl")], env)
     assert down.returncode == 3
     assert "no Kafka broker answered" in down.stderr and "adreach broker start" in down.stderr
+    assert "Connection refused" in down.stderr  # the client's own cause, not "Broker transport failure"
+
+
+def test_stream_run_names_why_the_configured_cluster_is_unreachable(
+    cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    env = {**cli_env, "ADREACH_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    down = run(adreach_bin, ["stream", "run", "--until-idle", "1"], env)
+    assert down.returncode == 3, down.stderr
+    assert "no Kafka broker answered" in down.stderr and "Connection refused" in down.stderr
+    assert "check kafka.bootstrap_servers" in down.stderr and "Traceback" not in down.stderr
 
 
 def test_produce_refuses_a_json_array_file_with_the_command_that_converts_it(
