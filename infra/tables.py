@@ -40,7 +40,7 @@ def read_table_file(path: Path) -> pa.Table:
             raise TableFileError(f"cannot read {path} as CSV (a header line, then rows): {exc}") from None
     if name.endswith(JSON_LINES_SUFFIXES):
         try:
-            return times_from_text(pa_json.read_json(path))
+            return times_from_text(_read_json_lines(path))
         except (pa.ArrowInvalid, OSError) as exc:
             raise TableFileError(
                 f"cannot read {path} as JSON Lines (one JSON object per line, each key with one type "
@@ -50,6 +50,22 @@ def read_table_file(path: Path) -> pa.Table:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TableFileError(f"cannot read {path} as Parquet: {exc} (tables are {FORMATS})") from None
+
+
+def _read_json_lines(path: Path) -> pa.Table:
+    """The JSON Lines table, with the columns Arrow inferred as timestamps read as their text.
+
+    Arrow's JSON reader takes an ISO date (``"2024-01-31"``) for a midnight timestamp, so a
+    date column came out a timestamp where the same CSV gives a date; read as text, those
+    columns go through :func:`times_from_text` like CSV's (a second read, only then).
+    """
+    table = pa_json.read_json(path)
+    inferred = [field.name for field in table.schema if pa.types.is_timestamp(field.type)]
+    if not inferred:
+        return table
+    as_text = pa.schema([(name, pa.string()) for name in inferred])
+    reread = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=as_text))
+    return reread.select(table.column_names)  # (explicit columns come first)
 
 
 def _json_array_hint(path: Path) -> str:

@@ -671,8 +671,8 @@ def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, 
     path = tmp_path / "population.jsonl.gz"
     path.write_bytes(gzip.compress("\n".join(lines).encode()))
     fields = {"market": "categorical", "plan": "categorical", "level": "integer", "score": "number"}
-    # (Arrow's JSON reader reads ISO dates as timestamps: their midnight)
-    fields |= {"paid": "boolean", "tags": "list", "signup": "timestamp", "first_seen": "timestamp"}
+    # ISO dates stay dates, as from CSV (Arrow's JSON reader alone makes them midnight timestamps)
+    fields |= {"paid": "boolean", "tags": "list", "signup": "date", "first_seen": "timestamp"}
     query = {
         "and": [
             {"field": "signup", "between": ["2022-02-01", None]},
@@ -680,8 +680,7 @@ def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, 
             {"not": {"field": "market", "eq": str(MARKETS[0])}},
         ]
     }
-    as_read = table.set_column(8, "signup", table.column("signup").cast(pa.timestamp("s")))
-    _assert_every_user_sampled_answers_exactly(path, as_read, fields, query, tmp_path / "s")
+    _assert_every_user_sampled_answers_exactly(path, table, fields, query, tmp_path / "s")
     (tmp_path / "array.json").write_text(
         json.dumps(table.slice(0, 3).drop_columns(["signup", "first_seen"]).to_pylist())
     )
