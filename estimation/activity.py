@@ -172,10 +172,3 @@ def p_active(shape: NDArray[np.float64], rate: NDArray[np.float64], days: float)
     """Posterior probability of at least one impression within ``days``."""
     result: NDArray[np.float64] = -np.expm1(-shape * np.log1p(days / rate))
     return result
-
-
-def expected_impressions(
-    shape: NDArray[np.float64], rate: NDArray[np.float64], days: float
-) -> NDArray[np.float64]:
-    result: NDArray[np.float64] = days * shape / rate
-    return result

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from estimation import bitmaps
+from estimation.activity import p_active
 from estimation.bitmaps import Words
 from estimation.rows import Rows, Vocab
 from estimation.schema import FieldKind, Schema
@@ -39,6 +40,11 @@ from estimation.targeting import (
     numeric_bounds,
     numeric_values,
 )
+
+# Horizons (days) whose P(active) a segment keeps for every row (8 bytes per row each).
+_P_ACTIVE_HORIZONS = 4
+# Bits summed at a time by Segment._masked_sums (two float64 buffers of 512 KB).
+_CHUNK_BITS = 65_536
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,12 @@ class Segment:
         self.pos_row = np.full(n_bits, -1, dtype=np.int64)
         self.pos_row[self.row_pos] = np.arange(n)
         self.alive = bitmaps.from_positions(self.row_pos, self.n_words)
-        self.pos_stratum = np.full(n_bits, -1, dtype=np.int64)
-        self.pos_stratum[self.row_pos] = strata
         self.shape = self._padded(self.rows.act_shape, n_bits, 0.0)
         self.rate = self._padded(self.rows.act_rate, n_bits, 1.0)
+        # expected impressions per day (the posterior mean); a horizon's are D times these
+        self.daily_impressions = self.shape / self.rate
+        self._p_active: dict[float, NDArray[np.float64]] = {}  # see horizon_sums
+        self._chunks: list[tuple[int, int, int, int, NDArray[np.int64]]] | None = None
         self.nums = {name: self._padded(v, n_bits, np.nan) for name, v in self.rows.nums.items()}
         self.postings: dict[str, list[Posting | None]] = {}
         for name, codes in self.rows.cats.items():
@@ -142,9 +150,10 @@ class Segment:
             self.alive,
             self.row_pos,
             self.pos_row,
-            self.pos_stratum,
             self.shape,
             self.rate,
+            self.daily_impressions,
+            *self._p_active.values(),
             *self.nums.values(),
         ]
         rows = self.rows
@@ -270,5 +279,76 @@ class Segment:
         matched = bitmaps.block_counts(words, self.block_starts, self.block_ends)
         return SegmentCounts(self.block_strata, self._sampled, matched)
 
-    def positions(self, words: Words) -> NDArray[np.int64]:
-        return bitmaps.to_positions(words)
+    def horizon_sums(self, words: Words, days: float) -> NDArray[np.float64]:
+        """Per block (``block_strata``), over the rows of ``words``: the sums of P(active within
+        ``days``), of its square, of the expected impressions per day and of their square.
+
+        Why this shape: the rows are sorted by stratum, so each block's sum is one
+        ``reduceat`` pass, where per-stratum ``bincount``s scattered over the strata.
+        Impressions are linear in ``days``, so their per-day means are stored once; P(active)
+        needs a logarithm and an exponential per row, so once a query at that horizon matches
+        an eighth of the rows it is computed for every row and kept for the next queries
+        (:data:`_P_ACTIVE_HORIZONS` horizons). Such a broad query then sums over the bitmap
+        itself, masked (:meth:`_masked_sums`), instead of listing a position per matched row
+        (1M positions took ~6 ms, more than the sums).
+        """
+        sums = np.zeros((len(self.block_strata), 4))
+        matched = bitmaps.count(words)
+        if matched == 0:
+            return sums
+        p_everywhere = self._p_active.get(days)
+        if 8 * matched >= len(self.rows):
+            if p_everywhere is None:
+                if len(self._p_active) >= _P_ACTIVE_HORIZONS:
+                    del self._p_active[next(iter(self._p_active))]  # the oldest
+                p_everywhere = self._p_active[days] = p_active(self.shape, self.rate, days)
+            self._masked_sums(words, (p_everywhere, self.daily_impressions), sums)
+            return sums
+        pos = bitmaps.to_positions(words)
+        p = p_everywhere[pos] if p_everywhere is not None else p_active(self.shape[pos], self.rate[pos], days)
+        daily = self.daily_impressions[pos]
+        cuts = np.searchsorted(pos, self.block_starts * bitmaps.WORD_BITS)
+        filled = cuts < np.append(cuts[1:], len(pos))  # (reduceat cannot sum an empty block)
+        starts = cuts[filled]
+        for column, values in enumerate((p, p * p, daily, daily * daily)):
+            sums[filled, column] = np.add.reduceat(values, starts)
+        return sums
+
+    def _masked_sums(
+        self, words: Words, values: tuple[NDArray[np.float64], ...], sums: NDArray[np.float64]
+    ) -> None:
+        """Per block, the sums of each of ``values`` and of its square over the set bits of ``words``
+        (columns ``2i`` and ``2i + 1`` of ``sums``).
+
+        Computed a run of whole blocks (~:data:`_CHUNK_BITS` bits) at a time, so the masked
+        values stay in the CPU cache between their multiplication and their sums (whole-
+        array temporaries made this 1.8 - 2.3x slower on a 1M-row segment).
+        """
+        if self._chunks is None:
+            self._chunks = _block_chunks(self.block_starts * bitmaps.WORD_BITS, len(self.pos_row))
+        mask = np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_)
+        widest = max(hi - lo for lo, hi, _, _, _ in self._chunks)
+        masked, squared = np.empty(widest), np.empty(widest)
+        for lo, hi, first, last, local_starts in self._chunks:
+            part_masked, part_squared = masked[: hi - lo], squared[: hi - lo]
+            for column, array in enumerate(values):
+                np.multiply(array[lo:hi], mask[lo:hi], out=part_masked)
+                sums[first:last, 2 * column] = np.add.reduceat(part_masked, local_starts)
+                np.multiply(part_masked, part_masked, out=part_squared)
+                sums[first:last, 2 * column + 1] = np.add.reduceat(part_squared, local_starts)
+
+
+def _block_chunks(
+    starts: NDArray[np.int64], n_bits: int
+) -> list[tuple[int, int, int, int, NDArray[np.int64]]]:
+    """Runs of whole blocks of about :data:`_CHUNK_BITS` bits (a larger block alone):
+    (first bit, end bit, first block, end block, the blocks' starts within the run)."""
+    ends = np.append(starts[1:], n_bits)
+    chunks = []
+    first = 0
+    while first < len(starts):
+        lo = int(starts[first])
+        last = max(int(np.searchsorted(ends, lo + _CHUNK_BITS, side="right")), first + 1)
+        chunks.append((lo, int(ends[last - 1]), first, last, starts[first:last] - lo))
+        first = last
+    return chunks

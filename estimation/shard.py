@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from estimation.activity import expected_impressions, p_active
 from estimation.rows import Rows, Vocab, rows_from_table
 from estimation.schema import Schema
 from estimation.segment import Segment
@@ -282,14 +281,12 @@ class Shard:
             matched[counts.strata] += counts.matched
             if horizon_days is not None:
                 assert p_sum is not None and p_sq is not None and imp_sum is not None and imp_sq is not None
-                pos = segment.positions(words)
-                strata = segment.pos_stratum[pos]
-                p = p_active(segment.shape[pos], segment.rate[pos], horizon_days)
-                imp = expected_impressions(segment.shape[pos], segment.rate[pos], horizon_days)
-                p_sum += np.bincount(strata, weights=p, minlength=h)
-                p_sq += np.bincount(strata, weights=p * p, minlength=h)
-                imp_sum += np.bincount(strata, weights=imp, minlength=h)
-                imp_sq += np.bincount(strata, weights=imp * imp, minlength=h)
+                sums = segment.horizon_sums(words, horizon_days)
+                strata = segment.block_strata  # (one block per stratum in a segment)
+                p_sum[strata] += sums[:, 0]
+                p_sq[strata] += sums[:, 1]
+                imp_sum[strata] += horizon_days * sums[:, 2]
+                imp_sq[strata] += horizon_days * horizon_days * sums[:, 3]
         return PartialSums(self.population.copy(), sampled, matched, p_sum, p_sq, imp_sum, imp_sq)
 
     # -- updates -------------------------------------------------------------------------
