@@ -58,6 +58,10 @@ from infra.settings import ReachSettings
 
 log = logging.getLogger(__name__)
 
+# The longest forecast horizon (ten years): beyond it every user with any activity counts
+# as active and the impressions overflow to infinity, which no client could use.
+MAX_HORIZON_DAYS = 3650
+
 
 @dataclass
 class ProfileChanges:
@@ -142,8 +146,8 @@ class ReachForecaster:
     ) -> ReachEstimate:
         """Users matching ``targeting`` now, or active within ``horizon_days`` days."""
         expr: Expr = targeting if isinstance(targeting, _EXPR_TYPES) else self.parse(targeting)  # type: ignore[assignment]
-        if horizon_days is not None and not horizon_days > 0:
-            raise ValueError(f"horizon_days must be positive, got {horizon_days}")
+        if horizon_days is not None and not 0 < horizon_days <= MAX_HORIZON_DAYS:
+            raise ValueError(f"horizon_days must be in (0, {MAX_HORIZON_DAYS}], got {horizon_days}")
         allow = self.settings.allow_partial if allow_partial is None else allow_partial
         with self._lock:
             replies = self._fan_out("query", expr, horizon_days)

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from estimation.forecaster import ReachForecaster
+from estimation.forecaster import MAX_HORIZON_DAYS, ReachForecaster
 from estimation.quality.aggregate import assess_aggregate
 from estimation.quality.forecast import (
     QualityLookupError,
@@ -82,7 +82,7 @@ class ReachRequest(BaseModel):
     horizon_days: float | None = Field(
         None,
         gt=0,
-        le=3650,
+        le=MAX_HORIZON_DAYS,
         description="Forecast unique users active (and impressions) within this many days.",
     )
     allow_partial: bool | None = Field(

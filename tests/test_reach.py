@@ -168,6 +168,17 @@ def test_horizon_forecast_is_between_zero_and_the_audience(sample_dir: Path) -> 
     assert day.ci95[0] <= day.reach <= day.ci95[1]
 
 
+def test_horizons_outside_zero_to_ten_years_are_refused(sample_dir: Path) -> None:
+    # An infinite horizon made the answer NaN, a 1e308-day one infinite impressions.
+    with ReachForecaster.open(sample_dir) as reach:
+        for days in (0.0, -1.0, math.nan, math.inf, 1e308, 3650.5):
+            with pytest.raises(ValueError, match=r"horizon_days must be in \(0, 3650\]"):
+                reach.estimate({"and": []}, horizon_days=days)
+        longest = reach.estimate({"and": []}, horizon_days=3650)
+    assert longest.impressions is not None and math.isfinite(longest.impressions)
+    assert math.isfinite(longest.reach) and longest.reach <= longest.population
+
+
 def test_horizon_matches_known_rates(tmp_path: Path) -> None:
     """With known rates (a column), the forecast is the population sum of 1 - exp(-rate D)."""
     pop = population(N_USERS, seed=11)

@@ -158,6 +158,7 @@ def test_fields_and_docs(base_url: str) -> None:
         ({"targeting": "market = north"}, 400, ["expected an object"]),
         ({}, 422, ["targeting"]),
         ({"targeting": {"and": []}, "horizon_days": -1}, 422, ["horizon_days"]),
+        ({"targeting": {"and": []}, "horizon_days": 1e308}, 422, ["horizon_days", "3650"]),
         ({"targeting": {"and": []}, "horizonn_days": 3}, 422, ["horizonn_days"]),
     ],
 )
