@@ -191,13 +191,18 @@ def test_horizon_matches_known_rates(tmp_path: Path) -> None:
     assert answer.reach == pytest.approx(truth, rel=0.03)
 
 
-def test_horizon_sums_equal_the_per_user_sums_by_stratum(sample_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_bits", [65_536, 256, 64])  # (64: one block per run, some wider)
+def test_horizon_sums_equal_the_per_user_sums_by_stratum(
+    sample_dir: Path, chunk_bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The per-block horizon sums (cached P(active) or not, main and delta segments, with
     tombstones) equal the matched users' per-user values summed by stratum."""
+    from estimation import segment as segment_module
     from estimation.activity import p_active
     from estimation.bitmaps import to_positions
     from estimation.targeting import parse_targeting
 
+    monkeypatch.setattr(segment_module, "_CHUNK_BITS", chunk_bits)
     with ReachForecaster.open(sample_dir) as reach:
         reach.apply(_changes(["user-1", "new-1", "new-2"], markets=["outpost", "island", "north"]))
         reach.delete_users([f"user-{i}" for i in range(3, 400)])  # (some of them sampled)
