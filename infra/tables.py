@@ -40,7 +40,7 @@ def read_table_file(path: Path) -> pa.Table:
             raise TableFileError(f"cannot read {path} as CSV (a header line, then rows): {exc}") from None
     if name.endswith(JSON_LINES_SUFFIXES):
         try:
-            return times_from_text(_read_json_lines(path))
+            return _read_json_lines(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise TableFileError(
                 f"cannot read {path} as JSON Lines (one JSON object per line, each key with one type "
@@ -53,19 +53,25 @@ def read_table_file(path: Path) -> pa.Table:
 
 
 def _read_json_lines(path: Path) -> pa.Table:
-    """The JSON Lines table, with the columns Arrow inferred as timestamps read as their text.
+    """The JSON Lines table, its text times typed as :func:`times_from_text` types CSV's.
 
     Arrow's JSON reader takes an ISO date (``"2024-01-31"``) for a midnight timestamp, so a
-    date column came out a timestamp where the same CSV gives a date; read as text, those
-    columns go through :func:`times_from_text` like CSV's (a second read, only then).
+    date column came out a timestamp where the same CSV gives a date. The columns it
+    inferred as timestamps are therefore read again as text (a second read, only then) and
+    typed like CSV's; one that mixes dates and instants keeps Arrow's timestamps.
     """
     table = pa_json.read_json(path)
     inferred = [field.name for field in table.schema if pa.types.is_timestamp(field.type)]
     if not inferred:
-        return table
+        return times_from_text(table)
     as_text = pa.schema([(name, pa.string()) for name in inferred])
     reread = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=as_text))
-    return reread.select(table.column_names)  # (explicit columns come first)
+    typed = times_from_text(reread.select(table.column_names))  # (explicit columns come first)
+    for name in inferred:
+        index = typed.column_names.index(name)
+        if pa.types.is_string(typed.schema.field(index).type):
+            typed = typed.set_column(index, name, table.column(name))
+    return typed
 
 
 def _json_array_hint(path: Path) -> str:

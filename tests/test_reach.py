@@ -6,6 +6,7 @@ populations whose exact answers come from DuckDB over the full table.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC
 from decimal import Decimal
@@ -730,6 +731,26 @@ def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, 
     )
     with pytest.raises(PopulationError, match=r"one JSON array: convert it first, e.g. jq -c"):
         build_sample(tmp_path / "array.json", tmp_path / "t")
+
+
+def test_json_lines_time_columns_are_typed_as_from_csv(tmp_path: Path) -> None:
+    from infra.tables import read_table_file
+
+    rows = [
+        ("a", "2024-01-31", "2024-01-31T10:00:00.123Z", "2024-01-31", "2024-01-31 10:00:00"),
+        ("b", "2024-02-01", "2024-01-31T11:00:00+02:00", "2024-02-01T08:00:00", "2024-01-31 11:00:00"),
+    ]
+    names = ["user_id", "day", "zoned", "mixed", "naive"]
+    lines = [json.dumps(dict(zip(names, row, strict=True))) for row in rows]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines))
+    table = read_table_file(tmp_path / "p.jsonl")
+    assert table.column_names == names
+    assert table.schema.field("day").type == pa.date32()
+    assert table.schema.field("zoned").type == pa.timestamp("us", "UTC")
+    assert table.schema.field("naive").type == pa.timestamp("us")
+    # dates and instants in one column: Arrow's own reading (timestamps, dates at midnight)
+    assert pa.types.is_timestamp(table.schema.field("mixed").type)
+    assert table.column("mixed").to_pylist()[0].isoformat() == "2024-01-31T00:00:00"
 
 
 def test_build_rejects_bad_populations(tmp_path: Path) -> None:
