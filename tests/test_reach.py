@@ -170,7 +170,7 @@ def test_horizon_forecast_is_between_zero_and_the_audience(sample_dir: Path) -> 
 
 
 def test_horizons_outside_zero_to_ten_years_are_refused(sample_dir: Path) -> None:
-    # An infinite horizon made the answer NaN, a 1e308-day one infinite impressions.
+    # Infinite and 1e308-day horizons gave infinite impressions and NaN intervals (or a NaN reach).
     with ReachForecaster.open(sample_dir) as reach:
         for days in (0.0, -1.0, math.nan, math.inf, 1e308, 3650.5):
             with pytest.raises(ValueError, match=r"horizon_days must be in \(0, 3650\]"):
@@ -705,7 +705,6 @@ def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_
 def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, tmp_path: Path) -> None:
     """JSON Lines exports keep list columns (interest segments) that CSV cannot carry."""
     import gzip
-    import json
 
     table = with_dates(pop).drop_columns(["last_seen"])
     lines = []
@@ -785,8 +784,6 @@ def test_build_is_deterministic_and_honours_strata_fields(pop: pa.Table, tmp_pat
 
 def test_horizon_learned_from_simulated_history_matches_ground_truth(tmp_path: Path) -> None:
     """Activity learned from the simulator's impressions forecasts what its true rates imply."""
-    import json
-
     from streams.simulation import ParquetSink, SimulationConfig, simulate
 
     config = SimulationConfig(users=10_000, days=7, events=400_000, seed=3)
