@@ -87,7 +87,7 @@ class Segment:
         group_sizes = np.diff(np.append(starts, n))
         group_words = (group_sizes + bitmaps.WORD_BITS - 1) // bitmaps.WORD_BITS
         self.block_strata: NDArray[np.int64] = strata[starts].astype(np.int64)
-        self.block_starts = np.concatenate(([0], np.cumsum(group_words)[:-1])).astype(np.int64)
+        self.block_starts = (np.cumsum(group_words) - group_words).astype(np.int64)
         self.block_ends = (self.block_starts + group_words).astype(np.int64)
         self.n_words = int(group_words.sum())
         n_bits = self.n_words * bitmaps.WORD_BITS

@@ -382,9 +382,11 @@ def choose_strata(
                     f"or more than {MAX_LEVELS} distinct values"
                 )
             attrs.append(attr)
-        return StrataChoice(attrs, {}, [], "given in settings (reach.strata_fields)")
-    if max_fields == 0 or n_users == 0:
+        return StrataChoice(attrs, {}, [], "given (--strata or reach.strata_fields)")
+    if max_fields == 0:
         return StrataChoice([], {}, [], "stratification disabled (max_strata_fields = 0)")
+    if n_users == 0:
+        return StrataChoice([], {}, [], "no live users to stratify")
 
     keep = uniform < min(1.0, ANALYSIS_ROWS / max(n_users, 1))
     candidates: dict[str, StratAttr] = {}

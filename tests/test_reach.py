@@ -263,6 +263,28 @@ def test_one_and_two_shards_give_identical_answers(sample_dir: Path) -> None:
         assert partial.population == everyone.population
 
 
+def test_shards_without_users_answer_and_take_new_users(pop: pa.Table, tmp_path: Path) -> None:
+    """A population whose users were all deleted, or too few to reach every shard, still
+    serves: its empty shards answer zero, and users added later are counted."""
+    one_user = pop.slice(0, 1)
+    everyone_deleted = pop.slice(0, 5).append_column("deleted_at", pa.array([1] * 5, pa.timestamp("ms")))
+    for name, table in (("one", one_user), ("deleted", everyone_deleted)):
+        report = build_sample(table, tmp_path / name, _settings(sample_rate=0.5))
+    assert "why: no live users to stratify" in report.describe()
+    with ReachForecaster.open(tmp_path / "one", shards=3) as reach:
+        infos = reach.info()["shards"]
+        assert sorted(s["sample_users"] for s in infos) == [0, 0, 1]
+        everyone = reach.estimate({"and": []})
+        assert (everyone.reach, everyone.method, everyone.partial) == (1, "exact", False)
+        assert reach.estimate({"and": []}, horizon_days=7).reach > 0
+    with ReachForecaster.open(tmp_path / "deleted") as reach:
+        assert reach.estimate({"and": []}).reach == 0
+        assert reach.estimate({"field": "market", "eq": "island"}, horizon_days=7).reach == 0
+        reach.apply(_changes(["late-1", "late-2"], markets=["island", "north"]))
+        island = reach.estimate({"field": "market", "eq": "island"})
+        assert reach.estimate({"and": []}).population == 2 and 0 <= island.reach <= 2
+
+
 # -- streaming updates and deletions ---------------------------------------------------
 
 
