@@ -14,8 +14,9 @@
 Errors are JSON ``{"detail": {"error": CODE, "message": TEXT, "path": WHERE}}``: 400 for
 a targeting expression that does not fit the sample (unknown field, wrong value type,
 malformed tree; ``path`` points into the expression) or a body that cannot be parsed at
-all (``malformed_body``), 422 for a request body of the
-wrong shape, 503 when a shard is down and no partial answer was allowed.
+all (``malformed_body``: empty, not JSON, not UTF-8, nested past the parser), 413
+(``body_too_large``) for a query body over :data:`MAX_QUERY_BODY_BYTES`, 422 for JSON of
+the wrong shape, 503 when a shard is down and no partial answer was allowed.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from estimation.forecaster import MAX_HORIZON_DAYS, ReachForecaster
 from estimation.quality.aggregate import assess_aggregate
@@ -178,11 +182,79 @@ def _error_code(exc: TargetingError) -> str:
     return "invalid_value"
 
 
-_BODY_HINT = {
-    "There was an error parsing the body": "the request body could not be parsed; it must be one JSON "
-    "object, and JSON nested more deeply than Python's parser allows (about 1,000 levels) cannot be "
-    "(targeting expressions may nest at most 32 levels)",
-}
+# Bodies of the requests that carry a targeting expression (``/v1/reach``, ``/v1/quality/rank``):
+# MAX_VALUES values of ~100 characters fit; the quality assessments, which carry a panel's
+# labels, are not limited.
+MAX_QUERY_BODY_BYTES = 2 * 1024 * 1024
+
+
+def _unparseable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not read a body it reports only as "There was an error parsing the body"."""
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 text (byte {cause.start}: {cause.reason})"
+    elif isinstance(cause, RecursionError):
+        why = (
+            "its JSON is nested more deeply than the parser allows (about 1,000 levels; "
+            "a targeting expression may nest at most 32 levels)"
+        )
+    elif isinstance(cause, ValueError) and "digits" in str(cause):
+        why = "it holds an integer with more digits than the parser allows (4,300)"
+    else:
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else "the body could not be read"
+    return f"the request body could not be parsed: {why}; send one JSON object (UTF-8)"
+
+
+def _malformed_body(message: str) -> JSONResponse:
+    return JSONResponse({"detail": {"error": "malformed_body", "message": message}}, status_code=400)
+
+
+class QueryBodyLimit:
+    """ASGI middleware: a 413 ``body_too_large`` (in the documented error shape) for a body
+    over ``limit`` bytes sent to one of ``paths``, told by its Content-Length or, for a
+    chunked body, as soon as the bytes read pass the limit.
+
+    Why not FastAPI's ``max_body_size``: its 413 is a plain-text response sent from inside
+    the route, past the app's exception handlers, so clients reading ``detail.error``
+    would fail on it. The body is read here and handed on whole, as FastAPI reads it anyway.
+    """
+
+    def __init__(self, app: ASGIApp, *, paths: tuple[str, ...], limit: int) -> None:
+        self.app, self.paths, self.limit = app, paths, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        handed_on = False
+
+        async def replay() -> Message:
+            nonlocal handed_on
+            if handed_on:
+                return await receive()
+            handed_on = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is over {self.limit:,} bytes"
+        response = JSONResponse({"detail": {"error": "body_too_large", "message": message}}, status_code=413)
+        await response(scope, receive, send)
 
 
 def _bad_input(exc: Exception) -> HTTPException:
@@ -212,18 +284,35 @@ def create_app(
         "within a horizon, with a 95% interval.",
     )
 
+    app.add_middleware(QueryBodyLimit, paths=("/v1/reach", "/v1/quality/rank"), limit=MAX_QUERY_BODY_BYTES)
+
     @app.exception_handler(StarletteHTTPException)
     async def structured_errors(request: Request, exc: StarletteHTTPException) -> Response:
-        """A 400 in the documented shape, ``{"detail": {"error", "message"}}``.
+        """FastAPI's own 400, for a body it cannot parse at all, in the documented shape,
+        ``{"detail": {"error", "message"}}``.
 
-        Why: FastAPI's own 400 for a body it cannot parse at all (e.g. JSON nested past its
-        parser's recursion limit, which the targeting checker never sees) carries a bare
-        string, and clients reading ``detail.error`` would fail on it.
+        Why: those carry a bare string, and clients reading ``detail.error`` would fail on it;
+        the 400 does not even say what was wrong (bytes that are not UTF-8, JSON nested past
+        the parser's recursion limit, an integer of thousands of digits).
         """
         if exc.status_code != 400 or not isinstance(exc.detail, str):
             return await http_exception_handler(request, exc)
-        detail = {"error": "malformed_body", "message": _BODY_HINT.get(exc.detail, exc.detail)}
-        return JSONResponse({"detail": detail}, status_code=400, headers=exc.headers)
+        return _malformed_body(_unparseable_body(exc.__cause__))
+
+    @app.exception_handler(RequestValidationError)
+    async def unparseable_json(request: Request, exc: RequestValidationError) -> Response:
+        """A body that is not JSON at all, or empty, is a 400 ``malformed_body`` (as documented);
+        valid JSON of the wrong shape stays FastAPI's 422 with its per-field errors."""
+        errors = exc.errors()
+        for error in errors:
+            where = tuple(error.get("loc", ()))
+            if error.get("type") == "json_invalid":
+                at = f" at character {where[1]}" if len(where) > 1 else ""
+                reason = error.get("ctx", {}).get("error", "invalid JSON")
+                return _malformed_body(f"the request body is not valid JSON: {reason}{at}")
+            if error.get("type") == "missing" and where == ("body",):
+                return _malformed_body("the request body is empty; send one JSON object")
+        return await request_validation_exception_handler(request, exc)
 
     @app.post("/v1/reach", response_model=ReachResponse, response_model_exclude_none=True)
     def reach(request: ReachRequest) -> dict[str, Any]:

@@ -7,6 +7,7 @@ session's Tansu broker.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from conftest import free_port
 from reach_data import population, with_dates
 
 from estimation import ReachForecaster, build_sample
-from estimation.server import create_app
+from estimation.server import MAX_QUERY_BODY_BYTES, create_app
 from estimation.updates import ProfileFollower
 from infra.settings import ReachSettings, Settings
 from streams.producer import EventProducer
@@ -173,11 +174,50 @@ def test_bad_queries_get_4xx_naming_the_problem(
         assert response.json()["detail"]["error"] in {"unknown_field", "invalid_value", "malformed_targeting"}
 
 
-def test_malformed_json_body_is_a_4xx(base_url: str) -> None:
-    response = httpx.post(
-        f"{base_url}/v1/reach", content=b"{not json", headers={"content-type": "application/json"}
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON: Expecting property name enclosed in double quotes at character 1"),
+        (b'{"targeting": {"and": []}} xx', "not valid JSON: Extra data at character 27"),
+        (b"", "the request body is empty"),
+        (b'{"targeting": {"field": "market", "eq": "\xff"}}', "not UTF-8 text (byte 41: invalid start byte)"),
+        (b'{"targeting": {"field": "level", "between": [' + b"9" * 5000 + b", null]}}", "more digits"),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_is_a_400_saying_why(base_url: str, body: bytes, fragment: str) -> None:
+    for route in ("/v1/reach", "/v1/quality/rank", "/v1/quality/user"):
+        response = httpx.post(
+            f"{base_url}{route}", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, (route, response.text)
+        detail = response.json()["detail"]
+        assert detail["error"] == "malformed_body" and fragment in detail["message"], (route, detail)
+
+
+def test_json_of_the_wrong_shape_stays_a_422_and_oversized_queries_a_413(base_url: str) -> None:
+    assert httpx.post(f"{base_url}/v1/reach", json=[]).status_code == 422
+    huge = {"targeting": {"field": "market", "eq": "x" * MAX_QUERY_BODY_BYTES}}
+    response = httpx.post(f"{base_url}/v1/reach", json=huge)
+    assert response.status_code == 413
+    assert response.json()["detail"]["error"] == "body_too_large"
+
+    def chunked(data: bytes) -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for start in range(0, len(data), 65_536):
+            yield data[start : start + 65_536]
+
+    headers = {"content-type": "application/json"}
+    big = httpx.post(f"{base_url}/v1/reach", content=chunked(json.dumps(huge).encode()), headers=headers)
+    small = httpx.post(
+        f"{base_url}/v1/reach", content=chunked(b'{"targeting": {"and": []}}'), headers=headers
     )
-    assert response.status_code == 422
+    assert big.status_code == 413 and small.status_code == 200 and small.json()["reach"] > 0
+    # below the limit, a long unknown value is named in a warning, not echoed back whole
+    long_value = {"targeting": {"field": "market", "in": ["y" * 500_000] + [f"zz{i}" for i in range(50)]}}
+    answer = httpx.post(f"{base_url}/v1/reach", json=long_value)
+    assert answer.status_code == 200 and answer.json()["reach"] == 0
+    assert len(answer.content) < 20_000
+    warnings = answer.json()["warnings"]
+    assert "(500,000 characters)" in warnings[0] and warnings[-1] == "market: 31 more values no user had"
 
 
 def test_json_nested_past_the_parser_is_a_structured_400(base_url: str) -> None:
