@@ -49,6 +49,7 @@ from tests.test_stream_engine import (
     bad_events,
     engine_env,
     expected_events,
+    extreme_amounts,
     odd_query_searches,
     online_features,
     produce,
@@ -114,15 +115,19 @@ def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     flink = _settings(base, root / "flink")
 
     payloads = simulated_payloads(users=1_500, events=15_000, seed=21)
+    # blanks other than ASCII spaces, keyed alike everywhere, and amounts at the edges of
+    # their ranges (at 10:00 of the simulated day: on time only before its traffic)
+    first = odd_query_searches("u0000003") + extreme_amounts("u0000004")
+    produce_raw(embedded, first)
     produce(embedded, payloads[:7_000])
-    raw = bad_events("u0000001", "2025-12-01T00:00:00Z") + _offset_time_events("u0000002")
-    raw += odd_query_searches("u0000003")  # blanks other than ASCII spaces: keyed alike everywhere
-    produce_raw(embedded, raw)  # with a far-future event: later events of its partition stay on time
+    raw = first + bad_events("u0000001", "2025-12-01T00:00:00Z") + _offset_time_events("u0000002")
+    produce_raw(embedded, raw[len(first) :])  # with a far-future event: later ones stay on time
     produce(embedded, payloads[7_000:])
     run_engine(embedded)
 
     records = consume(embedded, embedded.kafka.topics.events, len(payloads) + len(raw))
     events, late = expected_events(embedded, records)
+    assert not late & {json.loads(value)["event_id"] for _, value in first}  # (they count)
     keys = {}
     for group in FEATURE_GROUPS:
         from features.reference import reference_features

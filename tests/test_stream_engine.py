@@ -325,11 +325,28 @@ def test_the_engine_keys_queries_exactly_as_normalize_query() -> None:
     assert keys == [None if q is None else normalize_query(q) for q in queries]
 
 
+def extreme_amounts(user: str) -> list[tuple[bytes, bytes]]:
+    """Valid events at the edges of the documented ranges: a cost of 2**63 - 1 micros (past
+    the 2**53 a double holds exactly) and two values of 1e308 (their sum overflows)."""
+    chain = {"user_id": user, "ad_id": "ad-x", "campaign_id": "c-x", "advertiser_id": "adv-x"}
+    events = [
+        {"type": "impression", "event_id": "max-cost-1", "cost_micros": 2**63 - 1},
+        {"type": "conversion", "event_id": "huge-value-1", "value": 1e308},
+        {"type": "conversion", "event_id": "huge-value-2", "value": 1e308},
+    ]
+    return [
+        (user.encode(), json.dumps({**event, "event_time": "2026-01-05T10:00:00Z", **chain}).encode())
+        for event in events
+    ]
+
+
 def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:
     payloads = simulated_payloads(users=1_500, events=15_000, seed=11)
     bad = bad_events("u0000001", "2025-12-01T00:00:00Z")
+    # (at 10:00 of the simulated day: on time only when produced before its traffic)
+    produce_raw(stream, odd_query_searches("u0000003") + extreme_amounts("u0000004"))
     produce(stream, payloads[:7_000])
-    produce_raw(stream, bad + odd_query_searches("u0000003"))
+    produce_raw(stream, bad)
     produce(stream, payloads[7_000:])
     output = run_engine(stream)
     assert "dead-lettered" in output
@@ -338,9 +355,11 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
         with_rows = [p for p in parts if pq.ParquetFile(p).metadata.num_rows]  # + Feast's empty schema file
         assert len(with_rows) == 1 and len(parts) == 2, parts
 
-    records = consume(stream, stream.kafka.topics.events, len(payloads) + len(bad) + len(ODD_QUERIES))
+    first = odd_query_searches("u0000003") + extreme_amounts("u0000004")
+    records = consume(stream, stream.kafka.topics.events, len(payloads) + len(bad) + len(first))
     events, late = expected_events(stream, records)
     assert "late-click-1" in late
+    assert not late & {json.loads(value)["event_id"] for _, value in first}  # (they count)
     assert_features_match(stream, events)
 
     dead = consume(stream, stream.kafka.topics.dead_letter, 6 + len(late))

@@ -235,6 +235,14 @@ def _end_tile(latest_ms: _I64) -> _I64:
     return latest_ms // TILE_MS + 1
 
 
+def _whole(sums: _F64) -> NDArray[np.int64]:
+    """Sums as whole numbers, for the count features read from them. Sum features (an
+    amount's total, which may overflow to infinity) share the array but read the floats, so
+    their meaningless integers are made without NumPy's invalid-cast warning."""
+    with np.errstate(invalid="ignore"):
+        return np.rint(sums).astype(np.int64)
+
+
 def _rate(numerator: _F64, denominator: _F64) -> _F64:
     """``numerator / denominator``, and 0 where the denominator is not positive (an empty window)."""
     return np.divide(numerator, denominator, out=np.zeros(np.shape(numerator)), where=denominator > 0)
@@ -468,7 +476,10 @@ class GroupState:
             if aggregation.kind == "count":
                 deltas[column] = mask
             else:
-                values = pc.fill_null(batch.table.column(aggregation.column or "").cast(pa.float64()), 0.0)
+                # Sums are doubles (as in the Flink job and the reference): an int64 amount past
+                # 2**53 rounds to the nearest one instead of failing Arrow's exact-cast check.
+                column_values = batch.table.column(aggregation.column or "")
+                values = pc.fill_null(column_values.cast(pa.float64(), safe=False), 0.0)
                 deltas[column] = np.where(mask, values.to_numpy(), 0.0)
         return deltas
 
@@ -592,7 +603,7 @@ class GroupState:
         entities, windows = len(ids), len(group.windows)
         flat = {
             "sum": pa.array(sums.reshape(-1)),
-            "count": pa.array(np.rint(sums).astype(np.int64).reshape(-1)),
+            "count": pa.array(_whole(sums).reshape(-1)),
             "rate": pa.array(rates.reshape(-1)),
         }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,11 +49,29 @@ def json_schema(group: FeatureGroup) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _non_finite_as_numbers(group: FeatureGroup, payload: bytes) -> bytes:
+    """Flink's JSON format writes a double that is not finite (a sum of huge amounts that
+    overflowed) as the string ``"Infinity"``, ``"-Infinity"`` or ``"NaN"``, which Arrow's
+    JSON reader refuses for a float column; its parser takes them bare.
+
+    Only the values of the group's double features are rewritten: the pattern includes the
+    key, and inside a JSON string (an id, a query) its quotes would be escaped.
+    """
+    if b'Infinity"' not in payload and b'NaN"' not in payload:
+        return payload
+    doubles = [f.name for f in json_schema(group) if pa.types.is_floating(f.type)]
+    if not doubles:
+        return payload
+    keys = b"|".join(re.escape(name.encode()) for name in doubles)
+    return re.sub(b'("(?:' + keys + b')":)"(-?Infinity|NaN)"', rb"\1\2", payload)
+
+
 def rows_from_json(group: FeatureGroup, payload: bytes) -> pa.Table:
     """Parse JSON Lines rows of the job into Feast's columns, sorted by entity then tile."""
     schema = arrow_schema(group)
     if not payload.strip():
         return schema.empty_table()
+    payload = _non_finite_as_numbers(group, payload)
     table = pa_json.read_json(
         io.BytesIO(payload),
         read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(payload) + 1)),
