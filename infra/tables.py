@@ -5,7 +5,7 @@ labels, a panel, a vendor's campaign report), so each accepts the same formats w
 same type inference and the same errors. Column types are Arrow's: Parquet keeps its own;
 CSV and JSON Lines infer integers, floats, booleans, and (JSON) lists; text columns that
 hold only ISO 8601 dates, or only instants, become dates or timestamps
-(:func:`times_from_text`).
+(:func:`times_from_text`). An empty CSV cell is a missing value in every column.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def read_table_file(path: Path) -> pa.Table:
     name = path.name.lower()
     if name.endswith(CSV_SUFFIXES):
         try:
-            return times_from_text(pa_csv.read_csv(path))
+            return times_from_text(_blank_text_as_null(pa_csv.read_csv(path)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise TableFileError(f"cannot read {path} as CSV (a header line, then rows): {exc}") from None
     if name.endswith(JSON_LINES_SUFFIXES):
@@ -50,6 +50,19 @@ def read_table_file(path: Path) -> pa.Table:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TableFileError(f"cannot read {path} as Parquet: {exc} (tables are {FORMATS})") from None
+
+
+def _blank_text_as_null(table: pa.Table) -> pa.Table:
+    """A CSV's empty cells in text columns as missing values, as they already are in number
+    columns: Arrow keeps them as ``""`` (with its default null markers such as "NA", a
+    country code, left as text), which would make "no value" a category of its own."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            column = table.column(index)
+            blank = pc.equal(column, "")
+            if pc.any(blank).as_py():
+                table = table.set_column(index, field, pc.if_else(blank, pa.scalar(None, field.type), column))
+    return table
 
 
 def _read_json_lines(path: Path) -> pa.Table:

@@ -359,6 +359,18 @@ def test_cli_aggregate_and_user_print_tables_and_json(tmp_path: Path) -> None:
     assert json.loads(exported.stdout)["accuracy"] == json.loads(user.stdout)["accuracy"]
 
 
+def test_an_empty_csv_label_is_no_label(tmp_path: Path) -> None:
+    """A panel user whose label cell is empty is unlabelled (a miss for recall), as a JSON
+    null is, not a label "" of its own."""
+    from infra.tables import read_table_file
+
+    (tmp_path / "labels.csv").write_text("user_id,label\na,x\nb,y\nc,\n")
+    (tmp_path / "truth.csv").write_text("user_id,truth\na,x\nb,y\nc,x\n")
+    report = assess_users(read_table_file(tmp_path / "labels.csv"), read_table_file(tmp_path / "truth.csv"))
+    out = report.to_json()
+    assert out["labels"] == ["x", "y"] and out["labelled_panel_users"] == 2 and out["panel_users"] == 3
+
+
 def test_cli_rejects_malformed_files_with_exit_2(tmp_path: Path) -> None:
     pq.write_table(
         pa.table({"campaign_id": ["c1", "c1"], "label": ["a", "b"], "share": [0.5, 0.3]}),

@@ -724,6 +724,23 @@ def test_a_csv_population_builds_with_the_types_arrow_infers(pop: pa.Table, tmp_
         build_sample(tmp_path / "broken.csv", tmp_path / "t")
 
 
+def test_empty_csv_cells_are_missing_values_in_text_columns_too(tmp_path: Path) -> None:
+    """An empty cell is "no value" (matched by no leaf, by a not): as in number columns, and
+    as null is in JSON; "NA" (Namibia) stays a value."""
+    path = tmp_path / "blanks.csv"
+    path.write_text("user_id,city,age\nu1,Paris,30\nu2,,31\nu3,Rome,\nu4,,33\nu5,NA,34\n")
+    build_sample(path, tmp_path / "s", _settings(sample_rate=1.0))
+    with ReachForecaster.open(tmp_path / "s") as reach:
+        assert reach.estimate({"not": {"field": "city", "in": ["Paris", "Rome"]}}).reach == 3
+        assert reach.estimate({"field": "city", "eq": ""}).reach == 0
+        assert reach.estimate({"field": "city", "eq": "NA"}).reach == 1
+        city = next(f for f in reach.fields()["fields"] if f["name"] == "city")
+    assert city["values"] == ["Paris", "Rome", "NA"] and city["nulls"] == 2
+    (tmp_path / "no-id.csv").write_text("user_id,city\n,Paris\nu2,Rome\n")
+    with pytest.raises(PopulationError, match="user_id is null in 1 rows"):
+        build_sample(tmp_path / "no-id.csv", tmp_path / "t")
+
+
 def test_a_json_lines_population_builds_with_its_lists_and_times(pop: pa.Table, tmp_path: Path) -> None:
     """JSON Lines exports keep list columns (interest segments) that CSV cannot carry."""
     import gzip
