@@ -29,12 +29,16 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from estimation.hashing import hash_user_ids
+from infra.arrow_times import EventTimeError, epoch_ms
 
 SHARP = 1e9  # pseudo-exposure (days) that turns a known rate into a near-point-mass Gamma
 DAY_MS = 86_400_000
+# What an event history must hold (other columns, e.g. the SDK's other event fields, are ignored).
+EVENT_COLUMNS = ("type", "user_id", "event_time")
 
 
 class ActivityError(ValueError):
@@ -111,22 +115,28 @@ def learn_from_events(
     con = duckdb.connect()
     try:
         source = f"read_parquet('{pattern.replace(chr(39), chr(39) * 2)}', union_by_name = true)"
-        span = con.sql(
-            f"SELECT epoch_ms(min(event_time)), epoch_ms(max(event_time)) FROM {source} "
-            "WHERE type = 'impression'"
-        ).fetchall()[0]
-        if span[0] is None:
-            raise ActivityError(f"{events} holds no impression events to learn activity from")
-        counts = (
-            con.sql(f"SELECT user_id, count(*) AS k FROM {source} WHERE type = 'impression' GROUP BY user_id")
-            .arrow()
-            .read_all()
-        )
+        columns = {row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        missing = [name for name in EVENT_COLUMNS if name not in columns]
+        if missing:
+            raise ActivityError(
+                f"{events} has no column {', '.join(missing)}: an event history needs "
+                f"{', '.join(EVENT_COLUMNS)} (impressions are the rows whose type is 'impression'; "
+                f"event_time an RFC 3339 text or a timestamp); it has {', '.join(sorted(columns))}"
+            )
+        impressions = f"FROM {source} WHERE type = 'impression'"
+        times = con.sql(f"SELECT event_time {impressions} AND event_time IS NOT NULL").arrow().read_all()
+        counts = con.sql(f"SELECT user_id, count(*) AS k {impressions} GROUP BY user_id").arrow().read_all()
     except duckdb.Error as exc:
         raise ActivityError(f"cannot read events from {events}: {exc}") from None
     finally:
         con.close()
-    start_ms, end_ms = int(span[0]), int(span[1])
+    if times.num_rows == 0:
+        raise ActivityError(f"{events} holds no impression events to learn activity from")
+    try:  # in Arrow, not SQL: any timestamp unit and zone, and texts in any UTC offset
+        millis = epoch_ms(times.column("event_time"))
+    except EventTimeError as exc:
+        raise ActivityError(f"{events}: event_time must be RFC 3339 texts or timestamps: {exc}") from None
+    start_ms, end_ms = int(pc.min(millis).as_py()), int(pc.max(millis).as_py())
     days = max((end_ms - start_ms) / DAY_MS, 1e-6)
     population_hashes = hash_user_ids(user_ids, seed)
     order = np.argsort(population_hashes)

@@ -821,6 +821,38 @@ def test_build_is_deterministic_and_honours_strata_fields(pop: pa.Table, tmp_pat
     assert abs(a.sample_users / N_USERS - 0.1) < 0.01
 
 
+def test_event_histories_are_read_with_any_timestamp_unit_zone_or_rfc3339_text(tmp_path: Path) -> None:
+    """Histories exported by pandas (nanosecond timestamps), by Spark (microseconds) or as
+    the SDK's text all give the same rates; a history without the needed columns is named."""
+    from estimation.activity import ActivityError, learn_from_events
+
+    times = [
+        "2026-01-01T00:00:00Z",
+        "2026-01-02T12:00:00+02:00",
+        "2026-01-03T00:00:00.5Z",
+        "2026-01-01T06:00:00Z",
+    ]
+    base = {"type": ["impression", "impression", "impression", "click"], "user_id": ["a", "a", "b", "b"]}
+    millis = np.array([1767225600000, 1767348000000, 1767398400500, 1767247200000])  # the texts' instants
+    forms = {
+        "text": pa.array(times),
+        "ns": pa.array(millis * 1_000_000, pa.timestamp("ns")),  # pandas, no zone (UTC)
+        "us_utc": pa.array(millis * 1_000, pa.timestamp("us", "UTC")),  # Spark
+    }
+    answers = []
+    for name, column in forms.items():
+        pq.write_table(pa.table({**base, "event_time": column}), tmp_path / f"{name}.parquet")
+        shape, rate, model = learn_from_events(
+            tmp_path / f"{name}.parquet", pa.array(["a", "b", "c"]), seed=1
+        )
+        answers.append((shape.tolist(), rate.tolist(), model.history_days))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][2] == 2.0  # first to last impression, in days (rounded to 4 places)
+    pq.write_table(pa.table({"user_id": ["a"], "ts": forms["ns"].slice(0, 1)}), tmp_path / "bare.parquet")
+    with pytest.raises(ActivityError, match="no column type, event_time: an event history needs"):
+        learn_from_events(tmp_path / "bare.parquet", pa.array(["a"]), seed=1)
+
+
 def test_horizon_learned_from_simulated_history_matches_ground_truth(tmp_path: Path) -> None:
     """Activity learned from the simulator's impressions forecasts what its true rates imply."""
     from streams.simulation import ParquetSink, SimulationConfig, simulate
