@@ -113,6 +113,12 @@ def test_aggregate_assessment_then_true_category_reach(assessed: tuple[Simulator
     # the interval is wider, relative to the estimate, than the plain segment reach's
     assert (high - low) / answer["reach"] > (plain["ci95"][1] - plain["ci95"][0]) / plain["reach"]
     assert answer["method"].endswith("+quality") and any("truly" in w for w in answer["warnings"])
+    # with a horizon, every figure counts users truly in the category: audience included
+    week = {"targeting": segment, "true_category": wanted, "horizon_days": 7}
+    horizon = httpx.post(f"{url}/v1/reach", json=week).json()
+    plain_week = httpx.post(f"{url}/v1/reach", json={"targeting": segment, "horizon_days": 7}).json()
+    assert horizon["reach"] <= horizon["audience"] == pytest.approx(answer["reach"], rel=1e-9)
+    assert horizon["audience"] < plain_week["audience"] and horizon["impressions"] < plain_week["impressions"]
 
     ranked = httpx.post(f"{url}/v1/quality/rank", json={"attribute": "age_band", "category": "25-34"}).json()
     order = [row["provider"] for row in ranked["providers"]]

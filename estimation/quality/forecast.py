@@ -177,7 +177,8 @@ def true_category_reach(
     """The reach answer for ``targeting`` turned into users truly in ``category``.
 
     Returns the adjusted :class:`ReachEstimate` (``reach``/``ci95`` now count users truly in
-    the category; impressions likewise with a horizon) and the :class:`TrueReach` breakdown.
+    the category; audience and impressions likewise with a horizon) and the
+    :class:`TrueReach` breakdown.
     """
     provider, attribute = report.key
     expr = _parsed(forecaster, targeting)
@@ -190,6 +191,7 @@ def true_category_reach(
         )
     total = forecaster.estimate(expr, horizon_days, allow_partial=allow_partial)
     reach_parts, impression_parts, by_label = [], [], []
+    audience = 0.0  # with a horizon: the users truly in the category, active or not
     for label in labels:
         if label not in report.labels or not report.identified(label):
             why = "not in" if label not in report.labels else "not identified by"
@@ -204,6 +206,7 @@ def true_category_reach(
         if part.impressions is not None and part.impressions_ci95 is not None:
             lo, hi = part.impressions_ci95
             impression_parts.append((part.impressions, lo, hi, p, p_lo, p_hi))
+        audience += (part.audience or 0.0) * p
         by_label.append(
             {
                 "label": label,
@@ -221,6 +224,8 @@ def true_category_reach(
     if impression_parts and answer.impressions is not None:
         imp, imp_lo, imp_hi = _combine(impression_parts)
         answer.impressions, answer.impressions_ci95 = imp, (imp_lo, imp_hi)
+    if answer.audience is not None:
+        answer.audience = audience
     answer.warnings = [
         *total.warnings,
         f"reach counts users truly {attribute} = {category!r} by the {provider} {report.kind}-level "
