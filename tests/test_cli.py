@@ -322,3 +322,17 @@ def test_help_paragraphs_are_reflowed_for_the_terminal_and_lists_keep_their_line
     lines = [line.strip() for line in shown.stdout.splitlines()]
     assert "every" not in lines and "checkpointed)" not in lines
     assert any(line.startswith("Prints throughput, feature rows written") for line in lines)
+
+
+def test_the_readme_settings_example_is_valid_settings() -> None:
+    """Users copy the README's adreach.toml: every key in it must exist, with a valid value
+    (Settings forbids unknown keys)."""
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Settings") :]
+    start = section.index("```toml") + len("```toml")
+    example = tomllib.loads(section[start : section.index("```", start)])
+    settings = Settings(**example)
+    assert {"reach", "stream", "kafka", "quality"} <= set(example)
+    assert settings.reach.fallback == example["reach"]["fallback"] and settings.broker.port == 19092
