@@ -176,7 +176,7 @@ class Router:
         late = [
             (
                 int(row),
-                f"event time is {(watermark_at[row] - times[row]) / 1000:,.0f} s behind the watermark of "
+                f"event time is {(watermark_at[row] - times[row]) / 1000:,.3f} s behind the watermark of "
                 f"partition {int(partitions[row])}, more than the allowed lateness of "
                 f"{self.allowed_lateness_ms / 1000:g} s; not counted in stream features",
             )
