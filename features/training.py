@@ -51,7 +51,8 @@ def historical_features(
     """``store.get_historical_features(entity_df, features).to_df()`` with one row per example, in order.
 
     ``features`` are ``"view:feature"`` references, as for Feast. Examples Feast dropped
-    come back with nulls (no feature value existed at or before their time).
+    come back with nulls (no feature value existed at or before their time): NaN in number
+    columns, None in list and text columns, as Feast gives for an unknown entity.
     """
     if timestamp_column not in entity_df.columns:
         raise TrainingSetError(f"the entity frame has no {timestamp_column!r} column (the examples' times)")
@@ -87,6 +88,11 @@ def historical_features(
         columns=[c for c in answered.columns if c in entity_df.columns and c not in keys]
     )
     merged = examples.merge(answered, on=[*keys, _TIME], how="left", validate="many_to_one")
+    # The merge fills the examples Feast dropped with NaN, where Feast's own missing lists
+    # (and strings) are None: one missing value, None, in every object column.
+    for column in answered.columns:
+        if column not in keys and column != _TIME and merged[column].dtype == object:
+            merged[column] = merged[column].where(merged[column].notna(), None)
     return merged.drop(columns=[_TIME])
 
 

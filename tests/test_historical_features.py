@@ -201,6 +201,12 @@ def test_examples_sharing_an_entity_and_a_time_all_get_their_features(tmp_path: 
     )
     training = historical_features(store, examples, [f"{GROUP.name}:impressions_24h"])
     assert training["impression_id"].tolist() == ["i1", "i2", "i3", "i4"]
+    # No value yet (before the user's first row: Feast drops the example) and an unknown
+    # user (Feast answers it): the same missing value either way, None for a list.
+    early = at - pd.Timedelta(days=3)
+    missing = pd.DataFrame({"user_id": [user, "nobody"], "event_timestamp": [early, at]})
+    lists = historical_features(store, missing, [f"{GROUP.name}:last_clicked_ads"])["last_clicked_ads"]
+    assert lists.tolist() == [None, None]
     counts = training["impressions_24h"].tolist()
     assert not any(_missing(count) for count in counts), counts
     assert counts[0] == counts[1] == counts[3]
