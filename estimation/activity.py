@@ -94,7 +94,11 @@ def column_rates(
     bad = ~np.isfinite(rates) | (rates < 0)
     rates = np.where(bad, default, rates)
     mean = float(rates.mean()) if len(rates) else default
-    model = ActivityModel(f"column {name!r} x {scale:g} (impressions/day)", mean * SHARP, SHARP)
+    source = f"column {name!r} x {scale:g} (impressions/day)"
+    if bad.any():
+        unusable = int(bad.sum())
+        source += f"; {unusable:,} users without a usable value (missing or negative) at {default:g}/day"
+    model = ActivityModel(source, mean * SHARP, SHARP)
     return rates * SHARP, np.full(len(rates), SHARP), model
 
 

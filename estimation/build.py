@@ -68,7 +68,10 @@ class BuildReport:
                 f"  activity: {self.activity_source}",
                 f"  deleted users left out: {self.deleted:,}",
                 f"  fields: {fields}",
-                *[f"  not targetable: {name}: {why}" for name, why in self.not_targetable.items()],
+                *[
+                    f"  not targetable: {name if name.strip() else repr(name)}: {why}"
+                    for name, why in self.not_targetable.items()
+                ],
             ]
         )
 

@@ -212,6 +212,9 @@ def infer_schema(table: pa.Table, *, exclude: set[str] | None = None) -> Schema:
         if name.startswith("_"):
             skipped[name] = "names starting with '_' are reserved for the sample's own columns"
             continue
+        if not name.strip():  # (a CSV header's empty cell: a targeting leaf cannot name it)
+            skipped[name] = "a column needs a name to be targeted"
+            continue
         kind = field_kind(table.schema.field(name).type)
         if kind is None:
             skipped[name] = f"type {table.schema.field(name).type} is not targetable"

@@ -190,6 +190,11 @@ def test_horizon_matches_known_rates(tmp_path: Path) -> None:
     truth = float(np.sum(1 - np.exp(-rates * 2)))
     assert answer.ci95[0] <= truth <= answer.ci95[1]
     assert answer.reach == pytest.approx(truth, rel=0.03)
+    # users without a usable rate (missing, negative) get the default, and the report says how many
+    unusable = pa.array([None, -2.0] + [1.0] * (N_USERS - 2))
+    odd = pop.set_column(pop.schema.get_field_index("visits_per_day"), "visits_per_day", unusable)
+    report = build_sample(odd, tmp_path / "t", _settings(seed=5, default_activity_rate=0.5))
+    assert "2 users without a usable value (missing or negative) at 0.5/day" in report.describe()
 
 
 @pytest.mark.parametrize("chunk_bits", [65_536, 256, 64])  # (64: one block per run, some wider)
@@ -425,9 +430,12 @@ def test_bad_targeting_is_rejected_with_a_message(
 def test_a_column_that_cannot_be_targeted_is_named_as_such(pop: pa.Table, tmp_path: Path) -> None:
     """A population column of another type (binary) is reported as such, not as an unknown field."""
     blobs = pa.array([b"\x00\x01"] * pop.num_rows, pa.binary())
-    report = build_sample(pop.append_column("blob", blobs), tmp_path / "s", _settings(seed=3))
+    unnamed = pa.array(["x"] * pop.num_rows)  # (a CSV header with an empty cell)
+    table = pop.append_column("blob", blobs).append_column("", unnamed)
+    report = build_sample(table, tmp_path / "s", _settings(seed=3))
     assert "  not targetable: blob: type binary is not targetable" in report.describe().splitlines()
-    assert "level (integer)" in report.describe() and "blob" not in report.fields
+    assert "  not targetable: '': a column needs a name to be targeted" in report.describe().splitlines()
+    assert "level (integer)" in report.describe() and "blob" not in report.fields and "" not in report.fields
     with ReachForecaster.open(tmp_path / "s") as reach:
         with pytest.raises(UnknownFieldError, match=r"'blob' cannot be targeted: type binary"):
             reach.estimate({"field": "blob", "eq": "x"})
