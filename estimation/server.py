@@ -188,6 +188,9 @@ def _error_code(exc: TargetingError) -> str:
 MAX_QUERY_BODY_BYTES = 2 * 1024 * 1024
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 def _unparseable_body(cause: BaseException | None) -> str:
     """Why FastAPI could not read a body it reports only as "There was an error parsing the body"."""
     if isinstance(cause, UnicodeDecodeError):
@@ -291,13 +294,14 @@ def create_app(
         """FastAPI's own 400, for a body it cannot parse at all, in the documented shape,
         ``{"detail": {"error", "message"}}``.
 
-        Why: those carry a bare string, and clients reading ``detail.error`` would fail on it;
-        the 400 does not even say what was wrong (bytes that are not UTF-8, JSON nested past
-        the parser's recursion limit, an integer of thousands of digits).
+        Why: it carries a bare string, and clients reading ``detail.error`` would fail on it;
+        for a body it could not parse it does not even say what was wrong (bytes that are not
+        UTF-8, JSON nested past the parser's recursion limit, an integer of thousands of digits).
         """
         if exc.status_code != 400 or not isinstance(exc.detail, str):
             return await http_exception_handler(request, exc)
-        return _malformed_body(_unparseable_body(exc.__cause__))
+        unparsed = exc.detail == _FASTAPI_PARSE_ERROR
+        return _malformed_body(_unparseable_body(exc.__cause__) if unparsed else exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def unparseable_json(request: Request, exc: RequestValidationError) -> Response:
