@@ -29,11 +29,9 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from estimation.hashing import hash_user_ids
-from infra.arrow_times import EventTimeError, epoch_ms
 
 SHARP = 1e9  # pseudo-exposure (days) that turns a known rate into a near-point-mass Gamma
 DAY_MS = 86_400_000
@@ -128,19 +126,20 @@ def learn_from_events(
                 f"event_time an RFC 3339 text or a timestamp); it has {', '.join(sorted(columns))}"
             )
         impressions = f"FROM {source} WHERE type = 'impression'"
-        times = con.sql(f"SELECT event_time {impressions} AND event_time IS NOT NULL").arrow().read_all()
+        # As instants whatever the column holds: timestamps of any unit, zoned or not (naive
+        # ones are UTC, as everywhere in adreach), or ISO 8601 texts in any UTC offset.
+        con.sql("SET TimeZone = 'UTC'")
+        instant = "CAST(event_time AS TIMESTAMPTZ)"
+        span_sql = f"SELECT epoch_ms(min({instant})), epoch_ms(max({instant})) {impressions}"
+        span = con.sql(span_sql).fetchall()[0]
         counts = con.sql(f"SELECT user_id, count(*) AS k {impressions} GROUP BY user_id").arrow().read_all()
     except duckdb.Error as exc:
         raise ActivityError(f"cannot read events from {events}: {exc}") from None
     finally:
         con.close()
-    if times.num_rows == 0:
+    if span[0] is None:
         raise ActivityError(f"{events} holds no impression events to learn activity from")
-    try:  # in Arrow, not SQL: any timestamp unit and zone, and texts in any UTC offset
-        millis = epoch_ms(times.column("event_time"))
-    except EventTimeError as exc:
-        raise ActivityError(f"{events}: event_time must be RFC 3339 texts or timestamps: {exc}") from None
-    start_ms, end_ms = int(pc.min(millis).as_py()), int(pc.max(millis).as_py())
+    start_ms, end_ms = int(span[0]), int(span[1])
     days = max((end_ms - start_ms) / DAY_MS, 1e-6)
     population_hashes = hash_user_ids(user_ids, seed)
     order = np.argsort(population_hashes)
