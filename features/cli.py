@@ -77,9 +77,11 @@ def run_query_features(
     ``adreach demo`` calls this on the CPU backend after the stream engine.
     """
     from features.queries.pipeline import QueryFeaturePipeline
-    from infra.cli import EXIT_USAGE, _fail
+    from infra.cli import EXIT_USAGE, _fail, require_cluster
     from infra.progress import progress_bar, stderr
 
+    if input_path is None:  # before loading the encoder (seconds): an unreachable cluster is said at once
+        require_cluster(settings)
     pipeline = _set_up(lambda: QueryFeaturePipeline(settings))
     stderr.print(
         f"[green]queries:[/] backend {pipeline.backend.generator}; cache {settings.query_cache_path}; "

@@ -430,6 +430,17 @@ def stream_run(
     print(summary)
 
 
+def require_cluster(settings: Settings) -> None:
+    """Exit with the client's cause (code 3) unless a broker of ``kafka.bootstrap_servers``
+    answers: a consumer alone would wait for an assignment forever, saying nothing."""
+    from streams.topics import KafkaUnavailableError, cluster_metadata
+
+    try:
+        cluster_metadata(settings)
+    except KafkaUnavailableError as exc:
+        _fail(str(exc), EXIT_OPERATIONAL)
+
+
 def _run_stream(
     settings: Settings,
     *,
@@ -440,12 +451,9 @@ def _run_stream(
 ) -> str:
     import signal
 
-    from streams.topics import KafkaUnavailableError, cluster_metadata
+    from streams.topics import KafkaUnavailableError
 
-    try:  # before the worker's imports (Feast's take seconds): an unreachable cluster is said at once
-        cluster_metadata(settings)
-    except KafkaUnavailableError as exc:
-        _fail(str(exc), EXIT_OPERATIONAL)
+    require_cluster(settings)  # before the worker's imports (Feast's take seconds)
     from streams.engine.worker import StreamError, StreamStats, StreamWorker
 
     last_report = [time.monotonic(), 0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -602,6 +604,16 @@ class ModelSettings(BaseModel):
             values: tuple[str, ...] = getattr(self, name)
             if len(set(values)) != len(values) or not all(values):
                 raise ValueError(f"models.{name} must be distinct, non-empty names; got {list(values)}")
+        if self.fm_train_end > self.vm_train_end:
+            raise ValueError(
+                f"models.fm_train_end ({self.fm_train_end:g}) must not be after models.vm_train_end "
+                f"({self.vm_train_end:g}): the FM trains on the start of the period the VMs train on"
+            )
+        if self.vm_validation >= self.vm_train_end:
+            raise ValueError(
+                f"models.vm_validation ({self.vm_validation:g}) must be shorter than the VM period "
+                f"(models.vm_train_end = {self.vm_train_end:g})"
+            )
         if self.vm_vertical is not None and self.vm_vertical not in self.placements:
             raise ValueError(
                 f"models.vm_vertical {self.vm_vertical!r} is not one of models.placements "
@@ -725,5 +737,14 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     token = _explicit_config_file.set(config_file)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as exc:
+        named = config_file or _explicit_config_file.get() or _config_file()
+        raise ConfigFileError(f"{named}: not valid TOML: {exc}") from None
+    except SettingsError as exc:  # a variable pydantic-settings cannot even parse
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigFileError(
+            f"{exc}{cause}; in ADREACH_* variables, lists and tables are JSON, "
+            """e.g. ADREACH_MODELS__PLACEMENTS='["feed", "video"]'"""
+        ) from None
     finally:
         _explicit_config_file.reset(token)

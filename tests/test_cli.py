@@ -164,10 +164,11 @@ def test_stream_run_names_why_the_configured_cluster_is_unreachable(
     cli_env: dict[str, str], adreach_bin: str
 ) -> None:
     env = {**cli_env, "ADREACH_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
-    down = run(adreach_bin, ["stream", "run", "--until-idle", "1"], env)
-    assert down.returncode == 3, down.stderr
-    assert "no Kafka broker answered" in down.stderr and "Connection refused" in down.stderr
-    assert "check kafka.bootstrap_servers" in down.stderr and "Traceback" not in down.stderr
+    for command in (["stream", "run"], ["features", "queries"]):  # (consumers: they would wait forever)
+        down = run(adreach_bin, [*command, "--until-idle", "1"], env)
+        assert down.returncode == 3, (command, down.stderr)
+        assert "no Kafka broker answered" in down.stderr and "Connection refused" in down.stderr
+        assert "check kafka.bootstrap_servers" in down.stderr and "Traceback" not in down.stderr
 
 
 def test_produce_refuses_a_json_array_file_with_the_command_that_converts_it(
@@ -219,6 +220,16 @@ def test_config_file_and_environment_precedence(
     (tmp_path / "bad.toml").write_text("[broker]\nport = 'eighty'\n")
     invalid = run(adreach_bin, ["--config", str(tmp_path / "bad.toml"), "broker", "status"], env)
     assert invalid.returncode == 2 and "broker.port" in invalid.stderr
+    # not TOML at all, or a variable that is not even parseable: a one-line error, no traceback
+    (tmp_path / "broken.toml").write_text("[broker\nport = 1\n")
+    broken = run(adreach_bin, ["--config", str(tmp_path / "broken.toml"), "broker", "status"], env)
+    assert broken.returncode == 2 and "broken.toml: not valid TOML" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    listed = run(
+        adreach_bin, ["broker", "status"], {**env, "ADREACH_MODELS__PLACEMENTS": "feed,video"}, cwd=tmp_path
+    )
+    assert listed.returncode == 2 and "lists and tables are JSON" in listed.stderr
+    assert "Traceback" not in listed.stderr
 
 
 def test_schema_command_prints_the_published_schema(cli_env: dict[str, str], adreach_bin: str) -> None:
