@@ -249,10 +249,12 @@ def relevance_corpus_command(
         read_pairs,
     )
     from infra.cli import EXIT_REJECTED, EXIT_USAGE, _fail
+    from infra.outputs import writable_file
 
     settings = _settings(ctx, backend=backend, relevance_samples=samples)
     if (pairs is None) == (truth is None):
         _fail("give exactly one of --pairs FILE and --truth DIR", EXIT_USAGE)
+    writable_file(out, "--out")
     try:
         labelled = read_pairs(pairs) if pairs is not None else pairs_from_simulation(truth, limit)  # type: ignore[arg-type]
         gold_set = gold_pairs(gold)

@@ -29,6 +29,10 @@ class RegistryError(LookupError):
     """A model or version is not in the registry, or its files are unreadable."""
 
 
+class NoModelError(RegistryError):
+    """No version of the model was ever saved (as opposed to one that cannot be read)."""
+
+
 @dataclass(frozen=True)
 class SavedModel:
     name: str
@@ -46,7 +50,9 @@ class ModelRegistry:
         directory = self.root / name
         if not directory.is_dir():
             return []
-        found = (_VERSION.match(p.name) for p in directory.iterdir() if p.is_dir())
+        # A save renames a complete staging folder into place, so a version folder without
+        # its metadata (made by hand, or emptied) is not a model: it must not hide the others.
+        found = (_VERSION.match(p.name) for p in directory.iterdir() if (p / "metadata.json").is_file())
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(
@@ -83,9 +89,12 @@ class ModelRegistry:
         """A saved model: the given version, else the latest."""
         versions = self.versions(name)
         if not versions:
-            raise RegistryError(
-                f"no model {name!r} in {self.root}; train it first (adreach train fm / adreach train vm)"
+            command = (
+                f"adreach train vm --variant {name[3:]}"
+                if name.startswith("vm-")
+                else f"adreach train {name}"
             )
+            raise NoModelError(f"no model {name!r} in {self.root}; train it first ({command})")
         chosen = versions[-1] if version is None else version
         if chosen not in versions:
             raise RegistryError(f"model {name!r} has no version {version}; it has {versions}")

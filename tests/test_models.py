@@ -315,6 +315,11 @@ def test_registry_versions_and_errors(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="no version 7"):
         registry.load("vm-base", 7)
     assert json.loads((first.path / "metadata.json").read_text())["version"] == 1
+    # a version folder without its files (made by hand, emptied) is no version: it hid v2
+    (tmp_path / "vm-base" / "v0003").mkdir()
+    assert registry.versions("vm-base") == [1, 2] and registry.load("vm-base").version == 2
+    with pytest.raises(RegistryError, match=r"train it first \(adreach train vm --variant kd\)"):
+        registry.load("vm-kd")
 
 
 def _cli(world: World, *args: str, models: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -369,6 +374,20 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     assert f"evaluation: {n_feed:,} impressions" in feed.stdout
     bad_vertical = _cli(world, "evaluate", "--events", str(world.events_dir), "--vertical", "banner")
     assert bad_vertical.returncode == 2 and "vm_vertical" in bad_vertical.stderr
+    assert "not trained for --vertical feed, not scored: vm-base" in feed.stderr
+    # results that could not be saved are refused before the work, not after it
+    events = ["--events", str(world.events_dir)]
+    folder = _cli(world, "evaluate", *events, "--json", str(out.parent))
+    assert folder.returncode == 2 and "is a folder; give a file name" in folder.stderr, folder.stderr
+    blocked = Path(world.settings.state_dir) / "a-file"
+    blocked.write_text("")
+    registry = _cli(world, "train", "fm", *events, models={"registry_dir": str(blocked / "models")})
+    assert (
+        registry.returncode == 2
+        and "models.registry_dir" in registry.stderr
+        and "cannot write" in registry.stderr
+    )
+    assert "Traceback" not in folder.stderr + registry.stderr
 
 
 SEARCH = EVENT_TYPES.index("search") + 1
@@ -631,9 +650,15 @@ def test_integer_ids_and_parts_with_other_columns_read_as_the_sdk_log_and_bad_ti
     assert len(dataset.examples.click) == len(ours.click)
     assert dataset.examples.click.sum() == ours.click.sum() > 0
 
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(EventLogError, match="holds no events"):
+        read_events(tmp_path / "empty.parquet")
     for time, reason in (
-        (pa.scalar(0, pa.timestamp("ms", "UTC")), "outside 2000-01-01"),
-        (None, "no event_time"),
+        (
+            pa.scalar(0, pa.timestamp("ms", "UTC")),
+            r"outside 2000-01-01..2100-01-01 \(the first: 1970-01-01T00:00:00",
+        ),
+        (None, r"no event_time \(the first: event_id '"),
     ):
         times = table.column("event_time").to_pylist()
         times[7] = time.as_py() if time is not None else None
@@ -645,6 +670,16 @@ def test_integer_ids_and_parts_with_other_columns_read_as_the_sdk_log_and_bad_ti
         pq.write_table(broken, tmp_path / "broken.parquet")
         with pytest.raises(EventLogError, match=reason):
             read_events(tmp_path / "broken.parquet")
+
+
+def test_ad_catalogs_with_integer_ids_are_read_and_ones_without_topics_refused(tmp_path: Path) -> None:
+    from training.events import EventLogError, read_topics
+
+    pq.write_table(pa.table({"ad_id": [1, 2], "topic": ["travel", "finance"]}), tmp_path / "ads.parquet")
+    assert read_topics(tmp_path / "ads.parquet") == {"1": "travel", "2": "finance"}  # as the log's ids read
+    pq.write_table(pa.table({"ad_id": ["a"], "category": ["travel"]}), tmp_path / "other.parquet")
+    with pytest.raises(EventLogError, match="has no 'topic' column"):
+        read_topics(tmp_path / "other.parquet")
 
 
 def test_a_backfill_reads_a_log_without_arrival_times_in_its_own_order(tmp_path: Path) -> None:

@@ -14,7 +14,14 @@ from typing import Annotated, Any
 
 import typer
 
-from training.cli_common import exit_usage, fail, load_data, model_settings, progress_task
+from infra.outputs import writable_file, writable_folder
+from training.cli_common import (
+    exit_usage,
+    fail,
+    load_data,
+    model_settings,
+    progress_task,
+)
 
 train_app = typer.Typer(help="Train the foundation model and the vertical models.", no_args_is_help=True)
 
@@ -55,6 +62,7 @@ def train_fm_command(
     from training.pipeline import split, train_foundation
 
     settings = model_settings(ctx, epochs_fm=epochs, seed=seed)
+    writable_folder(settings.model_registry_dir, "models.registry_dir")
     dataset = load_data(events, settings)
     train = split(dataset, settings.models).fm_train
     _require_both_labels(train, "before models.fm_train_end")
@@ -91,6 +99,7 @@ def train_vm_command(
     settings = model_settings(
         ctx, epochs_vm=epochs, seed=seed, max_examples=max_examples, vm_vertical=vertical
     )
+    writable_folder(settings.model_registry_dir, "models.registry_dir")
     try:
         fm, _ = load_foundation(settings)
     except (RegistryError, ModelMismatchError) as exc:
@@ -140,7 +149,7 @@ def evaluate_command(
 ) -> None:
     """Score the FM and every trained VM variant on the evaluation period (after models.vm_train_end)."""
     from features.store import open_store
-    from models.registry import RegistryError
+    from models.registry import NoModelError, RegistryError
     from models.vm import VARIANTS
     from training.datasets import vm_inputs
     from training.pipeline import (
@@ -154,6 +163,8 @@ def evaluate_command(
     from training.train import fm_predict, vm_predict
 
     settings = model_settings(ctx, max_examples=max_examples, vm_vertical=vertical)
+    if output is not None:
+        writable_file(output, "--json")
     try:
         fm, fm_saved = load_foundation(settings)
     except (RegistryError, ModelMismatchError) as exc:
@@ -180,14 +191,19 @@ def evaluate_command(
         )
     results: dict[str, Any] = {}
     store = open_store(settings)
-    available = []
+    available, untrained = [], []
     for variant in VARIANTS:
         try:
             available.append((variant, load_vertical(settings, variant)[0]))
-        except RegistryError:
-            continue
-        except ModelMismatchError as exc:
+        except NoModelError:
+            untrained.append(f"vm-{variant}")  # not trained (for this vertical): not scored
+        except (RegistryError, ModelMismatchError) as exc:
             fail(str(exc), exit_usage())
+    if untrained:
+        from infra.progress import stderr
+
+        where = f" for --vertical {settings.models.vm_vertical}" if settings.models.vm_vertical else ""
+        stderr.print(f"not trained{where}, not scored: {', '.join(untrained)}", highlight=False)
     loopfm = any(model.config.loopfm for _, model in available)
     inputs = None
     if available or fm.config.dense_features:

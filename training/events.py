@@ -132,6 +132,8 @@ def read_events(path: Path) -> pa.Table:
         table = open_parquet(path).to_table()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise EventLogError(f"{path}: not a Parquet event log ({exc})") from exc
+    if table.num_rows == 0:
+        raise EventLogError(f"{path}: the event log holds no events")
     return with_event_columns(table, source=str(path))
 
 
@@ -179,16 +181,25 @@ def _check_event_times(events: pa.Table, source: str) -> None:
     try:
         millis = epoch_ms(times)
     except EventTimeError as exc:
-        raise EventLogError(f"{source}: event_time: {exc}") from exc
+        raise EventLogError(
+            f"{source}: event_time: {exc} (texts must be RFC 3339 instants with a zone, such as "
+            "2026-01-05T10:00:00Z; or store timestamps)"
+        ) from exc
+    event_ids = events.column("event_id")
     if millis.null_count:
-        raise EventLogError(f"{source}: {millis.null_count:,} events have no event_time")
+        first = pc.index(pc.is_null(millis), True).as_py()
+        raise EventLogError(
+            f"{source}: {millis.null_count:,} events have no event_time "
+            f"(the first: event_id {event_ids[first].as_py()!r})"
+        )
     outside = outside_event_time_range(millis)
     if pc.any(outside).as_py():
         first = pc.index(outside, True).as_py()
+        shown = times[first].as_py()
+        shown = shown.isoformat() if hasattr(shown, "isoformat") else repr(shown)
         raise EventLogError(
             f"{source}: {pc.sum(outside).as_py():,} events have an event_time outside 2000-01-01..2100-01-01 "
-            f"(the first: {times[first].as_py()!r}, event_id {events.column('event_id')[first].as_py()!r}); "
-            "check the unit and the zone"
+            f"(the first: {shown}, event_id {event_ids[first].as_py()!r}); check the unit and the zone"
         )
 
 
@@ -196,8 +207,21 @@ def read_topics(catalog: Path | None) -> dict[str, str]:
     """Ad id -> topic from an ad catalog (``ads.parquet`` with ``ad_id`` and ``topic``)."""
     if catalog is None or not catalog.exists():
         return {}
-    table = pq.read_table(catalog, columns=["ad_id", "topic"])
-    return dict(zip(table.column("ad_id").to_pylist(), table.column("topic").to_pylist(), strict=True))
+    try:
+        table = pq.read_table(catalog)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EventLogError(f"{catalog}: not a Parquet ad catalog ({exc})") from exc
+    missing = [name for name in ("ad_id", "topic") if name not in table.column_names]
+    if missing:
+        raise EventLogError(
+            f"{catalog}: the ad catalog has no {', '.join(map(repr, missing))} column(s); it needs ad_id "
+            f"and topic (it has {', '.join(table.column_names)}); move it away to train without topics"
+        )
+    try:  # ids as the log's are read: integers as their decimal text
+        ads, topics = (table.column(name).cast(pa.string()) for name in ("ad_id", "topic"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise EventLogError(f"{catalog}: ad_id and topic must be text or integers ({exc})") from exc
+    return dict(zip(ads.to_pylist(), topics.to_pylist(), strict=True))
 
 
 @dataclass

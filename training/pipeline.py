@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from features.store import open_store
 from infra.settings import ModelSettings, QueryFeatureSettings, Settings
 from models.fm import FMConfig, FoundationModel
-from models.registry import ModelRegistry, RegistryError, SavedModel
+from models.registry import ModelRegistry, NoModelError, SavedModel
 from models.vm import StudentAdapter, VerticalModel, VMConfig, parse_variant
 from training.datasets import dense_feature_names, vm_inputs
 from training.embeddings import MaterializeStats, materialize, run_times
@@ -522,7 +522,7 @@ def _latest_for_vertical(registry: ModelRegistry, name: str, vertical: str | Non
     if not matching:
         where = f"--vertical {vertical}" if vertical else "every placement (no --vertical)"
         others = sorted({str(v) if v else "every placement" for v in trained_for.values()})
-        raise RegistryError(f"no {name} trained for {where}; its versions are for: {', '.join(others)}")
+        raise NoModelError(f"no {name} trained for {where}; its versions are for: {', '.join(others)}")
     return matching[-1]
 
 
