@@ -222,7 +222,7 @@ def relevance_corpus_command(
         Path | None,
         typer.Option(help="Or: a simulation's ground-truth directory (queries and ads with topics)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="--truth: number of pairs to build.")] = 2_000,
+    limit: Annotated[int, typer.Option(min=1, help="--truth: number of pairs to build.")] = 2_000,
     gold: Annotated[
         Path | None, typer.Option(help="Expert gold set, JSONL like --pairs (default: the packaged one).")
     ] = None,

@@ -65,7 +65,7 @@ def train_fm_command(
     writable_folder(settings.model_registry_dir, "models.registry_dir")
     dataset = load_data(events, settings)
     train = split(dataset, settings.models).fm_train
-    _require_both_labels(train, "before models.fm_train_end")
+    _require_both_labels(train, " before models.fm_train_end")
     examples = len(train)
     with progress_task("training fm", examples * settings.models.epochs_fm, "examples") as advance:
         model, saved = train_foundation(settings, dataset, progress=advance)
@@ -108,7 +108,7 @@ def train_vm_command(
     train = split(dataset, settings.models).vm_train
     placement = settings.models.vm_vertical
     where = f" of placement {placement}" if placement else ""
-    _require_both_labels(train, f"{where} before models.vm_train_end")
+    _require_both_labels(train, f"{where} before models.vm_train_end", settings.models.max_examples)
     store = open_store(settings)
     with progress_task("reading features from Feast", 5 if loopfm else 4, "views") as advance:
         inputs, stats = vm_inputs(
@@ -118,6 +118,17 @@ def train_vm_command(
             embedding_dim=fm.config.embedding_dim,
             embedding_history=settings.models.embedding_history,
             progress=lambda _view: advance(1),
+        )
+    stream_views = [view for view in stats.missing if view != "fm_embeddings"]
+    if stream_views and all(stats.missing[view] >= 1.0 for view in stream_views):
+        from infra.progress import stderr
+
+        stderr.print(
+            f"warning: none of the {len(train):,} training examples has a stream-feature row in Feast "
+            f"({', '.join(stream_views)}): run `adreach features backfill --events {events}` first, or the "
+            "model learns without them",
+            highlight=False,
+            markup=False,
         )
     if loopfm and stats.missing.get("fm_embeddings", 1.0) >= 1.0:
         fail(
@@ -257,7 +268,7 @@ def evaluate_command(
 _FEW_CLICKS = 100  # below this an AUC's standard error is several hundredths
 
 
-def _require_both_labels(examples: Any, period: str) -> None:
+def _require_both_labels(examples: Any, period: str, capped: int | None = None) -> None:
     """Refuse a training part a click model cannot learn from (it would save a constant model)."""
     if len(examples) == 0:
         fail(f"no impressions{period}: nothing to train on", exit_usage())
@@ -265,7 +276,8 @@ def _require_both_labels(examples: Any, period: str) -> None:
         label = "clicked" if examples.click.any() else "unclicked"
         fail(
             f"all {len(examples):,} impressions{period} are {label}: a click model needs both; "
-            "use a log with clicks and impressions without them in that period",
+            "use a log with clicks and impressions without them in that period"
+            + (f" (or a larger --max-examples than {capped:,})" if capped else ""),
             exit_usage(),
         )
 
