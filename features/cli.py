@@ -207,6 +207,13 @@ def queries_command(
             "zone or outside 2000..2100, a blank query) and were left out; `adreach produce` names each one",
             highlight=False,
         )
+    if input_path is not None and stats.events and not stats.searches and not stats.invalid_searches:
+        stderr.print(
+            f"warning: none of the {stats.events:,} lines or rows of {input_path} is a search event "
+            '(type "search"; the README\'s Ad events section shows one)',
+            highlight=False,
+            markup=False,
+        )
     if stats.rejections.total or stats.invalid_searches:
         raise typer.Exit(EXIT_REJECTED)
 

@@ -545,7 +545,7 @@ def test_vllm_backend_on_a_gpu() -> None:
 def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> None:
     """The query pipeline had its own lenient reader: a search from 1970, one without a zone
     and a blank query became query_features rows (keys and times query_popularity refuses)."""
-    from features.queries.sources import read_file
+    from features.queries.sources import QuerySourceError, read_file
 
     search = {"type": "search", "event_id": "s", "user_id": "u1"}
     lines = [
@@ -563,6 +563,17 @@ def test_search_events_are_read_by_the_stream_engines_rules(tmp_path: Path) -> N
     # Milliseconds, truncated: as the engines keep event times.
     assert searches.column("event_time")[0].as_py().isoformat() == "2026-01-05T10:00:00.123000+00:00"
     assert sum(chunk[1] for chunk in chunks) == 5 and sum(chunk[2] for chunk in chunks) == 3
+    # The same events as a Parquet log with text times: the same answer, event by event (one
+    # time without a zone made the whole file an error).
+    columns = {name: [line.get(name) for line in lines] for name in ("type", "event_time", "query")}
+    pq.write_table(pa.table(columns), tmp_path / "events.parquet")
+    parquet = list(read_file(tmp_path / "events.parquet"))
+    assert pa.concat_tables([chunk[0] for chunk in parquet]).equals(searches)
+    assert sum(chunk[1] for chunk in parquet) == 5 and sum(chunk[2] for chunk in parquet) == 3
+    # One JSON array (an export) is refused with the command that makes it JSON Lines.
+    (tmp_path / "array.jsonl").write_text(json.dumps(lines, indent=1))
+    with pytest.raises(QuerySourceError, match=r"one JSON array, not JSON Lines; convert it with jq -c"):
+        list(read_file(tmp_path / "array.jsonl"))
 
 
 def test_gzip_json_lines_are_read_and_a_truncated_file_is_a_clear_error(tmp_path: Path) -> None:

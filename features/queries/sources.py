@@ -17,8 +17,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS
-from infra.arrow_times import EventTimeError, epoch_ms
-from infra.compressed import damage_hint, lines_until_damaged, open_binary
+from infra.arrow_times import EventTimeError, epoch_ms, malformed_times
+from infra.compressed import (
+    damage_hint,
+    is_gzip,
+    json_lines_command,
+    lines_until_damaged,
+    open_binary,
+    starts_like_json_array,
+)
 from infra.parquet import open_parquet
 from infra.progress import count_lines
 from infra.settings import Settings
@@ -115,14 +122,22 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
     for batch in dataset.to_batches(columns=["type", "query", "event_time"], batch_size=chunk_rows):
         searches = pc.fill_null(pc.equal(batch.column("type"), "search"), False)
         table = pa.Table.from_batches([batch]).filter(searches)
+        times = table.column("event_time")
+        malformed = None
+        if pa.types.is_string(times.type) or pa.types.is_large_string(times.type):
+            # a text time without a zone (or not RFC 3339 at all) makes that event invalid,
+            # as in a JSON Lines file, instead of failing the whole file
+            malformed = pa.array(malformed_times(times))
+            times = pc.if_else(malformed, pa.scalar(None, times.type), times)
         try:
-            millis = epoch_ms(table.column("event_time"))
+            millis = epoch_ms(times)
         except EventTimeError as exc:
             raise QuerySourceError(f"{path}: event_time: {exc}") from exc
         query = table.column("query").cast(pa.string())
         blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
         outside = outside_event_time_range(millis)
-        valid = pc.invert(pc.fill_null(pc.or_(blank, outside), True))
+        bad = pc.or_(blank, outside) if malformed is None else pc.or_(pc.or_(blank, outside), malformed)
+        valid = pc.invert(pc.fill_null(bad, True))
         times = millis.cast(pa.timestamp("ms", "UTC")).cast(pa.timestamp("us", "UTC"))
         kept = pa.table({"query": query, "event_time": times}, schema=QUERY_SCHEMA).filter(valid)
         yield kept, batch.num_rows, table.num_rows - kept.num_rows
@@ -131,6 +146,11 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
 def _read_jsonl(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, int]]:
     damage: list[str] = []
     with _open_jsonl(path) as handle:  # plain or gzip
+        if starts_like_json_array(handle):  # (one event per line is what is read, as for produce)
+            raise QuerySourceError(
+                f"{path} holds one JSON array, not JSON Lines; convert it with "
+                f"{json_lines_command(str(path), is_gzip(path))} > events.jsonl"
+            )
         hint = damage_hint(handle)
         lines: list[bytes] = []
         for line in lines_until_damaged(handle, damage):
