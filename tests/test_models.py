@@ -361,7 +361,7 @@ def test_cli_train_vm_and_evaluate(world: World) -> None:
     results: dict[str, Any] = json.loads(out.read_text(), parse_constant=_refuse_non_standard_json)
     assert {"fm", "vm-loopfm"} <= set(results)
     assert 0.0 <= results["vm-loopfm"]["click"]["auc"] <= 1.0
-    assert "vm-loopfm" in evaluated.stdout
+    assert results["vm-loopfm"]["version"] == 1 and "; fm v1, vm-loopfm v1" in evaluated.stdout
     # One surface only (models.vm_vertical): fewer impressions, all of them scored.
     feed = _cli(world, "evaluate", "--events", str(world.events_dir), "--vertical", "feed")
     assert feed.returncode == 0, feed.stderr

@@ -203,9 +203,12 @@ def evaluate_command(
     results: dict[str, Any] = {}
     store = open_store(settings)
     available, untrained = [], []
+    versions = {"fm": fm_saved.version}  # (which saved model each row scored)
     for variant in VARIANTS:
         try:
-            available.append((variant, load_vertical(settings, variant)[0]))
+            model, saved = load_vertical(settings, variant)
+            available.append((variant, model))
+            versions[f"vm-{variant}"] = saved.version
         except NoModelError:
             untrained.append(f"vm-{variant}")  # not trained (for this vertical): not scored
         except (RegistryError, ModelMismatchError) as exc:
@@ -245,10 +248,10 @@ def evaluate_command(
         )
     base = results.get("vm-base", {}).get("click", {}).get("auc")
     where = f" ({settings.models.vm_vertical} only)" if settings.models.vm_vertical else ""
-    print(
-        f"evaluation: {len(evaluation):,} impressions after models.vm_train_end{where}; "
-        f"fm v{fm_saved.version}"
-    )
+    scored = ", ".join(f"{name} v{version}" for name, version in versions.items())
+    print(f"evaluation: {len(evaluation):,} impressions after models.vm_train_end{where}; {scored}")
+    for name, version in versions.items():
+        results[name]["version"] = version
     print(f"{'model':<24}{'click AUC':>10}{'click NE':>10}{'CVR AUC':>10}{'transfer':>10}")
     for name, result in results.items():
         click = result["click"]
