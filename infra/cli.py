@@ -189,7 +189,7 @@ def produce(
     """
     from streams.ingest import IngestReport, produce_lines
     from streams.producer import DeliveryError, EventProducer
-    from streams.topics import TopicError, ensure_topics
+    from streams.topics import TopicError, ensure_topics, existing_topics
 
     settings = _settings(ctx)
     total: LineTotal | None = None
@@ -217,6 +217,14 @@ def produce(
     damage: list[str] = []
     try:
         ensure_topics(settings)
+        if topic is not None and topic not in existing_topics(settings):
+            stderr.print(
+                f"warning: topic {topic!r} does not exist: the cluster creates it on the first write if it "
+                "allows that (with its default partitions and configs), else the sends fail; the stream "
+                f"engine reads kafka.topics.events = {settings.kafka.topics.events!r}",
+                highlight=False,
+                markup=False,
+            )
     except TopicError as exc:
         _fail(str(exc), EXIT_OPERATIONAL)
     with threads_ignore_sigint():  # Ctrl-C must interrupt our read of the input, not a helper thread

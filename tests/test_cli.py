@@ -114,6 +114,13 @@ def test_produce_from_stdin_with_only_good_lines_exits_zero(
     assert result.returncode == 0, result.stderr
     assert "sent 4 events" in result.stdout and "rejected 0 lines" in result.stdout
     assert len(consume(kafka, kafka.kafka.topics.events, expected=4)) == 4
+    assert "warning" not in result.stderr
+    # --topic naming a topic the cluster does not have (a typo?): said, then sent as asked
+    elsewhere = run(
+        adreach_bin, ["produce", "--topic", f"{kafka.kafka.topics.events}.typo", "-"], cli_env, stdin=payload
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert f"warning: topic '{kafka.kafka.topics.events}.typo' does not exist" in elsewhere.stderr
 
 
 def test_produce_reads_gzip_files_and_stdin_and_says_where_a_truncated_one_stopped(
