@@ -738,7 +738,7 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except tomllib.TOMLDecodeError as exc:
-        named = config_file or _explicit_config_file.get() or _config_file()
+        named = _config_file()  # (the explicit file, set above, comes first there)
         raise ConfigFileError(f"{named}: not valid TOML: {exc}") from None
     except SettingsError as exc:  # a variable pydantic-settings cannot even parse
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""

@@ -123,12 +123,10 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
         searches = pc.fill_null(pc.equal(batch.column("type"), "search"), False)
         table = pa.Table.from_batches([batch]).filter(searches)
         times = table.column("event_time")
-        malformed = None
         if pa.types.is_string(times.type) or pa.types.is_large_string(times.type):
-            # a text time without a zone (or not RFC 3339 at all) makes that event invalid,
-            # as in a JSON Lines file, instead of failing the whole file
-            malformed = pa.array(malformed_times(times))
-            times = pc.if_else(malformed, pa.scalar(None, times.type), times)
+            # a text time without a zone (or not RFC 3339 at all) is taken as missing, which makes
+            # that event invalid below, as in a JSON Lines file, instead of failing the whole file
+            times = pc.if_else(pa.array(malformed_times(times)), pa.scalar(None, times.type), times)
         try:
             millis = epoch_ms(times)
         except EventTimeError as exc:
@@ -136,8 +134,7 @@ def _read_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, int, 
         query = table.column("query").cast(pa.string())
         blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
         outside = outside_event_time_range(millis)
-        bad = pc.or_(blank, outside) if malformed is None else pc.or_(pc.or_(blank, outside), malformed)
-        valid = pc.invert(pc.fill_null(bad, True))
+        valid = pc.invert(pc.fill_null(pc.or_(blank, outside), True))
         times = millis.cast(pa.timestamp("ms", "UTC")).cast(pa.timestamp("us", "UTC"))
         kept = pa.table({"query": query, "event_time": times}, schema=QUERY_SCHEMA).filter(valid)
         yield kept, batch.num_rows, table.num_rows - kept.num_rows
