@@ -11,12 +11,24 @@ thousands of small part files into one, which also makes Feast's reads faster.
 Compaction only reads the part files present when it starts and replaces them with one
 file (written under a dot-name, then renamed, then the inputs deleted), so a worker may
 keep appending meanwhile; rows appended after it started are compacted next time.
+Compactions of one group take turns (a lock file in its directory): two at once could
+each merge the same parts, and one could bring back rows the other had purged.
+
+**User deletions**: a worker that forgets a deleted user records the deletion in
+``data/deletions/<group>/`` (:func:`record_deletions`); every compaction then leaves
+out the user's rows *created* before the deletion was recorded (rows created later
+come from the user's activity after it). The worker compacts all of the group's parts
+after recording deletions, so they leave the offline store within
+``stream.offline_compact_interval_s``; training sets compact before they read.
 """
 
 from __future__ import annotations
 
+import fcntl
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +41,68 @@ from features.definitions import FeatureGroup
 from features.feast_objects import CREATED_FIELD, TIMESTAMP_FIELD, offline_path, offline_schema
 
 COMPACTED_SUFFIX = "-compacted.parquet"
+DELETIONS_DIR = "deletions"
+_DELETED_KEY, _DELETED_AT, _RECORDED_AT = "key", "deleted_at", "recorded_at"
+_DELETIONS_SCHEMA = pa.schema(
+    [
+        (_DELETED_KEY, pa.string()),
+        (_DELETED_AT, pa.timestamp("us", "UTC")),  # the deletion event's time
+        (_RECORDED_AT, pa.timestamp("us", "UTC")),  # rows created up to here are the user's old ones
+    ]
+)
+_LOCK_FILE = ".compaction.lock"
+
+
+def deletions_path(data_dir: Path, group: FeatureGroup) -> Path:
+    """Where the user deletions that apply to ``group``'s offline rows are recorded."""
+    return data_dir / DELETIONS_DIR / group.name
+
+
+def record_deletions(
+    data_dir: Path,
+    group: FeatureGroup,
+    keys: Sequence[str],
+    deleted_at_ms: Sequence[int],
+    *,
+    writer: str = "",
+) -> Path:
+    """Record deleted entities of ``group``: the next compaction drops their rows written until now."""
+    directory = deletions_path(data_dir, group)
+    directory.mkdir(parents=True, exist_ok=True)
+    now_us = time.time_ns() // 1000
+    table = pa.table(
+        {
+            _DELETED_KEY: pa.array(list(keys), pa.string()),
+            _DELETED_AT: pa.array(np.asarray(deleted_at_ms, np.int64) * 1000, pa.int64()),
+            _RECORDED_AT: pa.array(np.full(len(keys), now_us, np.int64)),
+        }
+    )
+    tag = f"-{writer}" if writer else ""
+    name = f"part-{time.time_ns():020d}{tag}-{uuid.uuid4().hex[:8]}.parquet"
+    staging = directory / f".{name}"
+    pq.write_table(table.cast(_DELETIONS_SCHEMA), staging)
+    staging.rename(directory / name)
+    return directory / name
+
+
+def deleted_keys(data_dir: Path, group: FeatureGroup) -> pa.Table:
+    """Every recorded deletion of ``group`` (columns key, deleted_at, recorded_at)."""
+    files = sorted(deletions_path(data_dir, group).glob("part-*.parquet"))
+    if not files:
+        return _DELETIONS_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f).cast(_DELETIONS_SCHEMA) for f in files])
+
+
+@contextmanager
+def _compaction_lock(directory: Path) -> Iterator[None]:
+    """Hold the group's compaction lock (other processes' compactions of it wait)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / _LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -52,9 +126,10 @@ def compact_offline(
     the files again (up to ``attempts`` times).
     """
     for attempt in range(attempts):
-        parts = _parts(offline_path(data_dir, group), small_only, writer)
         try:
-            return _compact(group, parts)
+            with _compaction_lock(offline_path(data_dir, group)):
+                parts = _parts(offline_path(data_dir, group), small_only, writer)
+                return _compact(group, parts, deletions_path(data_dir, group))
         except (duckdb.IOException, FileNotFoundError):
             if attempt == attempts - 1:
                 raise
@@ -71,23 +146,37 @@ def _parts(directory: Path, small_only: bool, writer: str) -> list[Path]:
     return parts
 
 
-def _compact(group: FeatureGroup, parts: list[Path]) -> CompactionResult:
-    if len(parts) <= 1:
-        rows = pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
-        return CompactionResult(group.name, len(parts), rows, rows)
-    directory = parts[0].parent
-    schema = offline_schema(group)
+def _sql_files(paths: Sequence[Path]) -> str:
+    return "[" + ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in paths) + "]"
+
+
+def _compact(group: FeatureGroup, parts: list[Path], deletions: Path) -> CompactionResult:
+    deletion_files = sorted(deletions.glob("part-*.parquet"))
+    key, ts, created = f'"{group.key}"', f'"{TIMESTAMP_FIELD}"', f'"{CREATED_FIELD}"'
     connection = duckdb.connect(config={"threads": 1})
     try:
-        files = ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in parts)
-        key, ts = f'"{group.key}"', f'"{TIMESTAMP_FIELD}"'
+        source = f"read_parquet({_sql_files(parts)})" if parts else ""
+        purge = ""
+        if deletion_files and parts:
+            purge = (
+                f"WHERE NOT EXISTS (SELECT 1 FROM read_parquet({_sql_files(deletion_files)}) AS d "
+                f"WHERE d.{_DELETED_KEY} = r.{key} AND r.{created} <= d.{_RECORDED_AT})"
+            )
+            kept = connection.sql(f"SELECT count(*) FROM {source} AS r {purge}").fetchall()[0][0]
+            if kept == sum(pq.ParquetFile(p).metadata.num_rows for p in parts):
+                purge = ""  # nothing to take out: merge as usual
+        if len(parts) <= 1 and not purge:
+            rows = pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
+            return CompactionResult(group.name, len(parts), rows, rows)
         table = connection.sql(
-            f"SELECT * FROM read_parquet([{files}]) QUALIFY row_number() OVER "
-            f'(PARTITION BY {key}, {ts} ORDER BY "{CREATED_FIELD}" DESC) = 1 ORDER BY {ts}, {key}'
+            f"SELECT r.* FROM {source} AS r {purge} QUALIFY row_number() OVER "
+            f"(PARTITION BY r.{key}, r.{ts} ORDER BY r.{created} DESC) = 1 ORDER BY r.{ts}, r.{key}"
         ).to_arrow_table()
         rows_before = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     finally:
         connection.close()
+    directory = parts[0].parent
+    schema = offline_schema(group)
     name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{COMPACTED_SUFFIX}"
     staging = directory / f".{name}"
     pq.write_table(_conform(table, schema), staging, use_compliant_nested_type=False)

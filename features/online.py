@@ -982,6 +982,40 @@ class OnlineFeatureWriter:
         self._write_sqlite(layout, rows, entity_keys, event_us, created_us, values, changed)
         return int(rows.num_rows)
 
+    def delete(self, group: FeatureGroup, keys: Sequence[str]) -> int:
+        """Delete every stored feature of these entities of ``group`` (a user's privacy deletion).
+
+        Only ``group``'s view: other views of the same entity keep theirs (in Redis the
+        entity's hash loses just this view's fields and timestamp). Idempotent; returns the
+        number of keys asked for. Raises :class:`OnlineStoreUnavailableError` as :meth:`write`.
+        """
+        layout = self._store.layout(group)
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return 0
+        entity_keys = [serialize_entity_key(group, key) for key in unique]
+        if self._store.kind == "redis":
+            project = self._store.project.encode()
+            fields = [layout.ts_field, *layout.hash_fields.values()]
+            with self._store.redis_errors(f"deleting {len(unique)} {group.name} rows"):
+                pipeline = self._store.redis().pipeline(transaction=False)
+                for entity_key in entity_keys:
+                    pipeline.hdel(entity_key + project, *fields)  # type: ignore[arg-type]
+                pipeline.execute()
+            return len(unique)
+        statement = f'DELETE FROM "{layout.table}" WHERE entity_key = ?'
+        with self._store.sqlite_errors(f"deleting {len(unique)} {group.name} rows"):
+            connection = self._store.sqlite()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany(statement, [(entity_key,) for entity_key in entity_keys])
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        return len(unique)
+
     def _last_row_per_key(
         self, layout: _GroupLayout, rows: pa.Table, entity_keys: pa.Array
     ) -> tuple[pa.Table, pa.Array, npt.NDArray[np.bool_] | None]:

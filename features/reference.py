@@ -4,6 +4,10 @@ Stream engines are checked against this, so it favours being obviously right ove
 being fast. It applies the semantics in :mod:`features.definitions` literally: each
 entity's features are taken as of the end of the tile holding its latest event, over
 all the events given (lateness rules are the engines' business, not the reference's).
+A user deletion (a ``user_profile`` event with ``"action": "delete"``, when the input has
+an ``action`` column) leaves out the user's events up to its event time in the groups
+keyed by user; the engines also forget events with later times read before the
+deletion (see :mod:`streams.engine.forget`), which inputs in time order never have.
 
 The input is an Arrow table with the event columns (``type``, ``event_id``,
 ``event_time`` and whichever columns the definitions read), such as the simulator's
@@ -21,8 +25,12 @@ from features.definitions import QUERY_BLANK_RUNS, TILE_SECONDS, Aggregation, Fe
 _KEY_SQL = {"query": f"lower(trim(regexp_replace(query, '{QUERY_BLANK_RUNS}', ' ', 'g')))"}
 
 
-def feature_sql(group: FeatureGroup, source: str = "events") -> str:
-    """The DuckDB query computing ``group``'s features from the table named ``source``."""
+def feature_sql(group: FeatureGroup, source: str = "events", *, deletions: bool = False) -> str:
+    """The DuckDB query computing ``group``'s features from the table named ``source``.
+
+    ``deletions``: ``source`` has an ``action`` column, whose user deletions apply (to a
+    group keyed by user).
+    """
     tile_ms = TILE_SECONDS * 1000
     key_sql = _KEY_SQL.get(group.key, group.key)
     types = sorted({t for a in group.aggregations for t in a.event_types})
@@ -49,11 +57,17 @@ def feature_sql(group: FeatureGroup, source: str = "events") -> str:
     output_sql = ",\n        ".join(outputs)
     ratio_sql = "".join(f",\n    {ratio}" for ratio in ratios)
     timestamp_sql = "make_timestamp(CAST(end_ms * 1000 AS BIGINT)) AS event_timestamp"
+    forgotten = ""
+    if deletions and group.key == "user_id":
+        forgotten = (
+            f"AND NOT EXISTS (SELECT 1 FROM {source} AS d WHERE d.type = 'user_profile' AND d.action = "
+            f"'delete' AND d.user_id = {source}.user_id AND d.event_time >= {source}.event_time)"
+        )
     return f"""
 WITH ev AS (
     SELECT {key_sql} AS {group.key}, {selected}
     FROM {source}
-    WHERE type IN ({type_list}) AND {key_sql} IS NOT NULL
+    WHERE type IN ({type_list}) AND {key_sql} IS NOT NULL {forgotten}
 ),
 as_of AS (
     SELECT {group.key}, (floor(max(t) / {tile_ms}) + 1) * {tile_ms} AS end_ms
@@ -97,7 +111,8 @@ def reference_features(events: pa.Table, group: FeatureGroup) -> pa.Table:
     connection = duckdb.connect()
     try:
         connection.register("events", events)
-        table = connection.sql(feature_sql(group)).arrow().read_all()  # duckdb 2.0: arrow() is a reader
+        sql = feature_sql(group, deletions="action" in events.column_names)
+        table = connection.sql(sql).arrow().read_all()  # duckdb 2.0: arrow() is a reader
     finally:
         connection.close()
     # The SQL computes UTC instants as naive timestamps; say so, as Feast requires.

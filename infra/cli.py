@@ -507,7 +507,7 @@ def _run_stream(
         f"stream: {stats.events:,} events in {elapsed:.1f} s ({stats.events_per_second:,.0f}/s); "
         f"{stats.feature_rows:,} feature rows written; {stats.dead_lettered:,} dead-lettered "
         f"({stats.malformed:,} malformed, {stats.late:,} late, {stats.future:,} future); "
-        f"{stats.store_retries} store retries"
+        f"{stats.users_deleted:,} users deleted; {stats.store_retries} store retries"
     )
 
 

@@ -83,8 +83,7 @@ def fold(
     stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}  # only what the changed flags say
     state = one_shard(state_dir, checkpoint_interval_s=0)
     for index, rows in enumerate(batches):
-        for name, table in state.apply({0: rows}, {0: index + 1}).items():
-            _record(name, table, latest, stored)
+        _apply_and_record(state, {0: rows}, {0: index + 1}, latest, stored)
         if index % compact_every == compact_every - 1:
             state.compact(RETENTION_MS)
         assert state.commit() == {0: index + 1}
@@ -116,6 +115,23 @@ def assert_equal_to_reference(latest: dict[str, dict], events: pa.Table) -> None
         assert len(latest[group.name]) == len(expected)
 
 
+def _apply_and_record(
+    state: ShardStates,
+    rows: dict[int, pa.Table],
+    offsets: dict[int, int],
+    latest: dict[str, dict],
+    stored: dict[str, dict],
+) -> None:
+    """Apply ``rows`` as a worker does: deleted users' stored rows go first, then the changed rows."""
+    changed = state.apply(rows, offsets)
+    for name, users in state.take_deleted().items():
+        for key, _ in users:
+            latest[name].pop(key, None)
+            stored[name].pop(key, None)
+    for name, table in changed.items():
+        _record(name, table, latest, stored)
+
+
 def _record(name: str, table: pa.Table, latest: dict[str, dict], stored: dict[str, dict]) -> None:
     """Note each emitted row in ``latest`` (by key) and only its flagged features in ``stored``."""
     group = next(g for g in FEATURE_GROUPS if g.name == name)
@@ -134,8 +150,7 @@ def _stored_rows(
     """Apply ``batches``; feed ``stored`` only the flagged features; return the latest full rows."""
     latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
     for index, rows in enumerate(batches, start=start):
-        for name, table in state.apply({0: rows}, {0: index + 1}).items():
-            _record(name, table, latest, stored)
+        _apply_and_record(state, {0: rows}, {0: index + 1}, latest, stored)
     return latest
 
 
@@ -209,8 +224,7 @@ def test_shards_handed_between_workers_keep_every_feature_exact(tmp_path: Path) 
         for state in (first, second):
             mine = {shard: table for shard, table in rows.items() if shard in state}
             offsets = {shard: next_offsets[shard] for shard in mine}
-            for name, table in state.apply(mine, offsets).items():
-                _record(name, table, latest, stored)
+            _apply_and_record(state, mine, offsets, latest, stored)
         if index % 4 == 3:
             first.compact(RETENTION_MS)
             second.compact(RETENTION_MS)
@@ -244,8 +258,19 @@ def test_compaction_over_ten_days_keeps_every_window_exact(tmp_path: Path) -> No
     )
     newest = int(pc.max(counted.column("event_time_ms")).as_py())
     recent = counted.filter(pc.greater_equal(counted.column("event_time_ms"), newest - RETENTION_MS))
-    recent_users = pc.count_distinct(recent.column("user_id")).as_py()
-    assert sizes["user_activity.entities"] == recent_users
+    deletions = events.filter(pc.equal(events.column("action"), "delete"))
+    assert deletions.num_rows > 0  # (the simulator deletes some users; they are forgotten at once)
+    deleted_at = dict(
+        zip(*(deletions.column(c).to_pylist() for c in ("user_id", "event_time_ms")), strict=True)
+    )
+    recent_users = {
+        user
+        for user, time_ms in zip(
+            *(recent.column(c).to_pylist() for c in ("user_id", "event_time_ms")), strict=True
+        )
+        if time_ms > deleted_at.get(user, -1)
+    }
+    assert sizes["user_activity.entities"] == len(recent_users)
 
 
 def test_run_merges_keep_every_window_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,10 +312,9 @@ def test_a_checkpoint_of_an_earlier_version_with_hour_and_day_tiles_still_loads(
             arrays[f"tile_values.{span}"] = np.zeros((len(group.columns), 3))
         state.groups[index] = state_module.GroupState(group.group, group.bit)
         state.groups[index].load_arrays(arrays)
+    stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
     for index, rows in enumerate(batches[half:], start=half):
-        for name, table in state.apply({0: rows}, {0: index + 1}).items():
-            key = next(g.key for g in FEATURE_GROUPS if g.name == name)
-            latest[name].update({row[key]: row for row in table.to_pylist()})
+        _apply_and_record(state, {0: rows}, {0: index + 1}, latest, stored)
     assert_equal_to_reference(latest, events)
 
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from confluent_kafka import Producer
 
@@ -33,12 +34,13 @@ from streams.simulation import SimulationConfig, Simulator
 from tests.kafka_helpers import Record, consume
 
 REQUIRED = ("type", "event_id", "event_time", "user_id")
-COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "value")
+COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "query", "cost_micros", "value", "action")
 READ_TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(
         ("type", "event_id", "event_time", "user_id", "ad_id", "campaign_id", "advertiser_id"), str
     ),
     "query": str,
+    "action": str,
     "cost_micros": int,
     "value": (int, float),
 }
@@ -220,7 +222,12 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
         if millis > now_ms + settings.stream.max_future_s * 1000:
             continue
         before = watermark.get(record.partition)
-        if before is not None and millis < before - settings.stream.allowed_lateness_s * 1000:
+        deletion = event["type"] == "user_profile" and event.get("action") == "delete"  # never late
+        if (
+            before is not None
+            and millis < before - settings.stream.allowed_lateness_s * 1000
+            and not deletion
+        ):
             late.add(event["event_id"])
             continue
         watermark[record.partition] = max(before or millis, millis)
@@ -238,6 +245,7 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
             ("query", pa.string()),
             ("cost_micros", pa.int64()),
             ("value", pa.float64()),
+            ("action", pa.string()),
         ]
     )
     return pa.Table.from_pylist(rows, schema), late
@@ -255,10 +263,23 @@ def online_features(settings: Settings, group: FeatureGroup, keys: list[str]) ->
     return [{name: result[name][i] for name in result} for i in range(len(keys))]
 
 
+def deleted_users(events: pa.Table) -> set[str]:
+    """Users with a deletion after their last counted event (the simulator's deleted users)."""
+    deleting = pc.and_(
+        pc.equal(events.column("type"), "user_profile"), pc.equal(events.column("action"), "delete")
+    )
+    return set(events.filter(pc.fill_null(deleting, False)).column("user_id").to_pylist())
+
+
 def assert_features_match(settings: Settings, events: pa.Table) -> None:
+    deleted = deleted_users(events)
     for group in FEATURE_GROUPS:
         expected = reference_features(events, group).to_pylist()
         keys = [str(row[group.key]) for row in expected]
+        if group.key == "user_id" and deleted:  # their stored features are gone
+            assert not deleted & set(keys)
+            gone = online_features(settings, group, sorted(deleted))
+            assert all(row[f.name] is None for row in gone for f in group.features()), group.name
         actual = online_features(settings, group, keys)
         mismatches = []
         for want, got in zip(expected, actual, strict=True):
@@ -340,11 +361,32 @@ def extreme_amounts(user: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
+def deleted_user_events(user: str) -> list[tuple[bytes, bytes]]:
+    """A user active at 10:00-10:03, deleted at 10:05, then an event from 10:04 read after the
+    deletion (forgotten too): the user must end with no stored feature in any store."""
+    chain = {"ad_id": "ad-del", "campaign_id": "c-del", "advertiser_id": "adv-del"}
+    events = [
+        {"type": "impression", "event_id": "del-imp-1", "event_time": "10:00", **chain},
+        {"type": "click", "event_id": "del-clk-1", "event_time": "10:01", "impression_id": "i", **chain},
+        {"type": "search", "event_id": "del-srch-1", "event_time": "10:02", "query": "private query"},
+        {"type": "user_profile", "event_id": "del-1", "event_time": "10:05", "action": "delete"},
+        {"type": "impression", "event_id": "del-imp-2", "event_time": "10:04", **chain},
+    ]
+    return [
+        (
+            user.encode(),
+            json.dumps({**e, "event_time": f"2026-01-05T{e['event_time']}:00Z", "user_id": user}).encode(),
+        )
+        for e in events
+    ]
+
+
 def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:
     payloads = simulated_payloads(users=1_500, events=15_000, seed=11)
     bad = bad_events("u0000001", "2025-12-01T00:00:00Z")
     # (at 10:00 of the simulated day: on time only when produced before its traffic)
-    produce_raw(stream, odd_query_searches("u0000003") + extreme_amounts("u0000004"))
+    first = odd_query_searches("u0000003") + extreme_amounts("u0000004") + deleted_user_events("u-deleted")
+    produce_raw(stream, first)
     produce(stream, payloads[:7_000])
     produce_raw(stream, bad)
     produce(stream, payloads[7_000:])
@@ -353,14 +395,17 @@ def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
     for group in FEATURE_GROUPS:  # the worker merged its per-cycle part files when it stopped
         parts = list((stream.feature_repo_dir / "data" / group.name).glob("part-*.parquet"))
         with_rows = [p for p in parts if pq.ParquetFile(p).metadata.num_rows]  # + Feast's empty schema file
-        assert len(with_rows) == 1 and len(parts) == 2, parts
+        # (a group that purged deleted users merged every part file, Feast's empty one too)
+        assert len(with_rows) == 1 and len(parts) == (1 if group.key == "user_id" else 2), parts
 
-    first = odd_query_searches("u0000003") + extreme_amounts("u0000004")
     records = consume(stream, stream.kafka.topics.events, len(payloads) + len(bad) + len(first))
     events, late = expected_events(stream, records)
     assert "late-click-1" in late
     assert not late & {json.loads(value)["event_id"] for _, value in first}  # (they count)
     assert_features_match(stream, events)
+    user_rows = pq.read_table(stream.feature_repo_dir / "data" / "user_activity").column("user_id")
+    assert "u-deleted" in deleted_users(events)
+    assert not deleted_users(events) & set(user_rows.to_pylist())  # their history is purged offline too
 
     dead = consume(stream, stream.kafka.topics.dead_letter, 6 + len(late))
     reasons = {

@@ -31,8 +31,8 @@ from features.feast_objects import append_offline, arrow_schema
 from features.offline import last_row_per_key_and_time
 from infra.arrow_times import epoch_ms
 from infra.settings import Settings
-from streams.engine.decode import EventDecoder
-from streams.engine.replay import InProcessEngine
+from streams.engine.decode import ACTION_COLUMN, DELETE_ACTION, EventDecoder
+from streams.engine.replay import EmittedRows, InProcessEngine
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def decoded_columns(events: pa.Table, groups: tuple[FeatureGroup, ...] = FEATURE
     for field in schema:
         if field.name == "event_time_ms":
             columns.append(epoch_ms(events.column("event_time")))
+        elif field.name not in events.column_names and field.name == ACTION_COLUMN:
+            columns.append(pa.nulls(events.num_rows, field.type))  # (a log without profile actions)
         else:
             columns.append(events.column(field.name).cast(field.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -80,8 +82,16 @@ def replay_stream_features(
         arrival = arrival[order]
     else:
         arrival = np.maximum.accumulate(epoch_ms(events.column("event_time")).to_numpy())
-    relevant = pc.is_in(events.column("type"), value_set=pa.array(["user_profile"]))
-    keep = ~np.asarray(relevant.to_numpy(zero_copy_only=False), bool)
+    # Profiles carry no stream feature; only deletions act on them (the deleted users'
+    # history is left out, as a live worker removes it from the stores).
+    profile = np.asarray(
+        pc.is_in(events.column("type"), value_set=pa.array(["user_profile"])).to_numpy(zero_copy_only=False),
+        bool,
+    )
+    if ACTION_COLUMN in events.column_names:
+        deleting = pc.fill_null(pc.equal(events.column(ACTION_COLUMN), DELETE_ACTION), False)
+        profile &= ~np.asarray(deleting.to_numpy(zero_copy_only=False), bool)
+    keep = ~profile
     events, arrival = events.filter(pa.array(keep)), arrival[keep]
     if progress is not None and not keep.all():
         progress(int((~keep).sum()))  # profiles carry no stream feature: done as soon as read
@@ -89,7 +99,7 @@ def replay_stream_features(
     data_dir = settings.feature_repo_dir / "data"
     by_name = {group.name: group for group in groups}
     written = 0
-    pending: dict[str, list[pa.Table]] = {}
+    emitted = EmittedRows(groups)
     batch_index = (arrival - arrival[0]) // (flush_s * 1000) if len(arrival) else arrival
     bounds: list[int] = (
         np.flatnonzero(np.r_[True, batch_index[1:] != batch_index[:-1], True]).tolist()
@@ -107,14 +117,18 @@ def replay_stream_features(
                 int(end),
             )
             late += chunk_late
-            for name, table in changed.items():
-                schema = arrow_schema(by_name[name])
-                pending.setdefault(name, []).append(table.select(schema.names).cast(schema))
-                written += table.num_rows
+            emitted.add(
+                {name: table.select(arrow_schema(by_name[name]).names) for name, table in changed.items()},
+                engine.take_deleted(),
+            )
             batches += 1
             if progress is not None:
                 progress(int(end - start))
-    for name, tables in pending.items():  # one part file per group: Feast reads few large files fastest
-        group = by_name[name]
-        append_offline(data_dir, group, last_row_per_key_and_time(pa.concat_tables(tables), group.key))
+    for group in groups:  # one part file per group: Feast reads few large files fastest
+        tables = emitted.tables(group.name)
+        if not tables:
+            continue
+        rows = pa.concat_tables(tables).cast(arrow_schema(group))
+        written += rows.num_rows
+        append_offline(data_dir, group, last_row_per_key_and_time(rows, group.key))
     return ReplayStats(len(decoded), batches, written, late)

@@ -64,6 +64,7 @@ _FIELD_TYPES: dict[str, pa.DataType] = {
     "cost_micros": pa.int64(),
     "value": pa.float64(),
     "position": pa.int64(),
+    "action": pa.string(),
 }
 # Messages decoded at a time (EventDecoder.decode).
 DECODE_CHUNK = 16_384
@@ -74,6 +75,10 @@ _MSGSPEC_TYPES: dict[str, Any] = {
     "double": float,
 }
 _ALWAYS = ("type", "event_id", "event_time", "user_id")
+# Read whatever the feature definitions read: a user_profile's ``"action": "delete"`` makes
+# the engines forget the user (see streams.engine.state: user deletions).
+ACTION_COLUMN = "action"
+DELETE_ACTION = "delete"
 # Absent or this platform's SCHEMA_VERSION; checked, never read into a column.
 VERSION_FIELD = "schema_version"
 _EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -104,7 +109,7 @@ class DecodeError(ValueError):
 
 def needed_columns(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> tuple[str, ...]:
     """The event fields ``groups`` read (keys and aggregated columns), in a stable order."""
-    wanted = set(_ALWAYS)
+    wanted = {*_ALWAYS, ACTION_COLUMN}
     for group in groups:
         wanted.add(group.key)
         wanted.update(a.column for a in group.aggregations if a.column)
@@ -157,6 +162,21 @@ def text_length_rules(columns: Sequence[str]) -> dict[tuple[str, int, int | None
     return rules
 
 
+def literal_rules(columns: Sequence[str]) -> dict[tuple[str, tuple[str, ...]], tuple[str, ...]]:
+    """The read text columns the SDK's structs limit to a few values: (name, values) -> the event types.
+
+    E.g. a user_profile's ``action`` is ``upsert`` or ``delete``: a profile event with any
+    other action is refused, as by the SDK (a misspelt "delete" must not pass as an upsert).
+    """
+    rules: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+    for type_name, name, alternatives in _read_fields(columns):
+        for kind in alternatives:
+            if isinstance(kind, msgspec.inspect.LiteralType):
+                rule = (name, tuple(sorted(str(value) for value in kind.values)))
+                rules[rule] = (*rules.get(rule, ()), type_name)
+    return rules
+
+
 def required_by_type(columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """For each event type, the read columns the SDK's struct requires (no default)."""
     required: dict[str, tuple[str, ...]] = {}
@@ -202,6 +222,7 @@ class EventDecoder:
         self._json = msgspec.json.Decoder(read_fields)
         self._required = required_by_type(self.columns)
         self._text_lengths = text_length_rules(self.columns)
+        self._literals = literal_rules(self.columns)
         self._known_types = pa.array(sorted(EVENT_TYPE_NAMES))
 
     @property
@@ -399,6 +420,11 @@ class EventDecoder:
                 of_types[event_types] = np.isin(type_index, [known.index(t) for t in event_types])
             limit = f"{shortest} to {longest}" if longest is not None else f"at least {shortest}"
             flag(of_types[event_types] & bad, f"{name} must have {limit} characters")
+        for (name, values), event_types in self._literals.items():
+            outside = pc.invert(pc.is_in(table.column(name), value_set=pa.array(values, pa.string())))
+            of_type = np.isin(type_index, [known.index(t) for t in event_types])
+            flag(of_type & pc.fill_null(outside, False).to_numpy(zero_copy_only=False),
+                 f"{name} must be one of: {', '.join(values)}")  # fmt: skip
         for name in _NON_NEGATIVE:
             if name in table.column_names:
                 column = table.column(name)

@@ -10,13 +10,14 @@ point-in-time training set reads, for events recorded before the stream engine r
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
@@ -25,9 +26,47 @@ from streams.engine.router import Router
 from streams.engine.shard import ShardStates
 
 
+class EmittedRows:
+    """Feature rows in emission order, minus those a later user deletion took back.
+
+    A deleted user's rows emitted before the deletion are what the live worker deletes
+    from the stores; the rows a fold returns together with a deletion are already the
+    user's fresh ones (see :meth:`streams.engine.shard.ShardStates.take_deleted`).
+    """
+
+    def __init__(self, groups: Sequence[FeatureGroup]) -> None:
+        self._keys = {group.name: group.key for group in groups}
+        self._tables: dict[str, list[pa.Table]] = {group.name: [] for group in groups}
+        self._cuts: dict[str, dict[str, int]] = {group.name: {} for group in groups}
+
+    def add(self, changed: Mapping[str, pa.Table], deleted: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        """One fold's output: its deletions apply to the rows added before."""
+        for name, users in deleted.items():
+            for key, _ in users:
+                self._cuts[name][key] = len(self._tables[name])
+        for name, rows in changed.items():
+            self._tables[name].append(rows)
+
+    def tables(self, name: str) -> list[pa.Table]:
+        """Group ``name``'s rows, one table per fold that changed any, deleted users' old rows left out."""
+        tables, cuts = self._tables[name], self._cuts[name]
+        if not cuts:
+            return list(tables)
+        deleted = pa.array(list(cuts), pa.string())
+        cut_at = np.asarray(list(cuts.values()), np.int64)
+        kept = []
+        for position, rows in enumerate(tables):
+            index = pc.index_in(rows.column(self._keys[name]), value_set=deleted).fill_null(-1).to_numpy()
+            index = np.asarray(index, np.int64)
+            taken_back = (index >= 0) & (position < cut_at[np.maximum(index, 0)])
+            kept.append(rows.filter(pa.array(~taken_back)) if taken_back.any() else rows)
+        return kept
+
+
 @dataclass
 class ReplayResult:
-    """Every feature row emitted per group (in emission order), and what was left out and why."""
+    """Every feature row emitted per group (in emission order; deleted users' rows from before
+    their deletion left out), and what was left out and why."""
 
     features: dict[str, list[pa.Table]] = field(default_factory=dict)
     events: int = 0
@@ -63,6 +102,10 @@ class InProcessEngine:
         self._watermarks = routed.watermarks
         return self._state.apply(routed.shards, {0: next_offset}), len(routed.late)
 
+    def take_deleted(self) -> dict[str, list[tuple[str, int]]]:
+        """Per group, the users deleted by the folds since the last call (see ShardStates.take_deleted)."""
+        return self._state.take_deleted()
+
     def close(self) -> None:
         self._state.close_all()
         self._scratch.cleanup()
@@ -94,6 +137,7 @@ def replay(
         mask = source == partition
         offsets[mask] = np.arange(int(mask.sum()))
     result = ReplayResult(features={group.name: [] for group in groups})
+    emitted = EmittedRows(groups)
     with InProcessEngine(groups, allowed_lateness_ms) as engine:
         for start in range(0, len(lines), batch_events):
             chunk = lines[start : start + batch_events]
@@ -105,6 +149,6 @@ def replay(
             result.rejected += len(decoded.rejected)
             result.late += late
             result.events += len(chunk)
-            for name, rows in changed.items():
-                result.features[name].append(rows)
+            emitted.add(changed, engine.take_deleted())
+    result.features = {group.name: emitted.tables(group.name) for group in groups}
     return result

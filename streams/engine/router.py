@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, QUERY_BLANK_RUNS, FeatureGroup, normalize_query
+from streams.engine.decode import ACTION_COLUMN, DELETE_ACTION
 from streams.engine.keys import dictionary_encoded, string_hashes
 from streams.events import EVENT_TYPE_NAMES
 
@@ -88,6 +89,20 @@ def of_types(codes: NDArray[np.int8], event_types: Iterable[str]) -> NDArray[np.
     wanted = np.zeros(len(EVENT_TYPE_NAMES) + 1, dtype=bool)  # the last entry answers code -1
     wanted[[EVENT_TYPE_NAMES.index(name) for name in event_types]] = True
     return wanted[codes]
+
+
+def deletions(events: pa.Table, type_codes: NDArray[np.int8]) -> NDArray[np.bool_]:
+    """Per row, whether it is a user deletion (a user_profile event with ``"action": "delete"``)."""
+    if ACTION_COLUMN not in events.column_names:
+        return np.zeros(len(events), dtype=bool)
+    deleting = pc.fill_null(pc.equal(events.column(ACTION_COLUMN), DELETE_ACTION), False)
+    deleting_rows: NDArray[np.bool_] = np.asarray(deleting.to_numpy(), dtype=bool)
+    return of_types(type_codes, ("user_profile",)) & deleting_rows
+
+
+def forgets_users(group: FeatureGroup) -> bool:
+    """Whether ``group``'s entities are users, whose features a user deletion removes."""
+    return group.key == "user_id"
 
 
 def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
@@ -173,6 +188,9 @@ class Router:
                 for row in np.flatnonzero(future_mask)
             ]
         late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks, future_mask)
+        type_codes = event_type_codes(events.column("type"))
+        deleting = deletions(events, type_codes)
+        late_mask &= ~deleting  # a privacy deletion is never dropped for its time (only a future one)
         late = [
             (
                 int(row),
@@ -194,9 +212,10 @@ class Router:
         # the group count allows (one byte for up to 8 groups: 1.3 MB for 64 shards x 20k).
         n = len(events)
         cells = np.zeros(self.shards * n, dtype=self._cell_type)
-        type_codes = event_type_codes(events.column("type"))
         for bit, group in enumerate(self.groups):
             relevant = of_types(type_codes, {t for a in group.aggregations for t in a.event_types})
+            if forgets_users(group):
+                relevant = relevant | deleting
             shard = shard_of(events.column(key_column(group)), self.shards)
             rows = np.flatnonzero(relevant & on_time & (shard >= 0))
             cells[shard[rows] * n + rows] |= 1 << bit

@@ -89,6 +89,22 @@ class SortedRuns:
             self._values[1] = np.zeros((self.width, 0), self.dtype)
         return self._codes[0], self._values[0]
 
+    def remove_ranges(self, low: _I64, high: _I64) -> None:
+        """Remove every code in ``[low[i], high[i])``; the ranges sorted and not overlapping.
+
+        One boolean pass over a run that holds any of them (none over one that does not).
+        """
+        for index in range(2):
+            codes = self._codes[index]
+            starts, ends = np.searchsorted(codes, low), np.searchsorted(codes, high)
+            if not (ends > starts).any():
+                continue
+            bounds = np.zeros(len(codes) + 1, np.int64)
+            np.add.at(bounds, starts, 1)
+            np.add.at(bounds, ends, -1)
+            keep = np.cumsum(bounds[:-1]) == 0
+            self._codes[index], self._values[index] = codes[keep], self._values[index][:, keep]
+
     def replace(self, codes: _I64, values: NDArray[Any]) -> None:
         """Hold exactly sorted unique ``codes`` with payload ``values`` (width, n)."""
         self._codes = [np.asarray(codes, np.int64), np.zeros(0, np.int64)]

@@ -118,7 +118,7 @@ class ShardStates:
             if path.exists():
                 loaded = self._new_groups()
                 progress = _load(path, shard, loaded)
-                if all(len(state.entities) == 0 for state in self.groups):
+                if all(len(state.entities) == 0 and not len(state.forgotten) for state in self.groups):
                     self.groups = loaded  # the first shard with state: nothing to merge it with
                     self._forget_entity_shards()
                 else:
@@ -140,6 +140,7 @@ class ShardStates:
             return
         for index, state in enumerate(self.groups):
             state.drop(np.isin(self._shard_of_entities(index), closed))
+            state.forgotten.keep(~np.isin(self._shard_of_tombstones(state), closed))
         self._forget_entity_shards()  # ids renumbered
 
     def close_all(self) -> None:
@@ -183,6 +184,18 @@ class ShardStates:
                 changed[state.group.name] = table
         return changed
 
+    def take_deleted(self) -> dict[str, list[tuple[str, int]]]:
+        """Per group, the users deleted since the last call, with each deletion's event time.
+
+        The worker deletes their stored features before it stores the changed rows that
+        :meth:`apply` returned with them (a user deleted and then active again in one
+        cycle has a fresh row among those).
+        """
+        deleted = {state.group.name: state.deleted for state in self.groups if state.deleted}
+        for state in self.groups:
+            state.deleted = []
+        return deleted
+
     def commit(self, *, force: bool = False) -> dict[int, int]:
         """Checkpoint each changed shard's state and offsets together once the interval has passed.
 
@@ -194,7 +207,8 @@ class ShardStates:
         written: dict[int, int] = {}
         dirty = [shard for shard, progress in self._progress.items() if progress.dirty]
         splits = [
-            state.split_arrays(self._shard_of_entities(i), dirty) for i, state in enumerate(self.groups)
+            state.split_arrays(self._shard_of_entities(i), dirty, self._shard_of_tombstones(state))
+            for i, state in enumerate(self.groups)
         ]
         for shard in dirty:
             progress = self._progress[shard]
@@ -226,6 +240,9 @@ class ShardStates:
             progress.dirty = True
         for index, state in enumerate(self.groups):
             state.compact(horizons[self._shard_of_entities(index)])
+            if len(state.forgotten):  # (an event that old would be outside every window anyway)
+                _, deleted_at = state.forgotten.arrays()
+                state.forgotten.keep(deleted_at >= horizons[self._shard_of_tombstones(state)])
         self._forget_entity_shards()  # ids renumbered
 
     def sizes(self) -> dict[str, int]:
@@ -249,6 +266,12 @@ class ShardStates:
             known = np.concatenate([known, shard_of(keys, self.shard_count)])
             self._entity_shards[index] = known
         return known[:count]
+
+    def _shard_of_tombstones(self, state: GroupState) -> NDArray[np.int64]:
+        """The shard of each of ``state``'s tombstones (:meth:`ForgottenUsers.arrays` order)."""
+        if not len(state.forgotten):
+            return np.zeros(0, dtype=np.int64)
+        return shard_of(state.forgotten.arrays()[0], self.shard_count)
 
 
 def _fresh(applied: dict[int, int], rows: pa.Table) -> pa.Table:

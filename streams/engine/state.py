@@ -34,6 +34,10 @@ Everything is exact: the features equal the reference SQL of :mod:`features.refe
 :meth:`GroupState.split_arrays` / :meth:`GroupState.load_arrays` turn each shard's share
 of the state into plain arrays for its checkpoint file and back; :meth:`GroupState.absorb`
 and :meth:`GroupState.drop` add and remove a shard's entities when shards move.
+
+A group keyed by user also acts on user deletions (:mod:`streams.engine.forget`): it
+forgets the deleted users' state, keeps their tombstones, and lists them in
+:attr:`GroupState.deleted` for the worker to delete their stored features.
 """
 
 from __future__ import annotations
@@ -49,8 +53,16 @@ from numpy.typing import NDArray
 
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
 from features.online import CHANGED_COLUMN
+from streams.engine.forget import ForgottenUsers
 from streams.engine.keys import KeyIndex
-from streams.engine.router import MASK_COLUMN, event_type_codes, key_column, of_types
+from streams.engine.router import (
+    MASK_COLUMN,
+    deletions,
+    event_type_codes,
+    forgets_users,
+    key_column,
+    of_types,
+)
 from streams.engine.runs import SortedRuns
 
 TILE_MS = TILE_SECONDS * 1000
@@ -166,6 +178,15 @@ class _LastN:
         self.times[target, rank] = all_times[pick]
         self.event_ids[target, rank] = all_event_ids[pick]
         self.values[target, rank] = all_values[pick]
+
+    def clear(self, ids: _I64) -> None:
+        """Empty these entities' lists (their slots stay, empty, until a compaction frees them)."""
+        self.slot_of = _grow(self.slot_of, int(ids.max()) + 1 if len(ids) else 0, -1)
+        slots = self.slot_of[ids]
+        slots = slots[slots >= 0]
+        self.times[slots] = _NO_TIME
+        self.event_ids[slots] = None
+        self.values[slots] = None
 
     def lists(self, ids: _I64, since_ms: _I64) -> pa.ListArray:
         """Each entity's values at or after its ``since_ms``, newest first."""
@@ -342,6 +363,11 @@ class GroupState:
         self.values = {a.name: KeyIndex() for a in self.distinct}
         self.seen = {a.name: SortedRuns(1, np.int64) for a in self.distinct}  # pair code -> last tile
         self.lasts = {a.name: _LastN(a.n) for a in self.last_n}
+        self.forgets_users = forgets_users(group)
+        self.forgotten = ForgottenUsers()
+        # Users deleted by the batches applied since the caller last emptied this list,
+        # with each deletion's event time: their stored features are to be deleted.
+        self.deleted: list[tuple[str, int]] = []
 
     # -- applying a batch ----------------------------------------------------------------
 
@@ -352,7 +378,8 @@ class GroupState:
         """
         if type_codes is None:
             type_codes = event_type_codes(rows.column("type"))
-        batch = self._select(rows, type_codes)
+        skipped = self._forget_deleted_users(rows, type_codes) if self.forgets_users else None
+        batch = self._select(rows, type_codes, skipped)
         if batch is None:
             return None
         self.latest = _grow(self.latest, len(self.entities), _NO_TIME)
@@ -388,6 +415,67 @@ class GroupState:
         features, rates = self._features_and_rates(batch.changed_ids, batch.changed_keys)
         changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed, rates)
         return features.append_column(CHANGED_COLUMN, changed)
+
+    def _forget_deleted_users(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> NDArray[np.bool_] | None:
+        """Apply the batch's user deletions; return the rows not to count (see :mod:`streams.engine.forget`),
+        or None when all count.
+
+        Equal to taking the rows one by one: a deletion drops its user's state, which holds
+        the events read before it (in this batch: those rows are left out); the rows after
+        it count unless their event time is at or before the deletion's (a tombstone).
+        The deletions themselves count as no event.
+        """
+        deleting = deletions(rows, type_codes) & (
+            (rows.column(MASK_COLUMN).to_numpy() & (1 << self.bit)) != 0
+        )
+        if not deleting.any() and not len(self.forgotten):
+            return None
+        keys = rows.column(key_column(self.group))
+        times = rows.column("event_time_ms").to_numpy()
+        skipped = deleting.copy()
+        if deleting.any():
+            at = np.flatnonzero(deleting)
+            deleted_keys = keys.take(pa.array(at)).to_pylist()
+            last_deletion = dict(zip(deleted_keys, at.tolist(), strict=True))  # (a later row wins)
+            index = pc.index_in(keys, value_set=pa.array(list(last_deletion), pa.string()))
+            index = np.asarray(index.fill_null(-1).to_numpy(), np.int64)
+            found = index >= 0
+            before = np.zeros(len(index), dtype=bool)
+            before[found] = (
+                np.arange(len(index))[found] < np.asarray(list(last_deletion.values()))[index[found]]
+            )
+            skipped |= before
+            self._drop_users(deleted_keys, times[at].tolist())
+        skipped |= self.forgotten.blocked(keys, times)
+        return skipped if skipped.any() else None
+
+    def _drop_users(self, keys: list[str], times_ms: list[int]) -> None:
+        """Forget these users' state and remember their deletions (tombstones, :attr:`deleted`)."""
+        held = pc.is_in(self.entities.keys, value_set=pa.array(keys, pa.string()))
+        ids = np.flatnonzero(np.asarray(held.to_numpy(zero_copy_only=False), dtype=bool))
+        if len(ids):
+            self._reset(ids)
+        self.forgotten.add(keys, times_ms)
+        self.deleted.extend(zip(keys, times_ms, strict=True))
+
+    def _reset(self, ids: _I64) -> None:
+        """Empty these entities' state, keeping their ids (ascending): their next event starts anew.
+
+        Cheaper than :meth:`drop`, which renumbers every entity: one boolean pass over the
+        tiles and seen pairs; the emptied ids are freed by the next compaction.
+        """
+        self.tiles.remove_ranges(ids << TILE_BITS, (ids + 1) << TILE_BITS)
+        for runs in self.seen.values():
+            runs.remove_ranges(ids << _VALUE_BITS, (ids + 1) << _VALUE_BITS)
+        size = len(self.entities)
+        self.latest = _grow(self.latest, size, _NO_TIME)
+        self.latest[ids] = _NO_TIME
+        self.running = _grow(self.running, size, 0.0)
+        self.running[ids] = 0.0
+        self.emitted = _grow(self.emitted, size, False)
+        self.emitted[ids] = False  # (the store's row is deleted: a fresh one is written whole)
+        for last in self.lasts.values():
+            last.clear(ids)
 
     def rewrite_all(self) -> None:
         """Flag every feature of each entity's next emission, as after a start (see ``_changed_features``).
@@ -439,10 +527,15 @@ class GroupState:
         flags |= fresh
         return pa.FixedSizeListArray.from_arrays(pa.array(flags.T.ravel()), plan.width)
 
-    def _select(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> _Batch | None:
-        # The router sets this group's bit only on rows of the event types the group counts.
+    def _select(
+        self, rows: pa.Table, type_codes: NDArray[np.int8], skipped: NDArray[np.bool_] | None = None
+    ) -> _Batch | None:
+        # The router sets this group's bit only on rows of the event types the group counts
+        # (and on user deletions, which ``skipped`` leaves out with the events they forget).
         masks = rows.column(MASK_COLUMN).to_numpy()
         selected = (masks & (1 << self.bit)) != 0
+        if skipped is not None:
+            selected &= ~skipped
         if not selected.any():
             return None
         table = rows.select(self.read_columns)
@@ -750,10 +843,13 @@ class GroupState:
         """The state as named arrays: NumPy for numbers, Arrow for strings (for a checkpoint file)."""
         return self.split_arrays(np.zeros(len(self.entities), dtype=np.int64), [0])[0]
 
-    def split_arrays(self, owners: _I64, parts: Collection[int]) -> dict[int, dict[str, Any]]:
+    def split_arrays(
+        self, owners: _I64, parts: Collection[int], forgotten_owners: _I64 | None = None
+    ) -> dict[int, dict[str, Any]]:
         """Each of ``parts``' share of the state as :meth:`to_arrays` gives it, in one pass over the state.
 
-        ``owners`` gives the part (a shard) of each entity id. A part's entities are
+        ``owners`` gives the part (a shard) of each entity id, ``forgotten_owners`` that of
+        each tombstone (in :meth:`ForgottenUsers.arrays` order; None: all in part 0). A part's entities are
         numbered densely in id order and it holds only the distinct values they use, so
         its arrays are what a state of just those entities would save. Everything is
         grouped by part with one stable sort per kind of row (entities, tiles, seen
@@ -794,6 +890,10 @@ class GroupState:
                 arrays[f"{name}.times"] = last.times[rows]
                 arrays[f"{name}.event_ids"] = pa.array(last.event_ids[rows].ravel(), pa.string())
                 arrays[f"{name}.list_values"] = pa.array(last.values[rows].ravel(), pa.string())
+            if self.forgets_users:
+                if forgotten_owners is None:
+                    forgotten_owners = np.zeros(len(self.forgotten), dtype=np.int64)
+                arrays.update(self.forgotten.to_arrays(np.flatnonzero(forgotten_owners == part)))
             split[part] = arrays
         return split
 
@@ -804,6 +904,7 @@ class GroupState:
         depends on other entities'. Its entities are numbered after this state's, so its
         sorted codes stay sorted; its distinct values get this state's value ids.
         """
+        self.forgotten.absorb(other.forgotten)
         count = len(other.entities)
         if count == 0:
             return
@@ -862,6 +963,7 @@ class GroupState:
             # (an object array straight from Arrow: 3.5x faster than through a Python list)
             last.event_ids = arrays[f"{name}.event_ids"].to_numpy(zero_copy_only=False).reshape(shape)
             last.values = arrays[f"{name}.list_values"].to_numpy(zero_copy_only=False).reshape(shape)
+        self.forgotten.load_arrays(arrays)
         self._recompute_windows()
 
     def sizes(self) -> dict[str, int]:

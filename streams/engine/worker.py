@@ -90,6 +90,8 @@ class StreamStats:
     """Events dropped as too far ahead of the worker's clock (``stream.max_future_s``)."""
     malformed: int = 0
     feature_rows: int = 0
+    users_deleted: int = 0
+    """Users whose stream features a privacy deletion removed (user_profile ``"action": "delete"``)."""
     repartition_records: int = 0
     """Records shipped to the repartition topic (at most one per shard and cycle, unless a backlog's)."""
     cycles: int = 0
@@ -501,7 +503,7 @@ class StreamWorker:
             rows.column("event_time_ms").to_numpy()[::_FRESHNESS_SAMPLE_EVERY] for rows in shipped.values()
         ]
         changed = self._state.apply(shipped, self._pending_next)  # one row per changed entity and group
-        self._store(changed)
+        self._store(changed, self._state.take_deleted())
         if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
             stored_ms = time.time() * 1000
             self.stats.freshness_ms.extend((stored_ms - np.concatenate(event_times)).tolist())
@@ -544,15 +546,17 @@ class StreamWorker:
             failures = self._failed_records[:3] or [str(f) for f in self._dead_letters.stats.failures[:3]]
             raise StreamError(f"Kafka rejected records the engine produced: {failures}")
 
-    def _store(self, changed: dict[str, pa.Table]) -> None:
-        """Write features, retrying with backoff while a store is down; never drops rows."""
-        if not changed:
+    def _store(self, changed: dict[str, pa.Table], deleted: dict[str, list[tuple[str, int]]]) -> None:
+        """Delete deleted users' features, then write the changed ones, retrying with backoff while a
+        store is down; never drops rows."""
+        if not changed and not deleted:
             return
 
         def write() -> None:
-            self.stats.feature_rows += self._sink.write(changed)
+            self.stats.feature_rows += self._sink.write(changed, deleted)
 
         self._with_store_retries(write)
+        self.stats.users_deleted += len({key for users in deleted.values() for key, _ in users})
 
     def _with_store_retries(self, write: Callable[[], None]) -> None:
         """Run ``write`` until it succeeds, backing off while a store is down (data paused meanwhile)."""
