@@ -40,13 +40,14 @@ from streams.flink.job import (
     job_jars,
     sink_options,
 )
-from streams.flink.sql import interval
+from streams.flink.sql import DELETIONS_OUTPUT, interval
 from streams.flink.writer import KafkaOutputWriter
 from streams.topics import ensure_topics, existing_topics
 from tests.conftest import stream_settings
 from tests.kafka_helpers import consume
 from tests.test_stream_engine import (
     bad_events,
+    deleted_user_events,
     engine_env,
     expected_events,
     extreme_amounts,
@@ -117,7 +118,7 @@ def parity(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     payloads = simulated_payloads(users=1_500, events=15_000, seed=21)
     # blanks other than ASCII spaces, keyed alike everywhere, and amounts at the edges of
     # their ranges (at 10:00 of the simulated day: on time only before its traffic)
-    first = odd_query_searches("u0000003") + extreme_amounts("u0000004")
+    first = odd_query_searches("u0000003") + extreme_amounts("u0000004") + deleted_user_events("u-deleted")
     produce_raw(embedded, first)
     produce(embedded, payloads[:7_000])
     raw = first + bad_events("u0000001", "2025-12-01T00:00:00Z") + _offset_time_events("u0000002")
@@ -177,6 +178,23 @@ def test_flink_features_in_feast_equal_the_embedded_engines(parity: Parity) -> N
         assert not mismatches, f"{group.name}: {len(mismatches)} mismatches, e.g. {mismatches[:5]}"
 
 
+def assert_deleted_users_are_gone(settings: Settings, users: list[str]) -> None:
+    """No stored feature of these users: none online (Feast's SDK), no offline row."""
+    user = next(g for g in FEATURE_GROUPS if g.name == "user_activity")
+    for row in online_features(settings, user, users):
+        assert all(row[f.name] is None for f in user.features()), row
+    stored = pq.read_table(offline_path(settings.feature_repo_dir / "data", user)).column("user_id")
+    assert not set(users) & set(stored.to_pylist())
+
+
+def test_a_deleted_user_has_no_stored_features_in_either_engine(parity: Parity) -> None:
+    deleted = [key for key in ["u-deleted"] if key not in parity.keys["user_activity"]]
+    assert deleted  # (the reference forgets the user too)
+    assert "users deleted" in parity.flink_output
+    for settings in (parity.embedded, parity.flink):
+        assert_deleted_users_are_gone(settings, deleted)
+
+
 def test_the_offset_time_event_counts_and_last_n_lists_are_filled(parity: Parity) -> None:
     """Guards against a vacuous comparison: the hand-made rows and non-empty lists are there."""
     user = next(g for g in FEATURE_GROUPS if g.name == "user_activity")
@@ -225,7 +243,7 @@ def test_rows_on_the_feature_topics_reach_feast_like_the_files(parity: Parity, t
     settings.flink.features_topic_prefix = f"test.features.{uuid.uuid4().hex[:8]}."
     settings.flink.consumer_group = f"flink-writer-{uuid.uuid4().hex[:8]}"
     created = ensure_topics(settings, feature_topics(settings))
-    assert len(created) == len(FEATURE_GROUPS) + 1
+    assert len(created) == len(FEATURE_GROUPS) + 2  # + late events, user deletions
     assert existing_topics(settings)[created[0]] == settings.kafka.topics.partitions
     output = parity.flink.flink_output_dir
     producer = Producer(settings.kafka_client_config())
@@ -245,18 +263,36 @@ def test_rows_on_the_feature_topics_reach_feast_like_the_files(parity: Parity, t
         for row, line in rows:  # one entity's rows in tile order, keyed like the Flink sink
             producer.produce(topic, line, str(row[group.key]).encode())
         total += len(rows)
+    deletions = [
+        line
+        for path in sorted((output / DELETIONS_OUTPUT).iterdir())
+        if not path.name.startswith(".")
+        for line in path.read_bytes().splitlines()
+        if line
+    ]
+    assert deletions
+    for line in deletions:
+        producer.produce(
+            f"{settings.flink.features_topic_prefix}deletions", line, json.loads(line)["user_id"].encode()
+        )
     assert producer.flush(30) == 0
     writer = KafkaOutputWriter(settings)
     try:
         deadline = time.monotonic() + 90
-        while writer.rows_written < total and time.monotonic() < deadline:
+        quiet = 0  # polls in a row that found nothing, once rows came (the group join takes a while)
+        while quiet < 3 and time.monotonic() < deadline:
+            before = (writer.rows_written, writer.users_deleted)
             writer.poll(1.0)
+            idle = (writer.rows_written, writer.users_deleted) == before
+            quiet = quiet + 1 if idle and writer.rows_written else 0
     finally:
         writer.close()
-    assert writer.rows_written == total
+    assert writer.users_deleted == len({json.loads(line)["user_id"] for line in deletions})
+    assert 0 < total - writer.rows_written < total // 100  # only the deleted users' rows were dropped
     for group in FEATURE_GROUPS:
         keys = parity.keys[group.name]
         assert online_features(settings, group, keys) == online_features(parity.flink, group, keys)
+    assert_deleted_users_are_gone(settings, ["u-deleted"])
 
 
 # -- the Kafka path: generated DDL and configuration (no connector jar here) ------------------
@@ -297,13 +333,14 @@ def test_kafka_source_ddl_reads_partitions_with_per_partition_watermarks(tmp_pat
 
 def test_kafka_sink_is_transactional_and_keyed_by_entity(tmp_path: Path) -> None:
     settings = _kafka_settings(tmp_path, None)
-    sinks, late = sink_options(settings)
+    sinks, late, deletions = sink_options(settings)
     user = sinks["user_activity"]
     assert user["topic"] == "adreach.features.user_activity"
     assert user["sink.delivery-guarantee"] == "exactly-once"
     assert user["key.fields"] == "user_id"
     assert user["sink.transactional-id-prefix"] != sinks["ad_performance"]["sink.transactional-id-prefix"]
     assert late["topic"] == "adreach.features.late"
+    assert deletions["topic"] == "adreach.features.deletions" and deletions["key.fields"] == "user_id"
 
 
 def test_job_configuration_has_exactly_once_checkpoints_and_remote_target(tmp_path: Path) -> None:

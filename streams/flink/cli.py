@@ -142,33 +142,41 @@ def flink(
             if remote or not feast:
                 print(f"job {run.job_id}; store its rows with: adreach stream flink-writer")
                 return
-            rows = _follow(settings)
-            print(f"flink: job {run.job_id} stopped; {rows:,} feature rows stored in Feast")
+            rows, deleted = _follow(settings)
+            print(
+                f"flink: job {run.job_id} stopped; {rows:,} feature rows stored in Feast{_deleted(deleted)}"
+            )
             return
         run = run_job(settings, wait=True)
-        rows = _store_files(settings) if feast and config.sink == "files" else 0
+        rows, deleted = _store_files(settings) if feast and config.sink == "files" else (0, 0)
     except FlinkConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
     except (FlinkJobError, FlinkOutputError, TopicError) as exc:
         _fail(str(exc), EXIT_OPERATIONAL)
     print(
         f"flink: job {run.job_id} finished in {run.run_s:.1f} s (+{run.jvm_start_s:.1f} s JVM start); "
-        f"{rows:,} feature rows stored in Feast"
+        f"{rows:,} feature rows stored in Feast{_deleted(deleted)}"
     )
 
 
-def _store_files(settings: Settings) -> int:
+def _deleted(users: int) -> str:
+    return f"; {users:,} users deleted" if users else ""
+
+
+def _store_files(settings: Settings) -> tuple[int, int]:
+    """Apply the job's committed files: (feature rows stored, users deleted)."""
     from streams.flink.writer import FileOutputWriter
 
     writer = FileOutputWriter(settings)
     try:
-        return writer.apply_new()
+        return writer.apply_new(), writer.users_deleted
     finally:
         writer.close()
 
 
-def _follow(settings: Settings, until_idle: float | None = None) -> int:
-    """Store the job's rows as they are committed until Ctrl-C (or ``until_idle`` s without rows)."""
+def _follow(settings: Settings, until_idle: float | None = None) -> tuple[int, int]:
+    """Store the job's rows as they are committed until Ctrl-C (or ``until_idle`` s without rows);
+    returns (feature rows stored, users deleted)."""
     from streams.flink.writer import FileOutputWriter, KafkaOutputWriter
 
     stop = _Stop()
@@ -190,7 +198,7 @@ def _follow(settings: Settings, until_idle: float | None = None) -> int:
                 break
         if isinstance(writer, FileOutputWriter):
             writer.apply_new()
-        return writer.rows_written
+        return writer.rows_written, writer.users_deleted
     finally:
         signal.signal(signal.SIGINT, previous)
         writer.close()
@@ -230,10 +238,10 @@ def flink_writer(
             markup=False,
         )
     try:
-        rows = _follow(settings, until_idle)
+        rows, deleted = _follow(settings, until_idle)
     except (FlinkOutputError, OnlineStoreError) as exc:
         _fail(str(exc), EXIT_OPERATIONAL)
-    print(f"flink-writer: {rows:,} feature rows stored in Feast")
+    print(f"flink-writer: {rows:,} feature rows stored in Feast{_deleted(deleted)}")
 
 
 def flink_record(

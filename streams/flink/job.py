@@ -30,6 +30,7 @@ from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
 from streams.flink.errors import FlinkConfigError, FlinkJobError
 from streams.flink.sql import (
+    DELETIONS_OUTPUT,
     LATE_OUTPUT,
     JobSql,
     KafkaSource,
@@ -143,7 +144,8 @@ def features_topic(settings: Settings, group: FeatureGroup) -> str:
 def feature_topics(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> list[TopicSpec]:
     """The Kafka sink's topics: one per group (partitioned like the events topic) and the late events."""
     topics = settings.kafka.topics
-    names = [features_topic(settings, g) for g in groups] + [f"{settings.flink.features_topic_prefix}late"]
+    prefix = settings.flink.features_topic_prefix
+    names = [features_topic(settings, g) for g in groups] + [f"{prefix}late", f"{prefix}deletions"]
     return [
         TopicSpec(name, topics.partitions, topics.replication_factor, dict(topics.config)) for name in names
     ]
@@ -151,8 +153,8 @@ def feature_topics(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_
 
 def sink_options(
     settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROUPS
-) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """Connector options of each group's sink and of the late-event output."""
+) -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, str]]:
+    """Connector options of each group's sink, of the late-event output and of the user deletions."""
     flink = settings.flink
     if flink.sink == "files":
         output = settings.flink_output_dir
@@ -167,7 +169,7 @@ def sink_options(
                 "sink.rolling-policy.check-interval": "1 s",
             }
 
-        return {g.name: files(g.name) for g in groups}, files(LATE_OUTPUT)
+        return {g.name: files(g.name) for g in groups}, files(LATE_OUTPUT), files(DELETIONS_OUTPUT)
 
     def topic(name: str, key: str | None) -> dict[str, str]:
         options = {
@@ -183,18 +185,19 @@ def sink_options(
             options |= {"key.format": "raw", "key.fields": key, "value.fields-include": "ALL"}
         return options
 
-    return {g.name: topic(g.name, g.key) for g in groups}, topic("late", None)
+    return {g.name: topic(g.name, g.key) for g in groups}, topic("late", None), topic("deletions", "user_id")
 
 
 def build_job_sql(settings: Settings, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> JobSql:
     """The whole job for these settings (no JVM needed)."""
-    sinks, late = sink_options(settings, groups)
+    sinks, late, deletions = sink_options(settings, groups)
     return job_sql(
         source_ddl(settings, groups),
         sinks,
         allowed_lateness_ms=settings.stream.allowed_lateness_s * 1000,
         groups=groups,
         late_sink_options=late,
+        deletions_sink_options=deletions,
     )
 
 

@@ -46,16 +46,20 @@ from dataclasses import dataclass
 from features.definitions import FEATURE_GROUPS, QUERY_BLANK_RUNS, TILE_SECONDS, Aggregation, FeatureGroup
 from infra.arrow_times import RFC3339_PATTERN
 from streams.engine.decode import (
+    ACTION_COLUMN,
     ALWAYS_PRESENT,
+    DELETE_ACTION,
     EARLIEST_MS,
     FIELD_TYPES,
     LATEST_MS,
     NON_NEGATIVE,
     VERSION_FIELD,
+    literal_rules,
     needed_columns,
     required_by_type,
     text_length_rules,
 )
+from streams.engine.router import forgets_users
 from streams.events import EVENT_TYPE_NAMES, SCHEMA_VERSION
 
 TILE_MS = TILE_SECONDS * 1000
@@ -68,6 +72,7 @@ PARTITION_MAX = "partition_max_ms"
 TIMESTAMP_MS = "event_timestamp_ms"
 """The output column with the end of the row's tile (epoch ms): Feast's event timestamp."""
 LATE_OUTPUT = "_late"
+DELETIONS_OUTPUT = "_deletions"
 
 _FLINK_TYPES = {"string": "STRING", "int64": "BIGINT", "double": "DOUBLE"}
 _FEATURE_TYPES = {"int64": "BIGINT", "float64": "DOUBLE", "string_list": "ARRAY<STRING>"}
@@ -278,6 +283,11 @@ def validation_sql(groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> str:
         length = f"CHAR_LENGTH({q(name)})"
         outside = f"{length} < {shortest}" + (f" OR {length} > {longest}" if longest is not None else "")
         conditions.append(f"NOT ({_types_in(event_types)} AND {q(name)} IS NOT NULL AND ({outside}))")
+    for (name, values), event_types in literal_rules(columns).items():
+        allowed = ", ".join(literal(value) for value in values)
+        conditions.append(
+            f"NOT ({_types_in(event_types)} AND {q(name)} IS NOT NULL AND {q(name)} NOT IN ({allowed}))"
+        )
     for name in NON_NEGATIVE:
         if name in columns:
             conditions.append(f"({q(name)} IS NULL OR {q(name)} >= 0)")
@@ -300,8 +310,14 @@ def lateness_views(allowed_lateness_ms: int, groups: Sequence[FeatureGroup] = FE
         f"CREATE TEMPORARY VIEW adreach_on_time AS SELECT * FROM adreach_ordered "
         f"WHERE {q(EVENT_TIME_MS)} >= {q(PARTITION_MAX)} - {allowed_lateness_ms}",
         f"CREATE TEMPORARY VIEW adreach_late AS SELECT * FROM adreach_ordered "
-        f"WHERE {q(EVENT_TIME_MS)} < {q(PARTITION_MAX)} - {allowed_lateness_ms}",
+        f"WHERE {q(EVENT_TIME_MS)} < {q(PARTITION_MAX)} - {allowed_lateness_ms} AND NOT ({_DELETION})",
     ]
+
+
+# A user deletion (the embedded router's ``deletions``): never late, never counted.
+_DELETION = f"{q('type')} = 'user_profile' AND {q(ACTION_COLUMN)} IS NOT NULL AND {q(ACTION_COLUMN)} = " + (
+    f"'{DELETE_ACTION}'"
+)
 
 
 def _tile_tvf(view: str) -> str:
@@ -532,6 +548,17 @@ def late_insert(sink: str, groups: Sequence[FeatureGroup] = FEATURE_GROUPS) -> s
     return f"INSERT INTO {q(sink)} SELECT {names} FROM adreach_late"
 
 
+def deletion_columns() -> list[tuple[str, str]]:
+    """Columns of the ``deletions`` output: the deleted user and the deletion's time."""
+    return [("user_id", "STRING"), (EVENT_TIME_MS, "BIGINT"), ("event_id", "STRING")]
+
+
+def deletions_insert(sink: str) -> str:
+    """Every valid user deletion, on time or not (the writer deletes the user's stored features)."""
+    names = ", ".join(q(name) for name, _ in deletion_columns())
+    return f"INSERT INTO {q(sink)} SELECT {names} FROM adreach_valid WHERE {_DELETION}"
+
+
 @dataclass(frozen=True)
 class JobSql:
     """Every statement of the job: the source, views and sinks, then the inserts (one statement set)."""
@@ -551,8 +578,13 @@ def job_sql(
     allowed_lateness_ms: int,
     groups: Sequence[FeatureGroup] = FEATURE_GROUPS,
     late_sink_options: Mapping[str, str] | None = None,
+    deletions_sink_options: Mapping[str, str] | None = None,
 ) -> JobSql:
-    """The job for ``groups``: ``sink_options`` gives each group's sink connector options."""
+    """The job for ``groups``: ``sink_options`` gives each group's sink connector options.
+
+    ``deletions_sink_options``: where user deletions go, for the writer (needed when a
+    group is keyed by user: Flink's windows cannot forget a user, the writer does).
+    """
     missing = [g.name for g in groups if g.name not in sink_options]
     if missing:
         raise FlinkSqlError(f"no sink options for feature groups {missing}")
@@ -566,4 +598,7 @@ def job_sql(
     if late_sink_options is not None:
         ddl.append(sink_ddl(LATE_OUTPUT, late_columns(groups), late_sink_options))
         inserts.append(late_insert(LATE_OUTPUT, groups))
+    if deletions_sink_options is not None and any(forgets_users(group) for group in groups):
+        ddl.append(sink_ddl(DELETIONS_OUTPUT, deletion_columns(), deletions_sink_options))
+        inserts.append(deletions_insert(DELETIONS_OUTPUT))
     return JobSql(ddl, inserts)

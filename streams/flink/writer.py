@@ -17,6 +17,16 @@ online upserts of the same values are harmless and the offline store gets identi
 duplicate rows, which point-in-time joins resolve to the same values. So the online
 store is effectively exactly-once, the offline store at-least-once with identical
 duplicates.
+
+User deletions: the job also emits every user deletion (``_deletions``). Flink's
+windows cannot forget a user's events, so the writer does: it deletes the user's online
+row, records the deletion for the offline store and compacts it (the user's history
+leaves it, :mod:`features.offline`), and from then on drops the job's rows of that user
+whose windows still reach back to the deletion (a row at tile end t covers events after
+t minus the longest window). The user's features therefore reappear only once a whole
+longest window of new activity lies after the deletion, where the embedded engine
+counts the new activity at once; neither ever stores a feature computed from an event
+at or before the deletion. Deletions are applied before the feature rows read with them.
 """
 
 from __future__ import annotations
@@ -34,12 +44,32 @@ import pyarrow.json as pa_json
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import TIMESTAMP_FIELD, append_offline, arrow_schema
+from features.offline import compact_offline, deleted_keys, record_deletions
 from features.online import OnlineFeatureWriter
 from infra.settings import Settings
+from streams.engine.forget import ForgottenUsers
+from streams.engine.router import forgets_users
 from streams.flink.errors import FlinkOutputError
-from streams.flink.sql import TIMESTAMP_MS
+from streams.flink.sql import DELETIONS_OUTPUT, EVENT_TIME_MS, TIMESTAMP_MS
 
 _MANIFEST = ".applied"
+
+
+def deletions_from_json(payload: bytes) -> list[tuple[str, int]]:
+    """The job's deletion rows (JSON Lines of user_id, event time in ms) as (user, time) pairs."""
+    if not payload.strip():
+        return []
+    table = pa_json.read_json(
+        io.BytesIO(payload),
+        read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(payload) + 1)),
+        parse_options=pa_json.ParseOptions(
+            explicit_schema=pa.schema([("user_id", pa.string()), (EVENT_TIME_MS, pa.int64())]),
+            unexpected_field_behavior="ignore",
+        ),
+    )
+    return list(
+        zip(table.column("user_id").to_pylist(), table.column(EVENT_TIME_MS).to_pylist(), strict=True)
+    )
 
 
 def json_schema(group: FeatureGroup) -> pa.Schema:
@@ -102,8 +132,40 @@ class FeastRowSink:
         self._data_dir = settings.feature_repo_dir / "data"
         self._online = OnlineFeatureWriter(settings, tuple(groups))
         self.rows_written = 0
+        self.users_deleted = 0
+        # Deleted users per group keyed by user, as recorded in the offline store (a restart reads them).
+        self._forgotten: dict[str, ForgottenUsers] = {}
+        for group in groups:
+            if forgets_users(group):
+                recorded = deleted_keys(self._data_dir, group)
+                forgotten = ForgottenUsers()
+                times = recorded.column("deleted_at").cast(pa.int64()).to_numpy() // 1000
+                forgotten.add(recorded.column("key").to_pylist(), times.tolist())
+                self._forgotten[group.name] = forgotten
+
+    def delete(self, users: Sequence[tuple[str, int]]) -> None:
+        """Delete these users' stored features (online row, offline history); then drop their old rows."""
+        if not users:
+            return
+        keys, times = [key for key, _ in users], [time_ms for _, time_ms in users]
+        for name, forgotten in self._forgotten.items():
+            group = self.groups[name]
+            self._online.delete(group, keys)
+            record_deletions(self._data_dir, group, keys, times)
+            compact_offline(self._data_dir, group)
+            forgotten.add(keys, times)
+        self.users_deleted += len(set(keys))
 
     def write(self, group: FeatureGroup, rows: pa.Table) -> int:
+        forgotten = self._forgotten.get(group.name)
+        if forgotten is not None and len(forgotten) and rows.num_rows:
+            # A row at tile end t counts events after t - longest window: those reaching back
+            # to a deletion of its user are dropped.
+            reach_ms = rows.column(TIMESTAMP_FIELD).cast(pa.int64()).to_numpy() // 1000
+            reach_ms = reach_ms - group.longest_window.seconds * 1000
+            blocked = forgotten.blocked(rows.column(group.key), reach_ms)
+            if blocked.any():
+                rows = rows.filter(pa.array(~blocked))
         if rows.num_rows == 0:
             return 0
         self._online.write(group, rows)
@@ -133,29 +195,47 @@ class FileOutputWriter:
         self.output_dir = output_dir or settings.flink_output_dir
         self.groups = tuple(groups)
         self._sink = FeastRowSink(settings, self.groups)
-        self._applied: dict[str, set[str]] = {}
-        for group in self.groups:
-            manifest = self.output_dir / group.name / _MANIFEST
-            names = manifest.read_text().split() if manifest.exists() else []
-            self._applied[group.name] = set(names)
+        self._applied: dict[str, set[str]] = {}  # per output folder, read from its manifest when first listed
 
     @property
     def rows_written(self) -> int:
         return self._sink.rows_written
 
+    @property
+    def users_deleted(self) -> int:
+        return self._sink.users_deleted
+
     def pending(self, group: FeatureGroup) -> list[Path]:
-        directory = self.output_dir / group.name
+        return self._pending(group.name)
+
+    def _pending(self, output: str) -> list[Path]:
+        directory = self.output_dir / output
         if not directory.is_dir():
             return []
-        applied = self._applied[group.name]
+        if output not in self._applied:
+            self._applied[output] = self._manifest(output)
+        applied = self._applied[output]
         return sorted(
             p
             for p in directory.rglob("*")
             if p.is_file() and not p.name.startswith(".") and p.name not in applied
         )
 
+    def _manifest(self, output: str) -> set[str]:
+        manifest = self.output_dir / output / _MANIFEST
+        return set(manifest.read_text().split()) if manifest.exists() else set()
+
     def apply_new(self) -> int:
-        """Store every committed file not yet applied; returns the feature rows stored."""
+        """Apply new user deletions, then store every committed file not yet applied; returns the
+        feature rows stored."""
+        deletions = self._pending(DELETIONS_OUTPUT)
+        if deletions:
+            try:
+                users = deletions_from_json(b"".join(_with_newline(path.read_bytes()) for path in deletions))
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise FlinkOutputError(f"cannot read Flink output {deletions[0].parent}: {exc}") from exc
+            self._sink.delete(users)
+            self._record(DELETIONS_OUTPUT, deletions)
         written = 0
         for group in self.groups:
             files = self.pending(group)
@@ -169,16 +249,16 @@ class FileOutputWriter:
                     f"{group.name}: cannot read Flink output {files[0].parent}: {exc}"
                 ) from exc
             written += self._sink.write(group, rows)
-            self._record(group, files)
+            self._record(group.name, files)
         return written
 
-    def _record(self, group: FeatureGroup, files: list[Path]) -> None:
-        manifest = self.output_dir / group.name / _MANIFEST
+    def _record(self, output: str, files: list[Path]) -> None:
+        manifest = self.output_dir / output / _MANIFEST
         with manifest.open("a") as handle:
             handle.write("".join(f"{path.name}\n" for path in files))
             handle.flush()
             os.fsync(handle.fileno())
-        self._applied[group.name].update(path.name for path in files)
+        self._applied[output].update(path.name for path in files)
 
     def follow(self, stop: Callable[[], bool], poll_s: float = 1.0) -> int:
         """Apply new files every ``poll_s`` until ``stop()``, then once more; returns rows stored."""
@@ -206,6 +286,7 @@ class KafkaOutputWriter:
         from confluent_kafka import Consumer
 
         self.groups = {f"{settings.flink.features_topic_prefix}{g.name}": g for g in groups}
+        self._deletions_topic = f"{settings.flink.features_topic_prefix}deletions"
         self._sink = FeastRowSink(settings, tuple(groups))
         self._consumer = Consumer(
             {
@@ -216,11 +297,18 @@ class KafkaOutputWriter:
                 "isolation.level": "read_committed",
             }
         )
-        self._consumer.subscribe(list(self.groups))
+        topics = list(self.groups)
+        if any(forgets_users(group) for group in groups):
+            topics.append(self._deletions_topic)
+        self._consumer.subscribe(topics)
 
     @property
     def rows_written(self) -> int:
         return self._sink.rows_written
+
+    @property
+    def users_deleted(self) -> int:
+        return self._sink.users_deleted
 
     def poll(self, timeout_s: float = 1.0, max_messages: int = 50_000) -> int:
         """Store one batch of rows; returns how many were stored."""
@@ -232,6 +320,9 @@ class KafkaOutputWriter:
                     continue
                 raise FlinkOutputError(f"Kafka consumer error: {message.error()}")
             by_topic.setdefault(message.topic() or "", []).append(message.value() or b"")
+        deletions = by_topic.pop(self._deletions_topic, [])
+        if deletions:  # before the rows read with them
+            self._sink.delete(deletions_from_json(b"\n".join(v.replace(b"\n", b" ") for v in deletions if v)))
         written = 0
         for topic, values in by_topic.items():
             group = self.groups[topic]
