@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,38 @@ def test_a_run_back_in_time_leaves_the_newer_online_embeddings_alone(world: Worl
     stats = materialize_embeddings(world.settings, world.fm, world.dataset, backfill=False, at_ms=middle)
     assert stats.skipped > 0 and stats.rows == 0  # every user active then has a later backfill run
     assert stored() == before
+
+
+def test_a_user_deleted_in_the_log_loses_its_embeddings_and_its_old_events(
+    world: World, tmp_path: Path
+) -> None:
+    """The log gets a deletion of a user with stored embeddings: the next run deletes them
+    (online and offline), the log reader leaves the user's earlier events out, and a run
+    after that neither deletes again nor brings them back."""
+    from training.pipeline import load_dataset, materialize_embeddings
+
+    offline = _offline_embeddings(world.settings)
+    user = str(offline.column("user_id")[offline.num_rows // 2].as_py())
+    deleted_at = datetime.fromtimestamp(world.dataset.end_ms / 1000, UTC)  # after all of the user's events
+    log = tmp_path / "events"
+    shutil.copytree(world.events_dir, log)
+    deletion = {"type": "user_profile", "event_id": "del-1", "event_time": deleted_at, "user_id": user}
+    schema = pq.read_schema(next(log.rglob("*.parquet")))  # (the parts of one log share it)
+    assert "action" in schema.names
+    row = {name: None for name in schema.names} | deletion | {"action": "delete"}
+    pq.write_table(pa.Table.from_pylist([row], schema), log / "zz-deletion.parquet")
+    dataset = load_dataset(log, queries=world.settings.queries)
+    assert dataset.log.deletions[user] == int(deleted_at.timestamp() * 1000)
+    assert user in world.dataset.log.user_index and user not in dataset.log.user_index  # its events are gone
+
+    for run in range(2):
+        materialize_embeddings(world.settings, world.fm, dataset, backfill=False)
+        with OnlineFeatureReader(world.settings, (FM_EMBEDDINGS,)) as reader:
+            stored = reader.read(FM_EMBEDDINGS, [user], [FM_HISTORY_LEN], with_event_timestamp=True)
+        assert stored.column("event_timestamp").to_pylist() == [None], run
+        kept = _offline_embeddings(world.settings)
+        assert user not in kept.column("user_id").to_pylist(), run
+        assert kept.num_rows > 0.9 * offline.num_rows  # (only the user's rows went)
 
 
 def _inputs(world: World, examples: Examples) -> VMInputs:
@@ -596,7 +630,10 @@ def test_an_event_log_needs_only_the_sdk_core_fields_and_any_time_unit(world: Wo
 
     table = pq.read_table(world.events_dir)
     nanos = table.column("event_time").cast(pa.int64()).to_numpy() * 1_000_000 + 999_999
-    foreign = table.drop_columns([c for c in OPTIONAL_COLUMNS if c not in ("impression_id", "click_id")])
+    # (labels need the impression and click ids; the profile action carries the user deletions)
+    foreign = table.drop_columns(
+        [c for c in OPTIONAL_COLUMNS if c not in ("impression_id", "click_id", "action")]
+    )
     foreign = foreign.set_column(
         foreign.schema.get_field_index("event_time"), "event_time", pa.array(nanos, pa.timestamp("ns"))
     )

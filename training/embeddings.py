@@ -11,6 +11,12 @@ Run periodically (``adreach features fm-embeddings``, e.g. hourly from cron) thi
 the history of representations. ``backfill`` replays the same runs over a past period at
 once, keeping the last-K histories in memory, as a sequence of periodic runs would have.
 An incremental run continues each user's history from the online store.
+
+A user deletion in the log (whose events before it the log reader already left out,
+:func:`training.events.without_deleted_history`) also deletes the user's stored
+embeddings, the first time a run sees it: the online row, and the offline history through
+a recorded deletion (:mod:`features.offline`). Later runs embed the user's activity after
+the deletion only.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from numpy.typing import NDArray
 
 from features.embeddings import FM_EMBEDDING, FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
 from features.feast_objects import append_offline, arrow_schema
+from features.offline import compact_offline, deleted_keys, record_deletions
 from features.online import OnlineFeatureReader, OnlineFeatureWriter
 from infra.settings import Settings
 from models.fm import FoundationModel
@@ -108,6 +115,7 @@ def materialize(
     incremental periodic run); otherwise histories start empty (a backfill from scratch).
     The Feast repository must be applied (``features.store.open_store``).
     """
+    _delete_embeddings(settings, log.deletions, write_online=write_online)
     dim = model.config.embedding_dim
     states = _Histories(len(log.user_ids), history, dim)
     newer = np.zeros(len(log.user_ids), bool)
@@ -149,6 +157,35 @@ def materialize(
             with OnlineFeatureWriter(settings, (FM_EMBEDDINGS,)) as writer:
                 writer.write(FM_EMBEDDINGS, table)  # the last row of each user wins
     return MaterializeStats(len(times_ms), rows, int(touched.sum()), dim, history, int(left_out.sum()))
+
+
+def _delete_embeddings(settings: Settings, deletions: dict[str, int], *, write_online: bool) -> None:
+    """Delete the stored embeddings of users deleted in the log that no earlier run saw deleted.
+
+    Before this run writes anything: the recorded deletion purges the offline rows created
+    before it, and a row this run writes comes after. A deletion already recorded (an
+    earlier run saw it) is not recorded again, which would also purge the rows of the
+    user's activity since.
+    """
+    if not deletions:
+        return
+    data_dir = settings.feature_repo_dir / "data"
+    recorded = deleted_keys(data_dir, FM_EMBEDDINGS)
+    done = dict.fromkeys(recorded.column("key").to_pylist(), -1)
+    for key, at_us in zip(
+        recorded.column("key").to_pylist(),
+        recorded.column("deleted_at").cast(pa.int64()).to_pylist(),
+        strict=True,
+    ):
+        done[key] = max(done[key], at_us // 1000)
+    new = {user: at for user, at in deletions.items() if done.get(user, -1) < at}
+    if not new:
+        return
+    if write_online:  # (a stored row was computed before the deletion was known: from the old events)
+        with OnlineFeatureWriter(settings, (FM_EMBEDDINGS,)) as writer:
+            writer.delete(FM_EMBEDDINGS, list(new))
+    record_deletions(data_dir, FM_EMBEDDINGS, list(new), list(new.values()))
+    compact_offline(data_dir, FM_EMBEDDINGS)
 
 
 def _load_online(

@@ -116,6 +116,7 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "position": pa.int64(),
     "cost_micros": pa.int64(),
     "value": pa.float64(),
+    "action": pa.string(),  # a user_profile's upsert or delete
 }
 """Columns a log may lack (its producers never send them): read as all null."""
 
@@ -141,6 +142,7 @@ def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa
     """``events`` checked for :data:`REQUIRED_COLUMNS`, with missing :data:`OPTIONAL_COLUMNS` added as nulls.
 
     The one column rule of every reader of event logs (files, or tables built in memory).
+    A user deletion leaves out the user's events up to it (:func:`without_deleted_history`).
     """
     missing = [name for name in REQUIRED_COLUMNS if name not in events.column_names]
     if missing:
@@ -157,7 +159,48 @@ def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa
         if events.schema.field(name).type != pa.string():
             events = _cast_column(events, name, pa.string(), source)
     _check_event_times(events, source)
-    return events
+    return without_deleted_history(events)
+
+
+def user_deletions(events: pa.Table) -> dict[str, int]:
+    """Each deleted user's latest deletion time (epoch ms), from user_profile deletion events."""
+    if "action" not in events.column_names:
+        return {}
+    deleting = pc.and_(
+        pc.equal(events.column("type"), "user_profile"), pc.equal(events.column("action"), "delete")
+    )
+    deletions = events.filter(pc.fill_null(deleting, False))
+    if deletions.num_rows == 0:
+        return {}
+    times = epoch_ms(deletions.column("event_time"))
+    latest = (
+        pa.table({"user_id": deletions.column("user_id"), "t": times})
+        .group_by("user_id")
+        .aggregate([("t", "max")])
+    )
+    return dict(zip(latest.column("user_id").to_pylist(), latest.column("t_max").to_pylist(), strict=True))
+
+
+def without_deleted_history(events: pa.Table) -> pa.Table:
+    """``events`` without a deleted user's events at or before the user's latest deletion.
+
+    The privacy rule of the stream features (:mod:`streams.engine.forget`) for logs read
+    whole: no model, training set or embedding learns from a deleted user's past. The
+    deletion events themselves stay (a profile reader sees the profile end there).
+    """
+    deleted = user_deletions(events)
+    if not deleted:
+        return events
+    index = pc.index_in(events.column("user_id"), value_set=pa.array(list(deleted), pa.string()))
+    index = np.asarray(index.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+    found = index >= 0
+    until = np.asarray(list(deleted.values()), np.int64)
+    times = np.asarray(epoch_ms(events.column("event_time")).to_numpy(zero_copy_only=False), np.int64)
+    forgotten = np.zeros(events.num_rows, dtype=bool)
+    forgotten[found] = times[found] <= until[index[found]]
+    deleting = pc.fill_null(pc.equal(events.column("action"), "delete"), False)
+    forgotten &= ~np.asarray(deleting.to_numpy(zero_copy_only=False), bool)
+    return events.filter(pa.array(~forgotten)) if forgotten.any() else events
 
 
 _TEXT_COLUMNS = ("type", "event_id", "user_id", "ad_id", "campaign_id", "advertiser_id")
@@ -242,6 +285,8 @@ class EventLog:
     ad_topics: dict[str, str]
     buckets: Buckets
     profiles: ProfileLog = field(default_factory=lambda: ProfileLog({}))
+    deletions: dict[str, int] = field(default_factory=dict)
+    """Deleted users (also those with no other event here) -> their latest deletion time, epoch ms."""
 
     @property
     def user_index(self) -> dict[str, int]:
@@ -409,6 +454,7 @@ def build_event_log(
         buckets=buckets,
         user_start=user_start,
         profiles=profiles,
+        deletions=user_deletions(profile_events),
         **{name: values[order] for name, values in fields.items()},
     )
 
