@@ -32,7 +32,7 @@ from infra.compressed import (
     open_binary,
     starts_like_json_array,
 )
-from infra.help_text import reflow_help
+from infra.help_text import reflow_help, show_setting_defaults
 from infra.progress import LineTotal, lag_text, progress_bar, stderr
 from infra.settings import KAFKA_LOGGER, ConfigFileError, Settings, load_settings
 from infra.signals import InterruptGuard, threads_ignore_sigint
@@ -636,8 +636,10 @@ reflow_help(app)  # (after every command above is registered)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app(args=argv, prog_name="adreach")
+    """Console-script entry point: the app as Typer builds it, option help showing settings' values."""
+    command = typer.main.get_command(app)
+    show_setting_defaults(command)
+    command(args=argv, prog_name="adreach")
 
 
 if __name__ == "__main__":

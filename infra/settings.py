@@ -714,6 +714,21 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def builtin_default(path: str) -> object:
+    """The built-in default of the setting at ``path`` (``"reach.sample_rate"``), before any
+    config file or ``ADREACH_*`` variable; raises ``LookupError`` for an unknown path."""
+    model: type[BaseModel] = Settings
+    value: object = None
+    for name in path.split("."):
+        fields = model.model_fields
+        if name not in fields:
+            raise LookupError(f"no setting {path!r}")
+        value = fields[name].get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            model = type(value)
+    return value
+
+
 def _config_file() -> Path | None:
     explicit = _explicit_config_file.get()
     if explicit is not None:

@@ -342,6 +342,17 @@ def test_help_paragraphs_are_reflowed_for_the_terminal_and_lists_keep_their_line
     assert any(line.startswith("Prints throughput, feature rows written") for line in lines)
 
 
+def test_options_defaulting_to_a_setting_show_its_value(cli_env: dict[str, str], adreach_bin: str) -> None:
+    """`--help` said "(default: reach.sample_rate)": where to change it, not what it is."""
+    from infra.settings import ReachSettings, SimulationSettings  # (built-in values: no environment)
+
+    shown = run(adreach_bin, ["reach", "build", "--help"], {**cli_env, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert f"(default: reach.sample_rate = {ReachSettings().sample_rate:g})" in shown.stdout
+    shown = run(adreach_bin, ["simulate", "--help"], {**cli_env, "COLUMNS": "200"})
+    assert f"(default: simulate.users = {SimulationSettings().users})" in shown.stdout
+
+
 def test_the_readme_settings_example_is_valid_settings() -> None:
     """Users copy the README's adreach.toml: every key in it must exist, with a valid value
     (Settings forbids unknown keys)."""
