@@ -268,6 +268,16 @@ def relevance_corpus_command(
     except CorpusInputError as exc:
         _fail(str(exc), EXIT_USAGE)
     teacher = _set_up(lambda: open_backend(settings.queries))
+    if samples is not None and samples > 1 and not teacher.emits_reasoning:  # (asked for explicitly)
+        from infra.progress import stderr
+
+        stderr.print(
+            f"note: the {settings.queries.backend} backend gives one deterministic verdict per pair (no "
+            f"reasoning to sample): {settings.queries.relevance_samples} samples per pair are taken as 1; "
+            "the vllm backend samples reasoning",
+            highlight=False,
+            markup=False,
+        )
     cache = _set_up(lambda: QueryCache(settings.query_cache_path, 384))  # query categories (slices)
     factory = ReasoningDataFactory(
         teacher,

@@ -431,6 +431,8 @@ def test_relevance_corpus_command_on_the_cpu_backend(tmp_path: Path, cpu_backend
             str(pairs),
             "--out",
             str(out),
+            "--samples",
+            "3",
         ],
         capture_output=True,
         text=True,
@@ -439,6 +441,7 @@ def test_relevance_corpus_command_on_the_cpu_backend(tmp_path: Path, cpu_backend
     )
     assert result.returncode == 0, result.stderr
     assert "writes no reasoning" in result.stdout and "gold agreement" in result.stdout
+    assert "3 samples per pair are taken as 1" in result.stderr  # (it said nothing of --samples)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     stats = json.loads(Path(f"{out}.stats.json").read_text())
     assert len(rows) == stats["accepted"] > 0.7 * 2 * len(queries)
