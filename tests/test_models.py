@@ -369,6 +369,18 @@ def _refuse_non_standard_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON (JavaScript's and other parsers refuse it)")
 
 
+def test_a_transfer_ratio_is_only_given_for_an_fm_gain_above_the_auc_noise() -> None:
+    """`evaluate` showed -301 for an FM 0.0002 AUC above VM-base on a tiny evaluation."""
+    from training.metrics import auc_standard_error
+    from training.pipeline import transfer_ratio
+
+    # Hanley & McNeil's formula by hand: A = 0.75, Q1 = 0.6, Q2 = 0.642857, 100 + 100 examples.
+    assert auc_standard_error(0.75, 100, 100) == pytest.approx(0.03443, abs=1e-4)
+    assert auc_standard_error(0.75, 10_000, 10_000) < 0.004  # shrinks with the evaluation
+    assert math.isnan(transfer_ratio(0.61, 0.60, 0.6002, min_gain=0.0344))
+    assert transfer_ratio(0.65, 0.60, 0.70, min_gain=0.0344) == pytest.approx(0.5)
+
+
 def test_cli_train_vm_and_evaluate(world: World) -> None:
     bad = _cli(world, "train", "vm", "--events", str(world.events_dir), "--variant", "distilled")
     assert bad.returncode == 2 and "unknown variant" in bad.stderr

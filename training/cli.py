@@ -163,6 +163,7 @@ def evaluate_command(
     from models.registry import NoModelError, RegistryError
     from models.vm import VARIANTS
     from training.datasets import vm_inputs
+    from training.metrics import auc_standard_error
     from training.pipeline import (
         ModelMismatchError,
         evaluate_predictions,
@@ -252,17 +253,26 @@ def evaluate_command(
     print(f"evaluation: {len(evaluation):,} impressions after models.vm_train_end{where}; {scored}")
     for name, version in versions.items():
         results[name]["version"] = version
+    fm_auc = results["fm"]["click"]["auc"]
+    clicks = int((evaluation.click > 0.5).sum())
+    noise = auc_standard_error(fm_auc, clicks, len(evaluation) - clicks)
     print(f"{'model':<24}{'click AUC':>10}{'click NE':>10}{'CVR AUC':>10}{'transfer':>10}")
     for name, result in results.items():
         click = result["click"]
         cvr = result.get("conversion_given_click", {}).get("auc", float("nan"))
         ratio = (
-            transfer_ratio(click["auc"], base, results["fm"]["click"]["auc"])
+            transfer_ratio(click["auc"], base, fm_auc, min_gain=noise)
             if base is not None and name.startswith("vm-")
             else float("nan")
         )
         result["transfer_ratio_auc"] = ratio
         print(f"{name:<24}{_cell(click['auc'], 4)}{_cell(click['ne'], 4)}{_cell(cvr, 4)}{_cell(ratio, 2)}")
+    if base is not None and not fm_auc - base > noise:
+        print(
+            f"transfer: not shown: the FM's click AUC gain over vm-base ({fm_auc - base:+.4f}) is not above "
+            f"the AUC's standard error on these {len(evaluation):,} impressions ({noise:.4f}); "
+            "evaluate on more impressions (--max-examples) or a longer period"
+        )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")

@@ -32,6 +32,20 @@ def auc(labels: NDArray[Any], scores: NDArray[Any]) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
+def auc_standard_error(auc_value: float, positives: int, negatives: int) -> float:
+    """The standard error of an AUC measured on ``positives`` and ``negatives`` examples
+    (Hanley & McNeil 1982): how far apart two models' AUCs on one evaluation set can be by
+    chance alone, so a gap smaller than this says little about which model is better."""
+    if positives == 0 or negatives == 0 or not np.isfinite(auc_value):
+        return float("nan")
+    a = auc_value
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (
+        positives * negatives
+    )
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def log_loss(labels: NDArray[Any], probabilities: NDArray[Any]) -> float:
     p = np.clip(np.asarray(probabilities, np.float64), _EPS, 1 - _EPS)
     y = np.asarray(labels, np.float64)

@@ -535,7 +535,11 @@ def evaluate_predictions(examples: Examples, logits: NDArray[np.float32]) -> dic
     return result
 
 
-def transfer_ratio(vm_metric: float, base_metric: float, fm_metric: float) -> float:
-    """Share of the FM's gain over the base VM that a VM variant captures (NaN when the FM gains nothing)."""
+def transfer_ratio(vm_metric: float, base_metric: float, fm_metric: float, *, min_gain: float = 0.0) -> float:
+    """Share of the FM's gain over the base VM that a VM variant captures.
+
+    NaN when the FM gains ``min_gain`` or less (e.g. the metric's standard error): a ratio
+    to a gain that small is noise divided by noise (it read -301 on a tiny evaluation).
+    """
     gain = fm_metric - base_metric
-    return float((vm_metric - base_metric) / gain) if gain > 0 else float("nan")
+    return float((vm_metric - base_metric) / gain) if gain > max(min_gain, 0.0) else float("nan")
