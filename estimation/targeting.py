@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from estimation import temporal
+from estimation.quoting import SHOWN_CHARS, quoted
 from estimation.schema import FieldKind, FieldSpec, Schema
 
 Scalar: TypeAlias = str | int | float | bool
@@ -38,7 +39,6 @@ MAX_NODES = 2_000
 MAX_VALUES = 10_000
 # Unknown values named one by one per leaf (the rest are counted), and how much of each.
 MAX_VALUE_WARNINGS = 20
-_SHOWN_CHARS = 100
 LOGICAL = ("and", "or", "not")
 LEAF_OPERATORS = ("eq", "in", "between", "has_any", "has_all")
 
@@ -217,14 +217,12 @@ class _Parser:
             return None
         if name not in self.schema:
             known = self.schema.names()
-            close = difflib.get_close_matches(name, known, n=1) if len(name) <= _SHOWN_CHARS else []
+            close = difflib.get_close_matches(name, known, n=1) if len(name) <= SHOWN_CHARS else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             skipped = self.schema.skipped.get(name)
             if skipped is not None:  # in the population, but not a targetable column
                 raise UnknownFieldError(f"field {name!r} cannot be targeted: {skipped}", path)
-            raise UnknownFieldError(
-                f"unknown field {_abridged(name)}{hint}; fields: {', '.join(known)}", path
-            )
+            raise UnknownFieldError(f"unknown field {quoted(name)}{hint}; fields: {', '.join(known)}", path)
         spec = self.schema[name]
         if op not in spec.operators:
             suggestion = {
@@ -375,7 +373,7 @@ def _describe(value: object) -> str:
     if isinstance(value, (int, float)):
         return f"number {value!r}"
     if isinstance(value, str):
-        return f"string {_abridged(value, 40)}"
+        return f"string {quoted(value, 40)}"
     if isinstance(value, list):
         return f"a list of {len(value)}"
     if isinstance(value, dict):
@@ -501,26 +499,17 @@ def unknown_value_warnings(expr: Expr, schema: Schema) -> list[str]:
                 text = str(value)
                 close = (
                     difflib.get_close_matches(text, [str(v) for v in spec.values], n=1)
-                    if len(text) <= _SHOWN_CHARS
+                    if len(text) <= SHOWN_CHARS
                     else []
                 )
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                warnings.append(f"{node.field} has no user with value {_abridged(value)}{hint}")
+                warnings.append(f"{node.field} has no user with value {quoted(value)}{hint}")
             if len(unknown) > MAX_VALUE_WARNINGS:
                 more = len(unknown) - MAX_VALUE_WARNINGS
                 warnings.append(f"{node.field}: {more} more values no user had")
 
     visit(expr)
     return warnings
-
-
-def _abridged(value: object, limit: int = _SHOWN_CHARS) -> str:
-    """``repr(value)`` of at most about ``limit`` characters: a message names a value, it does
-    not echo a megabyte back."""
-    text = str(value)
-    if len(text) <= limit:
-        return repr(value)
-    return f"{text[: limit - 3] + '...'!r} ({len(text):,} characters)"
 
 
 def _outside_range(node: Eq | In | Between, spec: FieldSpec) -> list[str]:

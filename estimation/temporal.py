@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from estimation.quoting import quoted
+
 _EPOCH_DAY = date(1970, 1, 1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}
@@ -29,17 +31,12 @@ def is_temporal(data_type: pa.DataType) -> bool:
     return bool(pa.types.is_date(data_type) or pa.types.is_timestamp(data_type))
 
 
-def _cut(text: str) -> str:
-    """The text as an error message quotes it: a date is short, so 40 characters show any mistake."""
-    return repr(text if len(text) <= 40 else text[:37] + "...")
-
-
 def epoch_days(text: str) -> int:
     """``"2024-01-31"`` -> days since 1970-01-01."""
     try:
         day = date.fromisoformat(text)
     except ValueError:
-        raise TemporalValueError(f'{_cut(text)} is not a date; write dates as "YYYY-MM-DD"') from None
+        raise TemporalValueError(f'{quoted(text, 40)} is not a date; write dates as "YYYY-MM-DD"') from None
     return (day - _EPOCH_DAY).days
 
 
@@ -49,7 +46,8 @@ def epoch_micros(text: str) -> int:
         instant = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
         raise TemporalValueError(
-            f'{_cut(text)} is not a timestamp; write "YYYY-MM-DDTHH:MM:SSZ" (any UTC offset) or "YYYY-MM-DD"'
+            f"{quoted(text, 40)} is not a timestamp; "
+            'write "YYYY-MM-DDTHH:MM:SSZ" (any UTC offset) or "YYYY-MM-DD"'
         ) from None
     if instant.tzinfo is None:  # as population timestamps without a zone are read
         instant = instant.replace(tzinfo=UTC)
