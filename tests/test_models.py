@@ -369,6 +369,30 @@ def _refuse_non_standard_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON (JavaScript's and other parsers refuse it)")
 
 
+def test_a_catalog_named_in_other_words_than_the_query_taxonomy_is_warned_about(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Searches take their query category as topic only where it is a catalog topic: a catalog
+    with its own labels left every search without one, silently."""
+    from training.cli_common import load_data
+
+    settings = world.settings.model_copy(
+        update={"models": world.settings.models.model_copy(update={"search_topics": True})}
+    )
+    load_data(world.events_dir, settings)  # the simulator's catalog uses the taxonomy's ids
+    assert "searches got a topic" not in capsys.readouterr().err
+    shutil.copytree(world.events_dir, tmp_path / "sim" / "events")
+    (tmp_path / "sim" / "truth").mkdir()
+    ads = pq.read_table(world.events_dir.parent / "truth" / "ads.parquet")
+    labels = pc.binary_join_element_wise("label-", ads.column("topic"), "")
+    pq.write_table(
+        ads.set_column(ads.schema.get_field_index("topic"), "topic", labels),
+        tmp_path / "sim" / "truth" / "ads.parquet",
+    )
+    load_data(tmp_path / "sim" / "events", settings)
+    assert "none of the" in capsys.readouterr().err
+
+
 def test_a_transfer_ratio_is_only_given_for_an_fm_gain_above_the_auc_noise() -> None:
     """`evaluate` showed -301 for an FM 0.0002 AUC above VM-base on a tiny evaluation."""
     from training.metrics import auc_standard_error

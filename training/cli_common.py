@@ -78,7 +78,35 @@ def load_data(events: Path, settings: Settings) -> Any:
             highlight=False,
             markup=False,
         )
+    elif settings.models.search_topics:
+        _warn_if_searches_get_no_topic(dataset, settings)
     return dataset
+
+
+def _warn_if_searches_get_no_topic(dataset: Any, settings: Settings) -> None:
+    """Searches take the topic of their query's category only where it is one of the catalog's
+    topics: a catalog named in other words (its own labels, not the query taxonomy's ids)
+    leaves every search without a topic, and nothing said so."""
+    import numpy as np
+
+    from features.queries.taxonomy import load_taxonomy
+    from infra.progress import stderr
+    from training.events import EVENT_TYPES
+
+    log = dataset.log
+    searches = log.kind == EVENT_TYPES.index("search") + 1
+    if not searches.any() or (log.topic[searches] > 0).any():
+        return
+    categories = load_taxonomy(settings.queries.taxonomy_path).ids
+    shown = ", ".join(sorted(set(log.ad_topics.values()))[:5])
+    stderr.print(
+        f"warning: none of the {int(np.sum(searches)):,} searches got a topic: their query categories "
+        f"({', '.join(categories[:5])}, ...) are not the ad catalog's topics ({shown}, ...); name the "
+        "catalog's topics with the query taxonomy's category ids for the FM's taste profile to link "
+        "searches to ads",
+        highlight=False,
+        markup=False,
+    )
 
 
 @contextmanager
