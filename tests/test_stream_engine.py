@@ -222,7 +222,8 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
         if millis > now_ms + settings.stream.max_future_s * 1000:
             continue
         before = watermark.get(record.partition)
-        deletion = event["type"] == "user_profile" and event.get("action") == "delete"  # never late
+        # A deletion is never late and moves no watermark (its time is often the request's).
+        deletion = event["type"] == "user_profile" and event.get("action") == "delete"
         if (
             before is not None
             and millis < before - settings.stream.allowed_lateness_s * 1000
@@ -230,7 +231,8 @@ def expected_events(settings: Settings, records: list[Record]) -> tuple[pa.Table
         ):
             late.add(event["event_id"])
             continue
-        watermark[record.partition] = max(before or millis, millis)
+        if not deletion:
+            watermark[record.partition] = max(before or millis, millis)
         fields = {c: event.get(c) for c in REQUIRED[:2] + REQUIRED[3:] + COLUMNS}
         rows.append({"event_time": EPOCH + timedelta(milliseconds=millis), **fields})
     schema = pa.schema(
@@ -363,7 +365,9 @@ def extreme_amounts(user: str) -> list[tuple[bytes, bytes]]:
 
 def deleted_user_events(user: str) -> list[tuple[bytes, bytes]]:
     """A user active at 10:00-10:03, deleted at 10:05, then an event from 10:04 read after the
-    deletion (forgotten too): the user must end with no stored feature in any store."""
+    deletion (forgotten too): the user must end with no stored feature in any store. Then a
+    second deletion stamped with the wall clock, far ahead of the simulated day: the events
+    after it in its partition must stay on time (a deletion moves no watermark)."""
     chain = {"ad_id": "ad-del", "campaign_id": "c-del", "advertiser_id": "adv-del"}
     events = [
         {"type": "impression", "event_id": "del-imp-1", "event_time": "10:00", **chain},
@@ -372,13 +376,11 @@ def deleted_user_events(user: str) -> list[tuple[bytes, bytes]]:
         {"type": "user_profile", "event_id": "del-1", "event_time": "10:05", "action": "delete"},
         {"type": "impression", "event_id": "del-imp-2", "event_time": "10:04", **chain},
     ]
-    return [
-        (
-            user.encode(),
-            json.dumps({**e, "event_time": f"2026-01-05T{e['event_time']}:00Z", "user_id": user}).encode(),
-        )
-        for e in events
-    ]
+    for e in events:
+        e["event_time"] = f"2026-01-05T{e['event_time']}:00Z"
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    events.append({"type": "user_profile", "event_id": "del-2", "event_time": now, "action": "delete"})
+    return [(user.encode(), json.dumps({**e, "user_id": user}).encode()) for e in events]
 
 
 def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:

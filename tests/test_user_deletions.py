@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,10 @@ from features.definitions import FEATURE_GROUPS
 from features.online import CHANGED_COLUMN
 from features.reference import reference_features
 from infra.settings import Settings
+from streams.engine.decode import EventDecoder
 from streams.engine.replay import replay
+from streams.engine.router import Router
+from streams.engine.shard import ShardStates
 from tests.test_online_store import redis_available
 from tests.test_stream_engine import online_features, produce, run_engine
 
@@ -172,3 +177,71 @@ def _table(events: list[dict[str, object]]) -> pa.Table:
         .append_column("cost_micros", costs)
         .append_column("value", pa.nulls(len(events), pa.float64()))
     )
+
+
+RETENTION_MS = (7 * 86_400 + 3_600) * 1000
+
+
+def _route(
+    router: Router,
+    events: list[dict[str, object]],
+    partition: int,
+    first_offset: int,
+    watermarks: dict[int, int],
+) -> Any:
+    decoded = EventDecoder().decode(as_lines(events))
+    assert not decoded.rejected
+    partitions = np.full(decoded.events.num_rows, partition)
+    offsets = np.arange(decoded.events.num_rows) + first_offset
+    return router.route(decoded.events, partitions, offsets, watermarks)
+
+
+def test_a_deletion_timed_ahead_of_the_stream_makes_no_later_event_late() -> None:
+    """A deletion stamped with the request's time (days ahead of the events being read)
+    raised its partition's watermark: every later event of the partition was "late"."""
+    router = Router(1, 3_600_000)
+    events = [
+        event("impression", "imp-1", 30, "other"),
+        {**deletion("del-1", 0, "gone"), "event_time": "2026-02-05T10:00:00Z"},  # a month ahead
+        event("impression", "imp-2", 31, "other"),
+    ]
+    routed = _route(router, events, 0, 0, {})
+    assert routed.late == []
+    assert routed.watermarks[0] == int(datetime.fromisoformat("2026-01-05T10:31:00+00:00").timestamp() * 1000)
+
+
+def test_a_tombstone_stays_while_a_lagging_partition_could_still_bring_the_users_old_events(
+    tmp_path: Path,
+) -> None:
+    """Tombstones expired by the shard's newest event: events of other partitions 8 days on
+    dropped them, and a late event of the deleted user (on time in its own partition)
+    counted again. A deletion's time must not move the shard's time either (compaction by
+    it would forget everyone else)."""
+    router = Router(1, 3_600_000)
+    state = ShardStates(tmp_path, 1, checkpoint_interval_s=0)
+    state.open(0)
+    watermarks: dict[int, int] = {}
+    batches = [
+        (0, [event("impression", "imp-1", 0, "gone"), deletion("del-1", 10, "gone")]),
+        (0, [{**deletion("del-2", 0, "far"), "event_time": "2026-02-05T10:00:00Z"}]),  # ahead: moves nothing
+        (1, [{**event("impression", "imp-k", 0, "kept"), "event_time": "2026-01-13T10:00:00Z"}]),
+        (0, [event("impression", "imp-2", 5, "gone"), event("impression", "imp-3", 6, "stays")]),
+    ]
+    latest: dict[str, dict[str, object]] = {}
+    for number, (partition, events) in enumerate(batches, start=1):
+        routed = _route(router, events, partition, 10 * number, watermarks)  # (offsets grow per partition)
+        watermarks = routed.watermarks
+        assert routed.late == []  # (10:05 is on time in partition 0, whose watermark is 10:10)
+        changed = state.apply(routed.shards, {0: number})
+        for key, _ in state.take_deleted().get(USER_GROUP.name, []):
+            latest.pop(key, None)
+        if USER_GROUP.name in changed:
+            latest.update({row["user_id"]: row for row in changed[USER_GROUP.name].to_pylist()})
+        state.compact(RETENTION_MS)
+        state.commit(force=True)
+        state.close_all()
+        state = ShardStates(tmp_path, 1, checkpoint_interval_s=0)  # (and back from the checkpoint)
+        state.open(0)
+    assert "gone" not in latest  # the late 10:05 impression of the deleted user did not count
+    assert latest["stays"]["impressions_7d"] == 1 and latest["kept"]["impressions_7d"] == 1
+    assert state.sizes()["user_activity.entities"] >= 1  # not all forgotten by the far deletion

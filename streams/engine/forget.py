@@ -12,9 +12,12 @@ the deletion). The user's events after the deletion time count anew, from nothin
 What counts as "before" is decided in each shard's order (the repartition topic's), so
 a replay in other micro-batches forgets exactly the same events: a deletion forgets
 every event of its user read before it, whatever their times, and those read after it
-up to its event time. Tombstones are checkpointed with the shard's state and kept until
-the shard's event time has moved a whole retention period (longest window + allowed
-lateness) past them, after which such an event would fall outside every window anyway.
+up to its event time. A deletion's time is often the request's, not the stream's, so it
+moves no watermark and no shard time (:mod:`streams.engine.router`,
+:mod:`streams.engine.shard`). Tombstones are checkpointed with the shard's state and kept
+until every source partition shipping to the shard is a retention period (longest window
++ allowed lateness) past them: only then can no event timed before the deletion still
+arrive on time, whichever partition lags.
 """
 
 from __future__ import annotations

@@ -187,10 +187,13 @@ class Router:
                 )
                 for row in np.flatnonzero(future_mask)
             ]
-        late_mask, watermark_at, new_watermarks = self._late(times, partitions, watermarks, future_mask)
         type_codes = event_type_codes(events.column("type"))
-        deleting = deletions(events, type_codes)
-        late_mask &= ~deleting  # a privacy deletion is never dropped for its time (only a future one)
+        # A privacy deletion is never late, and its time (often the request's, not the
+        # stream's) moves no watermark: later events must not become "late" because of it.
+        deleting = deletions(events, type_codes) & ~future_mask
+        late_mask, watermark_at, new_watermarks = self._late(
+            times, partitions, watermarks, future_mask | deleting
+        )
         late = [
             (
                 int(row),
@@ -200,7 +203,7 @@ class Router:
             )
             for row in np.flatnonzero(late_mask)
         ]
-        on_time = ~(late_mask | future_mask)
+        on_time = ~(late_mask | future_mask)  # (deletions included: ignored only for lateness)
         if "query" in events.column_names:
             events = events.append_column(QUERY_KEY_COLUMN, normalize_queries(events.column("query")))
         events = events.append_column(SOURCE_PARTITION, pa.array(partitions.astype(np.int32)))

@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
-from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION, event_type_codes, shard_of
+from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION, deletions, event_type_codes, shard_of
 from streams.engine.state import GroupState
 
 _FORMAT = 2  # 2: keys routed by streams.engine.keys.string_hashes (1: pandas' SipHash)
@@ -62,7 +61,13 @@ class _Progress:
     """Per source partition, the highest source offset applied."""
     max_time: int = 0
     """The newest event time applied (compaction keeps what windows from there can read)."""
+    source_times: dict[int, int] = field(default_factory=dict)
+    """Per source partition, the newest event time applied from it (user deletions excepted)."""
     dirty: bool = False
+
+    def oldest_source_time(self) -> int | None:
+        """The newest event time of the source partition that is furthest behind (None: none yet)."""
+        return min(self.source_times.values()) if self.source_times else None
 
 
 class ShardStates:
@@ -170,9 +175,7 @@ class ShardStates:
             shipped = _fresh(progress.applied, shipped)
             if shipped.num_rows:
                 fresh.append(shipped)
-                progress.max_time = max(
-                    progress.max_time, int(pc.max(shipped.column("event_time_ms")).as_py())
-                )
+                _note_times(progress, shipped)
         if not fresh:
             return {}
         batch = fresh[0] if len(fresh) == 1 else pa.concat_tables(fresh)
@@ -238,11 +241,19 @@ class ShardStates:
         for shard, progress in self._progress.items():
             horizons[shard] = progress.max_time - retention_ms
             progress.dirty = True
+        # A tombstone goes once every source partition that ships to its shard is a retention
+        # period past it: then no event timed before the deletion can still arrive on time.
+        # (By the shard's newest event alone, a lagging partition could still bring one.)
+        tombstone_horizons = np.full(self.shard_count, np.iinfo(np.int64).min, dtype=np.int64)
+        for shard, progress in self._progress.items():
+            oldest = progress.oldest_source_time()
+            if oldest is not None:
+                tombstone_horizons[shard] = oldest - retention_ms
         for index, state in enumerate(self.groups):
             state.compact(horizons[self._shard_of_entities(index)])
-            if len(state.forgotten):  # (an event that old would be outside every window anyway)
+            if len(state.forgotten):
                 _, deleted_at = state.forgotten.arrays()
-                state.forgotten.keep(deleted_at >= horizons[self._shard_of_tombstones(state)])
+                state.forgotten.keep(deleted_at >= tombstone_horizons[self._shard_of_tombstones(state)])
         self._forget_entity_shards()  # ids renumbered
 
     def sizes(self) -> dict[str, int]:
@@ -272,6 +283,23 @@ class ShardStates:
         if not len(state.forgotten):
             return np.zeros(0, dtype=np.int64)
         return shard_of(state.forgotten.arrays()[0], self.shard_count)
+
+
+def _note_times(progress: _Progress, rows: pa.Table) -> None:
+    """Move the shard's newest event times (overall and per source partition) past ``rows``'.
+
+    A user deletion's time moves neither: it is often the request's time, not the stream's,
+    and compaction by it would forget everything older (see :mod:`streams.engine.forget`).
+    """
+    counted = ~deletions(rows, event_type_codes(rows.column("type")))
+    if not counted.any():
+        return
+    times = rows.column("event_time_ms").to_numpy()[counted]
+    sources = rows.column(SOURCE_PARTITION).to_numpy()[counted]
+    progress.max_time = max(progress.max_time, int(times.max()))
+    for source in np.unique(sources).tolist():
+        newest = int(times[sources == source].max())
+        progress.source_times[source] = max(progress.source_times.get(source, newest), newest)
 
 
 def _fresh(applied: dict[int, int], rows: pa.Table) -> pa.Table:
@@ -305,6 +333,7 @@ def _save(
         "next_offset": progress.next_offset,
         "applied": {str(k): v for k, v in progress.applied.items()},
         "max_time": progress.max_time,
+        "source_times": {str(k): v for k, v in progress.source_times.items()},
         "groups": [state.group.name for state in groups],
     }
     arrays: dict[str, np.ndarray[Any, Any]] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
@@ -358,6 +387,7 @@ def _load(path: Path, shard: int, groups: Sequence[GroupState]) -> _Progress:
         next_offset=meta["next_offset"],
         applied={int(k): int(v) for k, v in meta["applied"].items()},
         max_time=int(meta["max_time"]),
+        source_times={int(k): int(v) for k, v in meta.get("source_times", {}).items()},
     )
 
 

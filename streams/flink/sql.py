@@ -91,6 +91,12 @@ def q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+# A user deletion (the embedded router's ``deletions``): never late, never counted, and its
+# time (often the request's, not the stream's) moves neither a partition maximum nor Flink's
+# watermark.
+_DELETION = f"({q('type')} = 'user_profile' AND COALESCE({q(ACTION_COLUMN)} = '{DELETE_ACTION}', FALSE))"
+
+
 def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -170,7 +176,9 @@ def _computed_columns(delay_ms: int | None, max_future_ms: int) -> list[str]:
     return [
         f"{q(PROCTIME)} AS PROCTIME()",
         f"{q(EVENT_TIME_MS)} AS {ms}",
-        f"{q(ROWTIME)} AS TO_TIMESTAMP_LTZ(COALESCE({ms}, 0), 3)",
+        # A user deletion's time (often the request's) must not move Flink's watermark
+        # either: its row time is the epoch, which no watermark waits for.
+        f"{q(ROWTIME)} AS TO_TIMESTAMP_LTZ(CASE WHEN {_DELETION} THEN 0 ELSE COALESCE({ms}, 0) END, 3)",
         f"WATERMARK FOR {q(ROWTIME)} AS {watermark_sql(delay_ms, max_future_ms)}",
     ]
 
@@ -304,7 +312,9 @@ def lateness_views(allowed_lateness_ms: int, groups: Sequence[FeatureGroup] = FE
         f"CREATE TEMPORARY VIEW adreach_valid AS SELECT {columns}, {q(EVENT_TIME_MS)}, {q(ROWTIME)}, "
         f"{q(PROCTIME)}, CAST({q(PARTITION_COLUMN)} AS STRING) AS {q(PARTITION_COLUMN)} "
         f"FROM {EVENTS_TABLE} WHERE {validation_sql(groups)}",
-        f"CREATE TEMPORARY VIEW adreach_ordered AS SELECT *, MAX({q(EVENT_TIME_MS)}) OVER ("
+        # (a deletion's time moves no partition maximum, as in the embedded router)
+        f"CREATE TEMPORARY VIEW adreach_ordered AS SELECT *, "
+        f"MAX(CASE WHEN {_DELETION} THEN CAST(NULL AS BIGINT) ELSE {q(EVENT_TIME_MS)} END) OVER ("
         f"PARTITION BY {q(PARTITION_COLUMN)} ORDER BY {q(PROCTIME)} "
         f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {q(PARTITION_MAX)} FROM adreach_valid",
         f"CREATE TEMPORARY VIEW adreach_on_time AS SELECT * FROM adreach_ordered "
@@ -312,12 +322,6 @@ def lateness_views(allowed_lateness_ms: int, groups: Sequence[FeatureGroup] = FE
         f"CREATE TEMPORARY VIEW adreach_late AS SELECT * FROM adreach_ordered "
         f"WHERE {q(EVENT_TIME_MS)} < {q(PARTITION_MAX)} - {allowed_lateness_ms} AND NOT ({_DELETION})",
     ]
-
-
-# A user deletion (the embedded router's ``deletions``): never late, never counted.
-_DELETION = f"{q('type')} = 'user_profile' AND {q(ACTION_COLUMN)} IS NOT NULL AND {q(ACTION_COLUMN)} = " + (
-    f"'{DELETE_ACTION}'"
-)
 
 
 def _tile_tvf(view: str) -> str:
