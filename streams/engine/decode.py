@@ -7,9 +7,10 @@ without being built; about 1.5x faster than Arrow's JSON reader on these events)
 each field into an Arrow column, and then checks those fields with vector kernels: the
 event type is known, each type's required fields are present, ids have 1..128 characters
 and a search's query up to 1,024, the event time is an RFC 3339 instant inside
-2000..2100, amounts are non-negative (and integers fit int64); the schema version is absent
-or 1 (checked while decoding). These are the producer SDK's rules (:mod:`streams.events`,
-read off its structs where they can be) for the fields the engine uses; fields
+2000..2100, amounts are non-negative (and integers fit int64), a profile's ``action`` is
+``upsert`` or ``delete``; the schema version is absent or 1 (checked while decoding).
+These are the producer SDK's rules (:mod:`streams.events`, read off its structs where
+they can be) for the fields the engine uses; fields
 no feature reads are not re-validated here (an unknown field, an over-long id nobody
 reads, bytes that are not UTF-8 inside a skipped field), because the SDK already did and
 re-decoding every event in full would halve the engine's throughput.
