@@ -438,6 +438,43 @@ def stream_run(
     print(summary)
 
 
+@app.command("dead-letters")
+def dead_letters(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1, help="Show the newest this many.")] = 20,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per dead letter (JSON Lines).")
+    ] = False,
+) -> None:
+    """Show the newest rejected messages of the dead-letter topic: when, the error class, where
+    each came from (file line, or topic, partition and offset) and why, then its start.
+
+    Reads without joining a consumer group (nothing is committed). --json prints every header
+    and the whole original value, one object per line, for tools.
+    """
+    import json
+
+    from streams.dead_letters import DeadLetterTopicError, describe, newest_dead_letters
+
+    settings = _settings(ctx)
+    require_cluster(settings)
+    try:
+        letters = newest_dead_letters(settings, limit)
+    except DeadLetterTopicError as exc:
+        _fail(str(exc), EXIT_OPERATIONAL)
+    if as_json:
+        for letter in letters:
+            print(json.dumps(letter.as_json(), ensure_ascii=False))
+        return
+    topic = settings.kafka.topics.dead_letter
+    if not letters:
+        print(f"no dead letters in {topic}")
+        return
+    for letter in letters:
+        print(describe(letter))
+    print(f"{len(letters):,} newest dead letters of {topic} (--limit {limit})")
+
+
 def require_cluster(settings: Settings) -> None:
     """Exit with the client's cause (code 3) unless a broker of ``kafka.bootstrap_servers``
     answers: a consumer alone would wait for an assignment forever, saying nothing."""

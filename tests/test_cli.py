@@ -105,6 +105,37 @@ def test_produce_file_reports_bad_lines_and_delivers_good_ones(
     assert sources["events.jsonl:5"].headers[HEADER_ERROR_CLASS] == b"UnknownEventTypeError"
 
 
+def test_dead_letters_shows_the_newest_rejects_with_their_reasons(
+    tmp_path: Path, cli_env: dict[str, str], adreach_bin: str
+) -> None:
+    empty = run(adreach_bin, ["dead-letters"], cli_env)
+    assert empty.returncode == 0 and "no dead letters in" in empty.stdout, empty.stderr
+    run(adreach_bin, ["produce", str(mixed_file(tmp_path / "events.jsonl"))], cli_env)
+    listed = run(adreach_bin, ["dead-letters", "--json"], cli_env)
+    rows = {row["source"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    assert set(rows) == {f"events.jsonl:{n}" for n in (3, 5, 6, 7)}
+    assert rows["events.jsonl:3"]["value"] == "{this is not json"
+    assert rows["events.jsonl:5"]["error_class"] == "UnknownEventTypeError"
+    assert all(row["failed_at"].endswith("Z") for row in rows.values())
+    shown = run(adreach_bin, ["dead-letters", "--limit", "2"], cli_env)  # (rejected in one millisecond:
+    assert shown.returncode == 0, shown.stderr  # any two of them are the newest)
+    said = [line for line in shown.stdout.splitlines() if "  events.jsonl:" in line]
+    assert len(said) == 2 and "2 newest dead letters" in shown.stdout
+    assert all(
+        f"{row['source']}: {row['reason']}" in shown.stdout
+        for row in rows.values()
+        if row["source"] in shown.stdout
+    )
+    assert (
+        "events.jsonl:6: Object missing required field `query`"
+        in run(adreach_bin, ["dead-letters"], cli_env).stdout
+    )
+    missing = run(
+        adreach_bin, ["dead-letters"], {**cli_env, "ADREACH_KAFKA__TOPICS__DEAD_LETTER": "no.such.dlq"}
+    )
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
+
+
 def test_produce_from_stdin_with_only_good_lines_exits_zero(
     kafka: Settings, cli_env: dict[str, str], adreach_bin: str
 ) -> None:
