@@ -35,6 +35,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.definitions import FeatureGroup
@@ -85,12 +86,17 @@ def record_deletions(
     return directory / name
 
 
-def deleted_keys(data_dir: Path, group: FeatureGroup) -> pa.Table:
-    """Every recorded deletion of ``group`` (columns key, deleted_at, recorded_at)."""
+def recorded_deletions(data_dir: Path, group: FeatureGroup) -> dict[str, int]:
+    """Each entity of ``group`` whose deletion is recorded -> its latest deletion time (epoch ms)."""
     files = sorted(deletions_path(data_dir, group).glob("part-*.parquet"))
     if not files:
-        return _DELETIONS_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f).cast(_DELETIONS_SCHEMA) for f in files])
+        return {}
+    table = pa.concat_tables([pq.read_table(f).cast(_DELETIONS_SCHEMA) for f in files])
+    millis = pc.divide(table.column(_DELETED_AT).cast(pa.int64()), 1000)
+    latest = (
+        pa.table({"key": table.column(_DELETED_KEY), "t": millis}).group_by("key").aggregate([("t", "max")])
+    )
+    return dict(zip(latest.column("key").to_pylist(), latest.column("t_max").to_pylist(), strict=True))
 
 
 @contextmanager
@@ -152,6 +158,7 @@ def _sql_files(paths: Sequence[Path]) -> str:
 
 def _compact(group: FeatureGroup, parts: list[Path], deletions: Path) -> CompactionResult:
     deletion_files = sorted(deletions.glob("part-*.parquet"))
+    rows_before = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     key, ts, created = f'"{group.key}"', f'"{TIMESTAMP_FIELD}"', f'"{CREATED_FIELD}"'
     connection = duckdb.connect(config={"threads": 1})
     try:
@@ -163,16 +170,14 @@ def _compact(group: FeatureGroup, parts: list[Path], deletions: Path) -> Compact
                 f"WHERE d.{_DELETED_KEY} = r.{key} AND r.{created} <= d.{_RECORDED_AT})"
             )
             kept = connection.sql(f"SELECT count(*) FROM {source} AS r {purge}").fetchall()[0][0]
-            if kept == sum(pq.ParquetFile(p).metadata.num_rows for p in parts):
+            if kept == rows_before:
                 purge = ""  # nothing to take out: merge as usual
         if len(parts) <= 1 and not purge:
-            rows = pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
-            return CompactionResult(group.name, len(parts), rows, rows)
+            return CompactionResult(group.name, len(parts), rows_before, rows_before)
         table = connection.sql(
             f"SELECT r.* FROM {source} AS r {purge} QUALIFY row_number() OVER "
             f"(PARTITION BY r.{key}, r.{ts} ORDER BY r.{created} DESC) = 1 ORDER BY r.{ts}, r.{key}"
         ).to_arrow_table()
-        rows_before = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     finally:
         connection.close()
     directory = parts[0].parent

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from features.embeddings import FM_EMBEDDING, FM_EMBEDDINGS, FM_HISTORY, FM_HISTORY_LEN
 from features.feast_objects import append_offline, arrow_schema
-from features.offline import compact_offline, deleted_keys, record_deletions
+from features.offline import compact_offline, record_deletions, recorded_deletions
 from features.online import OnlineFeatureReader, OnlineFeatureWriter
 from infra.settings import Settings
 from models.fm import FoundationModel
@@ -170,14 +170,7 @@ def _delete_embeddings(settings: Settings, deletions: dict[str, int], *, write_o
     if not deletions:
         return
     data_dir = settings.feature_repo_dir / "data"
-    recorded = deleted_keys(data_dir, FM_EMBEDDINGS)
-    done = dict.fromkeys(recorded.column("key").to_pylist(), -1)
-    for key, at_us in zip(
-        recorded.column("key").to_pylist(),
-        recorded.column("deleted_at").cast(pa.int64()).to_pylist(),
-        strict=True,
-    ):
-        done[key] = max(done[key], at_us // 1000)
+    done = recorded_deletions(data_dir, FM_EMBEDDINGS)
     new = {user: at for user, at in deletions.items() if done.get(user, -1) < at}
     if not new:
         return

@@ -33,7 +33,7 @@ from infra.arrow_times import EventTimeError, epoch_ms
 from infra.parquet import open_parquet
 from infra.settings import DEFAULT_DEVICES, DEFAULT_PLACEMENTS, ModelSettings
 from streams.engine.decode import outside_event_time_range
-from streams.engine.router import normalize_queries
+from streams.engine.router import deletions, normalize_queries
 
 EVENT_TYPES = ("impression", "click", "conversion", "search")
 """Token types; 0 is padding, so type ``i`` is code ``i + 1``."""
@@ -164,17 +164,16 @@ def with_event_columns(events: pa.Table, *, source: str = "the event log") -> pa
 
 def user_deletions(events: pa.Table) -> dict[str, int]:
     """Each deleted user's latest deletion time (epoch ms), from user_profile deletion events."""
-    if "action" not in events.column_names:
+    return _latest_deletions(events, deletions(events))
+
+
+def _latest_deletions(events: pa.Table, deleting: NDArray[np.bool_]) -> dict[str, int]:
+    if not deleting.any():
         return {}
-    deleting = pc.and_(
-        pc.equal(events.column("type"), "user_profile"), pc.equal(events.column("action"), "delete")
-    )
-    deletions = events.filter(pc.fill_null(deleting, False))
-    if deletions.num_rows == 0:
-        return {}
-    times = epoch_ms(deletions.column("event_time"))
+    rows = events.filter(pa.array(deleting))
+    times = epoch_ms(rows.column("event_time"))
     latest = (
-        pa.table({"user_id": deletions.column("user_id"), "t": times})
+        pa.table({"user_id": rows.column("user_id"), "t": times})
         .group_by("user_id")
         .aggregate([("t", "max")])
     )
@@ -188,7 +187,8 @@ def without_deleted_history(events: pa.Table) -> pa.Table:
     whole: no model, training set or embedding learns from a deleted user's past. The
     deletion events themselves stay (a profile reader sees the profile end there).
     """
-    deleted = user_deletions(events)
+    deleting = deletions(events)
+    deleted = _latest_deletions(events, deleting)
     if not deleted:
         return events
     index = pc.index_in(events.column("user_id"), value_set=pa.array(list(deleted), pa.string()))
@@ -198,8 +198,7 @@ def without_deleted_history(events: pa.Table) -> pa.Table:
     times = np.asarray(epoch_ms(events.column("event_time")).to_numpy(zero_copy_only=False), np.int64)
     forgotten = np.zeros(events.num_rows, dtype=bool)
     forgotten[found] = times[found] <= until[index[found]]
-    deleting = pc.fill_null(pc.equal(events.column("action"), "delete"), False)
-    forgotten &= ~np.asarray(deleting.to_numpy(zero_copy_only=False), bool)
+    forgotten &= ~deleting
     return events.filter(pa.array(~forgotten)) if forgotten.any() else events
 
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import append_offline, arrow_schema
 from features.offline import last_row_per_key_and_time
 from infra.arrow_times import epoch_ms
 from infra.settings import Settings
-from streams.engine.decode import ACTION_COLUMN, DELETE_ACTION, EventDecoder
+from streams.engine.decode import ACTION_COLUMN, EventDecoder
 from streams.engine.replay import EmittedRows, InProcessEngine
+from streams.engine.router import deletions, event_type_codes, of_types
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,8 @@ def replay_stream_features(
         arrival = np.maximum.accumulate(epoch_ms(events.column("event_time")).to_numpy())
     # Profiles carry no stream feature; only deletions act on them (the deleted users'
     # history is left out, as a live worker removes it from the stores).
-    profile = np.asarray(
-        pc.is_in(events.column("type"), value_set=pa.array(["user_profile"])).to_numpy(zero_copy_only=False),
-        bool,
-    )
-    if ACTION_COLUMN in events.column_names:
-        deleting = pc.fill_null(pc.equal(events.column(ACTION_COLUMN), DELETE_ACTION), False)
-        profile &= ~np.asarray(deleting.to_numpy(zero_copy_only=False), bool)
-    keep = ~profile
+    type_codes = event_type_codes(events.column("type"))
+    keep = ~of_types(type_codes, ("user_profile",)) | deletions(events, type_codes)
     events, arrival = events.filter(pa.array(keep)), arrival[keep]
     if progress is not None and not keep.all():
         progress(int((~keep).sum()))  # profiles carry no stream feature: done as soon as read

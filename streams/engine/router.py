@@ -91,12 +91,18 @@ def of_types(codes: NDArray[np.int8], event_types: Iterable[str]) -> NDArray[np.
     return wanted[codes]
 
 
-def deletions(events: pa.Table, type_codes: NDArray[np.int8]) -> NDArray[np.bool_]:
-    """Per row, whether it is a user deletion (a user_profile event with ``"action": "delete"``)."""
-    if ACTION_COLUMN not in events.column_names:
+def deletions(events: pa.Table, type_codes: NDArray[np.int8] | None = None) -> NDArray[np.bool_]:
+    """Per row, whether it is a user deletion (a user_profile event with ``"action": "delete"``).
+
+    ``type_codes``: :func:`event_type_codes` of the rows, if the caller has them; they are
+    computed only when some row has an action at all (the usual batch has none).
+    """
+    if ACTION_COLUMN not in events.column_names or events.column(ACTION_COLUMN).null_count == len(events):
         return np.zeros(len(events), dtype=bool)
+    if type_codes is None:
+        type_codes = event_type_codes(events.column("type"))
     deleting = pc.fill_null(pc.equal(events.column(ACTION_COLUMN), DELETE_ACTION), False)
-    deleting_rows: NDArray[np.bool_] = np.asarray(deleting.to_numpy(), dtype=bool)
+    deleting_rows: NDArray[np.bool_] = np.asarray(deleting.to_numpy(zero_copy_only=False), dtype=bool)
     return of_types(type_codes, ("user_profile",)) & deleting_rows
 
 

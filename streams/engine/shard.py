@@ -291,7 +291,7 @@ def _note_times(progress: _Progress, rows: pa.Table) -> None:
     A user deletion's time moves neither: it is often the request's time, not the stream's,
     and compaction by it would forget everything older (see :mod:`streams.engine.forget`).
     """
-    counted = ~deletions(rows, event_type_codes(rows.column("type")))
+    counted = ~deletions(rows)
     if not counted.any():
         return
     times = rows.column("event_time_ms").to_numpy()[counted]

@@ -44,7 +44,7 @@ import pyarrow.json as pa_json
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from features.feast_objects import TIMESTAMP_FIELD, append_offline, arrow_schema
-from features.offline import compact_offline, deleted_keys, record_deletions
+from features.offline import compact_offline, record_deletions, recorded_deletions
 from features.online import OnlineFeatureWriter
 from infra.settings import Settings
 from streams.engine.forget import ForgottenUsers
@@ -137,10 +137,9 @@ class FeastRowSink:
         self._forgotten: dict[str, ForgottenUsers] = {}
         for group in groups:
             if forgets_users(group):
-                recorded = deleted_keys(self._data_dir, group)
+                recorded = recorded_deletions(self._data_dir, group)
                 forgotten = ForgottenUsers()
-                times = recorded.column("deleted_at").cast(pa.int64()).to_numpy() // 1000
-                forgotten.add(recorded.column("key").to_pylist(), times.tolist())
+                forgotten.add(list(recorded), list(recorded.values()))
                 self._forgotten[group.name] = forgotten
 
     def delete(self, users: Sequence[tuple[str, int]]) -> None:
