@@ -526,6 +526,15 @@ def _run_stream(
         f"features -> Feast repo {settings.feature_repo_dir}",
         highlight=False,
     )
+    from streams.engine.decode import FAST_DECODE_AVAILABLE
+
+    if not FAST_DECODE_AVAILABLE:
+        stderr.print(
+            "[yellow]stream: the compiled decoder (streams/engine/_fastdecode.c) is not installed; "
+            "decoding with msgspec alone (same results, slower). Reinstall with a C compiler at hand: "
+            "pip install -e .[/]",
+            highlight=False,
+        )
 
     def on_interrupt(signum: int, frame: object) -> None:
         stderr.print("stopping: finishing the current cycle (Ctrl-C again to abort)", highlight=False)
