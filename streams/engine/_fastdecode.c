@@ -20,8 +20,9 @@
  * decode(values, fields) -> (columns, fallback)
  *   values:   a list of bytes, one JSON message each
  *   fields:   a tuple of (name: str, kind: int, nullable: bool); kind 0 text, 1 int64,
- *             2 float64, 3 "must be the integer 1 if present" (checked, no column)
- *   columns:  per field of kind 0..2, in order: (validity bytes | None, values bytes,
+ *             2 float64, 3 "must be the integer 1 if present" (checked, no column),
+ *             4 text in the form of an RFC 3339 instant (else handed back; see rfc3339_form)
+ *   columns:  per field of kind 0..2 and 4, in order: (validity bytes | None, values bytes,
  *             text bytes | None, null count); for text the values are int32 offsets
  *   fallback: the indexes (ascending) of the messages this module did not decode
  */
@@ -32,7 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KIND_TEXT = 0, KIND_INT64 = 1, KIND_FLOAT64 = 2, KIND_VERSION = 3 };
+enum { KIND_TEXT = 0, KIND_INT64 = 1, KIND_FLOAT64 = 2, KIND_VERSION = 3, KIND_INSTANT = 4 };
+#define IS_TEXT(kind) ((kind) == KIND_TEXT || (kind) == KIND_INSTANT)
 #define MAX_FIELDS 32
 #define MAX_DEPTH 64
 #define MAX_NUMBER_TOKEN 63
@@ -42,8 +44,7 @@ typedef struct {
     Py_ssize_t len, cap;
 } Buf;
 
-static int buf_reserve(Buf *b, Py_ssize_t extra) {
-    if (b->len + extra <= b->cap) return 0;
+static int buf_grow(Buf *b, Py_ssize_t extra) {
     Py_ssize_t cap = b->cap ? b->cap : 1024;
     while (cap < b->len + extra) cap *= 2;
     char *grown = realloc(b->data, (size_t)cap);
@@ -56,8 +57,8 @@ static int buf_reserve(Buf *b, Py_ssize_t extra) {
     return 0;
 }
 
-static int buf_append(Buf *b, const void *src, Py_ssize_t n) {
-    if (buf_reserve(b, n) < 0) return -1;
+static inline int buf_append(Buf *b, const void *src, Py_ssize_t n) {
+    if (b->len + n > b->cap && buf_grow(b, n) < 0) return -1;
     memcpy(b->data + b->len, src, (size_t)n);
     b->len += n;
     return 0;
@@ -311,6 +312,35 @@ static int nonzero_mantissa(const unsigned char *p, const unsigned char *end) {
     return 0;
 }
 
+static inline int digits(const unsigned char *p, int n) {
+    for (int i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return 0;
+    }
+    return 1;
+}
+
+/* Whether an event time is written as infra.arrow_times.RFC3339_PATTERN says (the SDK's
+ * form; its values, such as a 30th of February, are still Arrow's to judge):
+ * YYYY-MM-DD[Tt ]hh:mm:ss(.d+)?([Zz]|[+-]hh:?mm). 0: it is, -1: hand the message back. */
+static int rfc3339_form(const unsigned char *p, Py_ssize_t n) {
+    if (n < 20 || !digits(p, 4) || p[4] != '-' || !digits(p + 5, 2) || p[7] != '-' || !digits(p + 8, 2)) return -1;
+    if ((p[10] != 'T' && p[10] != 't' && p[10] != ' ') || !digits(p + 11, 2) || p[13] != ':' || !digits(p + 14, 2) ||
+        p[16] != ':' || !digits(p + 17, 2))
+        return -1;
+    Py_ssize_t i = 19;
+    if (p[i] == '.') {
+        Py_ssize_t first = ++i;
+        while (i < n && p[i] >= '0' && p[i] <= '9') i++;
+        if (i == first) return -1;
+    }
+    if (i < n && (p[i] == 'Z' || p[i] == 'z')) return i + 1 == n ? 0 : -1;
+    if (i >= n || (p[i] != '+' && p[i] != '-')) return -1;
+    Py_ssize_t left = n - i - 1;
+    if (left == 5) return digits(p + i + 1, 2) && p[i + 3] == ':' && digits(p + i + 4, 2) ? 0 : -1;
+    if (left == 4) return digits(p + i + 1, 4) ? 0 : -1;
+    return -1;
+}
+
 /* A read field's value into its slot. 0: ok, -1: hand the message back. */
 static int read_value(Cursor *c, const Column *column, Slot *slot) {
     if (c->p >= c->end) return -1;
@@ -319,9 +349,9 @@ static int read_value(Cursor *c, const Column *column, Slot *slot) {
         slot->is_null = 1;
         return 0;
     }
-    if (column->kind == KIND_TEXT) {
-        if (*c->p != '"') return -1;
-        return scan_string(c, 0, &slot->text, &slot->text_len);
+    if (IS_TEXT(column->kind)) {
+        if (*c->p != '"' || scan_string(c, 0, &slot->text, &slot->text_len) < 0) return -1;
+        return column->kind == KIND_INSTANT ? rfc3339_form(slot->text, slot->text_len) : 0;
     }
     const unsigned char *start = c->p;
     int integer;
@@ -421,7 +451,7 @@ static int append_row(Column *columns, int count, const Slot *slots, Py_ssize_t 
         } else {
             column->nulls++;
         }
-        if (column->kind == KIND_TEXT) {
+        if (IS_TEXT(column->kind)) {
             if (valid && buf_append(&column->text, slot->text, slot->text_len) < 0) return -1;
             int32_t offset = (int32_t)column->text.len;
             if (buf_append(&column->values, &offset, sizeof offset) < 0) return -1;
@@ -447,7 +477,7 @@ static int setup_columns(PyObject *fields, Column *columns, int *count) {
         PyObject *name;
         int kind, nullable;
         if (!PyArg_ParseTuple(spec, "Uip", &name, &kind, &nullable)) return -1;
-        if (kind < KIND_TEXT || kind > KIND_VERSION) {
+        if (kind < KIND_TEXT || kind > KIND_INSTANT) {
             PyErr_Format(PyExc_ValueError, "unknown field kind %d", kind);
             return -1;
         }
@@ -455,7 +485,7 @@ static int setup_columns(PyObject *fields, Column *columns, int *count) {
         if (columns[i].name == NULL) return -1;
         columns[i].kind = kind;
         columns[i].nullable = nullable;
-        if (kind == KIND_TEXT) {
+        if (IS_TEXT(kind)) {
             int32_t zero = 0;
             if (buf_append(&columns[i].values, &zero, sizeof zero) < 0) return -1;
         }
@@ -468,7 +498,7 @@ static PyObject *bytes_of(const Buf *b) { return PyBytes_FromStringAndSize(b->da
 static PyObject *column_result(const Column *column) {
     PyObject *validity = column->nulls ? bytes_of(&column->validity) : Py_NewRef(Py_None);
     PyObject *values = bytes_of(&column->values);
-    PyObject *text = column->kind == KIND_TEXT ? bytes_of(&column->text) : Py_NewRef(Py_None);
+    PyObject *text = IS_TEXT(column->kind) ? bytes_of(&column->text) : Py_NewRef(Py_None);
     if (validity == NULL || values == NULL || text == NULL) {
         Py_XDECREF(validity);
         Py_XDECREF(values);
@@ -499,7 +529,7 @@ static PyObject *decode(PyObject *module, PyObject *args) {
         }
         if (decoded) {
             for (int k = 0; k < count; k++) { /* int32 offsets: never let a column pass 2 GiB */
-                if (columns[k].kind == KIND_TEXT && columns[k].text.len + slots[k].text_len > INT32_MAX) decoded = 0;
+                if (IS_TEXT(columns[k].kind) && columns[k].text.len + slots[k].text_len > INT32_MAX) decoded = 0;
             }
         }
         if (decoded) {

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
-from infra.arrow_times import EventTimeError, rfc3339_epoch_ms
+from infra.arrow_times import EventTimeError, epoch_ms, rfc3339_epoch_ms
 from streams.engine.collector import collector_paused
 from streams.events import (
     EVENT_TYPE_NAMES,
@@ -89,6 +89,7 @@ _MSGSPEC_TYPES: dict[str, Any] = {
 # The same fields as the compiled fast path reads them (_fastdecode.c's field kinds).
 _FAST_KINDS = {"string": 0, "int64": 1, "double": 2}
 _FAST_VERSION_KIND = 3
+_FAST_INSTANT_KIND = 4  # text in RFC 3339's form (infra.arrow_times.RFC3339_PATTERN), else handed back
 _ALWAYS = ("type", "event_id", "event_time", "user_id")
 # Read whatever the feature definitions read: a user_profile's ``"action": "delete"`` makes
 # the engines forget the user (see streams.engine.state: user deletions).
@@ -243,7 +244,14 @@ class EventDecoder:
         self._fast_fields: tuple[tuple[str, int, bool], ...] | None = None
         if fast and _fastdecode is not None:
             self._fast_fields = (
-                *((name, _FAST_KINDS[str(_FIELD_TYPES[name])], name in nullable) for name in self.columns),
+                *(
+                    (
+                        name,
+                        _FAST_INSTANT_KIND if name == "event_time" else _FAST_KINDS[str(_FIELD_TYPES[name])],
+                        name in nullable,
+                    )
+                    for name in self.columns
+                ),
                 (VERSION_FIELD, _FAST_VERSION_KIND, False),
             )
 
@@ -332,8 +340,8 @@ class EventDecoder:
                 buffers.append(pa.py_buffer(text))
             arrays[name] = pa.Array.from_buffers(_FIELD_TYPES[name], len(rows), buffers, null_count=nulls)
         texts = arrays.pop("event_time")
-        try:
-            arrays["event_time_ms"] = rfc3339_epoch_ms(texts)
+        try:  # (the fast path checked the texts' form: what rfc3339_epoch_ms's pattern checks)
+            arrays["event_time_ms"] = epoch_ms(texts)
         except EventTimeError:
             return self.output_schema.empty_table(), rows[:0], np.arange(len(lines), dtype=np.int64)
         return pa.table(arrays), rows, back
