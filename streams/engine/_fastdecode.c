@@ -58,6 +58,7 @@ static int buf_grow(Buf *b, Py_ssize_t extra) {
 }
 
 static inline int buf_append(Buf *b, const void *src, Py_ssize_t n) {
+    if (n == 0) return 0; /* (memcpy of nothing to a buffer not yet allocated is still undefined) */
     if (b->len + n > b->cap && buf_grow(b, n) < 0) return -1;
     memcpy(b->data + b->len, src, (size_t)n);
     b->len += n;
@@ -380,7 +381,7 @@ static int read_value(Cursor *c, const Column *column, Slot *slot) {
         return -1;
     }
     if (stop != token + n || !isfinite(value) || (value == 0.0 && nonzero_mantissa(start, c->p))) return -1;
-    slot->real = value;
+    slot->real = integer && value == 0.0 ? 0.0 : value; /* msgspec reads "-0" as the integer 0: +0.0 */
     return 0;
 }
 
