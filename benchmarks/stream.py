@@ -10,6 +10,9 @@ Cases, in one run against one embedded broker:
   groups and stores the changed features online (Redis, the production store, and
   SQLite, the embedded default; Feast's own formats) and offline; events/s from the first
   message to the last stored feature.
+* ``... msgspec decode (baseline)``: the Redis case again with ``stream.compiled_decode``
+  off (every message decoded by msgspec, as before the compiled reader): the reader's
+  gain measured in the same run, on the same VM phase.
 * ``confluent-kafka consume only (backlog)``: the floor under any stream processor built on
   confluent-kafka: the same events read with the worker's consumer settings and the
   per-message calls the worker makes, and nothing else (CPU per event).
@@ -64,6 +67,7 @@ from features.online import parse_redis_connection
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
 from streams.engine.collector import startup_heap_frozen
+from streams.engine.decode import FAST_DECODE_AVAILABLE
 from streams.engine.replay import replay
 from streams.engine.worker import StreamWorker, stream_consumer_config
 from streams.producer import EventProducer
@@ -455,6 +459,9 @@ def main() -> None:
         payloads = [line for batch in simulator.batches() for line in batch.to_json_lines()]
         core = bench_core(payloads, settings.stream.batch_max_events)
         engines = [bench_engine(settings, payloads, store) for store in ("redis", "sqlite")]
+        msgspec_only = settings.stream.model_copy(update={"compiled_decode": False})
+        baseline = bench_engine(settings.model_copy(update={"stream": msgspec_only}), payloads, "redis")
+        baseline["online_store"] = "redis, msgspec decode (baseline)"
         consume = bench_consume_only(settings, payloads)
         try:
             quix: dict[str, Any] = bench_quixstreams(settings, payloads)
@@ -467,6 +474,7 @@ def main() -> None:
     rows: list[tuple[str, dict[str, Any]]] = [
         ("engine core (decode, route, 5 groups' state; no Kafka/stores)", core),
         *[(f"adreach stream, Kafka -> features in {e['online_store']} + offline", e) for e in engines],
+        ("adreach stream, Kafka -> redis + offline, msgspec decode (baseline)", baseline),
     ]
     table = [
         [
@@ -503,7 +511,7 @@ def main() -> None:
                     if "redis_server_cpu_us_per_event" in e
                     else "-",
                 ]
-                for e in engines
+                for e in (*engines, baseline)
             ],
             [
                 "quixstreams (peer)",
@@ -525,6 +533,13 @@ def main() -> None:
         "(the floor: the events read with the worker's consumer settings and per-message calls, "
         "nothing else done)"
     )
+    if "engine_cpu_us_per_event" in baseline and "engine_cpu_us_per_event" in engines[0]:
+        gain = baseline["engine_cpu_us_per_event"] / engines[0]["engine_cpu_us_per_event"]
+        print(
+            f"(compiled reader: {gain:.2f}x less engine CPU per event than msgspec decoding, Redis, this run)"
+        )
+    if not FAST_DECODE_AVAILABLE:
+        print("(the compiled reader is not installed here: both Redis cases decoded with msgspec)")
     print()
     print_table(
         [
@@ -564,6 +579,15 @@ def main() -> None:
         {
             "engine_core": {**core, "unit": "events/s"},
             "engine": [{**e, "unit": "events/s"} for e in engines],
+            "engine_msgspec_decode_baseline": {**baseline, "unit": "events/s"},
+            "compiled_decode_gain": {
+                "engine_cpu_per_event_ratio": baseline["engine_cpu_us_per_event"]
+                / engines[0]["engine_cpu_us_per_event"]
+                if "engine_cpu_us_per_event" in baseline and "engine_cpu_us_per_event" in engines[0]
+                else None,
+                "unit": "msgspec-only CPU per event / compiled reader's (Redis case, same run)",
+            },
+            "decoder": {"compiled_reader_installed": FAST_DECODE_AVAILABLE},
             "quixstreams": {**quix, "unit": "events/s"},
             "kafka_consume_only": {**consume, "unit": "events/s"},
             "ratio_over_quixstreams": {

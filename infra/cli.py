@@ -528,7 +528,7 @@ def _run_stream(
     )
     from streams.engine.decode import FAST_DECODE_AVAILABLE
 
-    if not FAST_DECODE_AVAILABLE:
+    if settings.stream.compiled_decode and not FAST_DECODE_AVAILABLE:
         stderr.print(
             "[yellow]stream: the compiled decoder (streams/engine/_fastdecode.c) is not installed; "
             "decoding with msgspec alone (same results, slower). Reinstall with a C compiler at hand: "

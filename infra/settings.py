@@ -207,6 +207,12 @@ class StreamSettings(BaseModel):
         "(FutureEventError) instead of counted: one event from a clock running years ahead would otherwise "
         "raise its partition's watermark so far that every later event is too late. 0: no such check.",
     )
+    compiled_decode: bool = Field(
+        True,
+        description="Decode events with the compiled reader (streams/engine/_fastdecode.c) where it is "
+        "installed, msgspec taking only the messages it hands back. false: msgspec decodes every message "
+        "(same results, slower; a switch for ruling the reader out, and the benchmark's baseline).",
+    )
     batch_max_events: int = Field(
         100_000,
         gt=0,

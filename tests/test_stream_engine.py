@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 from confluent_kafka import Producer
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup, normalize_query
@@ -67,6 +68,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
             "ADREACH_STREAM__FLUSH_INTERVAL_MS": str(stream.flush_interval_ms),
             "ADREACH_STREAM__BACKLOG_FLUSH_INTERVAL_MS": str(stream.backlog_flush_interval_ms),
             "ADREACH_STREAM__BATCH_MAX_EVENTS": str(stream.batch_max_events),
+            "ADREACH_STREAM__COMPILED_DECODE": json.dumps(stream.compiled_decode),
             "ADREACH_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
             "ADREACH_STREAM__RETRY_INITIAL_S": str(stream.retry_initial_s),
             "ADREACH_STREAM__RETRY_MAX_S": str(stream.retry_max_s),
@@ -383,7 +385,14 @@ def deleted_user_events(user: str) -> list[tuple[bytes, bytes]]:
     return [(user.encode(), json.dumps({**e, "user_id": user}).encode()) for e in events]
 
 
-def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(stream: Settings) -> None:
+@pytest.mark.parametrize("compiled_decode", [True, False], ids=["compiled-reader", "msgspec-only"])
+def test_features_in_feast_equal_the_reference_and_bad_events_are_dead_lettered(
+    stream: Settings, compiled_decode: bool
+) -> None:
+    """Also with every message decoded by msgspec: the whole path where no C compiler built the reader."""
+    stream = stream.model_copy(
+        update={"stream": stream.stream.model_copy(update={"compiled_decode": compiled_decode})}
+    )
     payloads = simulated_payloads(users=1_500, events=15_000, seed=11)
     bad = bad_events("u0000001", "2025-12-01T00:00:00Z")
     # (at 10:00 of the simulated day: on time only when produced before its traffic)

@@ -197,7 +197,7 @@ class StreamWorker:
         self._events_topic = settings.kafka.topics.events
         self._shard_topic = config.repartition_topic
         self._state_dir = settings.stream_state_dir
-        self._decoder = EventDecoder(self.groups)
+        self._decoder = EventDecoder(self.groups, fast=settings.stream.compiled_decode)
         self._router = Router(
             config.repartition_partitions,
             config.allowed_lateness_s * 1000,
