@@ -6,7 +6,7 @@ a profile's nested attributes, is checked against the JSON grammar and skipped).
 accepts only messages it is certain of and hands every other one back (an escape in a
 read text field, a repeated field, malformed JSON, ...); those are decoded by msgspec
 into slim structs of the same fields, which is also the whole path where the extension
-was not compiled (same results; the fast path is ~3x faster on simulated traffic). The
+was not compiled (same results; the fast path is ~2.5x faster on simulated traffic). The
 columns are then checked with vector kernels: the
 event type is known, each type's required fields are present, ids have 1..128 characters
 and a search's query up to 1,024, the event time is an RFC 3339 instant inside
