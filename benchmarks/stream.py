@@ -5,6 +5,8 @@ Cases, in one run against one embedded broker:
 * ``engine core``: the engine's own work on one core, without Kafka or stores: JSON
   decoding, lateness and routing, and all five groups' windowed state and feature rows
   (what a stream processor's operator does), over the events as micro-batches.
+* ``engine core, msgspec decode (baseline)``: the same with ``stream.compiled_decode``
+  off (every message decoded by msgspec, as before the compiled reader).
 * ``adreach stream (backlog)``: simulated events already in Kafka; one worker (in-process,
   one core) decodes, routes through the repartition topic, aggregates all five feature
   groups and stores the changed features online (Redis, the production store, and
@@ -102,10 +104,10 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
             producer.send_json(payload)
 
 
-def bench_core(payloads: list[bytes], batch: int) -> dict[str, Any]:
+def bench_core(payloads: list[bytes], batch: int, compiled_decode: bool = True) -> dict[str, Any]:
     """Decode + route + windowed state for all groups, in-process, one shard, no Kafka or stores."""
     started = time.perf_counter()
-    result = replay(payloads, batch_events=batch)
+    result = replay(payloads, batch_events=batch, compiled_decode=compiled_decode)
     seconds = time.perf_counter() - started
     rows = sum(t.num_rows for tables in result.features.values() for t in tables)
     return {
@@ -458,6 +460,7 @@ def main() -> None:
         simulator = Simulator(SimulationConfig(users=20_000, events=events, days=1.0, seed=5))
         payloads = [line for batch in simulator.batches() for line in batch.to_json_lines()]
         core = bench_core(payloads, settings.stream.batch_max_events)
+        core_msgspec = bench_core(payloads, settings.stream.batch_max_events, compiled_decode=False)
         engines = [bench_engine(settings, payloads, store) for store in ("redis", "sqlite")]
         msgspec_only = settings.stream.model_copy(update={"compiled_decode": False})
         baseline = bench_engine(settings.model_copy(update={"stream": msgspec_only}), payloads, "redis")
@@ -473,6 +476,7 @@ def main() -> None:
     quix_rate = quix.get("events_per_s")
     rows: list[tuple[str, dict[str, Any]]] = [
         ("engine core (decode, route, 5 groups' state; no Kafka/stores)", core),
+        ("engine core, msgspec decode (baseline)", core_msgspec),
         *[(f"adreach stream, Kafka -> features in {e['online_store']} + offline", e) for e in engines],
         ("adreach stream, Kafka -> redis + offline, msgspec decode (baseline)", baseline),
     ]
@@ -580,7 +584,9 @@ def main() -> None:
             "engine_core": {**core, "unit": "events/s"},
             "engine": [{**e, "unit": "events/s"} for e in engines],
             "engine_msgspec_decode_baseline": {**baseline, "unit": "events/s"},
+            "engine_core_msgspec_decode_baseline": {**core_msgspec, "unit": "events/s"},
             "compiled_decode_gain": {
+                "engine_core_events_per_s_ratio": core["events_per_s"] / core_msgspec["events_per_s"],
                 "engine_cpu_per_event_ratio": baseline["engine_cpu_us_per_event"]
                 / engines[0]["engine_cpu_us_per_event"]
                 if "engine_cpu_us_per_event" in baseline and "engine_cpu_us_per_event" in engines[0]

@@ -124,13 +124,15 @@ def replay(
     batch_events: int = 20_000,
     allowed_lateness_ms: int = 3_600_000,
     partitions: NDArray[Any] | None = None,
+    compiled_decode: bool = True,
 ) -> ReplayResult:
     """Feature rows for JSON ``lines`` processed ``batch_events`` at a time.
 
     ``partitions`` (one per line) says which source partition each event came from, for
     the per-partition lateness rule; by default all come from one partition, in order.
+    ``compiled_decode``: as the setting ``stream.compiled_decode`` (false: msgspec only).
     """
-    decoder = EventDecoder(groups)
+    decoder = EventDecoder(groups, fast=compiled_decode)
     source = np.zeros(len(lines), np.int64) if partitions is None else np.asarray(partitions, np.int64)
     offsets = np.zeros(len(lines), np.int64)
     for partition in np.unique(source):
