@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
@@ -270,15 +271,20 @@ def _rate(numerator: _F64, denominator: _F64) -> _F64:
 
 
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
-    """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code."""
-    order = np.argsort(codes)  # ties: any order (sums run in input order)
-    sorted_codes = codes[order]
-    first = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
-    group = np.empty(len(codes), dtype=np.int64)
-    group[order] = np.cumsum(first) - 1  # each delta's distinct code, numbered in code order
-    distinct = sorted_codes[first]
-    sums = np.stack([np.bincount(group, weights=row, minlength=len(distinct)) for row in deltas])
-    return distinct, sums.astype(np.float64, copy=False)
+    """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code.
+
+    Grouped by hashing (pandas' ``factorize``), then only the distinct codes sorted: a
+    batch repeats its tile codes (about a third were distinct in the stream benchmark's
+    traffic), and sorting every code took 1.6x as long. Each sum still adds its deltas in
+    input order, so the sums are the same to the bit.
+    """
+    labels, distinct = pd.factorize(codes)  # distinct codes in first-seen order
+    order = np.argsort(distinct)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    group = rank[labels]  # each delta's distinct code, numbered in code order
+    sums = np.stack([np.bincount(group, weights=row, minlength=len(order)) for row in deltas])
+    return np.asarray(distinct[order], dtype=np.int64), sums.astype(np.float64, copy=False)
 
 
 def _concatenated_ranges(start: _I64, lengths: _I64) -> tuple[_I64, _I64]:
