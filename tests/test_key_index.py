@@ -75,6 +75,20 @@ def test_keep_renumbers_in_order_and_forgets_the_rest() -> None:
     assert ids.tolist() == [2, 3, 0, 4]
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_lookup_finds_held_keys_and_adds_none(exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deletions look users up without adding them (and without a pass over every key held)."""
+    if exact:  # first hashes in two buckets: the index falls back to exact probes at once
+        real = keys_module.string_hashes
+        monkeypatch.setattr(keys_module, "string_hashes", lambda s: (real(s)[0] % 2, real(s)[1]))
+    index = KeyIndex()
+    index.ids(pa.array(["a", "b", "c", "é", ""]))
+    assert (index._exact is not None) == exact
+    found = index.lookup(pa.array(["c", "x", "", "a", "é", "a ", "c"]))
+    assert found.tolist() == [2, -1, 4, 0, 3, -1, 2]
+    assert len(index) == 5 and index.lookup(pa.array([], pa.string())).tolist() == []
+
+
 def test_a_first_hash_collision_switches_to_exact_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
     real = keys_module.string_hashes
 

@@ -210,6 +210,39 @@ def test_a_deletion_timed_ahead_of_the_stream_makes_no_later_event_late() -> Non
     assert routed.watermarks[0] == int(datetime.fromisoformat("2026-01-05T10:31:00+00:00").timestamp() * 1000)
 
 
+def test_a_deleted_users_rows_are_emptied_in_place_never_saved_and_count_again(tmp_path: Path) -> None:
+    """A deletion empties the user's tiles and seen pairs where they are (removing them cost a pass
+    over the whole state per batch with a deletion). The emptied pairs must not reach a
+    checkpoint, and the user's values count anew when the user returns, in memory and after
+    a reload."""
+    router = Router(1, 3_600_000)
+    state = ShardStates(tmp_path, 1, checkpoint_interval_s=0)
+    state.open(0)
+    seen = [event("impression", "imp-1", 0, "gone"), event("impression", "imp-2", 1, "stays")]
+    state.apply(_route(router, seen, 0, 0, {}).shards, {0: 1})
+    state.apply(_route(router, [deletion("del-1", 2, "gone")], 0, 2, {0: 0}).shards, {0: 2})
+    state.commit(force=True)
+    user = next(g for g in state.groups if g.group.name == USER_GROUP.name)
+    assert user.sizes()["distinct_ads.seen"] == 2  # (emptied in place)
+    saved = user.to_arrays()
+    assert saved["distinct_ads.seen_tiles"].tolist() == [saved["latest"].max() // 60_000]  # "stays" only
+    assert saved["tile_values"][user.columns.index("distinct_ads")].sum() == 1
+    back = [event("impression", "imp-3", 5, "gone")]
+    rows = []
+    for reload in (False, True):
+        if reload:
+            state.close_all()
+            state = ShardStates(tmp_path, 1, checkpoint_interval_s=0)
+            state.open(0)
+        routed = _route(router, back, 0, 10, {0: 0})
+        rows.append(
+            state.apply(routed.shards, {0: 2})[USER_GROUP.name].drop_columns([CHANGED_COLUMN]).to_pylist()
+        )
+    assert rows[0] == rows[1]
+    (returned,) = rows[0]
+    assert returned["distinct_ads_10m"] == 1 and returned["impressions_10m"] == 1
+
+
 def test_a_tombstone_stays_while_a_lagging_partition_could_still_bring_the_users_old_events(
     tmp_path: Path,
 ) -> None:

@@ -119,6 +119,25 @@ class KeyIndex:
             found = self._exact_ids(distinct)
         return found[codes], found, distinct
 
+    def lookup(self, keys: pa.Array) -> _I64:
+        """Each of the non-null string ``keys``' id, or -1 where the index does not hold it (adds none).
+
+        A key is found by its hashes, so this costs the keys asked for, not the keys held.
+        A first hash shared by a held key and another key means the other is not held:
+        two held keys sharing it would have switched the index to exact probes.
+        """
+        if self._exact is not None:
+            lookup = self._exact
+            return np.fromiter((lookup.get(key, -1) for key in keys.to_pylist()), np.int64, len(keys))
+        assert self._table is not None
+        primary, check = string_hashes(keys)
+        order = np.argsort(primary)
+        found_sorted, payload = self._table.get(primary[order])
+        held = found_sorted & (payload[1] == check[order])
+        ids = np.full(len(keys), -1, dtype=np.int64)
+        ids[order[held]] = payload[0][held]
+        return ids
+
     def _hashed_ids(self, distinct: pa.Array) -> _I64 | None:
         """Ids of the ``distinct`` keys via the hash table, or None if a first hash collided."""
         assert self._table is not None

@@ -89,21 +89,21 @@ class SortedRuns:
             self._values[1] = np.zeros((self.width, 0), self.dtype)
         return self._codes[0], self._values[0]
 
-    def remove_ranges(self, low: _I64, high: _I64) -> None:
-        """Remove every code in ``[low[i], high[i])``; the ranges sorted and not overlapping.
+    def set_ranges(self, low: _I64, high: _I64, value: Any) -> None:
+        """Set the payload of every code in ``[low[i], high[i])`` to ``value``; the ranges sorted and not
+        overlapping.
 
-        One boolean pass over a run that holds any of them (none over one that does not).
+        Codes are kept: this costs the codes it sets (found by ``searchsorted``), not a pass
+        over the runs, which removing them would (a new array per run). Callers mark what
+        a value means (a zero tile sums to nothing; see the state's seen pairs for a marker).
         """
-        for index in range(2):
-            codes = self._codes[index]
+        for codes, values in self.runs():
             starts, ends = np.searchsorted(codes, low), np.searchsorted(codes, high)
-            if not (ends > starts).any():
+            lengths = ends - starts
+            if not lengths.any():
                 continue
-            bounds = np.zeros(len(codes) + 1, np.int64)
-            np.add.at(bounds, starts, 1)
-            np.add.at(bounds, ends, -1)
-            keep = np.cumsum(bounds[:-1]) == 0
-            self._codes[index], self._values[index] = codes[keep], self._values[index][:, keep]
+            _, rows = concatenated_ranges(starts, lengths)
+            values[:, rows] = value
 
     def replace(self, codes: _I64, values: NDArray[Any]) -> None:
         """Hold exactly sorted unique ``codes`` with payload ``values`` (width, n)."""
@@ -112,6 +112,13 @@ class SortedRuns:
             np.asarray(values, self.dtype).reshape(self.width, -1),
             np.zeros((self.width, 0), self.dtype),
         ]
+
+
+def concatenated_ranges(start: _I64, lengths: _I64) -> tuple[_I64, _I64]:
+    """Row numbers of the ranges ``[start[i], start[i] + lengths[i])`` back to back, and where each begins."""
+    gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(gathered_start - start, lengths)
+    return gathered_start, rows
 
 
 def _positions(sorted_codes: _I64, codes: _I64) -> tuple[_I64, NDArray[np.bool_]]:

@@ -64,7 +64,7 @@ from streams.engine.router import (
     key_column,
     of_types,
 )
-from streams.engine.runs import SortedRuns
+from streams.engine.runs import SortedRuns, concatenated_ranges
 
 TILE_MS = TILE_SECONDS * 1000
 TILE_BITS = 27  # tile numbers (minutes since 1970) stay below 2**27 until the 2200s
@@ -72,6 +72,9 @@ _TILE_MASK = (1 << TILE_BITS) - 1
 _VALUE_BITS = 32
 _VALUE_MASK = (1 << _VALUE_BITS) - 1
 _NO_TIME = np.iinfo(np.int64).min
+# A seen pair's last tile once its entity was deleted (GroupState._reset): not seen. Such
+# pairs are never saved (split_arrays) and go at the next compaction.
+_UNSEEN = np.iinfo(np.int64).min
 _I64 = NDArray[np.int64]
 _F64 = NDArray[np.float64]
 
@@ -287,13 +290,6 @@ def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     return np.asarray(distinct[order], dtype=np.int64), sums.astype(np.float64, copy=False)
 
 
-def _concatenated_ranges(start: _I64, lengths: _I64) -> tuple[_I64, _I64]:
-    """Row numbers of the ranges ``[start[i], start[i] + lengths[i])`` back to back, and where each begins."""
-    gathered_start = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-    rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(gathered_start - start, lengths)
-    return gathered_start, rows
-
-
 def _range_sums(codes: _I64, values: _F64, ids: _I64, low: _I64, high: _I64) -> _F64:
     """Per i, ``values`` (columns, n) summed over entity ``ids[i]``'s tiles in ``[low[i], high[i])``."""
     base = ids << TILE_BITS
@@ -302,10 +298,17 @@ def _range_sums(codes: _I64, values: _F64, ids: _I64, low: _I64, high: _I64) -> 
     sums = np.zeros((len(values), len(ids)))
     if not lengths.any():
         return sums
-    gathered_start, rows = _concatenated_ranges(start, lengths)
+    gathered_start, rows = concatenated_ranges(start, lengths)
     filled = lengths > 0
     sums[:, filled] = np.add.reduceat(values[:, rows], gathered_start[filled], axis=1)
     return sums
+
+
+def _seen_pairs(runs: SortedRuns) -> tuple[_I64, _I64]:
+    """All of ``runs``' seen pairs and their tiles (1, n), less those marked :data:`_UNSEEN`."""
+    codes, tiles = runs.consolidate()
+    kept = tiles[0] != _UNSEEN
+    return (codes, tiles) if kept.all() else (codes[kept], tiles[:, kept])
 
 
 @dataclass(frozen=True)
@@ -457,8 +460,8 @@ class GroupState:
 
     def _drop_users(self, keys: list[str], times_ms: list[int]) -> None:
         """Forget these users' state and remember their deletions (tombstones, :attr:`deleted`)."""
-        held = pc.is_in(self.entities.keys, value_set=pa.array(keys, pa.string()))
-        ids = np.flatnonzero(np.asarray(held.to_numpy(zero_copy_only=False), dtype=bool))
+        ids = self.entities.lookup(pa.array(keys, pa.string()))
+        ids = np.unique(ids[ids >= 0])
         if len(ids):
             self._reset(ids)
         self.forgotten.add(keys, times_ms)
@@ -467,12 +470,15 @@ class GroupState:
     def _reset(self, ids: _I64) -> None:
         """Empty these entities' state, keeping their ids (ascending): their next event starts anew.
 
-        Cheaper than :meth:`drop`, which renumbers every entity: one boolean pass over the
-        tiles and seen pairs; the emptied ids are freed by the next compaction.
+        Their tiles are zeroed and their seen pairs marked :data:`_UNSEEN` in place, at a
+        cost in proportion to what they hold: removing the rows took a pass over the whole
+        state for every batch with a deletion (most batches, at realistic deletion rates
+        and large states). A zero tile adds nothing to any window; the next compaction
+        frees the ids and their rows.
         """
-        self.tiles.remove_ranges(ids << TILE_BITS, (ids + 1) << TILE_BITS)
+        self.tiles.set_ranges(ids << TILE_BITS, (ids + 1) << TILE_BITS, 0.0)
         for runs in self.seen.values():
-            runs.remove_ranges(ids << _VALUE_BITS, (ids + 1) << _VALUE_BITS)
+            runs.set_ranges(ids << _VALUE_BITS, (ids + 1) << _VALUE_BITS, _UNSEEN)
         size = len(self.entities)
         self.latest = _grow(self.latest, size, _NO_TIME)
         self.latest[ids] = _NO_TIME
@@ -603,6 +609,7 @@ class GroupState:
         seen = self.seen[aggregation.name]
         found, old = seen.get(pairs)
         old_tiles = old[0]
+        found &= old_tiles != _UNSEEN  # (pairs of a deleted entity: seen anew)
         moved = found & (tiles > old_tiles)
         counted = moved | ~found  # pairs whose unit lands in a (new) tile
         entity = pairs >> _VALUE_BITS
@@ -766,7 +773,7 @@ class GroupState:
         high = found[0]
         low = found[1:].min(axis=0)
         lengths = high - low
-        gathered_start, rows = _concatenated_ranges(low, lengths)
+        gathered_start, rows = concatenated_ranges(low, lengths)
         gathered = np.zeros((len(self.columns), len(rows) + 1))  # a zero column for empty ranges
         np.take(values, rows, axis=1, out=gathered[:, :-1])
         out = np.zeros((len(ids), len(self.window_tiles), len(self.columns)))
@@ -873,7 +880,7 @@ class GroupState:
         latest = self.latest[order]
         tiles = _grouped_by_part(owners, *self.tiles.consolidate(), local, TILE_BITS)
         seen = {
-            name: _grouped_by_part(owners, *runs.consolidate(), local, _VALUE_BITS)
+            name: _grouped_by_part(owners, *_seen_pairs(runs), local, _VALUE_BITS)
             for name, runs in self.seen.items()
         }
         split: dict[int, dict[str, Any]] = {}
