@@ -250,7 +250,9 @@ class StreamSettings(BaseModel):
         10.0,
         ge=0,
         description="Shard state + offsets are checkpointed to disk at most this often (and on shutdown "
-        "or rebalance); a crash replays at most this much of the repartition topic.",
+        "or rebalance); a crash replays at most this much of the repartition topic. A large state is "
+        "checkpointed less often: no sooner than 10x the time its last copy took (the files are "
+        "written in the background).",
     )
     offline_compact_interval_s: float = Field(
         300.0,

@@ -9,7 +9,9 @@ reference over the on-time events, value for value.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from features.definitions import FEATURE_GROUPS
 from features.online import CHANGED_COLUMN
 from features.reference import reference_features
 from streams.engine import runs as runs_module
+from streams.engine import shard as shard_module
 from streams.engine import state as state_module
 from streams.engine.decode import EventDecoder
 from streams.engine.router import Router, shard_of
@@ -179,6 +182,85 @@ def test_batched_state_with_restarts_equals_the_reference(tmp_path: Path) -> Non
     batches, events = routed_batches(days=1.0, events=12_000, seed=3)
     latest = fold(tmp_path, batches, restart_every=7, compact_every=5)
     assert_equal_to_reference(latest, events)
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_as_of_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's checkpoints are copied at commit and written by another thread while
+    batches go on being applied; the file must hold the state and offsets of the commit,
+    never a mix with later batches (a restart from it then replays exactly the rest)."""
+    batches, events = routed_batches(days=1.0, events=8_000, seed=11)
+    release = threading.Event()
+    real_save = shard_module._save
+
+    def held_save(*args: Any) -> None:
+        assert release.wait(60)  # the worker's thread applies more batches meanwhile
+        real_save(*args)
+
+    monkeypatch.setattr(shard_module, "_save", held_save)
+    state = ShardStates(tmp_path, 1, checkpoint_interval_s=0, write_in_background=True)
+    state.open(0)
+    latest: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    stored: dict[str, dict] = {g.name: {} for g in FEATURE_GROUPS}
+    cut = len(batches) // 2
+    for index, rows in enumerate(batches[:cut]):
+        _apply_and_record(state, {0: rows}, {0: index + 1}, latest, stored)
+    assert state.commit() == {}  # (being written)
+    assert not state.commit_due()  # one write at a time
+    for index, rows in enumerate(batches[cut:], start=cut):
+        _apply_and_record(state, {0: rows}, {0: index + 1}, {g.name: {} for g in FEATURE_GROUPS}, stored)
+    assert not state.path(0).exists()
+    release.set()
+    state.wait_for_writes()
+    assert one_shard(tmp_path).next_offset(0) == cut  # the file: as of the commit
+    assert state.commit() == {0: cut}  # the next one reports the first's offsets first ...
+    state.wait_for_writes()
+    assert state.commit() == {0: len(batches)}  # ... and then its own
+    state.close_all()
+    resumed = one_shard(tmp_path)  # from the background-written checkpoint
+    assert resumed.next_offset(0) == len(batches)
+    # and from the first file alone: the state as of batch `cut`, then the rest replayed
+    monkeypatch.setattr(shard_module, "_save", real_save)
+    first = ShardStates(tmp_path / "first", 1, checkpoint_interval_s=0, write_in_background=True)
+    first.open(0)
+    for index, rows in enumerate(batches[:cut]):
+        first.apply({0: rows}, {0: index + 1})
+    first.commit()
+    for rows in batches[cut : cut + 3]:  # applied, never checkpointed: lost in a crash
+        first.apply({0: rows}, {0: len(batches)})
+    first.wait_for_writes()
+    replayed = one_shard(tmp_path / "first")
+    assert replayed.next_offset(0) == cut
+    for index, rows in enumerate(batches[cut:], start=cut):
+        _apply_and_record(replayed, {0: rows}, {0: index + 1}, latest, stored)
+    assert_equal_to_reference(latest, events)
+
+
+def test_a_failed_background_write_is_reported_and_a_slow_snapshot_spaces_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches, _ = routed_batches(days=0.5, events=2_000, seed=2)
+    state = ShardStates(tmp_path, 1, checkpoint_interval_s=0, write_in_background=True, snapshot_share=1e-9)
+    state.open(0)
+    state.apply({0: batches[0]}, {0: 1})
+    state.commit()
+    state.apply({0: batches[1]}, {0: 2})
+    state.wait_for_writes()
+    assert not state.commit_due()  # the snapshot's time over a tiny share: not due for ages
+    assert state.commit(force=True) == {0: 2}  # forced: written before it returns
+    assert one_shard(tmp_path).next_offset(0) == 2
+
+    def failing_save(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shard_module, "_save", failing_save)
+    state = ShardStates(tmp_path / "full", 1, checkpoint_interval_s=0, write_in_background=True)
+    state.open(0)
+    state.apply({0: batches[2]}, {0: 3})
+    assert state.commit() == {}
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        state.wait_for_writes()
 
 
 def assert_holds_only_its_shards(state: ShardStates) -> None:

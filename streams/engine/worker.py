@@ -18,8 +18,10 @@ halves event-to-feature latency), then makes the cycle durable, in this order: r
 records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
 features stored online (retried with backoff while a store is down, with consumption
 paused and nothing committed); when a shard checkpoint is due, the buffered offline
-rows written, then shard state and offsets committed together; offsets committed to
-Kafka (for lag monitoring; restarts resume from the checkpoints).
+rows written, then shard state and offsets copied together and written to the shard's
+checkpoint file by a background thread (the next checkpoint, a rebalance and shutdown
+wait for it); offsets committed to Kafka (for lag monitoring, those of a shard once its
+file is written; restarts resume from the checkpoints).
 A crash anywhere replays from the last checkpoint and reproduces exactly the same
 state, so features are neither lost nor double counted.
 """
@@ -70,6 +72,10 @@ _MAX_PENDING_ROWS = 1_000_000  # shipped rows held for the next cycle (a backlog
 # record batch stays an object that later fetches list (see ProducerSettings.linger_ms).
 _ROUTE_EVENTS = 20_000
 _COMPACT_EVERY_S = 30.0
+# Checkpoints copy the state on the worker's thread (then write it on another): at most about
+# this share of the worker's time, so a large state is checkpointed less often than
+# stream.checkpoint_interval_s (see ShardStates.commit).
+_CHECKPOINT_SNAPSHOT_SHARE = 0.1
 _UNREACHED_END_GRACE_S = 60.0  # see StreamWorker._end_reached
 _FRESHNESS_SAMPLE_EVERY = 50  # one event in 50 is timed
 _FRESHNESS_SAMPLES = 200_000
@@ -213,6 +219,8 @@ class StreamWorker:
             config.repartition_partitions,
             self.groups,
             checkpoint_interval_s=config.checkpoint_interval_s,
+            write_in_background=True,
+            snapshot_share=_CHECKPOINT_SNAPSHOT_SHARE,
         )
         self._pending: dict[int, list[pa.Table]] = {}
         self._pending_next: dict[int, int] = {}
@@ -692,6 +700,8 @@ class StreamWorker:
         try:
             self._consumer.close()
         finally:
-            self._state.close_all()
-            self._dead_letters.close()
-            self._sink.close()
+            try:
+                self._state.close_all()  # (after the checkpoint file being written, if any)
+            finally:
+                self._dead_letters.close()
+                self._sink.close()
