@@ -127,8 +127,7 @@ class KeyIndex:
         two held keys sharing it would have switched the index to exact probes.
         """
         if self._exact is not None:
-            lookup = self._exact
-            return np.fromiter((lookup.get(key, -1) for key in keys.to_pylist()), np.int64, len(keys))
+            return self._exact_lookup(keys.to_pylist())
         assert self._table is not None
         primary, check = string_hashes(keys)
         order = np.argsort(primary)
@@ -161,15 +160,20 @@ class KeyIndex:
             self._append(distinct.take(pa.array(new)))
         return found
 
-    def _exact_ids(self, distinct: pa.Array) -> _I64:
+    def _exact_lookup(self, keys: list[str]) -> _I64:
+        """Each key's id by exact probes, -1 where not held."""
         assert self._exact is not None
         lookup = self._exact
+        return np.fromiter((lookup.get(key, -1) for key in keys), np.int64, len(keys))
+
+    def _exact_ids(self, distinct: pa.Array) -> _I64:
+        assert self._exact is not None
         keys = distinct.to_pylist()
-        found = np.fromiter((lookup.get(key, -1) for key in keys), np.int64, len(keys))
+        found = self._exact_lookup(keys)
         new = np.flatnonzero(found < 0)
         if len(new):
             found[new] = np.arange(self._size, self._size + len(new))
-            lookup.update(zip((keys[i] for i in new.tolist()), found[new].tolist(), strict=True))
+            self._exact.update(zip((keys[i] for i in new.tolist()), found[new].tolist(), strict=True))
             self._append(distinct.take(pa.array(new)))
         return found
 
