@@ -15,6 +15,9 @@ Cases, in one run against one embedded broker:
 * ``... msgspec decode (baseline)``: the Redis case again with ``stream.compiled_decode``
   off (every message decoded by msgspec, as before the compiled reader): the reader's
   gain measured in the same run, on the same VM phase.
+* ``... Arrow-encoded writes (baseline)``: the Redis case again with
+  ``features.compiled_redis_writer`` off (Redis commands built by the Arrow encoders, as
+  before the compiled writer, ``features/_resp.c``): the writer's gain, same run.
 * ``confluent-kafka consume only (backlog)``: the floor under any stream processor built on
   confluent-kafka: the same events read with the worker's consumer settings and the
   per-message calls the worker makes, and nothing else (CPU per event).
@@ -65,7 +68,7 @@ from typing import Any
 import numpy as np
 from common import print_table, versions, write_results
 
-from features.online import parse_redis_connection
+from features.online import COMPILED_RESP_AVAILABLE, parse_redis_connection
 from infra.settings import Settings, load_settings
 from streams.broker import EmbeddedBroker
 from streams.engine.collector import startup_heap_frozen
@@ -191,6 +194,12 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
         if redis_cpu is not None:
             result["redis_server_cpu_us_per_event"] = redis_cpu / stats.events * 1e6
     return result
+
+
+def _cpu_gain(baseline: dict[str, Any], engine: dict[str, Any]) -> float | None:
+    """``baseline``'s engine CPU per event over ``engine``'s (None where either was not measured)."""
+    key = "engine_cpu_us_per_event"
+    return baseline[key] / engine[key] if key in baseline and key in engine else None
 
 
 def _rates(events: int, seconds: float, cpu_s: float) -> dict[str, Any]:
@@ -465,6 +474,9 @@ def main() -> None:
         msgspec_only = settings.stream.model_copy(update={"compiled_decode": False})
         baseline = bench_engine(settings.model_copy(update={"stream": msgspec_only}), payloads, "redis")
         baseline["online_store"] = "redis, msgspec decode (baseline)"
+        arrow_only = settings.features.model_copy(update={"compiled_redis_writer": False})
+        arrow_baseline = bench_engine(settings.model_copy(update={"features": arrow_only}), payloads, "redis")
+        arrow_baseline["online_store"] = "redis, Arrow-encoded writes (baseline)"
         consume = bench_consume_only(settings, payloads)
         try:
             quix: dict[str, Any] = bench_quixstreams(settings, payloads)
@@ -479,6 +491,7 @@ def main() -> None:
         ("engine core, msgspec decode (baseline)", core_msgspec),
         *[(f"adreach stream, Kafka -> features in {e['online_store']} + offline", e) for e in engines],
         ("adreach stream, Kafka -> redis + offline, msgspec decode (baseline)", baseline),
+        ("adreach stream, Kafka -> redis + offline, Arrow-encoded writes (baseline)", arrow_baseline),
     ]
     table = [
         [
@@ -515,7 +528,7 @@ def main() -> None:
                     if "redis_server_cpu_us_per_event" in e
                     else "-",
                 ]
-                for e in (*engines, baseline)
+                for e in (*engines, baseline, arrow_baseline)
             ],
             [
                 "quixstreams (peer)",
@@ -537,18 +550,22 @@ def main() -> None:
         "(the floor: the events read with the worker's consumer settings and per-message calls, "
         "nothing else done)"
     )
-    decode_gain = (  # msgspec-only CPU per event over the compiled reader's, Redis case
-        baseline["engine_cpu_us_per_event"] / engines[0]["engine_cpu_us_per_event"]
-        if "engine_cpu_us_per_event" in baseline and "engine_cpu_us_per_event" in engines[0]
-        else None
-    )
+    decode_gain = _cpu_gain(baseline, engines[0])
+    writer_gain = _cpu_gain(arrow_baseline, engines[0])
     if decode_gain is not None:
         print(
             f"(compiled reader: {decode_gain:.2f}x less engine CPU per event than msgspec decoding, "
             "Redis, this run)"
         )
+    if writer_gain is not None:
+        print(
+            f"(compiled Redis writer: {writer_gain:.2f}x less engine CPU per event than Arrow-encoded "
+            "writes, this run)"
+        )
     if not FAST_DECODE_AVAILABLE:
         print("(the compiled reader is not installed here: both Redis cases decoded with msgspec)")
+    if not COMPILED_RESP_AVAILABLE:
+        print("(the compiled Redis writer is not installed here: every Redis case wrote Arrow-encoded)")
     print()
     print_table(
         [
@@ -595,7 +612,13 @@ def main() -> None:
                 "engine_cpu_per_event_ratio": decode_gain,
                 "unit": "msgspec-only CPU per event / compiled reader's (Redis case, same run)",
             },
+            "engine_arrow_redis_writes_baseline": {**arrow_baseline, "unit": "events/s"},
+            "compiled_redis_writer_gain": {
+                "engine_cpu_per_event_ratio": writer_gain,
+                "unit": "Arrow-encoded writes' CPU per event / the compiled writer's (Redis case, same run)",
+            },
             "decoder": {"compiled_reader_installed": FAST_DECODE_AVAILABLE},
+            "redis_writer": {"compiled_writer_installed": COMPILED_RESP_AVAILABLE},
             "quixstreams": {**quix, "unit": "events/s"},
             "kafka_consume_only": {**consume, "unit": "events/s"},
             "ratio_over_quixstreams": {

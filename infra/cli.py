@@ -535,6 +535,19 @@ def _run_stream(
             "pip install -e .[/]",
             highlight=False,
         )
+    from features.online import COMPILED_RESP_AVAILABLE
+
+    if (
+        settings.features.online_store == "redis"
+        and settings.features.compiled_redis_writer
+        and not COMPILED_RESP_AVAILABLE
+    ):
+        stderr.print(
+            "[yellow]stream: the compiled Redis writer (features/_resp.c) is not installed; "
+            "encoding writes with Arrow (the same bytes, more CPU). Reinstall with a C compiler at hand: "
+            "pip install -e .[/]",
+            highlight=False,
+        )
 
     def on_interrupt(signum: int, frame: object) -> None:
         stderr.print("stopping: finishing the current cycle (Ctrl-C again to abort)", highlight=False)

@@ -172,6 +172,12 @@ class FeatureStoreSettings(BaseModel):
     redis_connection: str = Field(
         "127.0.0.1:6379", description="host:port[,db=N,password=...] (Feast format)."
     )
+    compiled_redis_writer: bool = Field(
+        True,
+        description="Encode Redis writes with the compiled writer (features/_resp.c) where it is installed. "
+        "false: the Arrow encoders (the same bytes, several times the writer's CPU; a switch for ruling the "
+        "compiled writer out, and the benchmarks' baseline).",
+    )
 
 
 class StreamSettings(BaseModel):

@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from features.definitions import FEATURE_GROUPS, FeatureGroup
+from features import online
+from features.definitions import FEATURE_GROUPS, QUERY_FEATURES, FeatureGroup
 from features.feast_objects import arrow_schema
 from features.online import (
     CHANGED_COLUMN,
@@ -104,17 +105,25 @@ def redis_available() -> None:
         pytest.fail(f"this test needs the Redis server on 127.0.0.1:6379 ({exc})")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "redis"])
+@pytest.fixture(scope="module", params=["sqlite", "redis", "redis-arrow"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A Feast store with adreach's views applied, shared by the module's tests (one per backend)."""
+    """A Feast store with adreach's views applied, shared by the module's tests (one per backend).
+
+    ``redis-arrow`` writes Redis commands with the Arrow encoders instead of the compiled
+    writer (``redis``, where it is installed): both must store what Feast reads back.
+    """
     from features.store import open_store
 
     state = tmp_path_factory.mktemp(f"online-{request.param}")
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         redis_available()
         settings = load_settings(
             state_dir=state,
-            features={"online_store": "redis", "project": f"adreach_test_{uuid.uuid4().hex[:8]}"},
+            features={
+                "online_store": "redis",
+                "project": f"adreach_test_{uuid.uuid4().hex[:8]}",
+                "compiled_redis_writer": request.param != "redis-arrow",
+            },
         )
     else:
         settings = load_settings(state_dir=state)
@@ -124,7 +133,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     yield settings, store, writer, reader
     writer.close()
     reader.close()
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         store.teardown()  # remove this module's keys from the shared server
 
 
@@ -433,6 +442,125 @@ def test_number_bulk_strings_from_matrices_match_the_arrow_path(
         from_matrix = online._bulk_rows(prefixes, *online._MATRIX_ENCODERS[kind](array))
         joined = online._bulk(online._ENCODERS[kind](array), prefixes)
         assert from_matrix.to_pylist() == joined.to_pylist()
+
+
+def resp_hashes(commands: bytes) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The (key, fields) of each ``HSET`` in RESP ``commands``, checking the framing on the way."""
+    hashes, at = [], 0
+    while at < len(commands):
+        end = commands.index(b"\r\n", at)
+        assert commands[at : at + 1] == b"*"
+        count, at = int(commands[at + 1 : end]), end + 2
+        parts = []
+        for _ in range(count):
+            end = commands.index(b"\r\n", at)
+            assert commands[at : at + 1] == b"$"
+            length = int(commands[at + 1 : end])
+            parts.append(commands[end + 2 : end + 2 + length])
+            assert commands[end + 2 + length : end + 4 + length] == b"\r\n"
+            at = end + 4 + length
+        assert parts[0] == b"HSET" and count % 2 == 0
+        hashes.append((parts[1], dict(zip(parts[2::2], parts[3::2], strict=True))))
+    return hashes
+
+
+def edge_case_rows(group: FeatureGroup, rng: np.random.Generator, n: int) -> pa.Table:
+    """``n`` rows of ``group`` drawn from every type's edge cases (nulls, NaN, extremes, Unicode)."""
+    pools: dict[str, list[Any]] = {
+        "int64": INTS,
+        "float64": DOUBLES,
+        "string_list": LISTS,
+        "string": ["", "ü", "日本語", "x" * 300, None, "plain"],
+        "float_list": [[], [0.5, -1.0], None, [float("nan"), 1e30], list(np.linspace(0, 1, 40)), [None, 2.0]],
+    }
+    schema = arrow_schema(group)
+    columns: dict[str, Any] = {
+        group.key: pa.array([KEYS[i] for i in rng.integers(0, len(KEYS), n)], pa.string()),
+        "event_timestamp": pa.array(rng.integers(-(10**15), 10**16, n), pa.int64()).cast(
+            pa.timestamp("us", "UTC")
+        ),
+    }
+    for feature in group.features():
+        pool = pools[feature.type]
+        columns[feature.name] = pa.array(
+            [pool[i] for i in rng.integers(0, len(pool), n)], schema.field(feature.name).type
+        )
+    return pa.table(columns, schema=schema)
+
+
+@pytest.mark.skipif(not online.COMPILED_RESP_AVAILABLE, reason="the compiled Redis writer is not installed")
+@PROPERTY
+@given(
+    st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(0, 5), st.sampled_from([0.0, 0.05, 0.5, 1.0])
+)
+def test_compiled_redis_commands_are_the_arrow_paths_bytes(
+    seed: int, n: int, skip: int, share: float
+) -> None:
+    """The compiled writer (features/_resp.c) writes, byte for byte, the commands of the Arrow path:
+    every feature type and edge case, rows that are a slice of a larger table, any mask."""
+    from features.embeddings import FM_EMBEDDINGS
+
+    rng = np.random.default_rng(seed)
+    groups = (USER, QUERY_FEATURES, FM_EMBEDDINGS)
+    settings = load_settings(features={"online_store": "redis", "project": "p_x"})
+    writer = OnlineFeatureWriter(settings, groups)
+    for group in groups:
+        layout = writer._store.layout(group)
+        rows = edge_case_rows(group, rng, n + skip).slice(skip)  # (buffers with an offset)
+        keys = online._entity_keys(group, online._column(rows, group.key, pa.string()))
+        micros = writer._micros(rows, "event_timestamp")
+        changed = rng.random((n, len(layout.features))) < share
+        compiled = writer._compiled_hset_commands(layout, rows, keys, micros, changed)
+        arrow = writer._hset_commands(layout, rows, keys, micros, changed)
+        if changed.all():  # the Arrow path's full rows put the features in another order
+            assert resp_hashes(compiled) == resp_hashes(b"".join(arrow.to_pylist()))
+        else:
+            assert compiled == b"".join(arrow.to_pylist())
+        whole = writer._compiled_hset_commands(layout, rows, keys, micros, None)
+        assert resp_hashes(whole) == resp_hashes(
+            b"".join(writer._hset_commands(layout, rows, keys, micros, None).to_pylist())
+        )
+
+
+@pytest.mark.skipif(not online.COMPILED_RESP_AVAILABLE, reason="the compiled Redis writer is not installed")
+@pytest.mark.parametrize("skip", [1, 3, 8, 13])
+def test_compiled_redis_writer_reads_arrays_at_their_offsets(skip: int) -> None:
+    """Arrow arrays sliced from larger ones keep their buffers and carry an offset (in elements,
+    in bitmap bits, in offsets entries): commands from sliced arrays equal those from copies."""
+    n = 2 * len(INTS)
+    numbers = pa.array([INTS[i % len(INTS)] for i in range(n + skip)], pa.int64())
+    doubles = pa.array([DOUBLES[i % len(DOUBLES)] for i in range(n + skip)], pa.float64())
+    encoded = pa.array([b"", b"v", None, b"\x00" * 70] * ((n + skip) // 4 + 1), pa.large_binary())
+    keys = pa.array([f"k{i}".encode() for i in range(n + skip)], pa.large_binary())
+    micros = np.arange(n + skip, dtype=np.int64) * 1_234_567 - 10**12
+
+    def commands(sliced: bool) -> bytes:
+        def cut(array: pa.Array) -> pa.Array:
+            part = array.slice(skip, n)
+            return part if sliced else pa.array(part.to_pylist(), part.type)
+
+        ints, floats, texts, names = cut(numbers), cut(doubles), cut(encoded.fill_null(b"")), cut(keys)
+        assert not sliced or ints.offset == floats.offset == texts.offset == skip
+        features = (
+            (b"i", 0, ints.buffers()[0], ints.buffers()[1], None, ints.offset),
+            (b"d", 1, floats.buffers()[0], floats.buffers()[1], None, floats.offset),
+            (b"t", 2, None, texts.buffers()[2], texts.buffers()[1], texts.offset),
+        )
+        key_buffers = names.buffers()
+        return bytes(
+            online._resp.hset_commands(
+                n,
+                (key_buffers[1], key_buffers[2], names.offset),
+                b"proj",
+                b"_ts:v",
+                np.ascontiguousarray(micros[skip:]),
+                features,
+                None,
+            )
+        )
+
+    assert commands(True) == commands(False)
+    assert len(resp_hashes(commands(True))) == n
 
 
 @PROPERTY
