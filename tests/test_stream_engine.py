@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -627,5 +628,74 @@ def test_a_cycle_ships_each_shard_at_most_one_record_however_many_reads_it_took(
     assert stats.events == len(payloads)
     assert 0 < stats.repartition_records <= settings.stream.repartition_partitions * stats.cycles, stats
     assert stats.cycles < len(payloads) // 50  # (many reads per cycle, or this would test nothing)
+    events, _ = expected_events(settings, consume(settings, settings.kafka.topics.events, len(payloads)))
+    assert_features_match(settings, events)
+
+
+def checkpointed_offsets(shards: Path) -> dict[int, int]:
+    """Per shard, the repartition offset its checkpoint file covers up to (its ``next_offset``)."""
+    covered = {}
+    for path in shards.glob("shard-*.npz"):
+        with np.load(path, allow_pickle=False) as data:
+            covered[int(path.stem.split("-")[1])] = int(json.loads(bytes(data["meta"]))["next_offset"] or 0)
+    return covered
+
+
+def test_a_write_in_flight_holds_back_the_next_cycle_and_every_checkpoint_until_it_is_stored(
+    stream: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Features are stored by the worker's store thread while it reads on. One write at a time,
+    and no checkpoint covers rows not yet stored: with one write held back (a slow store),
+    no later cycle ends and no shard checkpoint file changes, though checkpoints fall due
+    every 0.2 s; once the write goes through, the features of all events, those produced
+    after it too, equal the reference."""
+    from streams.engine import sink as sink_module
+    from streams.engine.worker import StreamWorker
+
+    quick = {"flush_interval_ms": 200, "backlog_flush_interval_ms": 200, "checkpoint_interval_s": 0.2}
+    settings = stream.model_copy(update={"stream": stream.stream.model_copy(update=quick)})
+    payloads = simulated_payloads(users=300, events=6_000, seed=9)
+    first, rest = payloads[:3_000], payloads[3_000:]
+    produce(settings, first)
+    write = sink_module.FeatureSink.write
+    held, release = threading.Event(), threading.Event()
+    writes = 0
+
+    def slow_store_write(self: sink_module.FeatureSink, *args: object) -> int:
+        nonlocal writes
+        writes += 1
+        if writes == 2:  # the first write of the events produced later
+            held.set()
+            release.wait(60)
+        return write(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sink_module.FeatureSink, "write", slow_store_write)
+    cycles: list[int] = []
+    worker = StreamWorker(settings, on_cycle=lambda stats, rows: cycles.append(stats.cycles))
+    outcome: list[object] = []
+    runner = threading.Thread(target=lambda: outcome.append(worker.run(idle_exit_s=3.0)))
+    runner.start()
+    shards = settings.stream_state_dir / "shards"
+    try:
+        deadline = time.monotonic() + 120
+        while worker.stats.feature_rows == 0 or not list(shards.glob("shard-*.npz")):
+            assert time.monotonic() < deadline and runner.is_alive(), "the worker stored nothing"
+            time.sleep(0.05)
+        produce(settings, rest)
+        assert held.wait(60), "the later events were never stored"
+        time.sleep(0.5)  # (a checkpoint started before the held write finishes writing its files)
+        files = {path.name: path.stat().st_mtime_ns for path in shards.glob("shard-*.npz")}
+        ended = len(cycles)
+        time.sleep(2.0)
+        assert {path.name: path.stat().st_mtime_ns for path in shards.glob("shard-*.npz")} == files
+        assert len(cycles) <= ended + 1, "cycles went on past a write in flight"  # (the one submitting it)
+        # The held write's rows are in the state, and no checkpoint covers them yet.
+        covered = checkpointed_offsets(shards)
+        applied = {shard: worker._state.next_offset(shard) for shard in covered}
+        assert any(covered[shard] < (applied[shard] or 0) for shard in covered), (covered, applied)
+    finally:
+        release.set()
+        runner.join(timeout=240)
+    assert outcome and worker.stats.events == len(payloads)
     events, _ = expected_events(settings, consume(settings, settings.kafka.topics.events, len(payloads)))
     assert_features_match(settings, events)

@@ -16,9 +16,10 @@ backlog) the worker first reads back what it routed to its own shards (so a cycl
 stores the features of the events it read, instead of the next cycle doing so: that
 halves event-to-feature latency), then makes the cycle durable, in this order: routed
 records and dead letters acknowledged by Kafka; routers' offsets and watermarks saved;
-features stored online (retried with backoff while a store is down, with consumption
-paused and nothing committed); when a shard checkpoint is due, the buffered offline
-rows written, then shard state and offsets copied together and written to the shard's
+features stored online by the store thread while this one reads the next events (one
+write at a time; retried with backoff while a store is down, with consumption paused
+and nothing committed); when a shard checkpoint is due, that write finished and the
+buffered offline rows written, then shard state and offsets copied together and written to the shard's
 checkpoint file by a background thread (the next checkpoint, a rebalance and shutdown
 wait for it); offsets committed to Kafka (for lag monitoring, those of a shard once its
 file is written; restarts resume from the checkpoints).
@@ -33,11 +34,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -114,6 +117,16 @@ class StreamStats:
     def events_per_second(self) -> float:
         elapsed = time.monotonic() - self.started
         return self.events / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass
+class _StoreInFlight:
+    """A cycle's feature write, running on the store thread (see :meth:`StreamWorker._store`)."""
+
+    changed: dict[str, pa.Table]
+    deleted: dict[str, list[tuple[str, int]]]
+    event_times_ms: list[npt.NDArray[np.int64]]  # sampled event times of the cycle's rows (freshness)
+    done: Future[tuple[int, float]]  # rows written, and the wall time (epoch ms) when stored
 
 
 def repartition_spec(settings: Settings) -> TopicSpec:
@@ -246,6 +259,10 @@ class StreamWorker:
 
         open_store(settings, self.groups)  # registers views, creates online tables and offline dirs
         self._sink = FeatureSink(settings, self.groups)
+        # One thread writes a cycle's features while this one goes on reading the next
+        # cycle's events; one write at a time (see _store).
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adreach-store")
+        self._in_flight: _StoreInFlight | None = None
         base = settings.kafka_client_config()
         self._producer = Producer(
             {
@@ -513,10 +530,7 @@ class StreamWorker:
             rows.column("event_time_ms").to_numpy()[::_FRESHNESS_SAMPLE_EVERY] for rows in shipped.values()
         ]
         changed = self._state.apply(shipped, self._pending_next)  # one row per changed entity and group
-        self._store(changed, self._state.take_deleted())
-        if event_times and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
-            stored_ms = time.time() * 1000
-            self.stats.freshness_ms.extend((stored_ms - np.concatenate(event_times)).tolist())
+        self._store(changed, self._state.take_deleted(), event_times)
         now = time.monotonic()
         compact = now - self._last_compact >= self._compact_every_s
         retention_ms = (
@@ -527,6 +541,9 @@ class StreamWorker:
             self._compact_every_s = max(_COMPACT_EVERY_S, (time.monotonic() - now) / _STATE_PASS_SHARE)
         # Idle shards too: a quiet stream must not leave state and offline rows unwritten.
         due = self._state.commit_due(force=final)
+        offline_compact = now - self._last_offline_compact >= self.settings.stream.offline_compact_interval_s
+        if final or due or offline_compact:
+            self._finish_store()  # what is checkpointed (and the sink's buffers) must be stored first
         if final or due:
             # A checkpoint must never cover rows still waiting for the offline store.
             self._with_store_retries(self._sink.flush_offline)
@@ -535,7 +552,7 @@ class StreamWorker:
                 commits.append(TopicPartition(self._shard_topic, shard, durable_offset))
         if compact:
             self._last_compact = now
-        if now - self._last_offline_compact >= self.settings.stream.offline_compact_interval_s or final:
+        if offline_compact or final:
             self._sink.compact_offline()
             self._last_offline_compact = now
         self._pending_next.clear()
@@ -557,17 +574,57 @@ class StreamWorker:
             failures = self._failed_records[:3] or [str(f) for f in self._dead_letters.stats.failures[:3]]
             raise StreamError(f"Kafka rejected records the engine produced: {failures}")
 
-    def _store(self, changed: dict[str, pa.Table], deleted: dict[str, list[tuple[str, int]]]) -> None:
-        """Delete deleted users' features, then write the changed ones, retrying with backoff while a
-        store is down; never drops rows."""
+    def _store(
+        self,
+        changed: dict[str, pa.Table],
+        deleted: dict[str, list[tuple[str, int]]],
+        event_times_ms: list[npt.NDArray[np.int64]],
+    ) -> None:
+        """Start storing a cycle's features on the store thread: deleted users' first, then the changed.
+
+        Why a thread: most of a write's time is the store's (Redis applying the commands on
+        another core); meanwhile this thread reads, decodes and routes the next events,
+        instead of waiting. The previous cycle's write is finished first (and retried here
+        if it failed), so writes reach the store in cycle order and a later row never
+        lands before an earlier one; nothing is checkpointed or committed before the
+        write it covers is finished (:meth:`checkpoint`).
+        """
+        self._finish_store()
         if not changed and not deleted:
             return
 
-        def write() -> None:
-            self.stats.feature_rows += self._sink.write(changed, deleted)
+        def write() -> tuple[int, float]:
+            return self._sink.write(changed, deleted), time.time() * 1000
 
-        self._with_store_retries(write)
-        self.stats.users_deleted += len({key for users in deleted.values() for key, _ in users})
+        done = self._store_thread.submit(write)
+        self._in_flight = _StoreInFlight(changed, deleted, event_times_ms, done)
+
+    def _finish_store(self) -> None:
+        """Wait for the write in flight, if any; retry it here, with backoff, if a store was down.
+
+        Never drops rows: a failed write is repeated with the same rows (writes are
+        idempotent upserts) until it succeeds or the worker stops.
+        """
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        try:
+            rows, stored_ms = flight.done.result()
+        except StoreUnavailableError as exc:
+            self.stats.store_retries += 1
+            log.warning("feature store unavailable, retrying: %s", exc)
+            results: list[tuple[int, float]] = []
+
+            def write() -> None:
+                results.append((self._sink.write(flight.changed, flight.deleted), time.time() * 1000))
+
+            self._with_store_retries(write)
+            rows, stored_ms = results[-1]
+        self.stats.feature_rows += rows
+        self.stats.users_deleted += len({key for users in flight.deleted.values() for key, _ in users})
+        if flight.event_times_ms and len(self.stats.freshness_ms) < _FRESHNESS_SAMPLES:
+            samples = stored_ms - np.concatenate(flight.event_times_ms)
+            self.stats.freshness_ms.extend(samples.tolist())
 
     def _with_store_retries(self, write: Callable[[], None]) -> None:
         """Run ``write`` until it succeeds, backing off while a store is down (data paused meanwhile)."""
@@ -706,5 +763,10 @@ class StreamWorker:
             try:
                 self._state.close_all()  # (after the checkpoint file being written, if any)
             finally:
-                self._dead_letters.close()
-                self._sink.close()
+                try:
+                    # A write in flight when the worker failed is let finish (its rows are not
+                    # committed, so a restart replays them); its outcome no longer matters.
+                    self._store_thread.shutdown(wait=True)
+                finally:
+                    self._dead_letters.close()
+                    self._sink.close()
