@@ -1177,33 +1177,36 @@ class OnlineFeatureWriter:
         n = rows.num_rows
         step = self._store.redis_batch_commands
 
+        encode = self._compiled_hset_commands if self._compiled_resp else self._hset_command_span
+
         def chunks() -> Iterator[tuple[list[bytes | memoryview], int]]:
             for start in range(0, n, step):
                 stop = min(start + step, n)
-                if self._compiled_resp:
-                    payload = self._compiled_hset_commands(
-                        layout,
-                        rows.slice(start, stop - start),
-                        entity_keys[start:stop],
-                        event_us[start:stop],
-                        None if changed is None else changed[start:stop],
-                    )
-                    yield [payload], stop - start
-                    continue
-                commands = self._hset_commands(
+                payload = encode(
                     layout,
                     rows.slice(start, stop - start),
                     entity_keys[start:stop],
                     event_us[start:stop],
                     None if changed is None else changed[start:stop],
                 )
-                # The commands are back to back in the array's data buffer: send that span.
-                buffers = commands.buffers()
-                bounds = np.frombuffer(buffers[1], np.int64, len(commands) + 1, commands.offset * 8)
-                yield [memoryview(buffers[2])[bounds[0] : bounds[-1]]], stop - start
+                yield [payload], stop - start
 
         with self._store.redis_errors(f"writing {n} {layout.group.name} rows"):
             self._store.redis_write_pipeline(chunks())
+
+    def _hset_command_span(
+        self,
+        layout: _GroupLayout,
+        rows: pa.Table,
+        entity_keys: pa.Array,
+        event_us: I64Array,
+        changed: npt.NDArray[np.bool_] | None,
+    ) -> memoryview:
+        """:meth:`_hset_commands` as one span of bytes: they are back to back in the array's data buffer."""
+        commands = self._hset_commands(layout, rows, entity_keys, event_us, changed)
+        buffers = commands.buffers()
+        bounds = np.frombuffer(buffers[1], np.int64, len(commands) + 1, commands.offset * 8)
+        return memoryview(buffers[2])[bounds[0] : bounds[-1]]
 
     def _hset_commands(
         self,
