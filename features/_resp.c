@@ -282,8 +282,11 @@ static PyObject *hset_commands(PyObject *self, PyObject *args) {
         if (changed == NULL) goto done;
     }
 
-    /* An upper bound of the output, then one pass writing it. */
+    /* An upper bound of the output, then one pass writing it. Neither touches a Python
+     * object (the buffers are held by their views, the bytes by the arguments), so other
+     * threads run meanwhile: the stream worker's next cycle while its store thread writes. */
     Py_ssize_t bound = 0;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < rows; i++) {
         bound += 40 + (Py_ssize_t)(key_offsets[i + 1] - key_offsets[i]) + suffix_len + BULK_OVERHEAD;
         bound += ts_field_len + 2 * BULK_OVERHEAD + 22;
@@ -291,9 +294,11 @@ static PyObject *hset_commands(PyObject *self, PyObject *args) {
             if (changed == NULL || changed[i * count + j])
                 bound += features[j].field_len + BULK_OVERHEAD + value_bound(&features[j], i);
     }
+    Py_END_ALLOW_THREADS
     result = PyBytes_FromStringAndSize(NULL, bound);
     if (result == NULL) goto done;
     char *start = PyBytes_AS_STRING(result), *out = start;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < rows; i++) {
         Py_ssize_t written = count;
         if (changed != NULL) {
@@ -319,6 +324,7 @@ static PyObject *hset_commands(PyObject *self, PyObject *args) {
             out = value(out + features[j].field_bulk_len, &features[j], i);
         }
     }
+    Py_END_ALLOW_THREADS
     if (_PyBytes_Resize(&result, out - start) < 0) result = NULL;
 done:
     release(&views);
