@@ -81,7 +81,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 COMPILED_RESP_AVAILABLE: Final = _resp is not None
 """Whether Redis writes are encoded by the compiled writer (``features/_resp.c``); without it the
-vectorized Arrow path writes the same bytes, several times slower."""
+vectorized Arrow path writes the same bytes (encoding 3 - 10x slower; the writer's CPU per row,
+socket I/O included, 1.7 - 1.8x)."""
 
 CREATED_COLUMN: Final = "created_timestamp"
 """Optional column of a written table: Feast's ``created_ts``; the write time when absent."""
@@ -1294,13 +1295,14 @@ class OnlineFeatureWriter:
             if picked is not None and not picked.all():
                 values = values.filter(pa.array(picked))
             encoded = _ENCODERS[feature_type](values) if len(values) else pa.array([], pa.large_binary())
-            ends = np.frombuffer(encoded.buffers()[1], np.int64, len(encoded) + 1, encoded.offset * 8)
+            _, value_offsets, data = encoded.buffers()
+            ends = np.frombuffer(value_offsets, np.int64, len(encoded) + 1, encoded.offset * 8)
             lengths = np.diff(ends)
             if picked is not None and not picked.all():
                 lengths = np.zeros(len(picked), np.int64)
                 lengths[picked] = np.diff(ends)
             offsets = _offsets(lengths) + ends[0]
-            data = encoded.buffers()[2] if encoded.buffers()[2] is not None else b""
+            data = data if data is not None else b""
             for i, name in enumerate(names):
                 specs[name] = (layout.hash_fields[name], _ENCODED_KIND, None, data, offsets, i * n)
         key_buffers = entity_keys.buffers()

@@ -486,6 +486,15 @@ def require_cluster(settings: Settings) -> None:
         _fail(str(exc), EXIT_OPERATIONAL)
 
 
+def _warn_not_compiled(what: str, source: str, fallback: str) -> None:
+    """Say that an optional C extension is missing, what runs instead, and how to get it."""
+    stderr.print(
+        f"[yellow]stream: the compiled {what} ({source}) is not installed; {fallback} "
+        "(same results, slower). Reinstall with a C compiler at hand: pip install -e .[/]",
+        highlight=False,
+    )
+
+
 def _run_stream(
     settings: Settings,
     *,
@@ -526,28 +535,14 @@ def _run_stream(
         f"features -> Feast repo {settings.feature_repo_dir}",
         highlight=False,
     )
+    from features.online import COMPILED_RESP_AVAILABLE
     from streams.engine.decode import FAST_DECODE_AVAILABLE
 
     if settings.stream.compiled_decode and not FAST_DECODE_AVAILABLE:
-        stderr.print(
-            "[yellow]stream: the compiled decoder (streams/engine/_fastdecode.c) is not installed; "
-            "decoding with msgspec alone (same results, slower). Reinstall with a C compiler at hand: "
-            "pip install -e .[/]",
-            highlight=False,
-        )
-    from features.online import COMPILED_RESP_AVAILABLE
-
-    if (
-        settings.features.online_store == "redis"
-        and settings.features.compiled_redis_writer
-        and not COMPILED_RESP_AVAILABLE
-    ):
-        stderr.print(
-            "[yellow]stream: the compiled Redis writer (features/_resp.c) is not installed; "
-            "encoding writes with Arrow (the same bytes, more CPU). Reinstall with a C compiler at hand: "
-            "pip install -e .[/]",
-            highlight=False,
-        )
+        _warn_not_compiled("decoder", "streams/engine/_fastdecode.c", "decoding with msgspec alone")
+    redis = settings.features.online_store == "redis"
+    if redis and settings.features.compiled_redis_writer and not COMPILED_RESP_AVAILABLE:
+        _warn_not_compiled("Redis writer", "features/_resp.c", "encoding writes with Arrow")
 
     def on_interrupt(signum: int, frame: object) -> None:
         stderr.print("stopping: finishing the current cycle (Ctrl-C again to abort)", highlight=False)

@@ -19,10 +19,10 @@ records and dead letters acknowledged by Kafka; routers' offsets and watermarks 
 features stored online by the store thread while this one reads the next events (one
 write at a time; retried with backoff while a store is down, with consumption paused
 and nothing committed); when a shard checkpoint is due, that write finished and the
-buffered offline rows written, then shard state and offsets copied together and written to the shard's
-checkpoint file by a background thread (the next checkpoint, a rebalance and shutdown
-wait for it); offsets committed to Kafka (for lag monitoring, those of a shard once its
-file is written; restarts resume from the checkpoints).
+buffered offline rows written, then shard state and offsets copied together and
+written to the shard's checkpoint file by a background thread (the next checkpoint, a
+rebalance and shutdown wait for it); offsets committed to Kafka (for lag monitoring,
+those of a shard once its file is written; restarts resume from the checkpoints).
 A crash anywhere replays from the last checkpoint and reproduces exactly the same
 state, so features are neither lost nor double counted.
 """
@@ -593,11 +593,14 @@ class StreamWorker:
         if not changed and not deleted:
             return
 
-        def write() -> tuple[int, float]:
-            return self._sink.write(changed, deleted), time.time() * 1000
-
-        done = self._store_thread.submit(write)
+        done = self._store_thread.submit(self._write_features, changed, deleted)
         self._in_flight = _StoreInFlight(changed, deleted, event_times_ms, done)
+
+    def _write_features(
+        self, changed: dict[str, pa.Table], deleted: dict[str, list[tuple[str, int]]]
+    ) -> tuple[int, float]:
+        """Store the features (see :meth:`FeatureSink.write`): rows written, and when (epoch ms)."""
+        return self._sink.write(changed, deleted), time.time() * 1000
 
     def _finish_store(self) -> None:
         """Wait for the write in flight, if any; retry it here, with backoff, if a store was down.
@@ -616,7 +619,7 @@ class StreamWorker:
             results: list[tuple[int, float]] = []
 
             def write() -> None:
-                results.append((self._sink.write(flight.changed, flight.deleted), time.time() * 1000))
+                results.append(self._write_features(flight.changed, flight.deleted))
 
             self._with_store_retries(write)
             rows, stored_ms = results[-1]
