@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: setup demo test bench lint clean
 
-$(STAMP): pyproject.toml setup.py streams/engine/_fastdecode.c features/_resp.c infra/constraints.txt
+$(STAMP): pyproject.toml setup.py streams/engine/_fastdecode.c streams/engine/_kernels.c features/_resp.c infra/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0 -c infra/constraints.txt
 	$(PIP) install --quiet -c infra/constraints.txt -e '.[dev]'

@@ -537,9 +537,12 @@ def _run_stream(
     )
     from features.online import COMPILED_RESP_AVAILABLE
     from streams.engine.decode import FAST_DECODE_AVAILABLE
+    from streams.engine.kernels import KERNELS_AVAILABLE
 
     if settings.stream.compiled_decode and not FAST_DECODE_AVAILABLE:
         _warn_not_compiled("decoder", "streams/engine/_fastdecode.c", "decoding with msgspec alone")
+    if not KERNELS_AVAILABLE:
+        _warn_not_compiled("state kernels", "streams/engine/_kernels.c", "summing and merging with NumPy")
     redis = settings.features.online_store == "redis"
     if redis and settings.features.compiled_redis_writer and not COMPILED_RESP_AVAILABLE:
         _warn_not_compiled("Redis writer", "features/_resp.c", "encoding writes with Arrow")

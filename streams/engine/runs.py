@@ -6,10 +6,13 @@ this shape: look up a batch of codes, add to or set their payloads, insert the n
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from streams.engine import kernels
 
 _I64 = NDArray[np.int64]
 
@@ -132,7 +135,38 @@ def _positions(sorted_codes: _I64, codes: _I64) -> tuple[_I64, NDArray[np.bool_]
 def _insert_sorted(
     codes: _I64, values: NDArray[Any], new_codes: _I64, new_values: NDArray[Any]
 ) -> tuple[_I64, NDArray[Any]]:
-    """``codes``/``values`` with sorted ``new_codes`` (none already present) merged in, in order."""
+    """``codes``/``values`` with sorted ``new_codes`` (none already present) merged in, in order.
+
+    Compiled (``_kernels.merge_sorted``: one two-pointer pass) where installed and the
+    payload is 8-byte items, else :func:`_insert_sorted_numpy`; the same arrays either way.
+    """
+    if kernels.compiled is None or values.dtype.itemsize != 8:
+        return _insert_sorted_numpy(codes, values, new_codes, new_values)
+    return _insert_sorted_compiled(kernels.compiled, codes, values, new_codes, new_values)
+
+
+def _insert_sorted_compiled(
+    compiled: ModuleType, codes: _I64, values: NDArray[Any], new_codes: _I64, new_values: NDArray[Any]
+) -> tuple[_I64, NDArray[Any]]:
+    width = values.shape[0]
+    merged = np.empty(len(codes) + len(new_codes), np.int64)
+    merged_values = np.empty((width, len(merged)), values.dtype)
+    compiled.merge_sorted(
+        np.ascontiguousarray(codes, dtype=np.int64),
+        np.ascontiguousarray(values),
+        np.ascontiguousarray(new_codes, dtype=np.int64),
+        np.ascontiguousarray(new_values, dtype=values.dtype),
+        width,
+        merged,
+        merged_values,
+    )
+    return merged, merged_values
+
+
+def _insert_sorted_numpy(
+    codes: _I64, values: NDArray[Any], new_codes: _I64, new_values: NDArray[Any]
+) -> tuple[_I64, NDArray[Any]]:
+    """:func:`_insert_sorted` in NumPy (the fallback, and the reference of the compiled merge)."""
     position = np.searchsorted(codes, new_codes)
     # Where each code lands: a new code after the old ones below it and the new ones
     # before it; an old code moved up by the new ones below it. Two scatters, no sort:

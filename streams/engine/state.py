@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ from numpy.typing import NDArray
 
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
 from features.online import CHANGED_COLUMN
+from streams.engine import kernels
 from streams.engine.forget import ForgottenUsers
 from streams.engine.keys import KeyIndex
 from streams.engine.router import (
@@ -275,6 +277,27 @@ def _rate(numerator: _F64, denominator: _F64) -> _F64:
 
 def _summed_by_code(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     """The distinct ``codes``, sorted, and the ``deltas`` (columns, m) summed per code.
+
+    Compiled (``_kernels.sum_by_code``: one hash pass, a radix sort of the distinct codes)
+    where installed, else :func:`_summed_by_code_numpy`; the same bits either way.
+    """
+    if kernels.compiled is None:
+        return _summed_by_code_numpy(codes, deltas)
+    return _summed_by_code_compiled(kernels.compiled, codes, deltas)
+
+
+def _summed_by_code_compiled(compiled: ModuleType, codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    deltas = np.ascontiguousarray(deltas, dtype=np.float64)
+    width = deltas.shape[0]
+    out_codes = np.empty(len(codes), dtype=np.int64)
+    out_sums = np.empty(width * len(codes), dtype=np.float64)
+    distinct = compiled.sum_by_code(codes, deltas, width, out_codes, out_sums)
+    return out_codes[:distinct], out_sums[: width * distinct].reshape(width, distinct)
+
+
+def _summed_by_code_numpy(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
+    """:func:`_summed_by_code` in NumPy (the fallback, and the reference of the compiled kernel).
 
     Grouped by hashing (pandas' ``factorize``), then only the distinct codes sorted: a
     batch repeats its tile codes (about a third were distinct in the stream benchmark's

@@ -1,0 +1,304 @@
+/*
+ * Two kernels of the stream engine's windowed state (streams/engine/state.py, runs.py).
+ *
+ * Why they exist: every micro-batch sums each group's per-row deltas by tile code and
+ * merges the new codes into the state's sorted runs. In NumPy the first is a hash
+ * factorization, a sort of the distinct codes, a rank mapping and one bincount per
+ * column; the second a searchsorted, position arithmetic and one scatter per column:
+ * together about a quarter of the state's time. Here each is one or two passes in C.
+ * The NumPy versions stay as the fallback (no compiler) and as the reference the tests
+ * compare these against, bit for bit.
+ *
+ * sum_by_code(codes, deltas, m, out_codes, out_sums) -> k
+ *   codes:     int64, n values (any order, repeats)
+ *   deltas:    float64, m rows of n (C order, m x n)
+ *   out_codes: writable int64, at least n: the k distinct codes, ascending
+ *   out_sums:  writable float64, at least m * k: row r's sums per distinct code, as an
+ *              m x k C-order matrix; each sum adds its deltas in input order, starting
+ *              from 0.0 (as numpy.bincount does), so the sums are the same to the bit
+ *
+ * merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values)
+ *   codes (n) and new_codes (m): ascending int64; values (width x n) and new_values
+ *   (width x m): 8-byte items (int64 or float64, copied as bits); out_codes (n + m) and
+ *   out_values (width x (n + m)) receive the merge, a new code before an equal old one
+ *   (where numpy.searchsorted's left side puts it).
+ *
+ * Both release the GIL while they compute: they touch no Python object then.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DIGIT_BITS 11
+#define DIGIT_VALUES (1 << DIGIT_BITS)
+#define SIGN_BIT 0x8000000000000000ULL
+/* Scratch memory up to this size is kept between calls: fresh pages cost a page fault
+ * each on first touch, which on a VM took as long as the hashing itself. */
+#define KEPT_SCRATCH_BYTES ((size_t)32 << 20)
+
+/* One scratch block, reused by every call (a lock guards it: the kernels run without the
+ * GIL). Callers carve their arrays from it; growing it loses what it held. */
+static PyThread_type_lock scratch_lock;
+static char *scratch;
+static size_t scratch_size;
+
+static char *scratch_reserve(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch);
+        scratch = malloc(bytes);
+        scratch_size = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+static void scratch_trim(void) {
+    if (scratch_size > KEPT_SCRATCH_BYTES) {
+        free(scratch);
+        scratch = NULL;
+        scratch_size = 0;
+    }
+}
+
+/* Sort ``keys`` (unsigned order) carrying ``items``, least significant digit first, using
+ * ``keys_tmp``/``items_tmp`` (k each); digits on which every key agrees are skipped (the
+ * tile codes vary in few bits). Stable. */
+static void radix_sort(uint64_t *keys, int64_t *items, Py_ssize_t k, uint64_t *keys_tmp, int64_t *items_tmp) {
+    if (k < 2) return;
+    uint64_t varying = 0;
+    for (Py_ssize_t i = 1; i < k; i++) varying |= keys[i] ^ keys[0];
+    uint64_t *src_keys = keys, *dst_keys = keys_tmp;
+    int64_t *src_items = items, *dst_items = items_tmp;
+    Py_ssize_t counts[DIGIT_VALUES];
+    for (int shift = 0; shift < 64; shift += DIGIT_BITS) {
+        if (!((varying >> shift) & (DIGIT_VALUES - 1))) continue;
+        memset(counts, 0, sizeof(counts));
+        for (Py_ssize_t i = 0; i < k; i++) counts[(src_keys[i] >> shift) & (DIGIT_VALUES - 1)]++;
+        Py_ssize_t total = 0;
+        for (int d = 0; d < DIGIT_VALUES; d++) {
+            Py_ssize_t c = counts[d];
+            counts[d] = total;
+            total += c;
+        }
+        for (Py_ssize_t i = 0; i < k; i++) {
+            Py_ssize_t at = counts[(src_keys[i] >> shift) & (DIGIT_VALUES - 1)]++;
+            dst_keys[at] = src_keys[i];
+            dst_items[at] = src_items[i];
+        }
+        uint64_t *swap_keys = src_keys;
+        src_keys = dst_keys;
+        dst_keys = swap_keys;
+        int64_t *swap_items = src_items;
+        src_items = dst_items;
+        dst_items = swap_items;
+    }
+    if (src_keys != keys) {
+        memcpy(keys, src_keys, (size_t)k * sizeof(uint64_t));
+        memcpy(items, src_items, (size_t)k * sizeof(int64_t));
+    }
+}
+
+/* The computation of sum_by_code (scratch lock held); -1 when memory ran out. */
+static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize_t n, Py_ssize_t m,
+                            int64_t *out_codes, double *out_sums) {
+    if (n == 0) return 0;
+    if (n >= (Py_ssize_t)UINT32_MAX) return -1;
+    /* Open addressing over 32-bit cells (a distinct code's number + 1; 0: empty), at most
+     * half full, with Fibonacci hashing (the top bits of code * 2^64/phi). */
+    size_t capacity = 16;
+    int shift = 60;
+    while (capacity < (size_t)n * 2) {
+        capacity <<= 1;
+        shift--;
+    }
+    size_t mask = capacity - 1;
+    /* Scratch: table, then distinct codes, labels, sort order, the sort's two buffers
+     * (8-byte arrays of n), then the sums (m per distinct code, at most m * n). */
+    size_t table_bytes = (capacity * sizeof(uint32_t) + 7) & ~(size_t)7;
+    char *base = scratch_reserve(table_bytes + (size_t)n * 8 * (5 + (size_t)m));
+    if (!base) return -1;
+    uint32_t *table = (uint32_t *)base;
+    uint64_t *distinct = (uint64_t *)(base + table_bytes);
+    int64_t *labels = (int64_t *)(distinct + n);
+    int64_t *order = labels + n;
+    uint64_t *keys_tmp = (uint64_t *)(order + n);
+    int64_t *items_tmp = (int64_t *)(keys_tmp + n);
+    double *sums = (double *)(items_tmp + n);
+    memset(table, 0, capacity * sizeof(uint32_t));
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t code = (uint64_t)codes[i];
+        size_t at = (size_t)((code * 0x9E3779B97F4A7C15ULL) >> shift);
+        for (;;) {
+            uint32_t slot = table[at];
+            if (slot == 0) {
+                table[at] = (uint32_t)(k + 1);
+                distinct[k] = code;
+                labels[i] = k++;
+                break;
+            }
+            if (distinct[slot - 1] == code) {
+                labels[i] = slot - 1;
+                break;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+    /* Slot-major sums (a distinct code's m sums side by side), each in input order from 0.0. */
+    memset(sums, 0, (size_t)(m * k) * sizeof(double));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double *slot_sums = sums + labels[i] * m;
+        for (Py_ssize_t r = 0; r < m; r++) slot_sums[r] += deltas[r * n + i];
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        distinct[j] ^= SIGN_BIT; /* signed order as unsigned */
+        order[j] = j;
+    }
+    radix_sort(distinct, order, k, keys_tmp, items_tmp);
+    for (Py_ssize_t j = 0; j < k; j++) {
+        out_codes[j] = (int64_t)(distinct[j] ^ SIGN_BIT);
+        const double *slot_sums = sums + order[j] * m;
+        for (Py_ssize_t r = 0; r < m; r++) out_sums[r * k + j] = slot_sums[r];
+    }
+    return k;
+}
+
+typedef struct {
+    Py_buffer views[6];
+    int count;
+} Views;
+
+static void release(Views *views) {
+    for (int i = 0; i < views->count; i++) PyBuffer_Release(&views->views[i]);
+}
+
+/* A C-contiguous buffer of 8-byte items holding at least ``items`` of them. */
+static int get_view(Views *views, PyObject *object, int writable, Py_ssize_t items, const char *name) {
+    Py_buffer *view = &views->views[views->count];
+    if (PyObject_GetBuffer(object, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    views->count++;
+    if (view->len < items * 8) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, needs %zd", name, view->len, items * 8);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *sum_by_code(PyObject *self, PyObject *args) {
+    PyObject *codes_obj, *deltas_obj, *out_codes_obj, *out_sums_obj;
+    Py_ssize_t m;
+    if (!PyArg_ParseTuple(args, "OOnOO", &codes_obj, &deltas_obj, &m, &out_codes_obj, &out_sums_obj)) return NULL;
+    Views views = {.count = 0};
+    if (m < 0) {
+        PyErr_SetString(PyExc_ValueError, "m must not be negative");
+        return NULL;
+    }
+    if (get_view(&views, codes_obj, 0, 0, "codes") < 0) goto fail;
+    Py_ssize_t n = views.views[0].len / 8;
+    if (get_view(&views, deltas_obj, 0, m * n, "deltas") < 0 || get_view(&views, out_codes_obj, 1, n, "out_codes") < 0 ||
+        get_view(&views, out_sums_obj, 1, m * n, "out_sums") < 0)
+        goto fail;
+    Py_ssize_t k;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
+    k = sum_codes(views.views[0].buf, views.views[1].buf, n, m, views.views[2].buf, views.views[3].buf);
+    scratch_trim();
+    PyThread_release_lock(scratch_lock);
+    Py_END_ALLOW_THREADS
+    release(&views);
+    if (k < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(k);
+fail:
+    release(&views);
+    return NULL;
+}
+
+/* The computation of merge_sorted (scratch lock held); -1 (nothing written) when memory ran out. */
+static int merge(const int64_t *codes, const uint64_t *values, Py_ssize_t n, const int64_t *new_codes,
+                 const uint64_t *new_values, Py_ssize_t m, Py_ssize_t width, int64_t *out_codes,
+                 uint64_t *out_values) {
+    Py_ssize_t total = n + m;
+    /* Codes first, noting where each output item comes from (>= 0: old, < 0: new). */
+    int64_t *source = (int64_t *)scratch_reserve((size_t)(total > 0 ? total : 1) * sizeof(int64_t));
+    if (!source) return -1;
+    Py_ssize_t i = 0, j = 0, at = 0;
+    while (i < n && j < m) {
+        if (codes[i] < new_codes[j]) {
+            out_codes[at] = codes[i];
+            source[at++] = i++;
+        } else {
+            out_codes[at] = new_codes[j];
+            source[at++] = -1 - j++;
+        }
+    }
+    while (i < n) {
+        out_codes[at] = codes[i];
+        source[at++] = i++;
+    }
+    while (j < m) {
+        out_codes[at] = new_codes[j];
+        source[at++] = -1 - j++;
+    }
+    for (Py_ssize_t r = 0; r < width; r++) {
+        const uint64_t *old_row = values + r * n, *new_row = new_values + r * m;
+        uint64_t *out_row = out_values + r * total;
+        for (Py_ssize_t p = 0; p < total; p++) {
+            int64_t s = source[p];
+            out_row[p] = s >= 0 ? old_row[s] : new_row[-1 - s];
+        }
+    }
+    return 0;
+}
+
+static PyObject *merge_sorted(PyObject *self, PyObject *args) {
+    PyObject *codes_obj, *values_obj, *new_codes_obj, *new_values_obj, *out_codes_obj, *out_values_obj;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "OOOOnOO", &codes_obj, &values_obj, &new_codes_obj, &new_values_obj, &width,
+                          &out_codes_obj, &out_values_obj))
+        return NULL;
+    Views views = {.count = 0};
+    if (width < 0) {
+        PyErr_SetString(PyExc_ValueError, "width must not be negative");
+        return NULL;
+    }
+    if (get_view(&views, codes_obj, 0, 0, "codes") < 0 || get_view(&views, new_codes_obj, 0, 0, "new_codes") < 0)
+        goto fail;
+    Py_ssize_t n = views.views[0].len / 8, m = views.views[1].len / 8;
+    if (get_view(&views, values_obj, 0, width * n, "values") < 0 ||
+        get_view(&views, new_values_obj, 0, width * m, "new_values") < 0 ||
+        get_view(&views, out_codes_obj, 1, n + m, "out_codes") < 0 ||
+        get_view(&views, out_values_obj, 1, width * (n + m), "out_values") < 0)
+        goto fail;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
+    failed = merge(views.views[0].buf, views.views[2].buf, n, views.views[1].buf, views.views[3].buf, m, width,
+                   views.views[4].buf, views.views[5].buf);
+    scratch_trim();
+    PyThread_release_lock(scratch_lock);
+    Py_END_ALLOW_THREADS
+    release(&views);
+    if (failed < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    release(&views);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"sum_by_code", sum_by_code, METH_VARARGS,
+     "sum_by_code(codes, deltas, m, out_codes, out_sums) -> k: distinct codes ascending and their column sums."},
+    {"merge_sorted", merge_sorted, METH_VARARGS,
+     "merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values): merge two sorted runs."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    scratch_lock = PyThread_allocate_lock();
+    if (!scratch_lock) return PyErr_NoMemory();
+    return PyModule_Create(&module);
+}
