@@ -77,6 +77,19 @@ def test_sums_of_many_codes_in_wide_ranges_and_nan_deltas_match() -> None:
 
 @needs_kernels
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_codes, st.integers(-(2**63), 2**63 - 1) | st.integers(-3, 3)), max_size=300))
+def test_latest_tiles_by_pair_are_the_numpy_ones(rows: list[tuple[int, int]]) -> None:
+    pairs = np.asarray([pair for pair, _ in rows], dtype=np.int64)
+    tiles = np.asarray([tile for _, tile in rows], dtype=np.int64)
+    expected = state_module._latest_by_pair_numpy(pairs, tiles)
+    assert compiled is not None
+    got = state_module._latest_by_pair_compiled(compiled, pairs, tiles)
+    assert got[0].tolist() == expected[0].tolist()
+    assert got[1].tolist() == expected[1].tolist()
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.integers(0, 3), st.sampled_from([np.int64, np.float64]))
 def test_merged_runs_are_the_numpy_merge(data: st.DataObject, width: int, dtype: type[np.generic]) -> None:
     both = data.draw(st.lists(_codes, unique=True, max_size=200))
@@ -113,6 +126,8 @@ def test_kernels_refuse_buffers_too_small_for_what_they_write() -> None:
     codes = np.arange(10, dtype=np.int64)
     with pytest.raises(ValueError, match="out_sums"):
         compiled.sum_by_code(codes, np.zeros((2, 10)), 2, np.empty(10, np.int64), np.empty(19))
+    with pytest.raises(ValueError, match="out_max"):
+        compiled.max_by_code(codes, codes, np.empty(10, np.int64), np.empty(9, np.int64))
     with pytest.raises(ValueError, match="deltas"):
         compiled.sum_by_code(codes, np.zeros((1, 10)), 2, np.empty(10, np.int64), np.empty(20))
     merge_inputs = (codes, np.zeros(10), np.array([20]), np.zeros(1), 1, np.empty(11, np.int64))

@@ -1,11 +1,13 @@
 /*
- * Two kernels of the stream engine's windowed state (streams/engine/state.py, runs.py).
+ * Kernels of the stream engine's windowed state (streams/engine/state.py, runs.py).
  *
- * Why they exist: every micro-batch sums each group's per-row deltas by tile code and
- * merges the new codes into the state's sorted runs. In NumPy the first is a hash
- * factorization, a sort of the distinct codes, a rank mapping and one bincount per
- * column; the second a searchsorted, position arithmetic and one scatter per column:
- * together about a quarter of the state's time. Here each is one or two passes in C.
+ * Why they exist: every micro-batch sums each group's per-row deltas by tile code, takes
+ * the latest tile of each (entity, value) pair of a distinct count, and merges the new
+ * codes into the state's sorted runs. In NumPy the first is a hash factorization, a
+ * sort of the distinct codes, a rank mapping and one bincount per column; the second a
+ * sort of every pair and a reduceat; the third a searchsorted, position arithmetic and
+ * one scatter per column: together about a third of the state's time. Here each is one
+ * hash pass (and a radix sort of the distinct codes) or one merge pass in C.
  * The NumPy versions stay as the fallback (no compiler) and as the reference the tests
  * compare these against, bit for bit.
  *
@@ -16,6 +18,10 @@
  *   out_sums:  writable float64, at least m * k: row r's sums per distinct code, as an
  *              m x k C-order matrix; each sum adds its deltas in input order, starting
  *              from 0.0 (as numpy.bincount does), so the sums are the same to the bit
+ *
+ * max_by_code(codes, values, out_codes, out_max) -> k
+ *   codes, values: int64, n each; out_codes, out_max: writable int64, at least n each:
+ *   the k distinct codes ascending and each one's largest value
  *
  * merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values)
  *   codes (n) and new_codes (m): ascending int64; values (width x n) and new_values
@@ -100,13 +106,22 @@ static void radix_sort(uint64_t *keys, int64_t *items, Py_ssize_t k, uint64_t *k
     }
 }
 
-/* The computation of sum_by_code (scratch lock held); -1 when memory ran out. */
-static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize_t n, Py_ssize_t m,
-                            int64_t *out_codes, double *out_sums) {
-    if (n == 0) return 0;
+/* A batch's codes grouped: the distinct ones (first-seen order), each input's group. */
+typedef struct {
+    Py_ssize_t k;
+    uint64_t *distinct; /* k codes */
+    int64_t *labels;    /* n: the group of each input */
+    int64_t *order;     /* k: after sort_groups, the groups by ascending code */
+    uint64_t *keys_tmp; /* the sort's buffers */
+    int64_t *items_tmp;
+    char *rest; /* scratch past these, ``extra_bytes`` of it */
+} Groups;
+
+/* Group ``codes`` by value (scratch lock held), reserving ``extra_bytes`` more scratch;
+ * -1 when memory ran out. Open addressing over 32-bit cells (a group's number + 1; 0:
+ * empty), at most half full, with Fibonacci hashing (the top bits of code * 2^64/phi). */
+static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, Groups *groups) {
     if (n >= (Py_ssize_t)UINT32_MAX) return -1;
-    /* Open addressing over 32-bit cells (a distinct code's number + 1; 0: empty), at most
-     * half full, with Fibonacci hashing (the top bits of code * 2^64/phi). */
     size_t capacity = 16;
     int shift = 60;
     while (capacity < (size_t)n * 2) {
@@ -114,19 +129,19 @@ static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize
         shift--;
     }
     size_t mask = capacity - 1;
-    /* Scratch: table, then distinct codes, labels, sort order, the sort's two buffers
-     * (8-byte arrays of n), then the sums (m per distinct code, at most m * n). */
     size_t table_bytes = (capacity * sizeof(uint32_t) + 7) & ~(size_t)7;
-    char *base = scratch_reserve(table_bytes + (size_t)n * 8 * (5 + (size_t)m));
+    char *base = scratch_reserve(table_bytes + (size_t)n * 8 * 5 + extra_bytes);
     if (!base) return -1;
     uint32_t *table = (uint32_t *)base;
-    uint64_t *distinct = (uint64_t *)(base + table_bytes);
-    int64_t *labels = (int64_t *)(distinct + n);
-    int64_t *order = labels + n;
-    uint64_t *keys_tmp = (uint64_t *)(order + n);
-    int64_t *items_tmp = (int64_t *)(keys_tmp + n);
-    double *sums = (double *)(items_tmp + n);
+    groups->distinct = (uint64_t *)(base + table_bytes);
+    groups->labels = (int64_t *)(groups->distinct + n);
+    groups->order = groups->labels + n;
+    groups->keys_tmp = (uint64_t *)(groups->order + n);
+    groups->items_tmp = (int64_t *)(groups->keys_tmp + n);
+    groups->rest = (char *)(groups->items_tmp + n);
     memset(table, 0, capacity * sizeof(uint32_t));
+    uint64_t *distinct = groups->distinct;
+    int64_t *labels = groups->labels;
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t code = (uint64_t)codes[i];
@@ -146,21 +161,64 @@ static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize
             at = (at + 1) & mask;
         }
     }
-    /* Slot-major sums (a distinct code's m sums side by side), each in input order from 0.0. */
+    groups->k = k;
+    return 0;
+}
+
+/* Order the groups by code (signed) into ``order``; ``distinct`` ends sorted, as unsigned
+ * keys with the sign bit flipped (``sorted_code`` reads one back). */
+static void sort_groups(Groups *groups) {
+    for (Py_ssize_t j = 0; j < groups->k; j++) {
+        groups->distinct[j] ^= SIGN_BIT; /* signed order as unsigned */
+        groups->order[j] = j;
+    }
+    radix_sort(groups->distinct, groups->order, groups->k, groups->keys_tmp, groups->items_tmp);
+}
+
+static inline int64_t sorted_code(const Groups *groups, Py_ssize_t j) {
+    return (int64_t)(groups->distinct[j] ^ SIGN_BIT);
+}
+
+/* The computation of sum_by_code (scratch lock held); -1 when memory ran out. */
+static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize_t n, Py_ssize_t m,
+                            int64_t *out_codes, double *out_sums) {
+    if (n == 0) return 0;
+    Groups groups;
+    if (group_codes(codes, n, (size_t)n * (size_t)m * sizeof(double), &groups) < 0) return -1;
+    Py_ssize_t k = groups.k;
+    /* Slot-major sums (a group's m sums side by side), each in input order from 0.0. */
+    double *sums = (double *)groups.rest;
     memset(sums, 0, (size_t)(m * k) * sizeof(double));
     for (Py_ssize_t i = 0; i < n; i++) {
-        double *slot_sums = sums + labels[i] * m;
+        double *slot_sums = sums + groups.labels[i] * m;
         for (Py_ssize_t r = 0; r < m; r++) slot_sums[r] += deltas[r * n + i];
     }
+    sort_groups(&groups);
     for (Py_ssize_t j = 0; j < k; j++) {
-        distinct[j] ^= SIGN_BIT; /* signed order as unsigned */
-        order[j] = j;
-    }
-    radix_sort(distinct, order, k, keys_tmp, items_tmp);
-    for (Py_ssize_t j = 0; j < k; j++) {
-        out_codes[j] = (int64_t)(distinct[j] ^ SIGN_BIT);
-        const double *slot_sums = sums + order[j] * m;
+        out_codes[j] = sorted_code(&groups, j);
+        const double *slot_sums = sums + groups.order[j] * m;
         for (Py_ssize_t r = 0; r < m; r++) out_sums[r * k + j] = slot_sums[r];
+    }
+    return k;
+}
+
+/* The computation of max_by_code (scratch lock held); -1 when memory ran out. */
+static Py_ssize_t max_codes(const int64_t *codes, const int64_t *values, Py_ssize_t n, int64_t *out_codes,
+                            int64_t *out_max) {
+    if (n == 0) return 0;
+    Groups groups;
+    if (group_codes(codes, n, (size_t)n * sizeof(int64_t), &groups) < 0) return -1;
+    Py_ssize_t k = groups.k;
+    int64_t *max = (int64_t *)groups.rest;
+    for (Py_ssize_t j = 0; j < k; j++) max[j] = INT64_MIN;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t *slot = max + groups.labels[i];
+        if (values[i] > *slot) *slot = values[i];
+    }
+    sort_groups(&groups);
+    for (Py_ssize_t j = 0; j < k; j++) {
+        out_codes[j] = sorted_code(&groups, j);
+        out_max[j] = max[groups.order[j]];
     }
     return k;
 }
@@ -204,6 +262,30 @@ static PyObject *sum_by_code(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
     k = sum_codes(views.views[0].buf, views.views[1].buf, n, m, views.views[2].buf, views.views[3].buf);
+    scratch_trim();
+    PyThread_release_lock(scratch_lock);
+    Py_END_ALLOW_THREADS
+    release(&views);
+    if (k < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(k);
+fail:
+    release(&views);
+    return NULL;
+}
+
+static PyObject *max_by_code(PyObject *self, PyObject *args) {
+    PyObject *codes_obj, *values_obj, *out_codes_obj, *out_max_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &codes_obj, &values_obj, &out_codes_obj, &out_max_obj)) return NULL;
+    Views views = {.count = 0};
+    if (get_view(&views, codes_obj, 0, 0, "codes") < 0) goto fail;
+    Py_ssize_t n = views.views[0].len / 8;
+    if (get_view(&views, values_obj, 0, n, "values") < 0 || get_view(&views, out_codes_obj, 1, n, "out_codes") < 0 ||
+        get_view(&views, out_max_obj, 1, n, "out_max") < 0)
+        goto fail;
+    Py_ssize_t k;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
+    k = max_codes(views.views[0].buf, views.views[1].buf, n, views.views[2].buf, views.views[3].buf);
     scratch_trim();
     PyThread_release_lock(scratch_lock);
     Py_END_ALLOW_THREADS
@@ -290,6 +372,8 @@ fail:
 static PyMethodDef methods[] = {
     {"sum_by_code", sum_by_code, METH_VARARGS,
      "sum_by_code(codes, deltas, m, out_codes, out_sums) -> k: distinct codes ascending and their column sums."},
+    {"max_by_code", max_by_code, METH_VARARGS,
+     "max_by_code(codes, values, out_codes, out_max) -> k: distinct codes ascending and each one's largest value."},
     {"merge_sorted", merge_sorted, METH_VARARGS,
      "merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values): merge two sorted runs."},
     {NULL, NULL, 0, NULL},

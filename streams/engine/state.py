@@ -313,6 +313,31 @@ def _summed_by_code_numpy(codes: _I64, deltas: _F64) -> tuple[_I64, _F64]:
     return np.asarray(distinct[order], dtype=np.int64), sums.astype(np.float64, copy=False)
 
 
+def _latest_by_pair(pairs: _I64, tiles: _I64) -> tuple[_I64, _I64]:
+    """The distinct ``pairs``, sorted, and each one's latest (largest) tile.
+
+    Compiled (``_kernels.max_by_code``) where installed, else :func:`_latest_by_pair_numpy`.
+    """
+    if kernels.compiled is None:
+        return _latest_by_pair_numpy(pairs, tiles)
+    return _latest_by_pair_compiled(kernels.compiled, pairs, tiles)
+
+
+def _latest_by_pair_compiled(compiled: ModuleType, pairs: _I64, tiles: _I64) -> tuple[_I64, _I64]:
+    pairs = np.ascontiguousarray(pairs, dtype=np.int64)
+    out_pairs = np.empty(len(pairs), dtype=np.int64)
+    out_tiles = np.empty(len(pairs), dtype=np.int64)
+    distinct = compiled.max_by_code(pairs, np.ascontiguousarray(tiles, dtype=np.int64), out_pairs, out_tiles)
+    return out_pairs[:distinct], out_tiles[:distinct]
+
+
+def _latest_by_pair_numpy(pairs: _I64, tiles: _I64) -> tuple[_I64, _I64]:
+    """:func:`_latest_by_pair` in NumPy (the fallback, and the reference of the compiled kernel)."""
+    order = np.argsort(pairs)  # ties: any order (a max per pair)
+    starts = _segments(pairs[order])
+    return pairs[order][starts], np.maximum.reduceat(tiles[order], starts)
+
+
 def _range_sums(codes: _I64, values: _F64, ids: _I64, low: _I64, high: _I64) -> _F64:
     """Per i, ``values`` (columns, n) summed over entity ``ids[i]``'s tiles in ``[low[i], high[i])``."""
     base = ids << TILE_BITS
@@ -622,12 +647,9 @@ class GroupState:
         value_ids, _, _ = index.ids(values.filter(pa.array(mask)).cast(pa.string()))
         if len(index) >= 1 << _VALUE_BITS:
             raise StateError(f"group {self.group.name}: too many distinct {aggregation.column} values")
-        pairs = (batch.ids[mask] << _VALUE_BITS) | value_ids
-        tiles = batch.times[mask] // TILE_MS
-        order = np.argsort(pairs)  # ties: any order (a max per pair)
-        starts = _segments(pairs[order])
-        pairs = pairs[order][starts]
-        tiles = np.maximum.reduceat(tiles[order], starts)
+        pairs, tiles = _latest_by_pair(
+            (batch.ids[mask] << _VALUE_BITS) | value_ids, batch.times[mask] // TILE_MS
+        )
 
         seen = self.seen[aggregation.name]
         found, old = seen.get(pairs)
