@@ -252,6 +252,15 @@ class StreamSettings(BaseModel):
             "whole reads too)."
         ),
     )
+    keep_freed_memory_mib: int = Field(
+        1024,
+        ge=0,
+        le=2047,
+        description="glibc only: the worker asks malloc to serve blocks up to this size from the heap and to "
+        "keep this much freed memory for reuse, so that each micro-batch's large arrays reuse pages instead "
+        "of faulting in fresh ones (6% less engine CPU per event measured; see streams/engine/memory.py). "
+        "Resident memory then stays near its peak. 0 leaves malloc's defaults.",
+    )
     checkpoint_interval_s: float = Field(
         10.0,
         ge=0,

@@ -56,6 +56,7 @@ from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
 from streams.engine.collector import startup_heap_frozen
 from streams.engine.decode import EventDecoder
+from streams.engine.memory import keep_freed_memory
 from streams.engine.router import Router
 from streams.engine.shard import ShardStates
 from streams.engine.sink import FeatureSink, StoreUnavailableError
@@ -293,6 +294,7 @@ class StreamWorker:
     def run(self, *, max_seconds: float | None = None, idle_exit_s: float | None = None) -> StreamStats:
         """Read, aggregate and store until stopped, ``max_seconds`` passed, or (with
         ``idle_exit_s``) every partition is caught up and no message came for that long."""
+        keep_freed_memory(self.settings.stream.keep_freed_memory_mib)  # see streams.engine.memory
         with startup_heap_frozen():  # see streams.engine.collector
             return self._run(max_seconds, idle_exit_s)
 
