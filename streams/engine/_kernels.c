@@ -180,8 +180,10 @@ static inline int64_t sorted_code(const Groups *groups, Py_ssize_t j) {
 }
 
 /* The computation of sum_by_code (scratch lock held); -1 when memory ran out. */
-static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize_t n, Py_ssize_t m,
-                            int64_t *out_codes, double *out_sums) {
+static Py_ssize_t sum_codes(const int64_t *codes, const void *deltas_buffer, Py_ssize_t n, Py_ssize_t m,
+                            int64_t *out_codes, void *out_sums_buffer) {
+    const double *deltas = deltas_buffer;
+    double *out_sums = out_sums_buffer;
     if (n == 0) return 0;
     Groups groups;
     if (group_codes(codes, n, (size_t)n * (size_t)m * sizeof(double), &groups) < 0) return -1;
@@ -203,8 +205,11 @@ static Py_ssize_t sum_codes(const int64_t *codes, const double *deltas, Py_ssize
 }
 
 /* The computation of max_by_code (scratch lock held); -1 when memory ran out. */
-static Py_ssize_t max_codes(const int64_t *codes, const int64_t *values, Py_ssize_t n, int64_t *out_codes,
-                            int64_t *out_max) {
+static Py_ssize_t max_codes(const int64_t *codes, const void *values_buffer, Py_ssize_t n, Py_ssize_t m,
+                            int64_t *out_codes, void *out_max_buffer) {
+    (void)m; /* one value per code */
+    const int64_t *values = values_buffer;
+    int64_t *out_max = out_max_buffer;
     if (n == 0) return 0;
     Groups groups;
     if (group_codes(codes, n, (size_t)n * sizeof(int64_t), &groups) < 0) return -1;
@@ -244,6 +249,24 @@ static int get_view(Views *views, PyObject *object, int writable, Py_ssize_t ite
     return 0;
 }
 
+typedef Py_ssize_t (*GroupKernel)(const int64_t *codes, const void *values, Py_ssize_t n, Py_ssize_t m,
+                                  int64_t *out_codes, void *out_values);
+
+/* Run a grouping kernel over ``views`` (codes, values, out_codes, out_values), without the
+ * GIL; release the views; the number of distinct codes, or NULL with MemoryError. */
+static PyObject *run_grouped(Views *views, GroupKernel kernel, Py_ssize_t n, Py_ssize_t m) {
+    Py_ssize_t k;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
+    k = kernel(views->views[0].buf, views->views[1].buf, n, m, views->views[2].buf, views->views[3].buf);
+    scratch_trim();
+    PyThread_release_lock(scratch_lock);
+    Py_END_ALLOW_THREADS
+    release(views);
+    if (k < 0) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(k);
+}
+
 static PyObject *sum_by_code(PyObject *self, PyObject *args) {
     PyObject *codes_obj, *deltas_obj, *out_codes_obj, *out_sums_obj;
     Py_ssize_t m;
@@ -258,16 +281,7 @@ static PyObject *sum_by_code(PyObject *self, PyObject *args) {
     if (get_view(&views, deltas_obj, 0, m * n, "deltas") < 0 || get_view(&views, out_codes_obj, 1, n, "out_codes") < 0 ||
         get_view(&views, out_sums_obj, 1, m * n, "out_sums") < 0)
         goto fail;
-    Py_ssize_t k;
-    Py_BEGIN_ALLOW_THREADS
-    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
-    k = sum_codes(views.views[0].buf, views.views[1].buf, n, m, views.views[2].buf, views.views[3].buf);
-    scratch_trim();
-    PyThread_release_lock(scratch_lock);
-    Py_END_ALLOW_THREADS
-    release(&views);
-    if (k < 0) return PyErr_NoMemory();
-    return PyLong_FromSsize_t(k);
+    return run_grouped(&views, sum_codes, n, m);
 fail:
     release(&views);
     return NULL;
@@ -282,16 +296,7 @@ static PyObject *max_by_code(PyObject *self, PyObject *args) {
     if (get_view(&views, values_obj, 0, n, "values") < 0 || get_view(&views, out_codes_obj, 1, n, "out_codes") < 0 ||
         get_view(&views, out_max_obj, 1, n, "out_max") < 0)
         goto fail;
-    Py_ssize_t k;
-    Py_BEGIN_ALLOW_THREADS
-    PyThread_acquire_lock(scratch_lock, WAIT_LOCK);
-    k = max_codes(views.views[0].buf, views.views[1].buf, n, views.views[2].buf, views.views[3].buf);
-    scratch_trim();
-    PyThread_release_lock(scratch_lock);
-    Py_END_ALLOW_THREADS
-    release(&views);
-    if (k < 0) return PyErr_NoMemory();
-    return PyLong_FromSsize_t(k);
+    return run_grouped(&views, max_codes, n, 1);
 fail:
     release(&views);
     return NULL;
