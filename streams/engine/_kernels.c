@@ -119,17 +119,15 @@ typedef struct {
 
 /* Group ``codes`` by value (scratch lock held), reserving ``extra_bytes`` more scratch;
  * -1 when memory ran out. Open addressing over 32-bit cells (a group's number + 1; 0:
- * empty), at most half full, with Fibonacci hashing (the top bits of code * 2^64/phi). */
+ * empty) with Fibonacci hashing (the top bits of code * 2^64/phi), at most half full: the
+ * table starts small and doubles as groups come (a batch has about a third as many
+ * groups as codes; a table sized for every code outgrew the caches on a backlog's
+ * batches). */
 static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, Groups *groups) {
     if (n >= (Py_ssize_t)UINT32_MAX) return -1;
-    size_t capacity = 16;
-    int shift = 60;
-    while (capacity < (size_t)n * 2) {
-        capacity <<= 1;
-        shift--;
-    }
-    size_t mask = capacity - 1;
-    size_t table_bytes = (capacity * sizeof(uint32_t) + 7) & ~(size_t)7;
+    size_t most = 16; /* the largest table needed: twice the codes */
+    while (most < (size_t)n * 2) most <<= 1;
+    size_t table_bytes = (most * sizeof(uint32_t) + 7) & ~(size_t)7;
     char *base = scratch_reserve(table_bytes + (size_t)n * 8 * 5 + extra_bytes);
     if (!base) return -1;
     uint32_t *table = (uint32_t *)base;
@@ -139,9 +137,13 @@ static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, G
     groups->keys_tmp = (uint64_t *)(groups->order + n);
     groups->items_tmp = (int64_t *)(groups->keys_tmp + n);
     groups->rest = (char *)(groups->items_tmp + n);
-    memset(table, 0, capacity * sizeof(uint32_t));
     uint64_t *distinct = groups->distinct;
     int64_t *labels = groups->labels;
+    size_t capacity = most < 65536 ? most : 65536;
+    int shift = 64;
+    for (size_t c = capacity; c > 1; c >>= 1) shift--;
+    size_t mask = capacity - 1;
+    memset(table, 0, capacity * sizeof(uint32_t));
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t code = (uint64_t)codes[i];
@@ -159,6 +161,17 @@ static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, G
                 break;
             }
             at = (at + 1) & mask;
+        }
+        if ((size_t)k * 2 > capacity && capacity < most) { /* double, and place every group again */
+            capacity <<= 1;
+            shift--;
+            mask = capacity - 1;
+            memset(table, 0, capacity * sizeof(uint32_t));
+            for (Py_ssize_t g = 0; g < k; g++) {
+                size_t cell = (size_t)((distinct[g] * 0x9E3779B97F4A7C15ULL) >> shift);
+                while (table[cell]) cell = (cell + 1) & mask;
+                table[cell] = (uint32_t)(g + 1);
+            }
         }
     }
     groups->k = k;
@@ -188,18 +201,23 @@ static Py_ssize_t sum_codes(const int64_t *codes, const void *deltas_buffer, Py_
     Groups groups;
     if (group_codes(codes, n, (size_t)n * (size_t)m * sizeof(double), &groups) < 0) return -1;
     Py_ssize_t k = groups.k;
-    /* Slot-major sums (a group's m sums side by side), each in input order from 0.0. */
+    /* A row at a time, as numpy.bincount does (each row's k sums stay in cache, where
+     * side-by-side sums of every row outgrew it on a backlog's batches): each sum adds
+     * its deltas in input order, from 0.0. */
     double *sums = (double *)groups.rest;
     memset(sums, 0, (size_t)(m * k) * sizeof(double));
-    for (Py_ssize_t i = 0; i < n; i++) {
-        double *slot_sums = sums + groups.labels[i] * m;
-        for (Py_ssize_t r = 0; r < m; r++) slot_sums[r] += deltas[r * n + i];
+    const int64_t *labels = groups.labels;
+    for (Py_ssize_t r = 0; r < m; r++) {
+        double *row_sums = sums + r * k;
+        const double *row = deltas + r * n;
+        for (Py_ssize_t i = 0; i < n; i++) row_sums[labels[i]] += row[i];
     }
     sort_groups(&groups);
-    for (Py_ssize_t j = 0; j < k; j++) {
-        out_codes[j] = sorted_code(&groups, j);
-        const double *slot_sums = sums + groups.order[j] * m;
-        for (Py_ssize_t r = 0; r < m; r++) out_sums[r * k + j] = slot_sums[r];
+    for (Py_ssize_t j = 0; j < k; j++) out_codes[j] = sorted_code(&groups, j);
+    for (Py_ssize_t r = 0; r < m; r++) {
+        const double *row_sums = sums + r * k;
+        double *out_row = out_sums + r * k;
+        for (Py_ssize_t j = 0; j < k; j++) out_row[j] = row_sums[groups.order[j]];
     }
     return k;
 }
