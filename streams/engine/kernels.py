@@ -2,7 +2,7 @@
 
 The state's callers (:mod:`streams.engine.runs`, :mod:`streams.engine.state`) look this up
 at each call, so the NumPy paths, which give the same bits, can also be run on purpose
-(tests, the benchmark's baseline) by setting :data:`compiled` to None.
+(tests, A/B measurements) by setting :data:`compiled` to None.
 """
 
 from __future__ import annotations
