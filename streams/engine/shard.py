@@ -179,6 +179,7 @@ class ShardStates:
         writes the shard's checkpoint. Each group folds all shards' rows in one pass.
         """
         fresh: list[pa.Table] = []
+        fresh_codes: list[NDArray[np.int8]] = []  # each table's event type codes, computed once
         for shard, next_offset in next_offsets.items():
             progress = self._progress[shard]
             if next_offset != progress.next_offset:
@@ -189,12 +190,14 @@ class ShardStates:
                 continue
             shipped = _fresh(progress.applied, shipped)
             if shipped.num_rows:
+                codes = event_type_codes(shipped.column("type"))
                 fresh.append(shipped)
-                _note_times(progress, shipped)
+                fresh_codes.append(codes)
+                _note_times(progress, shipped, codes)
         if not fresh:
             return {}
         batch = fresh[0] if len(fresh) == 1 else pa.concat_tables(fresh)
-        type_codes = event_type_codes(batch.column("type"))
+        type_codes = fresh_codes[0] if len(fresh_codes) == 1 else np.concatenate(fresh_codes)
         changed: dict[str, pa.Table] = {}
         for state in self.groups:
             table = state.apply(batch, type_codes)
@@ -351,13 +354,14 @@ class ShardStates:
         return shard_of(state.forgotten.arrays()[0], self.shard_count)
 
 
-def _note_times(progress: _Progress, rows: pa.Table) -> None:
-    """Move the shard's newest event times (overall and per source partition) past ``rows``'.
+def _note_times(progress: _Progress, rows: pa.Table, type_codes: NDArray[np.int8]) -> None:
+    """Move the shard's newest event times (overall and per source partition) past ``rows``'
+    (``type_codes``: their :func:`event_type_codes`).
 
     A user deletion's time moves neither: it is often the request's time, not the stream's,
     and compaction by it would forget everything older (see :mod:`streams.engine.forget`).
     """
-    counted = ~deletions(rows)
+    counted = ~deletions(rows, type_codes)
     if not counted.any():
         return
     times = rows.column("event_time_ms").to_numpy()[counted]
