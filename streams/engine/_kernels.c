@@ -29,7 +29,7 @@
  *   out_values (width x (n + m)) receive the merge, a new code before an equal old one
  *   (where numpy.searchsorted's left side puts it).
  *
- * Both release the GIL while they compute: they touch no Python object then.
+ * All three release the GIL while they compute: they touch no Python object then.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -117,12 +117,16 @@ typedef struct {
     char *rest; /* scratch past these, ``extra_bytes`` of it */
 } Groups;
 
+/* A code's first cell in a table of 2^(64 - shift) cells: the top bits of code * 2^64/phi. */
+static inline size_t first_cell(uint64_t code, int shift) {
+    return (size_t)((code * 0x9E3779B97F4A7C15ULL) >> shift);
+}
+
 /* Group ``codes`` by value (scratch lock held), reserving ``extra_bytes`` more scratch;
  * -1 when memory ran out. Open addressing over 32-bit cells (a group's number + 1; 0:
- * empty) with Fibonacci hashing (the top bits of code * 2^64/phi), at most half full: the
- * table starts small and doubles as groups come (a batch has about a third as many
- * groups as codes; a table sized for every code outgrew the caches on a backlog's
- * batches). */
+ * empty) with Fibonacci hashing (first_cell), at most half full: the table starts small
+ * and doubles as groups come (a batch has about a third as many groups as codes; a table
+ * sized for every code outgrew the caches on a backlog's batches). */
 static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, Groups *groups) {
     if (n >= (Py_ssize_t)UINT32_MAX) return -1;
     size_t most = 16; /* the largest table needed: twice the codes */
@@ -147,7 +151,7 @@ static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, G
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t code = (uint64_t)codes[i];
-        size_t at = (size_t)((code * 0x9E3779B97F4A7C15ULL) >> shift);
+        size_t at = first_cell(code, shift);
         for (;;) {
             uint32_t slot = table[at];
             if (slot == 0) {
@@ -168,7 +172,7 @@ static int group_codes(const int64_t *codes, Py_ssize_t n, size_t extra_bytes, G
             mask = capacity - 1;
             memset(table, 0, capacity * sizeof(uint32_t));
             for (Py_ssize_t g = 0; g < k; g++) {
-                size_t cell = (size_t)((distinct[g] * 0x9E3779B97F4A7C15ULL) >> shift);
+                size_t cell = first_cell(distinct[g], shift);
                 while (table[cell]) cell = (cell + 1) & mask;
                 table[cell] = (uint32_t)(g + 1);
             }
