@@ -43,3 +43,46 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+@contextmanager
+def collected_after() -> Iterator[None]:
+    """Pause the collector for the block (one pass of a read loop), then run the collection
+    that came due meanwhile, if any.
+
+    Why: the messages a pass reads live until their batch is routed, so the collections
+    their allocation triggers walk all of them, once young and again as they age, and
+    find nothing. Run after the pass, when they are freed, the same collections walk
+    only what survives it (measured: reading 300k events in 100k-message batches, held
+    until 20k were in as the worker does, took 1.10 against 1.52 thread CPU µs per
+    event, medians of 6 interleaved runs). Cycles made meanwhile, by any thread, are
+    collected then; the generations and thresholds are the interpreter's own
+    (:func:`gc.get_threshold`), so nothing is collected less often than a pass allows.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        collect_if_due()
+
+
+def collect_if_due() -> int | None:
+    """Run the collection the interpreter would run at its next allocation, if one is due.
+
+    The oldest generation whose count passed its threshold is collected, as CPython
+    chooses (without its extra condition for full collections, which it does not
+    expose). Returns the generation collected, or None.
+    """
+    thresholds = gc.get_threshold()
+    if thresholds[0] == 0:  # automatic collection turned off (gc.set_threshold(0))
+        return None
+    counts = gc.get_count()
+    for generation in reversed(range(len(counts))):
+        if counts[generation] > thresholds[generation]:
+            gc.collect(generation)
+            return generation
+    return None

@@ -54,7 +54,7 @@ from confluent_kafka import (
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from infra.settings import Settings
-from streams.engine.collector import startup_heap_frozen
+from streams.engine.collector import collected_after, startup_heap_frozen
 from streams.engine.decode import EventDecoder
 from streams.engine.memory import keep_freed_memory
 from streams.engine.router import Router
@@ -307,19 +307,21 @@ class StreamWorker:
         last_flush = time.monotonic()
         try:
             while not self._stopping:
-                messages = self._consumer.consume(config.batch_max_events, timeout_s)
-                self._receive(messages)
-                full = len(messages) >= config.batch_max_events
-                behind = full and self._reading_behind(backlog_flush_every)
-                now = time.monotonic()
-                if (
-                    now - last_flush >= (backlog_flush_every if behind else flush_every)
-                    or self._pending_rows >= _MAX_PENDING_ROWS
-                ):
-                    self._route_unrouted()
-                    self._read_own_shipments(timeout_s=flush_every)
-                    self.checkpoint()
-                    last_flush = now
+                with collected_after():  # see streams.engine.collector
+                    messages = self._consumer.consume(config.batch_max_events, timeout_s)
+                    self._receive(messages)
+                    full = len(messages) >= config.batch_max_events
+                    behind = full and self._reading_behind(backlog_flush_every)
+                    now = time.monotonic()
+                    if (
+                        now - last_flush >= (backlog_flush_every if behind else flush_every)
+                        or self._pending_rows >= _MAX_PENDING_ROWS
+                    ):
+                        self._route_unrouted()
+                        self._read_own_shipments(timeout_s=flush_every)
+                        self.checkpoint()
+                        last_flush = now
+                    del messages
                 if deadline is not None and now >= deadline:
                     break
                 if (
