@@ -56,6 +56,7 @@ from numpy.typing import NDArray
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
 from features.online import CHANGED_COLUMN
 from streams.engine import kernels
+from streams.engine.decode import ACTION_COLUMN
 from streams.engine.forget import ForgottenUsers
 from streams.engine.keys import KeyIndex
 from streams.engine.router import (
@@ -393,8 +394,9 @@ class GroupState:
         self.distinct = tuple(a for a in group.aggregations if a.kind == "distinct_count")
         self.last_n = tuple(a for a in group.aggregations if a.kind == "last_n")
         self.columns = [a.name for a in (*self.additive, *self.distinct)]  # of the tile matrix
-        # Only these columns are filtered per batch (shipped rows carry every group's).
-        read = [key_column(group), "event_time_ms", "type", *(a.column for a in group.aggregations)]
+        # Only these columns are filtered per batch (shipped rows carry every group's). Not
+        # the type: apply() gets the rows' type codes, the selection takes them along.
+        read = [key_column(group), "event_time_ms", *(a.column for a in group.aggregations)]
         read += ["event_id"] if self.last_n else []
         self.read_columns = [name for name in dict.fromkeys(read) if name]
         self.entities = KeyIndex()
@@ -435,8 +437,7 @@ class GroupState:
         """
         if type_codes is None:
             type_codes = event_type_codes(rows.column("type"))
-        skipped = self._forget_deleted_users(rows, type_codes) if self.forgets_users else None
-        batch = self._select(rows, type_codes, skipped)
+        batch = self._select(rows, type_codes)
         if batch is None:
             return None
         self.latest = _grow(self.latest, len(self.entities), _NO_TIME)
@@ -474,17 +475,15 @@ class GroupState:
         return features.append_column(CHANGED_COLUMN, changed)
 
     def _forget_deleted_users(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> NDArray[np.bool_] | None:
-        """Apply the batch's user deletions; return the rows not to count (see :mod:`streams.engine.forget`),
-        or None when all count.
+        """Apply the user deletions among this group's ``rows``; return the rows not to count (see
+        :mod:`streams.engine.forget`), or None when all count.
 
         Equal to taking the rows one by one: a deletion drops its user's state, which holds
         the events read before it (in this batch: those rows are left out); the rows after
         it count unless their event time is at or before the deletion's (a tombstone).
         The deletions themselves count as no event.
         """
-        deleting = deletions(rows, type_codes) & (
-            (rows.column(MASK_COLUMN).to_numpy() & (1 << self.bit)) != 0
-        )
+        deleting = deletions(rows, type_codes)
         if not deleting.any() and not len(self.forgotten):
             return None
         keys = rows.column(key_column(self.group))
@@ -587,21 +586,28 @@ class GroupState:
         flags |= fresh
         return pa.FixedSizeListArray.from_arrays(pa.array(flags.T.ravel()), plan.width)
 
-    def _select(
-        self, rows: pa.Table, type_codes: NDArray[np.int8], skipped: NDArray[np.bool_] | None = None
-    ) -> _Batch | None:
-        # The router sets this group's bit only on rows of the event types the group counts
-        # (and on user deletions, which ``skipped`` leaves out with the events they forget).
+    def _select(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> _Batch | None:
+        # The router sets this group's bit only on rows of the event types the group counts,
+        # and on user deletions: a group of users applies those to its rows (the rows of
+        # other groups' keys are never looked at) and leaves them out with the events they
+        # forget.
         masks = rows.column(MASK_COLUMN).to_numpy()
         selected = (masks & (1 << self.bit)) != 0
-        if skipped is not None:
-            selected &= ~skipped
         if not selected.any():
             return None
-        table = rows.select(self.read_columns)
-        if not selected.all():  # (the user group often counts every shipped row: no copy then)
+        read = self.read_columns
+        if self.forgets_users and ACTION_COLUMN in rows.column_names:
+            read = [*read, ACTION_COLUMN]
+        table = rows.select(read)
+        if not selected.all():  # (one shard's user group often counts every row: no copy then)
             table = table.filter(pa.array(selected))
             type_codes = type_codes[selected]
+        skipped = self._forget_deleted_users(table, type_codes) if self.forgets_users else None
+        if skipped is not None:
+            if skipped.all():
+                return None
+            table = table.filter(pa.array(~skipped))
+            type_codes = type_codes[~skipped]
         ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
         if len(self.entities) >= 1 << (63 - TILE_BITS):
             raise StateError(f"group {self.group.name}: too many entities in one worker's state")
