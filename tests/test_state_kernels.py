@@ -8,14 +8,18 @@ depend on which.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from streams.engine import kernels
+from streams.engine import keys as keys_module
+from streams.engine import router as router_module
 from streams.engine import runs as runs_module
 from streams.engine import state as state_module
 
@@ -135,6 +139,64 @@ def test_kernels_refuse_buffers_too_small_for_what_they_write() -> None:
         compiled.merge_sorted(*merge_inputs, np.empty(10))
     with pytest.raises(BufferError):  # read-only output
         compiled.merge_sorted(*merge_inputs, bytes(88))
+
+
+_texts = st.text(st.characters(codec="utf-8"), max_size=80) | st.sampled_from(
+    ["", "\x00", "a", "a\x00", "x" * 400]
+)
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_texts, max_size=60), st.integers(0, 5), st.booleans())
+def test_string_hashes_are_the_numpy_ones(texts: list[str], skip: int, large: bool) -> None:
+    """Both hashes, for any text (the lengths switch the NumPy path between its two passes),
+    of sliced arrays too (offsets not starting at 0) and of large strings."""
+    strings = pa.array(texts, pa.large_string() if large else pa.string()).slice(min(skip, len(texts)))
+    expected = _without_kernels(strings)
+    got = keys_module.string_hashes(strings)
+    assert [h.tolist() for h in got] == [h.tolist() for h in expected]
+    assert keys_module.first_string_hashes(strings).tolist() == expected[0].tolist()
+
+
+@needs_kernels
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.none() | _texts, max_size=30), max_size=4), st.integers(1, 70))
+def test_shards_of_keys_hashed_each_are_those_of_the_distinct_keys(
+    chunks: list[list[str | None]], shards: int
+) -> None:
+    """The router's per-key path (compiled) and its dictionary path (without): the same shards,
+    null keys included, over chunked columns."""
+    keys = pa.chunked_array([pa.array(chunk, pa.string()) for chunk in chunks], pa.string())
+    expected = _without_kernels(keys, shards)
+    assert router_module.shard_of(keys, shards).tolist() == expected.tolist()
+
+
+def _without_kernels(*args: Any) -> Any:
+    """string_hashes(strings) or, with a shard count, shard_of(keys, shards), on the NumPy paths."""
+    saved, kernels.compiled = kernels.compiled, None
+    try:
+        if len(args) == 1:
+            return keys_module.string_hashes(args[0])
+        return router_module.shard_of(*args)
+    finally:
+        kernels.compiled = saved
+
+
+@needs_kernels
+def test_string_hashing_refuses_bounds_it_cannot_read() -> None:
+    assert compiled is not None
+    data = np.frombuffer(b"abcdef", np.uint8)
+    multipliers = np.ones((1, 4), np.uint64)
+    out = np.empty((1, 2), np.int64)
+    # past the end, descending, negative, longer than the multipliers
+    for bounds in ([0, 3, 7], [0, 4, 2], [-1, 2, 3], [0, 5, 6]):
+        with pytest.raises(ValueError, match="bounds"):
+            compiled.hash_strings(np.array(bounds, np.int64), data, multipliers, 4, 1, out)
+    with pytest.raises(ValueError, match="out"):
+        compiled.hash_strings(np.array([0, 1, 2], np.int64), data, multipliers, 4, 1, np.empty(1, np.int64))
+    compiled.hash_strings(np.array([0, 1, 2], np.int64), data, multipliers, 4, 1, out)
+    assert out.tolist() == [[ord("a") + 1, ord("b") + 1]]
 
 
 def test_the_state_without_the_kernels_gives_the_features_it_gives_with_them(

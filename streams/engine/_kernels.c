@@ -7,7 +7,10 @@
  * sort of the distinct codes, a rank mapping and one bincount per column; the second a
  * sort of every pair and a reduceat; the third a searchsorted, position arithmetic and
  * one scatter per column: together about a third of the state's time. Here each is one
- * hash pass (and a radix sort of the distinct codes) or one merge pass in C.
+ * hash pass (and a radix sort of the distinct codes) or one merge pass in C. The fourth,
+ * hash_strings, hashes string keys (the router's shard of every event's keys, the key
+ * index's new keys) in one pass over their bytes, where NumPy takes a pass per byte
+ * position and the router first had Arrow find the distinct keys.
  * The NumPy versions stay as the fallback (no compiler) and as the reference the tests
  * compare these against, bit for bit.
  *
@@ -29,7 +32,15 @@
  *   out_values (width x (n + m)) receive the merge, a new code before an equal old one
  *   (where numpy.searchsorted's left side puts it).
  *
- * All three release the GIL while they compute: they touch no Python object then.
+ * hash_strings(bounds, data, multipliers, length, rows, out)
+ *   bounds:      int64, n + 1: string i is data[bounds[i]:bounds[i + 1]]
+ *   data:        bytes-like (the strings' UTF-8 bytes)
+ *   multipliers: uint64, rows x length (C order), length at least the longest string
+ *   out:         writable int64, at least rows x n: out[r][i] is the sum over string i's
+ *                bytes b_j of (b_j + 1) * multipliers[r][j], modulo 2**64 (the hashes of
+ *                streams/engine/keys.py, whose NumPy passes compute the same integers)
+ *
+ * All four release the GIL while they compute: they touch no Python object then.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -396,6 +407,60 @@ fail:
     return NULL;
 }
 
+/* The computation of hash_strings; -1 (nothing written) when bounds or lengths are out of range. */
+static int hash_all(const int64_t *bounds, Py_ssize_t n, const uint8_t *data, Py_ssize_t size,
+                    const uint64_t *multipliers, Py_ssize_t length, Py_ssize_t rows, uint64_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t start = bounds[i], end = bounds[i + 1];
+        if (start < 0 || end < start || end > size || end - start > length) return -1;
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint64_t *row = multipliers + r * length;
+        uint64_t *hashes = out + r * n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint8_t *p = data + bounds[i];
+            Py_ssize_t len = (Py_ssize_t)(bounds[i + 1] - bounds[i]);
+            uint64_t h = 0;
+            for (Py_ssize_t j = 0; j < len; j++) h += ((uint64_t)p[j] + 1) * row[j];
+            hashes[i] = h;
+        }
+    }
+    return 0;
+}
+
+static PyObject *hash_strings(PyObject *self, PyObject *args) {
+    PyObject *bounds_obj, *data_obj, *multipliers_obj, *out_obj;
+    Py_ssize_t length, rows;
+    if (!PyArg_ParseTuple(args, "OOOnnO", &bounds_obj, &data_obj, &multipliers_obj, &length, &rows, &out_obj))
+        return NULL;
+    if (length < 0 || rows < 0) {
+        PyErr_SetString(PyExc_ValueError, "length and rows must not be negative");
+        return NULL;
+    }
+    Views views = {.count = 0};
+    Py_buffer *data = &views.views[0];
+    if (PyObject_GetBuffer(data_obj, data, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    views.count++;
+    if (get_view(&views, bounds_obj, 0, 1, "bounds") < 0) goto fail;
+    Py_ssize_t n = views.views[1].len / 8 - 1;
+    if (get_view(&views, multipliers_obj, 0, rows * length, "multipliers") < 0 ||
+        get_view(&views, out_obj, 1, rows * n, "out") < 0)
+        goto fail;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = hash_all(views.views[1].buf, n, data->buf, data->len, views.views[2].buf, length, rows, views.views[3].buf);
+    Py_END_ALLOW_THREADS
+    release(&views);
+    if (failed < 0) {
+        PyErr_SetString(PyExc_ValueError, "bounds outside the data, not ascending, or a string longer than length");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+fail:
+    release(&views);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"sum_by_code", sum_by_code, METH_VARARGS,
      "sum_by_code(codes, deltas, m, out_codes, out_sums) -> k: distinct codes ascending and their column sums."},
@@ -403,6 +468,8 @@ static PyMethodDef methods[] = {
      "max_by_code(codes, values, out_codes, out_max) -> k: distinct codes ascending and each one's largest value."},
     {"merge_sorted", merge_sorted, METH_VARARGS,
      "merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values): merge two sorted runs."},
+    {"hash_strings", hash_strings, METH_VARARGS,
+     "hash_strings(bounds, data, multipliers, length, rows, out): each string's position-weighted byte sums."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from infra.arrow_strings import string_buffers
+from streams.engine import kernels
 from streams.engine.runs import SortedRuns
 
 _I64 = NDArray[np.int64]
@@ -51,13 +52,42 @@ def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
     zero byte count, so ``"a"`` and ``"a\\0"`` differ. It is computed as
     ``sum(byte_i * M[i]) + (M[0] + ... + M[len - 1])``, a prefix sum looked up by length.
     """
+    hashes = _hashes(strings, rows=2)
+    return hashes[0], hashes[1]
+
+
+def first_string_hashes(strings: pa.Array) -> _I64:
+    """The first of :func:`string_hashes` alone (half the work where the second is not needed)."""
+    first: _I64 = _hashes(strings, rows=1)[0]
+    return first
+
+
+def _hashes(strings: pa.Array, rows: int) -> _I64:
+    """The first ``rows`` (1 or 2) hashes of :func:`string_hashes`, as a (rows, n) array.
+
+    Compiled (``_kernels.hash_strings``: one pass over each string's bytes) where
+    installed, else :func:`_hashes_numpy`; the same integers either way.
+    """
     n = len(strings)
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros((rows, 0), np.int64)
     bounds, data = string_buffers(strings)
-    first, lengths = bounds[:-1], np.diff(bounds)
+    lengths = np.diff(bounds)
     longest = int(lengths.max())
     multipliers = _position_multipliers(longest)
+    if kernels.compiled is None:
+        return _hashes_numpy(bounds, data, lengths, multipliers)[:rows]
+    hashes = np.empty((rows, n), np.int64)
+    kernels.compiled.hash_strings(bounds, data, multipliers, multipliers.shape[1], rows, hashes)
+    return hashes
+
+
+def _hashes_numpy(bounds: _I64, data: NDArray[np.uint8], lengths: _I64, multipliers: _U64) -> _I64:
+    """Both hashes of the strings ``data[bounds[i]:bounds[i + 1]]`` in NumPy passes (the fallback,
+    and the reference of the compiled kernel)."""
+    n = len(lengths)
+    first = bounds[:-1]
+    longest = int(lengths.max())
     prefix = np.zeros((2, longest + 1), dtype=np.uint64)
     np.cumsum(multipliers[:, :longest], axis=1, out=prefix[:, 1:])
     hashes = prefix[:, lengths]  # the "+ 1" part
@@ -76,7 +106,7 @@ def string_hashes(strings: pa.Array) -> tuple[_I64, _I64]:
         weighted = multipliers[:, positions] * data[bounds[0] : bounds[-1]].astype(np.uint64)
         filled = lengths > 0
         hashes[:, filled] += np.add.reduceat(weighted, (first - bounds[0])[filled], axis=1)
-    return hashes[0].view(np.int64), hashes[1].view(np.int64)
+    return hashes.view(np.int64)
 
 
 def dictionary_encoded(values: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:

@@ -36,8 +36,9 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, QUERY_BLANK_RUNS, FeatureGroup, normalize_query
+from streams.engine import kernels
 from streams.engine.decode import ACTION_COLUMN, DELETE_ACTION
-from streams.engine.keys import dictionary_encoded, string_hashes
+from streams.engine.keys import dictionary_encoded, first_string_hashes, string_hashes
 from streams.events import EVENT_TYPE_NAMES
 
 QUERY_KEY_COLUMN = "query_key"
@@ -114,13 +115,18 @@ def forgets_users(group: FeatureGroup) -> bool:
 def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
     """Shard index per key (-1 for null keys): a stable hash, the same in every process.
 
-    Only the distinct keys are hashed (:func:`~streams.engine.keys.string_hashes`, whose
-    multipliers come from a fixed seed), then spread back by dictionary index. The high
-    bits pick the shard: they mix every byte, where the lowest bits of a sum do not.
+    The hash is :func:`~streams.engine.keys.string_hashes`' first (its multipliers come
+    from a fixed seed); its high bits pick the shard: they mix every byte, where the
+    lowest bits of a sum do not. With the compiled kernels every key is hashed where it
+    stands, one pass over its bytes (cheaper than finding the distinct keys first);
+    without them only the distinct keys are hashed, then spread back by dictionary index.
     """
+    chunks = keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]
+    if kernels.compiled is not None and all(_is_string(chunk.type) for chunk in chunks):
+        return _shard_of_each(chunks, shards)
     encoded = dictionary_encoded(keys)
     primary, _ = string_hashes(encoded.dictionary)
-    hashes = ((primary.view(np.uint64) >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
+    hashes = _shards_of_hashes(primary, shards)
     indices = encoded.indices
     if indices.null_count == 0:
         return np.asarray(hashes[indices.to_numpy()])
@@ -128,6 +134,27 @@ def shard_of(keys: pa.ChunkedArray | pa.Array, shards: int) -> NDArray[Any]:
     valid = indices.is_valid().to_numpy(zero_copy_only=False)
     result[valid] = hashes[indices.fill_null(0).to_numpy()[valid]]
     return result
+
+
+def _is_string(data_type: pa.DataType) -> bool:
+    return bool(pa.types.is_string(data_type) or pa.types.is_large_string(data_type))
+
+
+def _shards_of_hashes(primary: NDArray[np.int64], shards: int) -> NDArray[np.int64]:
+    return ((primary.view(np.uint64) >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
+
+
+def _shard_of_each(chunks: Sequence[pa.Array], shards: int) -> NDArray[np.int64]:
+    """:func:`shard_of` hashing every key of these string chunks (null keys: -1)."""
+    parts = []
+    for chunk in chunks:
+        part = _shards_of_hashes(first_string_hashes(chunk), shards)
+        if chunk.null_count:
+            part[~np.asarray(chunk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = -1
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 @dataclass
