@@ -56,7 +56,6 @@ from numpy.typing import NDArray
 from features.definitions import TILE_SECONDS, Aggregation, FeatureGroup
 from features.online import CHANGED_COLUMN
 from streams.engine import kernels
-from streams.engine.decode import ACTION_COLUMN
 from streams.engine.forget import ForgottenUsers
 from streams.engine.keys import KeyIndex
 from streams.engine.router import (
@@ -474,20 +473,24 @@ class GroupState:
         changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed, rates)
         return features.append_column(CHANGED_COLUMN, changed)
 
-    def _forget_deleted_users(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> NDArray[np.bool_] | None:
-        """Apply the user deletions among this group's ``rows``; return the rows not to count (see
-        :mod:`streams.engine.forget`), or None when all count.
+    def _forget_deleted_users(
+        self, rows: pa.Table, type_codes: NDArray[np.int8], selected: NDArray[np.bool_]
+    ) -> NDArray[np.bool_]:
+        """Apply the user deletions among this group's rows (``selected``); return which of them
+        (per selected row) not to count (see :mod:`streams.engine.forget`).
 
         Equal to taking the rows one by one: a deletion drops its user's state, which holds
         the events read before it (in this batch: those rows are left out); the rows after
         it count unless their event time is at or before the deletion's (a tombstone).
-        The deletions themselves count as no event.
+        The deletions themselves count as no event. Only the key column is filtered here,
+        and only where a deletion or a tombstone may apply; the caller filters the rest
+        once, with these rows left out.
         """
-        deleting = deletions(rows, type_codes)
+        deleting = deletions(rows, type_codes)[selected]
         if not deleting.any() and not len(self.forgotten):
-            return None
-        keys = rows.column(key_column(self.group))
-        times = rows.column("event_time_ms").to_numpy()
+            return deleting
+        keys = rows.column(key_column(self.group)).filter(pa.array(selected))
+        times = rows.column("event_time_ms").to_numpy()[selected]
         skipped = deleting.copy()
         if deleting.any():
             at = np.flatnonzero(deleting)
@@ -503,7 +506,7 @@ class GroupState:
             skipped |= before
             self._drop_users(deleted_keys, times[at].tolist())
         skipped |= self.forgotten.blocked(keys, times)
-        return skipped if skipped.any() else None
+        return skipped
 
     def _drop_users(self, keys: list[str], times_ms: list[int]) -> None:
         """Forget these users' state and remember their deletions (tombstones, :attr:`deleted`)."""
@@ -593,21 +596,15 @@ class GroupState:
         # forget.
         masks = rows.column(MASK_COLUMN).to_numpy()
         selected = (masks & (1 << self.bit)) != 0
+        if self.forgets_users and selected.any():
+            skipped = self._forget_deleted_users(rows, type_codes, selected)
+            selected[np.flatnonzero(selected)[skipped]] = False
         if not selected.any():
             return None
-        read = self.read_columns
-        if self.forgets_users and ACTION_COLUMN in rows.column_names:
-            read = [*read, ACTION_COLUMN]
-        table = rows.select(read)
+        table = rows.select(self.read_columns)
         if not selected.all():  # (one shard's user group often counts every row: no copy then)
             table = table.filter(pa.array(selected))
             type_codes = type_codes[selected]
-        skipped = self._forget_deleted_users(table, type_codes) if self.forgets_users else None
-        if skipped is not None:
-            if skipped.all():
-                return None
-            table = table.filter(pa.array(~skipped))
-            type_codes = type_codes[~skipped]
         ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
         if len(self.entities) >= 1 << (63 - TILE_BITS):
             raise StateError(f"group {self.group.name}: too many entities in one worker's state")
