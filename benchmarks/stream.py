@@ -11,7 +11,8 @@ Cases, in one run against one embedded broker:
   one core) decodes, routes through the repartition topic, aggregates all five feature
   groups and stores the changed features online (Redis, the production store, and
   SQLite, the embedded default; Feast's own formats) and offline; events/s from the first
-  message to the last stored feature.
+  message to the last stored feature. The Redis case runs three times (once with
+  ``--quick``) and reports the run with the median CPU per event, and each run's figure.
 * ``... msgspec decode (baseline)``: the Redis case again with ``stream.compiled_decode``
   off (every message decoded by msgspec, as before the compiled reader): the reader's
   gain measured in the same run, on the same VM phase.
@@ -194,6 +195,27 @@ def bench_engine(settings: Settings, payloads: list[bytes], online_store: str) -
         if redis_cpu is not None:
             result["redis_server_cpu_us_per_event"] = redis_cpu / stats.events * 1e6
     return result
+
+
+def bench_engine_median(
+    settings: Settings, payloads: list[bytes], online_store: str, runs: int
+) -> dict[str, Any]:
+    """:func:`bench_engine` ``runs`` times: the run with the median engine CPU per event, with every
+    run's figure (``engine_cpu_us_per_event_runs``).
+
+    Why: one 300k-event backlog is drained in a cycle or two, and on the shared VM the same
+    code measured 5.5 and 6.2 µs per event in two runs minutes apart; a median of three
+    is the figure the target is judged on, and all three are reported.
+    """
+    results = [bench_engine(settings, payloads, online_store) for _ in range(runs)]
+    measured = sorted(
+        (r for r in results if "engine_cpu_us_per_event" in r), key=lambda r: r["engine_cpu_us_per_event"]
+    )
+    if not measured:
+        return results[0]
+    median = dict(measured[len(measured) // 2])
+    median["engine_cpu_us_per_event_runs"] = [r["engine_cpu_us_per_event"] for r in measured]
+    return median
 
 
 def _cpu_gain(baseline: dict[str, Any], engine: dict[str, Any]) -> float | None:
@@ -472,7 +494,10 @@ def main() -> None:
         payloads = [line for batch in simulator.batches() for line in batch.to_json_lines()]
         core = bench_core(payloads, settings.stream.batch_max_events)
         core_msgspec = bench_core(payloads, settings.stream.batch_max_events, compiled_decode=False)
-        engines = [bench_engine(settings, payloads, store) for store in ("redis", "sqlite")]
+        engines = [
+            bench_engine_median(settings, payloads, "redis", runs=1 if args.quick else 3),
+            bench_engine(settings, payloads, "sqlite"),
+        ]
         msgspec_only = settings.stream.model_copy(update={"compiled_decode": False})
         baseline = bench_engine(settings.model_copy(update={"stream": msgspec_only}), payloads, "redis")
         baseline["online_store"] = "redis, msgspec decode (baseline)"
@@ -552,6 +577,13 @@ def main() -> None:
         "(the floor: the events read with the worker's consumer settings and per-message calls, "
         "nothing else done)"
     )
+    redis_runs = engines[0].get("engine_cpu_us_per_event_runs", [])
+    if len(redis_runs) > 1:
+        print(
+            f"(redis: the median of {len(redis_runs)} runs, "
+            + " / ".join(f"{run:.1f}" for run in redis_runs)
+            + " µs per event)"
+        )
     decode_gain = _cpu_gain(baseline, engines[0])
     writer_gain = _cpu_gain(arrow_baseline, engines[0])
     if decode_gain is not None:

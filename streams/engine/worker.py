@@ -439,7 +439,7 @@ class StreamWorker:
             self._ship(shard, rows.slice(0, half))
             self._ship(shard, rows.slice(half))
             return
-        payload = sink.getvalue().to_pybytes()
+        payload = sink.getvalue()  # (produce reads the Arrow buffer itself: no copy into bytes first)
         while True:
             try:
                 self._producer.produce(self._shard_topic, payload, partition=shard)
