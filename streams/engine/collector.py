@@ -62,11 +62,10 @@ def collected_after() -> Iterator[None]:
     if not gc.isenabled():
         yield
         return
-    gc.disable()
     try:
-        yield
+        with collector_paused():
+            yield
     finally:
-        gc.enable()
         collect_if_due()
 
 
