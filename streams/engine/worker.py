@@ -321,7 +321,7 @@ class StreamWorker:
                         self._read_own_shipments(timeout_s=flush_every)
                         self.checkpoint()
                         last_flush = now
-                    del messages
+                    del messages  # routed messages must be freed before the collection after the pass
                 if deadline is not None and now >= deadline:
                     break
                 if (
