@@ -10,7 +10,8 @@
  * hash pass (and a radix sort of the distinct codes) or one merge pass in C. The fourth,
  * hash_strings, hashes string keys (the router's shard of every event's keys, the key
  * index's new keys) in one pass over their bytes, where NumPy takes a pass per byte
- * position and the router first had Arrow find the distinct keys.
+ * position and the router first had Arrow find the distinct keys. intern_strings,
+ * find_strings and place_cells keep the key index's hash table (see keys.py).
  * The NumPy versions stay as the fallback (no compiler) and as the reference the tests
  * compare these against, bit for bit.
  *
@@ -40,7 +41,32 @@
  *                bytes b_j of (b_j + 1) * multipliers[r][j], modulo 2**64 (the hashes of
  *                streams/engine/keys.py, whose NumPy passes compute the same integers)
  *
- * All four release the GIL while they compute: they touch no Python object then.
+ * intern_strings(cells, held, bounds, data, multipliers, length, positions, primary_mask,
+ *                next_id, stamps, serial, out_ids, out_distinct, out_rows)
+ *     -> (new, distinct, consumed), None or an int
+ *   The key index's table (streams/engine/keys.py): each string at ``positions`` (int64
+ *   row numbers into bounds) gets its id, a new key the next one from ``next_id``.
+ *   cells:   writable int64, capacity x 3 (C order; capacity a power of two): per cell a
+ *            key's first hash (masked by primary_mask), its second hash, its id (-1: an
+ *            empty cell); open addressing, linear probing from the first hash's Fibonacci
+ *            cell. ``held`` keys are in it; it is never filled past half: the call stops
+ *            there, ``consumed`` positions in, for the caller to grow the table and go on
+ *   stamps:  writable int64, one per id (at least next_id + positions): a key whose stamp
+ *            is not ``serial`` is seen for the first time in this call; its stamp is set,
+ *            its id and its position appended to out_distinct and out_rows (``distinct``
+ *            of them, first-seen order)
+ *   out_ids: writable int64, one per position
+ *   None (the table and the outputs then undefined) when two keys share a first hash but
+ *   not the second: the caller drops the table for exact probes. An int (nothing done)
+ *   when a string is longer than ``length``: the length the multipliers must reach.
+ *
+ * find_strings(cells, bounds, data, multipliers, length, primary_mask, out_ids)
+ *   Each of the n strings' id in ``cells``, or -1 where the table does not hold it.
+ *
+ * place_cells(cells, first, second, ids)
+ *   Put entries (int64 each, distinct first hashes) into an empty table ``cells``.
+ *
+ * All of them release the GIL while they compute: they touch no Python object then.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -262,7 +288,7 @@ static Py_ssize_t max_codes(const int64_t *codes, const void *values_buffer, Py_
 }
 
 typedef struct {
-    Py_buffer views[6];
+    Py_buffer views[9];
     int count;
 } Views;
 
@@ -407,13 +433,19 @@ fail:
     return NULL;
 }
 
+/* Every string's bounds inside the data, and no longer than the multipliers reach. */
+static int bounds_valid(const int64_t *bounds, Py_ssize_t n, Py_ssize_t size, Py_ssize_t length) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t start = bounds[i], end = bounds[i + 1];
+        if (start < 0 || end < start || end > size || end - start > length) return 0;
+    }
+    return 1;
+}
+
 /* The computation of hash_strings; -1 (nothing written) when bounds or lengths are out of range. */
 static int hash_all(const int64_t *bounds, Py_ssize_t n, const uint8_t *data, Py_ssize_t size,
                     const uint64_t *multipliers, Py_ssize_t length, Py_ssize_t rows, uint64_t *out) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t start = bounds[i], end = bounds[i + 1];
-        if (start < 0 || end < start || end > size || end - start > length) return -1;
-    }
+    if (!bounds_valid(bounds, n, size, length)) return -1;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const uint64_t *row = multipliers + r * length;
         uint64_t *hashes = out + r * n;
@@ -461,6 +493,247 @@ fail:
     return NULL;
 }
 
+/* Both hashes of one string (see hash_all), in one pass over its bytes. */
+static inline void hash_pair(const uint8_t *p, Py_ssize_t len, const uint64_t *multipliers, Py_ssize_t length,
+                             uint64_t *first, uint64_t *second) {
+    const uint64_t *row0 = multipliers, *row1 = multipliers + length;
+    uint64_t h0 = 0, h1 = 0;
+    for (Py_ssize_t j = 0; j < len; j++) {
+        uint64_t b = (uint64_t)p[j] + 1;
+        h0 += b * row0[j];
+        h1 += b * row1[j];
+    }
+    *first = h0;
+    *second = h1;
+}
+
+typedef struct {
+    int64_t *cells;
+    size_t mask;
+    int shift;
+} Cells;
+
+/* ``capacity`` cells (a power of two) as a probing table; -1 if it is not one. */
+static int cells_of(Cells *table, int64_t *cells, Py_ssize_t capacity) {
+    if (capacity < 2 || (capacity & (capacity - 1))) return -1;
+    table->cells = cells;
+    table->mask = (size_t)capacity - 1;
+    table->shift = 64;
+    for (Py_ssize_t c = capacity; c > 1; c >>= 1) table->shift--;
+    return 0;
+}
+
+/* The cell holding ``first`` or the empty cell where it would go. */
+static inline int64_t *probe(const Cells *table, uint64_t first) {
+    size_t at = first_cell(first, table->shift);
+    for (;;) {
+        int64_t *cell = table->cells + 3 * at;
+        if (cell[2] < 0 || (uint64_t)cell[0] == first) return cell;
+        at = (at + 1) & table->mask;
+    }
+}
+
+/* The computation of intern_strings: new keys (>= 0) and distinct ones in *distinct; -1 on
+ * a first-hash collision, -2 on a position outside the strings, -3 on bounds outside the
+ * data (nothing written then). */
+static Py_ssize_t intern(const Cells *table, Py_ssize_t held, const int64_t *bounds, Py_ssize_t n,
+                         const uint8_t *data, Py_ssize_t size, const uint64_t *multipliers, Py_ssize_t length,
+                         const int64_t *positions, Py_ssize_t m, uint64_t primary_mask, int64_t next_id,
+                         int64_t *stamps, int64_t serial, int64_t *out_ids, int64_t *out_distinct, int64_t *out_rows,
+                         Py_ssize_t *distinct, Py_ssize_t *consumed) {
+    Py_ssize_t longest = 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        int64_t row = positions[i];
+        if (row < 0 || row >= n) return -2;
+        int64_t start = bounds[row], end = bounds[row + 1];
+        if (start < 0 || end < start || end > size) return -3;
+        if (end - start > longest) longest = (Py_ssize_t)(end - start);
+    }
+    if (longest > length) {
+        *consumed = longest;
+        return -4;
+    }
+    int64_t first_new = next_id;
+    size_t most = (table->mask + 1) / 2; /* entries the table may hold */
+    Py_ssize_t k = 0, i = 0;
+    for (; i < m; i++) {
+        int64_t row = positions[i];
+        uint64_t first, second;
+        hash_pair(data + bounds[row], (Py_ssize_t)(bounds[row + 1] - bounds[row]), multipliers, length, &first,
+                  &second);
+        first &= primary_mask;
+        int64_t *cell = probe(table, first);
+        int64_t id;
+        if (cell[2] < 0) {
+            if ((size_t)(held + (next_id - first_new)) >= most) break; /* half full: the caller grows it */
+            cell[0] = (int64_t)first;
+            cell[1] = (int64_t)second;
+            cell[2] = id = next_id++;
+        } else if ((uint64_t)cell[1] == second) {
+            id = cell[2];
+        } else {
+            return -1;
+        }
+        out_ids[i] = id;
+        if (stamps[id] != serial) {
+            stamps[id] = serial;
+            out_distinct[k] = id;
+            out_rows[k++] = row;
+        }
+    }
+    *distinct = k;
+    *consumed = i;
+    return (Py_ssize_t)(next_id - first_new);
+}
+
+static int get_table(Views *views, PyObject *object, Cells *table) {
+    if (get_view(views, object, 1, 0, "cells") < 0) return -1;
+    Py_buffer *view = &views->views[views->count - 1];
+    if (view->len % 24 || cells_of(table, view->buf, view->len / 24) < 0) {
+        PyErr_SetString(PyExc_ValueError, "cells must hold a power of two (at least 2) of 3 x int64 cells");
+        return -1;
+    }
+    return 0;
+}
+
+/* The string arguments (data first, then bounds and multipliers); n strings. Their bounds
+ * are checked by the callers (intern_strings only at the positions it reads). */
+static int get_strings(Views *views, PyObject *bounds_obj, PyObject *data_obj, PyObject *multipliers_obj,
+                       Py_ssize_t length, Py_ssize_t *n) {
+    if (length < 0) {
+        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+        return -1;
+    }
+    Py_buffer *data = &views->views[views->count];
+    if (PyObject_GetBuffer(data_obj, data, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    views->count++;
+    if (get_view(views, bounds_obj, 0, 1, "bounds") < 0) return -1;
+    *n = views->views[views->count - 1].len / 8 - 1;
+    return get_view(views, multipliers_obj, 0, 2 * length, "multipliers");
+}
+
+static PyObject *invalid_bounds(void) {
+    PyErr_SetString(PyExc_ValueError, "bounds outside the data, not ascending, or a string longer than length");
+    return NULL;
+}
+
+static PyObject *intern_strings(PyObject *self, PyObject *args) {
+    PyObject *cells_obj, *bounds_obj, *data_obj, *multipliers_obj, *positions_obj, *stamps_obj, *out_ids_obj,
+        *out_distinct_obj, *out_rows_obj;
+    Py_ssize_t length, held;
+    unsigned long long primary_mask;
+    long long next_id, serial;
+    if (!PyArg_ParseTuple(args, "OnOOOnOKLOLOOO", &cells_obj, &held, &bounds_obj, &data_obj, &multipliers_obj,
+                          &length, &positions_obj, &primary_mask, &next_id, &stamps_obj, &serial, &out_ids_obj,
+                          &out_distinct_obj, &out_rows_obj))
+        return NULL;
+    Views views = {.count = 0};
+    Cells table;
+    Py_ssize_t n;
+    if (get_table(&views, cells_obj, &table) < 0 ||
+        get_strings(&views, bounds_obj, data_obj, multipliers_obj, length, &n) < 0 ||
+        get_view(&views, positions_obj, 0, 0, "positions") < 0)
+        goto fail;
+    Py_ssize_t m = views.views[4].len / 8;
+    if (next_id < 0 || held < 0) {
+        PyErr_SetString(PyExc_ValueError, "next_id and held must not be negative");
+        goto fail;
+    }
+    if (get_view(&views, stamps_obj, 1, (Py_ssize_t)next_id + m, "stamps") < 0 ||
+        get_view(&views, out_ids_obj, 1, m, "out_ids") < 0 ||
+        get_view(&views, out_distinct_obj, 1, m, "out_distinct") < 0 ||
+        get_view(&views, out_rows_obj, 1, m, "out_rows") < 0)
+        goto fail;
+    Py_ssize_t added, distinct = 0, consumed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    added = intern(&table, held, views.views[2].buf, n, views.views[1].buf, views.views[1].len, views.views[3].buf,
+                   length, views.views[4].buf, m, primary_mask, next_id, views.views[5].buf, serial,
+                   views.views[6].buf, views.views[7].buf, views.views[8].buf, &distinct, &consumed);
+    Py_END_ALLOW_THREADS
+    release(&views);
+    switch (added) {
+    case -1:
+        Py_RETURN_NONE;
+    case -2:
+        PyErr_SetString(PyExc_IndexError, "a position outside the strings");
+        return NULL;
+    case -3:
+        return invalid_bounds();
+    case -4:
+        return PyLong_FromSsize_t(consumed);
+    default:
+        return Py_BuildValue("nnn", added, distinct, consumed);
+    }
+fail:
+    release(&views);
+    return NULL;
+}
+
+static PyObject *find_strings(PyObject *self, PyObject *args) {
+    PyObject *cells_obj, *bounds_obj, *data_obj, *multipliers_obj, *out_obj;
+    Py_ssize_t length;
+    unsigned long long primary_mask;
+    if (!PyArg_ParseTuple(args, "OOOOnKO", &cells_obj, &bounds_obj, &data_obj, &multipliers_obj, &length,
+                          &primary_mask, &out_obj))
+        return NULL;
+    Views views = {.count = 0};
+    Cells table;
+    Py_ssize_t n;
+    if (get_table(&views, cells_obj, &table) < 0 ||
+        get_strings(&views, bounds_obj, data_obj, multipliers_obj, length, &n) < 0 ||
+        get_view(&views, out_obj, 1, n, "out_ids") < 0)
+        goto fail;
+    const int64_t *bounds = views.views[2].buf;
+    const uint8_t *data = views.views[1].buf;
+    const uint64_t *multipliers = views.views[3].buf;
+    int64_t *out = views.views[4].buf;
+    if (!bounds_valid(bounds, n, views.views[1].len, length)) {
+        release(&views);
+        return invalid_bounds();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t first, second;
+        hash_pair(data + bounds[i], (Py_ssize_t)(bounds[i + 1] - bounds[i]), multipliers, length, &first, &second);
+        const int64_t *cell = probe(&table, first & primary_mask);
+        out[i] = cell[2] >= 0 && (uint64_t)cell[1] == second ? cell[2] : -1;
+    }
+    Py_END_ALLOW_THREADS
+    release(&views);
+    Py_RETURN_NONE;
+fail:
+    release(&views);
+    return NULL;
+}
+
+static PyObject *place_cells(PyObject *self, PyObject *args) {
+    PyObject *cells_obj, *first_obj, *second_obj, *ids_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &cells_obj, &first_obj, &second_obj, &ids_obj)) return NULL;
+    Views views = {.count = 0};
+    Cells table;
+    if (get_table(&views, cells_obj, &table) < 0 || get_view(&views, first_obj, 0, 0, "first") < 0) goto fail;
+    Py_ssize_t n = views.views[1].len / 8;
+    if (get_view(&views, second_obj, 0, n, "second") < 0 || get_view(&views, ids_obj, 0, n, "ids") < 0) goto fail;
+    if ((size_t)(table.mask + 1) < 2 * (size_t)n) {
+        PyErr_SetString(PyExc_ValueError, "cells must have room for twice the entries");
+        goto fail;
+    }
+    const int64_t *first = views.views[1].buf, *second = views.views[2].buf, *ids = views.views[3].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t *cell = probe(&table, (uint64_t)first[i]);
+        cell[0] = first[i];
+        cell[1] = second[i];
+        cell[2] = ids[i];
+    }
+    Py_END_ALLOW_THREADS
+    release(&views);
+    Py_RETURN_NONE;
+fail:
+    release(&views);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"sum_by_code", sum_by_code, METH_VARARGS,
      "sum_by_code(codes, deltas, m, out_codes, out_sums) -> k: distinct codes ascending and their column sums."},
@@ -470,6 +743,12 @@ static PyMethodDef methods[] = {
      "merge_sorted(codes, values, new_codes, new_values, width, out_codes, out_values): merge two sorted runs."},
     {"hash_strings", hash_strings, METH_VARARGS,
      "hash_strings(bounds, data, multipliers, length, rows, out): each string's position-weighted byte sums."},
+    {"intern_strings", intern_strings, METH_VARARGS,
+     "intern_strings(cells, held, bounds, data, multipliers, length, positions, primary_mask, next_id, stamps, "
+     "serial, out_ids, out_distinct, out_rows) -> (new, distinct, consumed), None or int: ids of strings."},
+    {"find_strings", find_strings, METH_VARARGS,
+     "find_strings(cells, bounds, data, multipliers, length, primary_mask, out_ids): each string's id or -1."},
+    {"place_cells", place_cells, METH_VARARGS, "place_cells(cells, first, second, ids): fill an empty table."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 
 from features.definitions import FEATURE_GROUPS, FeatureGroup
 from streams.engine.router import SOURCE_OFFSET, SOURCE_PARTITION, deletions, event_type_codes, shard_of
+from streams.engine.shipped import ShippedRows
 from streams.engine.state import GroupState
 
 _FORMAT = 2  # 2: keys routed by streams.engine.keys.string_hashes (1: pandas' SipHash)
@@ -196,11 +197,13 @@ class ShardStates:
                 _note_times(progress, shipped, codes)
         if not fresh:
             return {}
-        batch = fresh[0] if len(fresh) == 1 else pa.concat_tables(fresh)
-        type_codes = fresh_codes[0] if len(fresh_codes) == 1 else np.concatenate(fresh_codes)
+        batch = ShippedRows(
+            fresh[0] if len(fresh) == 1 else pa.concat_tables(fresh),
+            fresh_codes[0] if len(fresh_codes) == 1 else np.concatenate(fresh_codes),
+        )
         changed: dict[str, pa.Table] = {}
         for state in self.groups:
-            table = state.apply(batch, type_codes)
+            table = state.apply(batch)
             if table is not None and table.num_rows:
                 changed[state.group.name] = table
         return changed

@@ -61,12 +61,12 @@ from streams.engine.keys import KeyIndex
 from streams.engine.router import (
     MASK_COLUMN,
     deletions,
-    event_type_codes,
     forgets_users,
     key_column,
     of_types,
 )
 from streams.engine.runs import SortedRuns, concatenated_ranges
+from streams.engine.shipped import ShippedRows
 
 TILE_MS = TILE_SECONDS * 1000
 TILE_BITS = 27  # tile numbers (minutes since 1970) stay below 2**27 until the 2200s
@@ -103,15 +103,21 @@ def _segments(sorted_keys: _I64) -> _I64:
 
 @dataclass
 class _Batch:
-    """The rows of one micro-batch that a group counts, as columns."""
+    """The rows of one micro-batch that a group counts: their positions in the shipped rows, and
+    the columns every aggregation reads."""
 
+    rows: ShippedRows
+    positions: _I64  # of the counted rows in ``rows``, ascending
     ids: _I64  # entity id per row
     times: _I64
-    table: pa.Table
     changed_ids: _I64  # distinct entity ids, first-seen order
     changed_keys: pa.Array
     type_codes: NDArray[np.int8]  # per row, see event_type_codes
     type_masks: dict[tuple[str, ...], NDArray[np.bool_]] = field(default_factory=dict)
+
+    def valid(self, column: str) -> NDArray[np.bool_]:
+        """Per row, whether ``column`` is not null there."""
+        return self.rows.valid(column)[self.positions]
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,11 @@ class _LastN:
         rows = slots[held]
         slots[held] = np.arange(len(rows))
         return slots, rows
+
+
+def _objects(strings: pa.Array) -> NDArray[Any]:
+    """Strings as a NumPy object array (the last-N matrices hold Python strings)."""
+    return np.asarray(strings.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def _end_tile(latest_ms: _I64) -> _I64:
@@ -429,14 +440,13 @@ class GroupState:
 
     # -- applying a batch ----------------------------------------------------------------
 
-    def apply(self, rows: pa.Table, type_codes: NDArray[np.int8] | None = None) -> pa.Table | None:
+    def apply(self, rows: pa.Table | ShippedRows) -> pa.Table | None:
         """Fold the shipped ``rows`` this group counts into the state; return the changed features.
 
-        ``type_codes``: :func:`event_type_codes` of the rows' types, if the caller has them.
+        A caller applying the same rows to several groups passes them as one
+        :class:`ShippedRows`, so that the groups share its columns.
         """
-        if type_codes is None:
-            type_codes = event_type_codes(rows.column("type"))
-        batch = self._select(rows, type_codes)
+        batch = self._select(rows if isinstance(rows, ShippedRows) else ShippedRows(rows))
         if batch is None:
             return None
         self.latest = _grow(self.latest, len(self.entities), _NO_TIME)
@@ -455,27 +465,21 @@ class GroupState:
         self._advance_windows(batch.changed_ids, previous_latest, tile_codes, tile_deltas)
         listed: dict[str, _I64] = {}  # per list feature: the entities given a new element
         for aggregation in self.last_n:
-            mask = self._mask(aggregation, batch) & batch.table.column(
-                aggregation.column or ""
-            ).is_valid().to_numpy(zero_copy_only=False)
-            picked = batch.table.filter(pa.array(mask))
+            listed_column = aggregation.column or ""
+            mask = self._mask(aggregation, batch) & batch.valid(listed_column)
+            picked = pa.array(batch.positions[mask])
             listed[aggregation.name] = batch.ids[mask]
             self.lasts[aggregation.name].update(
                 batch.ids[mask],
                 batch.times[mask],
-                np.asarray(picked.column("event_id").to_numpy(zero_copy_only=False), dtype=object),
-                np.asarray(
-                    picked.column(aggregation.column or "").cast(pa.string()).to_numpy(zero_copy_only=False),
-                    dtype=object,
-                ),
+                _objects(batch.rows.strings("event_id").take(picked)),
+                _objects(batch.rows.strings(listed_column).take(picked)),
             )
         features, rates = self._features_and_rates(batch.changed_ids, batch.changed_keys)
         changed = self._changed_features(batch.changed_ids, previous_latest, previous_sums, listed, rates)
         return features.append_column(CHANGED_COLUMN, changed)
 
-    def _forget_deleted_users(
-        self, rows: pa.Table, type_codes: NDArray[np.int8], selected: NDArray[np.bool_]
-    ) -> NDArray[np.bool_]:
+    def _forget_deleted_users(self, rows: ShippedRows, selected: NDArray[np.bool_]) -> NDArray[np.bool_]:
         """Apply the user deletions among this group's rows (``selected``); return which of them
         (per selected row) not to count (see :mod:`streams.engine.forget`).
 
@@ -486,11 +490,11 @@ class GroupState:
         and only where a deletion or a tombstone may apply; the caller filters the rest
         once, with these rows left out.
         """
-        deleting = deletions(rows, type_codes)[selected]
+        deleting = deletions(rows.table, rows.type_codes)[selected]
         if not deleting.any() and not len(self.forgotten):
             return deleting
-        keys = rows.column(key_column(self.group)).filter(pa.array(selected))
-        times = rows.column("event_time_ms").to_numpy()[selected]
+        keys = rows.strings(key_column(self.group)).filter(pa.array(selected))
+        times = rows.integers("event_time_ms")[selected]
         skipped = deleting.copy()
         if deleting.any():
             at = np.flatnonzero(deleting)
@@ -589,32 +593,29 @@ class GroupState:
         flags |= fresh
         return pa.FixedSizeListArray.from_arrays(pa.array(flags.T.ravel()), plan.width)
 
-    def _select(self, rows: pa.Table, type_codes: NDArray[np.int8]) -> _Batch | None:
+    def _select(self, rows: ShippedRows) -> _Batch | None:
         # The router sets this group's bit only on rows of the event types the group counts,
         # and on user deletions: a group of users applies those to its rows (the rows of
         # other groups' keys are never looked at) and leaves them out with the events they
-        # forget.
-        masks = rows.column(MASK_COLUMN).to_numpy()
-        selected = (masks & (1 << self.bit)) != 0
+        # forget. The rows are not copied: the group reads them at their positions.
+        selected = (rows.integers(MASK_COLUMN) & (1 << self.bit)) != 0
         if self.forgets_users and selected.any():
-            skipped = self._forget_deleted_users(rows, type_codes, selected)
+            skipped = self._forget_deleted_users(rows, selected)
             selected[np.flatnonzero(selected)[skipped]] = False
-        if not selected.any():
+        positions = np.flatnonzero(selected)
+        if not len(positions):
             return None
-        table = rows.select(self.read_columns)
-        if not selected.all():  # (one shard's user group often counts every row: no copy then)
-            table = table.filter(pa.array(selected))
-            type_codes = type_codes[selected]
-        ids, changed_ids, changed_keys = self.entities.ids(table.column(key_column(self.group)))
+        ids, changed_ids, changed_keys = self.entities.ids_at(rows.strings(key_column(self.group)), positions)
         if len(self.entities) >= 1 << (63 - TILE_BITS):
             raise StateError(f"group {self.group.name}: too many entities in one worker's state")
         return _Batch(
+            rows=rows,
+            positions=positions,
             ids=ids,
-            times=table.column("event_time_ms").to_numpy().astype(np.int64, copy=False),
-            table=table,
+            times=rows.integers("event_time_ms")[positions],
             changed_ids=changed_ids,
             changed_keys=changed_keys,
-            type_codes=type_codes,
+            type_codes=rows.type_codes[positions],
         )
 
     @staticmethod
@@ -631,23 +632,21 @@ class GroupState:
             mask = self._mask(aggregation, batch)
             if aggregation.kind == "count":
                 deltas[column] = mask
-            else:
-                # Sums are doubles (as in the Flink job and the reference): an int64 amount past
-                # 2**53 rounds to the nearest one instead of failing Arrow's exact-cast check.
-                column_values = batch.table.column(aggregation.column or "")
-                values = pc.fill_null(column_values.cast(pa.float64(), safe=False), 0.0)
-                deltas[column] = np.where(mask, values.to_numpy(), 0.0)
+            else:  # (sums are doubles, see ShippedRows.amounts)
+                deltas[column] = np.where(
+                    mask, batch.rows.amounts(aggregation.column or "")[batch.positions], 0.0
+                )
         return deltas
 
     def _distinct_deltas(self, aggregation: Aggregation, column: int, batch: _Batch) -> tuple[_I64, _F64]:
         """Tile deltas moving each (entity, value) unit to the tile it was last seen in."""
-        values = batch.table.column(aggregation.column or "")
-        mask = self._mask(aggregation, batch) & values.is_valid().to_numpy(zero_copy_only=False)
+        name = aggregation.column or ""
+        mask = self._mask(aggregation, batch) & batch.valid(name)
         empty = (np.zeros(0, dtype=np.int64), np.zeros((len(self.columns), 0), dtype=np.float64))
         if not mask.any():
             return empty
         index = self.values[aggregation.name]
-        value_ids, _, _ = index.ids(values.filter(pa.array(mask)).cast(pa.string()))
+        value_ids, _, _ = index.ids_at(batch.rows.strings(name), batch.positions[mask])
         if len(index) >= 1 << _VALUE_BITS:
             raise StateError(f"group {self.group.name}: too many distinct {aggregation.column} values")
         pairs, tiles = _latest_by_pair(
