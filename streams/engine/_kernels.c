@@ -442,6 +442,18 @@ static int bounds_valid(const int64_t *bounds, Py_ssize_t n, Py_ssize_t size, Py
     return 1;
 }
 
+/* One hash of one string: the sum of (byte + 1) * its position's multiplier in ``row``. */
+static inline uint64_t hash_bytes(const uint8_t *p, Py_ssize_t len, const uint64_t *row) {
+    uint64_t h = 0;
+    for (Py_ssize_t j = 0; j < len; j++) h += ((uint64_t)p[j] + 1) * row[j];
+    return h;
+}
+
+static PyObject *invalid_bounds(void) {
+    PyErr_SetString(PyExc_ValueError, "bounds outside the data, not ascending, or a string longer than length");
+    return NULL;
+}
+
 /* The computation of hash_strings; -1 (nothing written) when bounds or lengths are out of range. */
 static int hash_all(const int64_t *bounds, Py_ssize_t n, const uint8_t *data, Py_ssize_t size,
                     const uint64_t *multipliers, Py_ssize_t length, Py_ssize_t rows, uint64_t *out) {
@@ -449,13 +461,8 @@ static int hash_all(const int64_t *bounds, Py_ssize_t n, const uint8_t *data, Py
     for (Py_ssize_t r = 0; r < rows; r++) {
         const uint64_t *row = multipliers + r * length;
         uint64_t *hashes = out + r * n;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const uint8_t *p = data + bounds[i];
-            Py_ssize_t len = (Py_ssize_t)(bounds[i + 1] - bounds[i]);
-            uint64_t h = 0;
-            for (Py_ssize_t j = 0; j < len; j++) h += ((uint64_t)p[j] + 1) * row[j];
-            hashes[i] = h;
-        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            hashes[i] = hash_bytes(data + bounds[i], (Py_ssize_t)(bounds[i + 1] - bounds[i]), row);
     }
     return 0;
 }
@@ -483,28 +490,18 @@ static PyObject *hash_strings(PyObject *self, PyObject *args) {
     failed = hash_all(views.views[1].buf, n, data->buf, data->len, views.views[2].buf, length, rows, views.views[3].buf);
     Py_END_ALLOW_THREADS
     release(&views);
-    if (failed < 0) {
-        PyErr_SetString(PyExc_ValueError, "bounds outside the data, not ascending, or a string longer than length");
-        return NULL;
-    }
+    if (failed < 0) return invalid_bounds();
     Py_RETURN_NONE;
 fail:
     release(&views);
     return NULL;
 }
 
-/* Both hashes of one string (see hash_all), in one pass over its bytes. */
+/* Both hashes of one string (see hash_all). */
 static inline void hash_pair(const uint8_t *p, Py_ssize_t len, const uint64_t *multipliers, Py_ssize_t length,
                              uint64_t *first, uint64_t *second) {
-    const uint64_t *row0 = multipliers, *row1 = multipliers + length;
-    uint64_t h0 = 0, h1 = 0;
-    for (Py_ssize_t j = 0; j < len; j++) {
-        uint64_t b = (uint64_t)p[j] + 1;
-        h0 += b * row0[j];
-        h1 += b * row1[j];
-    }
-    *first = h0;
-    *second = h1;
+    *first = hash_bytes(p, len, multipliers);
+    *second = hash_bytes(p, len, multipliers + length);
 }
 
 typedef struct {
@@ -533,9 +530,10 @@ static inline int64_t *probe(const Cells *table, uint64_t first) {
     }
 }
 
-/* The computation of intern_strings: new keys (>= 0) and distinct ones in *distinct; -1 on
- * a first-hash collision, -2 on a position outside the strings, -3 on bounds outside the
- * data (nothing written then). */
+/* The computation of intern_strings: new keys (>= 0), with the distinct ones in *distinct and
+ * the positions done in *consumed; -1 on a first-hash collision; nothing written on -2 (a
+ * position outside the strings), -3 (bounds outside the data) or -4 (a string longer than
+ * ``length``: the longest one's length in *consumed). */
 static Py_ssize_t intern(const Cells *table, Py_ssize_t held, const int64_t *bounds, Py_ssize_t n,
                          const uint8_t *data, Py_ssize_t size, const uint64_t *multipliers, Py_ssize_t length,
                          const int64_t *positions, Py_ssize_t m, uint64_t primary_mask, int64_t next_id,
@@ -612,10 +610,6 @@ static int get_strings(Views *views, PyObject *bounds_obj, PyObject *data_obj, P
     return get_view(views, multipliers_obj, 0, 2 * length, "multipliers");
 }
 
-static PyObject *invalid_bounds(void) {
-    PyErr_SetString(PyExc_ValueError, "bounds outside the data, not ascending, or a string longer than length");
-    return NULL;
-}
 
 static PyObject *intern_strings(PyObject *self, PyObject *args) {
     PyObject *cells_obj, *bounds_obj, *data_obj, *multipliers_obj, *positions_obj, *stamps_obj, *out_ids_obj,

@@ -30,10 +30,6 @@ class ShippedRows:
         self._integers: dict[str, NDArray[np.int64]] = {}
         self._amounts: dict[str, NDArray[np.float64]] = {}
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.table.num_rows)
-
     def strings(self, name: str) -> pa.Array:
         """Column ``name`` as one ``string`` array (other types cast)."""
         found = self._strings.get(name)

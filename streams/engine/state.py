@@ -404,11 +404,6 @@ class GroupState:
         self.distinct = tuple(a for a in group.aggregations if a.kind == "distinct_count")
         self.last_n = tuple(a for a in group.aggregations if a.kind == "last_n")
         self.columns = [a.name for a in (*self.additive, *self.distinct)]  # of the tile matrix
-        # Only these columns are filtered per batch (shipped rows carry every group's). Not
-        # the type: apply() gets the rows' type codes, the selection takes them along.
-        read = [key_column(group), "event_time_ms", *(a.column for a in group.aggregations)]
-        read += ["event_id"] if self.last_n else []
-        self.read_columns = [name for name in dict.fromkeys(read) if name]
         self.entities = KeyIndex()
         self.latest = np.full(0, _NO_TIME, dtype=np.int64)
         # Payload column-major, (columns, tiles): reduceat sums along rows fast.
@@ -486,9 +481,9 @@ class GroupState:
         Equal to taking the rows one by one: a deletion drops its user's state, which holds
         the events read before it (in this batch: those rows are left out); the rows after
         it count unless their event time is at or before the deletion's (a tombstone).
-        The deletions themselves count as no event. Only the key column is filtered here,
-        and only where a deletion or a tombstone may apply; the caller filters the rest
-        once, with these rows left out.
+        The deletions themselves count as no event. Only the key column is read here, and
+        only where a deletion or a tombstone may apply; the caller leaves these rows out of
+        the group's positions.
         """
         deleting = deletions(rows.table, rows.type_codes)[selected]
         if not deleting.any() and not len(self.forgotten):
